@@ -1,0 +1,190 @@
+"""Adapter table and the `ModelAdapter` that resolves module paths for one loaded model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things live in one architecture family. Plain data: a new family is a new row."""
+
+    family: str
+    layers: str = "model.layers"  # dotted path from the *ForCausalLM object to the decoder ModuleList
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+    # Norms that only serve the attention (or MLP) sub-layer: they go away with it.
+    attn_norms: tuple[str, ...] = ("input_layernorm",)
+    mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
+    # The module whose *input* is the residual stream between the attention and the MLP sub-layers.
+    # Hooking it gives the "after attention" state without re-implementing the decoder layer.
+    mid_residual: str = "post_attention_layernorm"
+    q_proj: str = "q_proj"
+    k_proj: str = "k_proj"
+    v_proj: str = "v_proj"
+    o_proj: str = "o_proj"
+    gate_proj: str | None = "gate_proj"
+    up_proj: str = "up_proj"
+    down_proj: str = "down_proj"
+    # Per-head norms applied to q and k (Qwen3, Gemma3): shaped [head_dim], shared across heads.
+    q_norm: str | None = None
+    k_norm: str | None = None
+    # Sub-config holding the text decoder's settings (multimodal wrappers), or None for the config itself.
+    text_config: str | None = None
+
+
+_LLAMA = ArchSpec(family="llama")
+_QWEN3 = ArchSpec(family="qwen3", q_norm="q_norm", k_norm="k_norm")
+_GEMMA3_TEXT = ArchSpec(
+    family="gemma3",
+    attn_norms=("input_layernorm", "post_attention_layernorm"),
+    mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    mid_residual="pre_feedforward_layernorm",
+    q_norm="q_norm",
+    k_norm="k_norm",
+)
+_GEMMA3_MM = ArchSpec(
+    family="gemma3",
+    layers="model.language_model.layers",
+    embed="model.language_model.embed_tokens",
+    final_norm="model.language_model.norm",
+    attn_norms=_GEMMA3_TEXT.attn_norms,
+    mlp_norms=_GEMMA3_TEXT.mlp_norms,
+    mid_residual=_GEMMA3_TEXT.mid_residual,
+    q_norm="q_norm",
+    k_norm="k_norm",
+    text_config="text_config",
+)
+
+# Keyed by `config.model_type`. Mistral and Qwen2 share Llama's module names (Qwen2 adds q/k/v biases,
+# which the width surgery handles generically).
+ADAPTERS: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": ArchSpec(family="mistral"),
+    "qwen2": ArchSpec(family="qwen2"),
+    "qwen3": _QWEN3,
+    "gemma3_text": _GEMMA3_TEXT,
+    "gemma3": _GEMMA3_MM,
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class ModelAdapter:
+    """Resolves module paths and architecture facts for one model, following its `ArchSpec`."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec):
+        self.model = model
+        self.spec = spec
+
+    # --- config -------------------------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        """The text decoder's config (the model config itself for plain causal LMs)."""
+        cfg = self.model.config
+        return getattr(cfg, self.spec.text_config) if self.spec.text_config else cfg
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def head_dim(self) -> int:
+        hd = getattr(self.config, "head_dim", None)
+        return int(hd) if hd else self.hidden_size // int(self.config.num_attention_heads)
+
+    # --- modules ------------------------------------------------------------------------------------------
+    def layers(self) -> nn.ModuleList:
+        return _get(self.model, self.spec.layers)
+
+    def set_layers(self, layers: nn.ModuleList) -> None:
+        parent_path, _, name = self.spec.layers.rpartition(".")
+        setattr(_get(self.model, parent_path), name, layers)
+
+    def base_model(self) -> nn.Module:
+        """The decoder stack without the LM head (scoring never needs the logits)."""
+        return _get(self.model, self.spec.layers.rpartition(".")[0])
+
+    def embed(self) -> nn.Module:
+        return _get(self.model, self.spec.embed)
+
+    def final_norm(self) -> nn.Module:
+        return _get(self.model, self.spec.final_norm)
+
+    def lm_head(self) -> nn.Module:
+        return _get(self.model, self.spec.lm_head)
+
+    def attn(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.spec.attn)
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.spec.mlp)
+
+    def mid_residual_module(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.spec.mid_residual)
+
+    def attn_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        a = self.attn(layer)
+        s = self.spec
+        return getattr(a, s.q_proj), getattr(a, s.k_proj), getattr(a, s.v_proj), getattr(a, s.o_proj)
+
+    def qk_norms(self, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+        a = self.attn(layer)
+        s = self.spec
+        return (getattr(a, s.q_norm) if s.q_norm else None, getattr(a, s.k_norm) if s.k_norm else None)
+
+    def mlp_projections(self, layer: nn.Module) -> tuple[nn.Linear | None, nn.Linear, nn.Linear]:
+        m = self.mlp(layer)
+        s = self.spec
+        gate = getattr(m, s.gate_proj) if s.gate_proj else None
+        return gate, getattr(m, s.up_proj), getattr(m, s.down_proj)
+
+    def structure_names(self) -> dict[str, Any]:
+        """Sub-module names written into a heterogeneous checkpoint's config, so that its loader (which
+        cannot import prunekit) knows which modules to replace without a table of its own."""
+        s = self.spec
+        return {
+            "layers_path": s.layers,
+            "attn": s.attn,
+            "mlp": s.mlp,
+            "attn_norms": list(s.attn_norms),
+            "mlp_norms": list(s.mlp_norms),
+        }
+
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """Adapter for `model`, chosen by `model.config.model_type`; unknown types fail loudly."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    spec = ADAPTERS.get(model_type)  # type: ignore[arg-type]
+    if spec is None:
+        raise UnsupportedArchitectureError(
+            f"prunekit has no adapter for model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
+        )
+    return ModelAdapter(model, spec)

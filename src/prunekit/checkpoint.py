@@ -1,0 +1,193 @@
+"""Loading models (built-in names, local checkpoints, hub ids) and saving pruned checkpoints atomically.
+
+A saved checkpoint is physically smaller (removed weights are gone from the safetensors), carries its
+tokenizer and `prunekit_plan.json`, and loads with plain transformers: a homogeneous result through its
+stock config, a heterogeneous one through `modeling_prunekit.py` (copied in, imports only torch and
+transformers) with `trust_remote_code=True`, or through `prunekit.load_model` without remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.assets import BUILTIN_MODELS, builtin_model_dir
+from prunekit.config_edit import REMOTE_MODULE
+from prunekit.errors import CheckpointError
+from prunekit.hf_remote import modeling_prunekit
+from prunekit.plans import PLAN_FILE, PruningPlan
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_model_path(spec: str | Path) -> str:
+    """A built-in name becomes its cached directory; anything else is returned as given."""
+    s = str(spec)
+    if s in BUILTIN_MODELS and not Path(s).exists():
+        return str(builtin_model_dir(s))
+    return s
+
+
+def _check_local_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{path} has no config.json; not a Hugging Face checkpoint")
+    try:
+        json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg} is not valid JSON: {e}") from e
+    weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
+    if not weights:
+        raise CheckpointError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is corrupt: {e}") from e
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise CheckpointError(f"{path} is missing weight shards: {', '.join(missing)}")
+
+
+def model_class_for(config: Any) -> type:
+    """The class that builds `config`: the stock transformers class, wrapped when the config describes a
+    heterogeneous prunekit structure."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        base = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError as e:
+        raise CheckpointError(f"transformers has no causal-LM class for model_type {config.model_type!r}") from e
+    if getattr(config, "prunekit", None):
+        return modeling_prunekit.make_class(base)
+    return base
+
+
+def load_model(spec: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+               tokenizer: bool = True) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) from a built-in name, a local checkpoint directory, or a hub id."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    local = Path(path)
+    if local.exists():
+        _check_local_dir(local)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError/ValueError/hub errors: one message for all
+        hint = "" if local.exists() else " (not a local directory, a built-in name " \
+            f"({', '.join(BUILTIN_MODELS)}), or a reachable hub id)"
+        raise CheckpointError(f"cannot load a config from {spec!r}{hint}: {e}") from e
+    cls = model_class_for(config)
+    try:
+        model = cls.from_pretrained(path, config=config, dtype=parse_dtype(dtype))
+    except Exception as e:
+        raise CheckpointError(f"cannot load weights from {spec!r}: {e}") from e
+    model.to(device).eval()
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception as e:
+            raise CheckpointError(f"cannot load a tokenizer from {spec!r}: {e}") from e
+    return model, tok
+
+
+def remote_code_source(base_class_name: str) -> str:
+    """modeling_prunekit.py as it travels in a checkpoint: the module's source plus the class that
+    `auto_map` names."""
+    src = Path(modeling_prunekit.__file__).read_text()
+    return (
+        src
+        + "\n\n# The class named by config.auto_map for this checkpoint.\n"
+        + "import transformers as _transformers  # noqa: E402\n\n"
+        + f"Prunekit{base_class_name} = make_class(_transformers.{base_class_name})\n"
+    )
+
+
+def prepare_output_dir(out: str | Path, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} exists; pass --force (force=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def commit_dir(tmp: Path, out: Path) -> None:
+    """Move a completed temporary directory into place; an existing `out` is replaced only now."""
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, plan: PruningPlan | None = None, *,
+                    force: bool = False) -> Path:
+    """Write model + tokenizer + plan to `out`, all or nothing (temporary directory, then rename)."""
+    from prunekit.surgery import stock_class
+
+    out = prepare_output_dir(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if getattr(model.config, "prunekit", None):
+            (tmp / f"{REMOTE_MODULE}.py").write_text(remote_code_source(stock_class(model).__name__))
+        if plan is not None:
+            plan.save(tmp / PLAN_FILE)
+        commit_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def weight_bytes(path: str | Path) -> int:
+    """Bytes of the weight files of a checkpoint directory."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def tensor_bytes(path: str | Path) -> int:
+    """Bytes of tensor data (excluding safetensors headers) in a checkpoint directory."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n * _itemsize(sl.get_dtype())
+    return total
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1}.get(dtype, 4)

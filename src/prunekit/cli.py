@@ -1,0 +1,209 @@
+"""Command line: `prunekit {score,drop,width,eval,demo} ...` (also `python -m prunekit`).
+
+Command names, options and JSON keys are a contract that other tools read. Library code never sees the
+argparse namespace: each command unpacks it and calls typed functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from prunekit.errors import PrunekitError
+
+DEFAULT_MODEL_HELP = "built-in name (smollm2-135m, gemma3-270m), local HF checkpoint directory, or hub id"
+TEXT_HELP = "built-in corpus (wiki, c4, tiny, code, technical, multilingual), or a local .txt/.jsonl file"
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    """Write JSON all or nothing (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=DEFAULT_MODEL_HELP)
+    p.add_argument("--dtype", default="float32", help="weights dtype for loading and computing (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+
+
+def _add_calib(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="c4", help=f"calibration text: {TEXT_HELP} (default c4; its first half is used)")
+    p.add_argument("--samples", type=int, default=16, help="number of calibration sequences (default 16)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward pass (default 4)")
+
+
+def _quiet(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "quiet", False))
+
+
+# --- commands ----------------------------------------------------------------------------------------------
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from prunekit.adapters import get_adapter
+    from prunekit.checkpoint import load_model
+    from prunekit.data import calibration_data
+    from prunekit.drop import model_info, score_model
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    adapter = get_adapter(model)
+    calib = calibration_data(tok, args.calib, args.samples, args.seq_len)
+    scores = score_model(model, adapter, calib, batch_size=args.batch_size, progress=not _quiet(args))
+    out = scores.to_json()
+    out["model"] = model_info(adapter, str(args.model))
+    write_json(out, args.json)
+    print(f"scores for {adapter.num_layers} layers written to {args.json}")
+    return 0
+
+
+def cmd_drop(args: argparse.Namespace) -> int:
+    from prunekit.adapters import get_adapter
+    from prunekit.checkpoint import load_model, prepare_output_dir, save_checkpoint
+    from prunekit.data import calibration_data
+    from prunekit.drop import llm_drop
+    from prunekit.surgery import apply_plan
+
+    prepare_output_dir(args.out, args.force)  # fail before any expensive work
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    adapter = get_adapter(model)
+    calib = calibration_data(tok, args.calib, args.samples, args.seq_len)
+    plan = llm_drop(model, adapter, calib, target=args.target, n=args.n, consecutive=args.consecutive,
+                    iterative=args.iterative, batch_size=args.batch_size, progress=not _quiet(args),
+                    source=str(args.model))
+    apply_plan(adapter, plan)
+    save_checkpoint(model, tok, args.out, plan, force=args.force)
+    what = ", ".join(f"{d.module}@{d.layer}" for d in plan.dropped)
+    print(f"dropped {len(plan.dropped)} ({what}); checkpoint written to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from prunekit.adapters import get_adapter
+    from prunekit.checkpoint import load_model, weight_bytes
+    from prunekit.data import eval_windows
+    from prunekit.evaluate import model_summary, perplexity
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    adapter = get_adapter(model)
+    windows = eval_windows(tok, args.text, args.windows, args.window_len)
+    result: dict[str, Any] = {"model": str(args.model), "text": str(args.text)}
+    result.update(model_summary(adapter))
+    result.update(perplexity(model, windows, batch_size=args.batch_size, progress=not _quiet(args)))
+    local = Path(str(args.model))
+    if local.is_dir():
+        result["disk_bytes"] = weight_bytes(local)
+    write_json(result, args.json)
+    print(f"perplexity {result['perplexity']:.3f}  params {result['params']:,}  "
+          f"KV bytes/token {result['kv_bytes_per_token']:,}  -> {args.json}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from prunekit.demo import run_demo
+
+    run_demo(model=args.model, out_dir=Path(args.out), calib=args.calib, text=args.text, samples=args.samples,
+             seq_len=args.seq_len, windows=args.windows, window_len=args.window_len, drops=args.drops,
+             with_width=not args.no_width, progress=not _quiet(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prunekit",
+        description="Structured pruning of Hugging Face causal LMs: LLM-Drop layer dropping and TransAct "
+                    "width pruning, with side-by-side measurements.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("score", help="LLM-Drop similarity scores of every layer (block, attention, MLP)",
+                       description="One calibration pass; for every layer, the mean cosine similarity of the "
+                                   "residual stream before/after the block, the attention and the MLP.")
+    _add_model(p)
+    _add_calib(p)
+    p.add_argument("--json", required=True, help="output JSON path")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("drop", help="drop the most redundant attention/MLP/blocks and save a smaller checkpoint",
+                       description="LLM-Drop: score, drop the n most redundant modules, save the smaller model "
+                                   "with its tokenizer and prunekit_plan.json.")
+    _add_model(p)
+    p.add_argument("--target", required=True, choices=["attn", "mlp", "block", "joint"],
+                   help="attn: Attention Drop; mlp: MLP Drop; block: Block Drop; joint: attention and MLP "
+                        "modules ranked together")
+    p.add_argument("--n", type=int, required=True, help="number of modules (layers, for block) to drop")
+    p.add_argument("--consecutive", action="store_true",
+                   help="Block Drop of the best consecutive run of n blocks (by cos(h_i, h_{i+n}))")
+    p.add_argument("--iterative", action="store_true",
+                   help="drop one module at a time and re-score the layers after it (default: one-shot)")
+    _add_calib(p)
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_drop)
+
+    try:
+        from prunekit import cli_width
+    except ImportError:  # width pruning is optional while it is being built
+        cli_width = None  # type: ignore[assignment]
+    if cli_width is not None:
+        cli_width.add_parser(sub)
+
+    p = sub.add_parser("eval", help="perplexity, parameter count and KV-cache bytes per token",
+                       description="Perplexity = exp(mean NLL) over non-overlapping windows of held-out text "
+                                   "(the second half of the source).")
+    _add_model(p)
+    p.add_argument("--text", default="wiki", help=f"evaluation text: {TEXT_HELP} (default wiki; second half used)")
+    p.add_argument("--windows", type=int, default=10, help="number of windows (default 10)")
+    p.add_argument("--window-len", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--json", required=True, help="output JSON path")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job on the built-in SmolLM2: score, drop 4 and 8 attention layers, "
+                                    "evaluate side by side",
+                       description="Scores the model, drops attention layers, evaluates dense vs pruned on held-"
+                                   "out text, and writes a Markdown table and a similarity heatmap.")
+    p.add_argument("--model", default="smollm2-135m", help=DEFAULT_MODEL_HELP + " (default smollm2-135m)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--calib", default="c4", help="calibration text (default c4)")
+    p.add_argument("--text", default="wiki", help="evaluation text (default wiki)")
+    p.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
+    p.add_argument("--windows", type=int, default=10, help="perplexity windows (default 10)")
+    p.add_argument("--window-len", type=int, default=1024, help="perplexity window length (default 1024)")
+    p.add_argument("--drops", default="4,8", help="comma-separated numbers of attention layers to drop (default 4,8)")
+    p.add_argument("--no-width", action="store_true", help="skip the TransAct width-pruning row")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except PrunekitError as e:
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

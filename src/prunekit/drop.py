@@ -1,0 +1,76 @@
+"""LLM-Drop end to end: score, choose (one-shot or iteratively), and build the plan.
+
+Iterative dropping removes the single most redundant module, re-scores, and repeats. Because removing
+a module at layer j leaves layers < j untouched, each re-score re-runs only layers j.. from the layer
+inputs the runner remembered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from prunekit.adapters import ModelAdapter
+from prunekit.calibration import SimilarityScorer
+from prunekit.data import CalibrationData
+from prunekit.errors import PlanError
+from prunekit.plans import (TARGETS, DropTarget, PruningPlan, Target, available_modules, candidates,
+                            normalize_drops, plan_drops, _check_n)
+from prunekit.scoring import SimilarityScores
+from prunekit.surgery import mark_drops
+
+
+def model_info(adapter: ModelAdapter, source: str | None = None) -> dict[str, Any]:
+    cfg = adapter.config
+    return {
+        "source": source,
+        "model_type": adapter.model.config.model_type,
+        "num_layers": adapter.num_layers,
+        "hidden_size": adapter.hidden_size,
+        "num_attention_heads": int(cfg.num_attention_heads),
+        "num_key_value_heads": int(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)),
+        "intermediate_size": int(cfg.intermediate_size),
+    }
+
+
+def score_model(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, batch_size: int = 4,
+                pairwise: bool = True, progress: bool = True) -> SimilarityScores:
+    """LLM-Drop similarity scores of every layer from one calibration pass."""
+    return SimilarityScorer(model, adapter, calib, batch_size=batch_size, pairwise=pairwise,
+                            progress=progress).score()
+
+
+def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, target: Target, n: int,
+             consecutive: bool = False, iterative: bool = False, batch_size: int = 4, progress: bool = True,
+             source: str | None = None) -> PruningPlan:
+    """Choose what to drop. With `iterative`, the chosen modules are already replaced in `model` when this
+    returns (they had to be, to re-score); apply the plan with `surgery.apply_plan` either way."""
+    if target not in TARGETS:
+        raise PlanError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    L = adapter.num_layers
+    _check_n(target, n, available_modules(target, L), L)
+    if iterative and consecutive:
+        raise PlanError("--consecutive picks one run of blocks at once; it cannot be combined with --iterative")
+    info = model_info(adapter, source)
+    scorer = SimilarityScorer(model, adapter, calib, batch_size=batch_size, pairwise=consecutive or not iterative,
+                              progress=progress)
+    scores = scorer.score()
+    history: list[dict[str, Any]] = []
+    if not iterative:
+        dropped = plan_drops(scores, target, n, consecutive=consecutive)
+    else:
+        chosen: set[DropTarget] = set()
+        current = scores
+        for step in range(n):
+            score, pick = candidates(current, target, exclude=chosen)[0]
+            history.append({"step": step, "layer": pick.layer, "module": pick.module, "score": score})
+            chosen.add(pick)
+            mark_drops(adapter, [pick])
+            if step + 1 < n:
+                current = scorer.score(start_layer=pick.layer)
+        dropped = normalize_drops(sorted(chosen))
+    options = {"target": target, "n": n, "consecutive": consecutive, "iterative": iterative,
+               "batch_size": batch_size}
+    return PruningPlan(dropped=dropped, method=f"llm-drop/{target}", options=options, scores=scores.to_json(),
+                       history=history, calibration=calib.describe(), model=info)

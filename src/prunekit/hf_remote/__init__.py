@@ -1,0 +1,1 @@
+"""Code that travels inside heterogeneous checkpoints (see `modeling_prunekit.py`)."""

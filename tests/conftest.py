@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny randomly initialised models built in-process (fast, offline)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=4, vocab_size=256, max_position_embeddings=512)
+
+
+def tiny_config(model_type: str):
+    """A tiny GQA config of one family (hidden 64, 4 heads, 2 KV heads, 4 layers, vocab 256)."""
+    import transformers as t
+
+    if model_type == "llama":
+        return t.LlamaConfig(**TINY)
+    if model_type == "mistral":
+        return t.MistralConfig(**TINY, sliding_window=None)
+    if model_type == "qwen2":
+        return t.Qwen2Config(**TINY)
+    if model_type == "qwen3":
+        return t.Qwen3Config(**TINY, head_dim=16)
+    if model_type == "gemma3_text":
+        return t.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"] * 2)
+    raise ValueError(model_type)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+    # Random init leaves some weights (norms, biases) at constants; perturb them so that tests which
+    # compare outputs cannot pass by accident.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
