@@ -51,3 +51,40 @@ def tiny_model(model_type: str = "llama", seed: int = 0):
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in-process on a little text (offline, milliseconds)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([SAMPLE_TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pruning removes parts of a network that matter least. "
+    "A layer whose output is nearly its input adds little; attention layers deep in the stack are often such. "
+) * 4
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A saved tiny Llama with a tokenizer, and a text file long enough for calibration and evaluation."""
+    from prunekit.checkpoint import save_checkpoint
+
+    model = tiny_model("llama")
+    path = save_checkpoint(model, tiny_tokenizer(), tmp_path / "tiny-llama")
+    text = tmp_path / "text.txt"
+    words = SAMPLE_TEXT.split()
+    rng = torch.Generator().manual_seed(0)
+    # Shuffled words in paragraphs: plenty of tokens, deterministic.
+    paras = [" ".join(words[i] for i in torch.randint(0, len(words), (60,), generator=rng).tolist())
+             for _ in range(80)]
+    text.write_text("\n\n".join(paras))
+    return path, text

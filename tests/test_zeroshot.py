@@ -100,8 +100,13 @@ def model_and_tokenizer():
 
 @pytest.fixture()
 def isolated_cache(tmp_path, monkeypatch) -> Path:
+    """prunekit's cache and the ``datasets`` Arrow cache both under tmp_path (nothing left in ~/.cache)."""
+    import datasets
+
     cache = tmp_path / "prunekit-cache"
     monkeypatch.setenv("PRUNEKIT_CACHE", str(cache))
+    # datasets reads config.HF_DATASETS_CACHE at call time; the env var would only count before import.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
     return cache
 
 

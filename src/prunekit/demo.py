@@ -27,7 +27,7 @@ from prunekit.surgery import apply_plan, count_parameters
 log = logging.getLogger(__name__)
 
 COLUMNS = [("name", "model"), ("params_fmt", "params"), ("removed_fmt", "removed"), ("disk_fmt", "file size"),
-           ("kv_fmt", "KV bytes/token"), ("attn_layers", "attn layers"), ("ppl_fmt", "perplexity"),
+           ("kv_fmt", "KV bytes/token"), ("attention_layers", "attn layers"), ("ppl_fmt", "perplexity"),
            ("dppl_fmt", "Δ ppl")]
 
 

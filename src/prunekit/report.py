@@ -46,7 +46,10 @@ def similarity_heatmap(scores: SimilarityScores, path: str | Path, *, title: str
     kinds = ["block", "attn", "mlp"]
     L = scores.num_layers
     fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(max(8, L * 0.35), 6.5), gridspec_kw={"height_ratios": [1, 1.4]})
-    im = ax0.imshow(data, aspect="auto", cmap="viridis", vmin=min(0.0, float(data.min())), vmax=1.0)
+    # Most modules score above 0.9; a colour scale from 0 would paint them all the same. Start it at the
+    # 10th percentile (lower values are clipped to the darkest colour) so that differences stay visible.
+    vmin = float(np.percentile(data, 10))
+    im = ax0.imshow(data, aspect="auto", cmap="viridis", vmin=min(vmin, 0.999), vmax=1.0)
     ax0.set_yticks(range(3), kinds)
     ax0.set_xticks(range(L))
     ax0.tick_params(axis="x", labelsize=7)
@@ -54,7 +57,7 @@ def similarity_heatmap(scores: SimilarityScores, path: str | Path, *, title: str
         rows = [1, 2] if module == "block" else [kinds.index(module)]
         for r in rows:
             ax0.text(layer, r, "x", ha="center", va="center", color="red", fontsize=10, fontweight="bold")
-    fig.colorbar(im, ax=ax0, label="cos(before, after)")
+    fig.colorbar(im, ax=ax0, label="cos(before, after)", extend="min")
     ax0.set_title(title or "LLM-Drop redundancy per layer (higher = more redundant)")
     for row, kind in zip(data, kinds):
         ax1.plot(range(L), row, marker="o", markersize=3, label=kind)

@@ -310,12 +310,15 @@ def _collect(raw: Mapping[str, Any], requested: Iterable[str]) -> dict[str, dict
 
 def _sample_record(sample: Mapping[str, Any]) -> dict[str, Any]:
     """JSON-able view of one lm-eval logged sample of a multiple-choice / loglikelihood task."""
+    target = sample.get("target")
     record: dict[str, Any] = {
         "doc_id": int(sample["doc_id"]),
-        "target": sample.get("target"),
-        "arguments": [list(a) for a in sample.get("arguments", [])],
-        # filtered_resps holds one (loglikelihood, is_greedy) pair per choice
-        "loglikelihoods": [float(r[0]) for r in sample.get("filtered_resps", [])],
+        "target": target.item() if hasattr(target, "item") else target,  # numpy scalars -> Python
+        "arguments": [[str(x) for x in a] for a in sample.get("arguments", [])],
+        # loglikelihood requests: filtered_resps holds one (loglikelihood, is_greedy) pair per choice
+        "loglikelihoods": [
+            float(r[0]) for r in sample.get("filtered_resps", []) if isinstance(r, (list, tuple))
+        ],
     }
     for metric in sample.get("metrics", []):
         if metric in sample:
