@@ -44,7 +44,7 @@ class CalibrationRunner:
     smaller budget only every k-th layer is remembered and a re-run starts at the nearest one below."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, batch_size: int = 4,
-                 state_budget_bytes: int = 2 << 30, progress: bool = True):
+                 remember_inputs: bool = False, state_budget_bytes: int = 2 << 30, progress: bool = True):
         self.model = model
         self.adapter = adapter
         self.calib = calib
@@ -54,7 +54,13 @@ class CalibrationRunner:
         n_layers = adapter.num_layers
         per_layer = calib.input_ids.numel() * adapter.hidden_size * adapter.dtype().itemsize
         stride = max(1, -(-per_layer * n_layers // max(state_budget_bytes, 1)))
-        self.cached_layers = set(range(0, n_layers, stride)) if per_layer <= state_budget_bytes else {0}
+        # Remembering inputs costs memory (and fresh allocations) that a one-off pass does not need.
+        if not remember_inputs:
+            self.cached_layers: set[int] = {0}
+        elif per_layer <= state_budget_bytes:
+            self.cached_layers = set(range(0, n_layers, stride))
+        else:
+            self.cached_layers = {0}
         self._cache: list[_BatchCache] | None = None
 
     @torch.no_grad()
@@ -63,6 +69,7 @@ class CalibrationRunner:
         """Run every batch from `start_layer` (rounded down to a remembered layer); returns the layer the
         run actually started at. `batch_end` is called after each batch (pairwise statistics)."""
         layers = self.adapter.layers()
+        # Layer 0 is never stored: restarting there is a full pass from the token ids.
         start = 0 if self._cache is None else max(k for k in self.cached_layers if k <= start_layer)
         device = self.adapter.device()
         first_run = self._cache is None
@@ -75,7 +82,7 @@ class CalibrationRunner:
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 h = args[0] if args else kwargs["hidden_states"]
                 state["in"] = h
-                if i in self.cached_layers and i >= start:
+                if i in self.cached_layers and i >= start and i > 0:
                     bc = self._cache[state["batch"]]  # type: ignore[index]
                     bc.inputs[i] = h.detach()
                     # Remember how the model called this layer (masks, rotary embeddings, ...), minus the
@@ -124,8 +131,10 @@ class SimilarityScorer:
     """LLM-Drop scores for a model, re-scorable after in-place drops (iterative dropping)."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, batch_size: int = 4,
-                 pairwise: bool = True, state_budget_bytes: int = 2 << 30, progress: bool = True):
-        self.runner = CalibrationRunner(model, adapter, calib, batch_size=batch_size,
+                 pairwise: bool = True, rescore: bool = True, state_budget_bytes: int = 2 << 30,
+                 progress: bool = True):
+        """`rescore`: remember layer inputs so that `score(start_layer=j)` re-runs layers j.. only."""
+        self.runner = CalibrationRunner(model, adapter, calib, batch_size=batch_size, remember_inputs=rescore,
                                         state_budget_bytes=state_budget_bytes, progress=progress)
         self.adapter = adapter
         self.pairwise = pairwise
@@ -142,12 +151,12 @@ class SimilarityScorer:
 
         def observe(i: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
                     mask: torch.Tensor | None) -> None:
-            acc.update_layer(i, h_in, h_mid, h_out, mask)
+            sq_out = acc.update_layer(i, h_in, h_mid, h_out, mask)
             if acc.pair is not None:
                 if i == 0:
                     units.clear()
                     units.append(unit_rows(h_in, mask))
-                units.append(unit_rows(h_out, mask))
+                units.append(unit_rows(h_out, mask, sq_out))
 
         def batch_end() -> None:
             if acc.pair is not None:

@@ -37,7 +37,7 @@ def model_info(adapter: ModelAdapter, source: str | None = None) -> dict[str, An
 def score_model(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, batch_size: int = 4,
                 pairwise: bool = True, progress: bool = True) -> SimilarityScores:
     """LLM-Drop similarity scores of every layer from one calibration pass."""
-    return SimilarityScorer(model, adapter, calib, batch_size=batch_size, pairwise=pairwise,
+    return SimilarityScorer(model, adapter, calib, batch_size=batch_size, pairwise=pairwise, rescore=False,
                             progress=progress).score()
 
 
@@ -54,7 +54,7 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
         raise PlanError("--consecutive picks one run of blocks at once; it cannot be combined with --iterative")
     info = model_info(adapter, source)
     scorer = SimilarityScorer(model, adapter, calib, batch_size=batch_size, pairwise=consecutive or not iterative,
-                              progress=progress)
+                              rescore=iterative, progress=progress)
     scores = scorer.score()
     history: list[dict[str, Any]] = []
     if not iterative:

@@ -13,32 +13,49 @@ from typing import Any
 import torch
 
 
-def cosine_sum(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> float:
-    """Sum over tokens of cos(a_t, b_t), in float64, skipping tokens where `mask` is 0.
+def token_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-token dot products, [tokens], computed in (at least) float32 by one fused kernel.
 
-    Computed as a.b / sqrt(|a|^2 |b|^2) so that a == b gives exactly 1.0 (sqrt(s*s) == s in IEEE
-    arithmetic), which makes a planted identity layer score exactly 1."""
-    a64 = a.reshape(-1, a.shape[-1]).to(torch.float64)
-    b64 = b.reshape(-1, b.shape[-1]).to(torch.float64)
-    dot = (a64 * b64).sum(-1)
-    na, nb = (a64 * a64).sum(-1), (b64 * b64).sum(-1)
-    denom = torch.sqrt(na * nb)
-    # Two zero vectors are identical (cos 1); a zero vector against a non-zero one shares nothing (cos 0).
-    degenerate = ((na == 0) & (nb == 0)).to(torch.float64)
-    cos = torch.where(denom > 0, dot / denom.clamp_min(1e-300), degenerate)
+    The same kernel on equal values gives equal results, which the exact-identity property below
+    relies on."""
+    a32 = a.reshape(-1, a.shape[-1]).float()
+    b32 = b.reshape(-1, b.shape[-1]).float()
+    return torch.linalg.vecdot(a32, b32, dim=-1)
+
+
+def cosines(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
+    """Per-token cosine, float64, from dot products and squared norms.
+
+    Computed as a.b / sqrt(|a|^2 |b|^2): when a == b the dot product equals both squared norms and
+    sqrt(s*s) == s in IEEE arithmetic, so a planted identity module scores exactly 1.0. Two zero vectors
+    are identical (cos 1); a zero vector against a non-zero one shares nothing (cos 0)."""
+    dot, sq_a, sq_b = dot.double(), sq_a.double(), sq_b.double()
+    denom = torch.sqrt(sq_a * sq_b)
+    degenerate = ((sq_a == 0) & (sq_b == 0)).double()
+    return torch.where(denom > 0, dot / denom.clamp_min(1e-300), degenerate)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """float64 sum over tokens, skipping tokens where `mask` is 0 (padding)."""
     if mask is not None:
-        cos = cos * mask.reshape(-1).to(torch.float64)
-    return float(cos.sum())
+        values = values * mask.reshape(-1).to(values.dtype)
+    return float(values.double().sum())
 
 
-def unit_rows(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def cosine_sum(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """Sum over tokens of cos(a_t, b_t), in float64, skipping tokens where `mask` is 0."""
+    return masked_sum(cosines(token_dot(a, b), token_dot(a, a), token_dot(b, b)), mask)
+
+
+def unit_rows(h: torch.Tensor, mask: torch.Tensor | None, sq_norm: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens of `h` scaled to unit length, flattened to [tokens * hidden], pad tokens zeroed: the dot
     product of two such vectors is the sum over tokens of their cosines."""
-    flat = h.reshape(-1, h.shape[-1]).to(torch.float32)
-    unit = flat / flat.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    flat = h.reshape(-1, h.shape[-1]).float()
+    sq = token_dot(flat, flat) if sq_norm is None else sq_norm
+    scale = torch.rsqrt(sq.clamp_min(1e-24))
     if mask is not None:
-        unit = unit * mask.reshape(-1, 1).to(unit.dtype)
-    return unit.reshape(-1)
+        scale = scale * mask.reshape(-1).to(scale.dtype)
+    return (flat * scale[:, None]).reshape(-1)
 
 
 def pairwise_sums(units: list[torch.Tensor]) -> torch.Tensor:
@@ -111,11 +128,14 @@ class SimilarityAccumulator:
         self.pair = None
 
     def update_layer(self, i: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
-                     mask: torch.Tensor | None) -> None:
-        self.attn[i] += cosine_sum(h_in, h_mid, mask)
-        self.mlp[i] += cosine_sum(h_mid, h_out, mask)
-        self.block[i] += cosine_sum(h_in, h_out, mask)
+                     mask: torch.Tensor | None) -> torch.Tensor:
+        """Add one batch of layer i; returns |h_out|^2 per token (reusable for pairwise statistics)."""
+        sq_in, sq_mid, sq_out = token_dot(h_in, h_in), token_dot(h_mid, h_mid), token_dot(h_out, h_out)
+        self.attn[i] += masked_sum(cosines(token_dot(h_in, h_mid), sq_in, sq_mid), mask)
+        self.mlp[i] += masked_sum(cosines(token_dot(h_mid, h_out), sq_mid, sq_out), mask)
+        self.block[i] += masked_sum(cosines(token_dot(h_in, h_out), sq_in, sq_out), mask)
         self.tokens[i] += float(mask.sum()) if mask is not None else h_in.shape[0] * h_in.shape[1]
+        return sq_out
 
     def update_pairwise(self, units: list[torch.Tensor]) -> None:
         if self.pair is not None:
