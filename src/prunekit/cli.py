@@ -101,6 +101,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"model": str(args.model), "text": str(args.text)}
     result.update(model_summary(adapter))
     result.update(perplexity(model, windows, batch_size=args.batch_size, progress=not _quiet(args)))
+    if args.tasks:
+        from prunekit.zeroshot import evaluate_tasks
+
+        result["zeroshot"] = evaluate_tasks(model, tok, _csv(args.tasks), task_dir=args.task_dir, limit=args.limit,
+                                            seed=args.seed, device=args.device)
+        for name, t in result["zeroshot"]["tasks"].items():
+            print(f"{name}: acc {t['acc']:.4f} ± {t['acc_stderr']:.4f} (n={t['n']})")
     local = Path(str(args.model))
     if local.is_dir():
         result["disk_bytes"] = weight_bytes(local)
@@ -108,6 +115,64 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"perplexity {result['perplexity']:.3f}  params {result['params']:,}  "
           f"KV bytes/token {result['kv_bytes_per_token']:,}  -> {args.json}")
     return 0
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from prunekit.bench import benchmark, format_table
+    from prunekit.checkpoint import load_model, resolve_model_path, weight_bytes
+
+    model, _ = load_model(args.model, dtype=args.dtype, device=args.device, tokenizer=False)
+    res = benchmark(model, contexts=args.context, new_tokens=args.new_tokens, batch=args.batch,
+                    repeats=args.repeats, progress=not _quiet(args))
+    local = Path(resolve_model_path(args.model))
+    res["disk_bytes"] = weight_bytes(local) if local.is_dir() else None
+    res["model"] = str(args.model)
+    print(format_table(res))
+    if args.json:
+        write_json(res, args.json)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from prunekit.compare import CompareOptions, compare
+
+    opts = CompareOptions(text=args.text, windows=args.windows, window_len=args.window_len,
+                          tasks=_csv(args.tasks) if args.tasks else [], task_dir=args.task_dir, limit=args.limit,
+                          seed=args.seed, contexts=args.context, new_tokens=args.new_tokens, batch=args.batch,
+                          repeats=args.repeats, bench=not args.no_bench, calib=args.calib, device=args.device,
+                          dtype=args.dtype, progress=not _quiet(args))
+    compare([args.base, *args.pruned], args.out, opts)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def _add_tasks(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated zero-shot tasks run through lm-eval on the in-memory model "
+                        "(built-in: mmlu; or names of YAMLs in --task-dir)")
+    p.add_argument("--task-dir", default=None,
+                   help="folder of your own lm-eval task YAMLs (see prunekit.zeroshot for local JSONL tasks)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many examples per task (quick runs)")
+    p.add_argument("--seed", type=int, default=1234, help="seed for lm-eval and the benchmark inputs (default 1234)")
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", type=_ints, default=(128, 512, 1024),
+                   help="comma-separated context lengths to measure (default 128,512,1024)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per measurement (default 32)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per batch (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up; median reported (default 3)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -168,8 +233,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=10, help="number of windows (default 10)")
     p.add_argument("--window-len", type=int, default=1024, help="tokens per window (default 1024)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    _add_tasks(p)
     p.add_argument("--json", required=True, help="output JSON path")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="prefill/decode speed, peak memory and KV-cache bytes",
+                       description="Prefill and decode tokens/s (median of repeats after warm-up), peak resident "
+                                   "memory, KV-cache bytes actually allocated, parameters and on-disk size.")
+    _add_model(p)
+    _add_bench(p)
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("compare", help="base vs pruned models side by side: perplexity, tasks, speed; report + plots",
+                       description="Runs perplexity, the chosen zero-shot tasks and the speed benchmark on every "
+                                   "model in one process, and writes report.md, report.json and PNG plots with "
+                                   "ratios against the base model.")
+    p.add_argument("base", help="the unpruned model: " + DEFAULT_MODEL_HELP)
+    p.add_argument("pruned", nargs="+", help="pruned checkpoints (or any other models) to compare")
+    p.add_argument("--out", required=True, help="output directory for the report")
+    p.add_argument("--text", default="wiki", help="perplexity text (default wiki; second half used)")
+    p.add_argument("--windows", type=int, default=10, help="perplexity windows (default 10)")
+    p.add_argument("--window-len", type=int, default=1024, help="perplexity window length (default 1024)")
+    p.add_argument("--calib", default="c4", help="text for the similarity heatmap when no plan carries scores")
+    _add_tasks(p)
+    _add_bench(p)
+    p.add_argument("--no-bench", action="store_true", help="skip the speed benchmark")
+    p.add_argument("--dtype", default="float32", help="dtype to load models in (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the main job on the built-in SmolLM2: score, drop 4 and 8 attention layers, "
                                     "evaluate side by side",

@@ -66,3 +66,26 @@ def model_summary(adapter: ModelAdapter) -> dict[str, Any]:
         "mlp_layers": sum(1 for layer in layers if has_mlp(adapter, layer)),
         "dtype": str(adapter.dtype()).replace("torch.", ""),
     }
+
+
+def decode_flops_per_token(adapter: ModelAdapter, context: int) -> dict[str, int]:
+    """Multiply-add FLOPs (x2) one decoded token costs at `context` tokens of history, split into the
+    decoder layers' attention and MLP (what pruning removes) and the LM head (what it never removes).
+
+    Used as the *ideal* speed-up a pruned model could reach if time followed compute exactly."""
+    from prunekit.surgery import has_mlp
+
+    attn = mlp = 0
+    hd = adapter.head_dim
+    for layer in adapter.layers():
+        if has_attention(adapter, layer):
+            q, k, v, o = adapter.attn_projections(layer)
+            proj = sum(m.in_features * m.out_features for m in (q, k, v, o))
+            heads = q.out_features // hd
+            attn += 2 * proj + 2 * 2 * context * heads * hd  # projections + scores and weighted sum
+        if has_mlp(adapter, layer):
+            mats = [m for m in adapter.mlp_projections(layer) if m is not None]
+            mlp += 2 * sum(m.in_features * m.out_features for m in mats)
+    head = adapter.lm_head()
+    head_flops = 2 * head.in_features * head.out_features
+    return {"attn": attn, "mlp": mlp, "layers": attn + mlp, "lm_head": head_flops, "total": attn + mlp + head_flops}
