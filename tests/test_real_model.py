@@ -100,3 +100,25 @@ def test_real_iterative_joint_drop(smol):
     apply_plan(ad, plan)
     windows = eval_windows(tok, "wiki", n=2, length=256)
     assert perplexity(m, windows, progress=False)["perplexity"] < 100
+
+
+@pytest.mark.slow
+def test_real_gemma3_attention_drop(tmp_path):
+    """The second architecture on real weights: sliding-window layers, extra norms, q/k norms."""
+    model, tok = load_model("gemma3-270m")
+    ad = get_adapter(model)
+    assert ad.num_layers == 18
+    calib = calibration_data(tok, "c4", samples=2, seq_len=128)
+    plan = llm_drop(model, ad, calib, target="attn", n=4, progress=False)
+    windows = eval_windows(tok, "wiki", n=1, length=256)
+    apply_plan(ad, plan)
+    prompt = tok("The capital of France is", return_tensors="pt")
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**prompt, use_cache=True, **kw),
+                           model.generate(**prompt, use_cache=False, **kw))
+    out = save_checkpoint(model, tok, tmp_path / "g", plan)
+    again, _ = load_model(out, tokenizer=False)
+    with torch.no_grad():
+        assert torch.equal(again(windows).logits, model(windows).logits)
+    assert perplexity(again, windows, progress=False)["perplexity"] < 200
