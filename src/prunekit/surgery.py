@@ -7,6 +7,7 @@ then derived from what the modules actually are, so it can never disagree with t
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable
 
 import torch
@@ -83,8 +84,12 @@ def refresh_config(adapter: ModelAdapter) -> dict[str, Any] | None:
     stock: dict[str, int] = {}
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         values = [w[key] for w in widths if key in w]
-        if values:
-            stock[key] = max(set(values), key=lambda v: (values.count(v), v))
+        # Only values the config class accepts on reload (Llama/Gemma3 configs insist that hidden_size be a
+        # multiple of num_attention_heads even with an explicit head_dim); with none, the field keeps its
+        # current value and every layer gets an override.
+        ok = [v for v in set(values) if _stock_value_ok(cfg, key, v)]
+        if ok:
+            stock[key] = max(ok, key=lambda v: (values.count(v), v))
     if stock.get("num_attention_heads", cfg.num_attention_heads) != cfg.num_attention_heads:
         config_edit.ensure_head_dim(cfg)
     config_edit.set_uniform_width(cfg, **stock)
@@ -107,6 +112,20 @@ def refresh_config(adapter: ModelAdapter) -> dict[str, Any] | None:
         }
     config_edit.set_structure(adapter.model.config, structure, stock_class(adapter.model).__name__)
     return structure
+
+
+def _stock_value_ok(cfg: Any, key: str, value: int) -> bool:
+    """Whether the config class's own architecture check accepts `key = value` (run on a shallow copy)."""
+    validate = getattr(cfg, "validate_architecture", None)
+    if validate is None:
+        return True
+    trial = copy.copy(cfg)
+    setattr(trial, key, value)
+    try:
+        trial.validate_architecture()
+    except ValueError:
+        return False
+    return True
 
 
 def stock_class(model: nn.Module) -> type:

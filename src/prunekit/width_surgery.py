@@ -2,10 +2,13 @@
 
 Contract of `apply_widths`: the kept indices in each `LayerWidth` index the layer's modules *as they are
 when it is called*. For an un-narrowed model that is the ORIGINAL layer, which is what a `PruningPlan`
-stores, so `apply_plan(adapter, plan)` on a freshly loaded model is correct. Applying the same plan twice is
-not idempotent (the second call would read the indices against the narrowed modules); the iterative shot
-loop in `prunekit.width` therefore applies shot-relative indices here and composes them back to original
-indices itself.
+stores, so `apply_plan(adapter, plan)` on a freshly loaded model is correct. The iterative shot loop in
+`prunekit.width` applies shot-relative indices here and composes them back to original indices itself.
+
+Re-applying a plan is harmless: a sub-layer that already has exactly as many units as the plan keeps is left
+alone (the only subset of that size is all of it), so `apply_plan(plan)` on the model `width_prune` has
+already narrowed, or on a reloaded pruned checkpoint, changes nothing. The check is by count only: it
+cannot tell which original indices a narrowed layer holds.
 
 Projections keep their module objects (so anything holding a reference stays valid); their weight and bias
 Parameters are replaced by sliced copies with the same dtype, device and `requires_grad`, and
@@ -16,7 +19,7 @@ integer head-count attribute the module happens to carry.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -49,7 +52,7 @@ def _check_indices(name: str, layer: int, idx: list[int], size: int) -> list[int
     if not out:
         raise PlanError(f"layer {layer}: the plan keeps no {name} (at least one must remain)")
     if len(set(out)) != len(out):
-        raise PlanError(f"layer {layer}: the plan lists a kept {name[:-1] if name.endswith('s') else name} twice")
+        raise PlanError(f"layer {layer}: the plan lists a kept {name.removesuffix('s')} twice")
     if out[0] < 0 or out[-1] >= size:
         raise PlanError(f"layer {layer}: kept {name} must lie in 0..{size - 1} (got {out[0]}..{out[-1]})")
     return out
@@ -148,12 +151,16 @@ def apply_widths(adapter: ModelAdapter, widths: Mapping[int, LayerWidth]) -> Non
             if isinstance(adapter.attn(layer), DroppedAttention):
                 raise PlanError(f"the plan narrows the attention of layer {i}, which has no attention")
             nh, nkv = attention_shape(adapter, layer)
-            heads_kv = _resolve_heads(i, w, nh, nkv)
+            want = (nh if w.heads is None else len(w.heads), nkv if w.kv_heads is None else len(w.kv_heads))
+            if want != (nh, nkv):  # equal: already narrowed (or keeps everything), see the module docstring
+                heads_kv = _resolve_heads(i, w, nh, nkv)
         channels = None
         if w.channels is not None:
             if isinstance(adapter.mlp(layer), DroppedMLP):
                 raise PlanError(f"the plan narrows the MLP of layer {i}, which has no MLP")
-            channels = _check_indices("MLP channels", i, w.channels, mlp_width(adapter, layer))
+            width = mlp_width(adapter, layer)
+            if len(w.channels) != width:
+                channels = _check_indices("MLP channels", i, w.channels, width)
         todo.append((layer, heads_kv, channels))
     with torch.no_grad():
         for layer, heads_kv, channels in todo:

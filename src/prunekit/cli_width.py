@@ -1,0 +1,116 @@
+"""`prunekit width`: TransAct width pruning (attention heads and MLP channels) to a smaller dense checkpoint.
+
+Only this module sees the argparse namespace; it unpacks it and calls `prunekit.width.width_prune`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+# Choices spelled out here so that building the CLI parser does not import torch; a test checks them against
+# `prunekit.importance.SCORERS` and `prunekit.width.HEAD_MODES`.
+SCORER_NAMES: tuple[str, ...] = ("activation", "weight-activation")
+HEAD_MODE_NAMES: tuple[str, ...] = ("kv-groups", "query-heads")
+
+_CLI_HELP = "built-in name (smollm2-135m, gemma3-270m), local HF checkpoint directory, or hub id"
+_TEXT_HELP = "built-in corpus (wiki, c4, tiny, code, technical, multilingual), or a local .txt/.jsonl file"
+
+
+def parse_keep(text: str) -> float | int:
+    """A keep target: a value containing '.' or at most 1 is a ratio (float), otherwise a count (int)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio like 0.75 or a count like 96, got {text!r}") from None
+    if "." in text or value <= 1:
+        return value
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"a count must be a whole number, got {text!r}")
+    return int(value)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `width` on the CLI's subparsers (dispatch through `args.func`)."""
+    p = subparsers.add_parser(
+        "width",
+        help="TransAct width pruning: remove the weakest attention heads and MLP channels (activation-ranked, "
+             "GQA-aware, iterative) and save a smaller dense checkpoint",
+        description="Rank attention heads (KV groups or query heads) and MLP intermediate channels by the norm of "
+                    "their activations on calibration text and remove the weakest in several shots, re-scoring in "
+                    "between. The hidden size never changes. A keep value containing '.' or <= 1 is a ratio of each "
+                    "layer's width, otherwise an absolute count per layer.",
+    )
+    p.add_argument("model", help=_CLI_HELP)
+    p.add_argument("--mlp-keep", type=parse_keep, default=None, metavar="R|N",
+                   help="MLP intermediate channels to keep per layer: ratio (e.g. 0.75) or count (e.g. 1152); "
+                        "default: MLPs unchanged")
+    p.add_argument("--heads-keep", type=parse_keep, default=None, metavar="R|N",
+                   help="attention to keep per layer: with --head-mode kv-groups the number (or ratio) of KV "
+                        "groups, each with all its query heads; with --head-mode query-heads the number (or ratio) "
+                        "of query heads, a multiple of the KV heads (1 is a ratio: keep all; 0.34 keeps 1 of 3 groups); "
+                        "default: attention unchanged")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--uniform", dest="mode", action="store_const", const="uniform",
+                      help="every layer keeps the same width (default)")
+    mode.add_argument("--per-layer", dest="mode", action="store_const", const="per-layer",
+                      help="rank units globally across layers (scores normalised per layer) with a per-layer floor; "
+                           "the total kept equals what --uniform would keep")
+    p.set_defaults(mode="uniform")
+    p.add_argument("--shots", type=int, default=8,
+                   help="reach the target in this many pruning steps (geometric schedule), re-scoring in between "
+                        "(default 8)")
+    p.add_argument("--scorer", choices=SCORER_NAMES, default="activation",
+                   help="importance: activation = L2 norm of the activation (TransAct); weight-activation = "
+                        "|W| * ||x|| summed over the output projection's columns (Wanda-sp/FLAP) (default activation)")
+    p.add_argument("--head-mode", choices=HEAD_MODE_NAMES, default="kv-groups",
+                   help="kv-groups: remove whole KV groups with their query heads; query-heads: remove query heads "
+                        "evenly inside every group, keeping all KV heads (default kv-groups)")
+    p.add_argument("--min-layer-keep", type=float, default=0.1,
+                   help="--per-layer floor: every layer keeps at least this fraction of its units, and at least one "
+                        "(default 0.1)")
+    p.add_argument("--calib", required=True, help=f"calibration text: {_TEXT_HELP} (its first half is used)")
+    p.add_argument("--samples", type=int, default=16, help="number of calibration sequences (default 16)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward pass (default 4)")
+    p.add_argument("--dtype", default="float32", help="weights dtype for loading and computing (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, calibrate, prune, save; prints a JSON summary. `PrunekitError`s propagate to the CLI's main."""
+    from prunekit.adapters import get_adapter
+    from prunekit.checkpoint import load_model, prepare_output_dir, save_checkpoint
+    from prunekit.data import calibration_data
+    from prunekit.errors import PlanError
+    from prunekit.width import width_prune
+
+    if args.mlp_keep is None and args.heads_keep is None:
+        raise PlanError("nothing to prune: give --mlp-keep, --heads-keep, or both")
+    # Refuse an existing output before the slow part, not after it.
+    prepare_output_dir(args.out, args.force)
+    progress = not getattr(args, "quiet", False)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    adapter = get_adapter(model)
+    calib = calibration_data(tok, args.calib, args.samples, args.seq_len)
+    plan = width_prune(model, adapter, calib, mlp_keep=args.mlp_keep, heads_keep=args.heads_keep, mode=args.mode,
+                       shots=args.shots, scorer=args.scorer, head_mode=args.head_mode,
+                       min_layer_keep=args.min_layer_keep, batch_size=args.batch_size, progress=progress)
+    out = save_checkpoint(model, tok, args.out, plan, force=args.force)
+    summary = {
+        "out": str(out),
+        "method": plan.method,
+        "parameters_before": plan.options["parameters_before"],
+        "parameters_after": plan.options["parameters_after"],
+        "heterogeneous": bool(getattr(model.config, "prunekit", None)),
+        # One short line per layer: the widths it ended with.
+        "widths": {k: " ".join(f"{n}={v}" for n, v in w.items())
+                   for k, w in (plan.history[-1]["widths"] if plan.history else {}).items()},
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
