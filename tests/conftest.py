@@ -88,3 +88,11 @@ def tiny_checkpoint(tmp_path):
              for _ in range(80)]
     text.write_text("\n\n".join(paras))
     return path, text
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Send prunekit's caches (scores, prepared task data) to a temporary folder for this test."""
+    cache = tmp_path / "prunekit-cache"
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(cache))
+    return cache

@@ -9,6 +9,8 @@ import torch
 
 from prunekit.checkpoint import load_model, tensor_bytes
 from prunekit.cli import main
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 from prunekit.plans import PLAN_FILE
 
 

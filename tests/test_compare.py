@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from prunekit.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_compare_dense_vs_attention_dropped(tiny_checkpoint, tmp_path):

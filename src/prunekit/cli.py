@@ -49,41 +49,48 @@ def _quiet(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "quiet", False))
 
 
+def _add_scale(p: argparse.ArgumentParser) -> None:
+    """Options for models larger than memory (layer streaming) and the score cache."""
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="load one decoder layer at a time from the safetensors files (--no-stream: whole model "
+                        "in memory; default: stream only when the model would not fit in free memory)")
+    p.add_argument("--offload-dir", default=None,
+                   help="directory for the calibration hidden states of a streamed run (default: the cache "
+                        "directory, or RAM with --no-cache)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the score cache ($PRUNEKIT_CACHE/scores), no resuming")
+
+
 # --- commands ----------------------------------------------------------------------------------------------
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from prunekit.adapters import get_adapter
-    from prunekit.checkpoint import load_model
-    from prunekit.data import calibration_data
-    from prunekit.drop import model_info, score_model
+    from prunekit.distributed import score_job
 
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    adapter = get_adapter(model)
-    calib = calibration_data(tok, args.calib, args.samples, args.seq_len)
-    scores = score_model(model, adapter, calib, batch_size=args.batch_size, progress=not _quiet(args))
-    out = scores.to_json()
-    out["model"] = model_info(adapter, str(args.model))
+    # In memory or layer-streamed, one process or several under torchrun (rank 0 writes).
+    result = score_job(str(args.model), calib=args.calib, samples=args.samples, seq_len=args.seq_len,
+                       batch_size=args.batch_size, dtype=args.dtype, device=args.device, stream=args.stream,
+                       offload_dir=args.offload_dir, use_cache=not args.no_cache, progress=not _quiet(args))
+    if result is None:
+        return 0
+    out = result.scores.to_json()
+    out["model"] = result.model_info
     write_json(out, args.json)
-    print(f"scores for {adapter.num_layers} layers written to {args.json}")
+    how = ("streamed" if result.streamed else "in memory") + (", from cache" if result.cache_hit else "")
+    print(f"scores for {result.scores.num_layers} layers ({how}) written to {args.json}")
     return 0
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
-    from prunekit.adapters import get_adapter
-    from prunekit.checkpoint import load_model, prepare_output_dir, save_checkpoint
-    from prunekit.data import calibration_data
-    from prunekit.drop import llm_drop
-    from prunekit.surgery import apply_plan
+    from prunekit.distributed import drop_job
 
-    prepare_output_dir(args.out, args.force)  # fail before any expensive work
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    adapter = get_adapter(model)
-    calib = calibration_data(tok, args.calib, args.samples, args.seq_len)
-    plan = llm_drop(model, adapter, calib, target=args.target, n=args.n, consecutive=args.consecutive,
-                    iterative=args.iterative, batch_size=args.batch_size, progress=not _quiet(args),
-                    source=str(args.model))
-    apply_plan(adapter, plan)
-    save_checkpoint(model, tok, args.out, plan, force=args.force)
+    # Fails on an existing --out before any expensive work; rank 0 saves under torchrun.
+    plan = drop_job(str(args.model), args.out, target=args.target, n=args.n, consecutive=args.consecutive,
+                    iterative=args.iterative, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
+                    batch_size=args.batch_size, dtype=args.dtype, device=args.device, stream=args.stream,
+                    offload_dir=args.offload_dir, use_cache=not args.no_cache, force=args.force,
+                    progress=not _quiet(args))
+    if plan is None:
+        return 0
     what = ", ".join(f"{d.module}@{d.layer}" for d in plan.dropped)
     print(f"dropped {len(plan.dropped)} ({what}); checkpoint written to {args.out}")
     return 0
@@ -198,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "residual stream before/after the block, the attention and the MLP.")
     _add_model(p)
     _add_calib(p)
+    _add_scale(p)
     p.add_argument("--json", required=True, help="output JSON path")
     p.set_defaults(func=cmd_score)
 
@@ -216,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib(p)
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_scale(p)
     p.set_defaults(func=cmd_drop)
 
     try:

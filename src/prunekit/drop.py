@@ -7,7 +7,7 @@ inputs the runner remembered.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -43,9 +43,13 @@ def score_model(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
 
 def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, target: Target, n: int,
              consecutive: bool = False, iterative: bool = False, batch_size: int = 4, progress: bool = True,
-             source: str | None = None) -> PruningPlan:
+             source: str | None = None, make_scorer: Callable[[bool, bool], Any] | None = None) -> PruningPlan:
     """Choose what to drop. With `iterative`, the chosen modules are already replaced in `model` when this
-    returns (they had to be, to re-score); apply the plan with `surgery.apply_plan` either way."""
+    returns (they had to be, to re-score); apply the plan with `surgery.apply_plan` either way.
+
+    `make_scorer(pairwise, rescore)` builds the scorer (anything with `score(start_layer=0)`, like
+    `SimilarityScorer`): the layer-streamed, cached and data-parallel scorers plug in here; default: an
+    in-memory `SimilarityScorer` over `model`."""
     if target not in TARGETS:
         raise PlanError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     L = adapter.num_layers
@@ -53,8 +57,11 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
     if iterative and consecutive:
         raise PlanError("--consecutive picks one run of blocks at once; it cannot be combined with --iterative")
     info = model_info(adapter, source)
-    scorer = SimilarityScorer(model, adapter, calib, batch_size=batch_size, pairwise=consecutive or not iterative,
-                              rescore=iterative, progress=progress)
+    if make_scorer is not None:
+        scorer = make_scorer(consecutive or not iterative, iterative)
+    else:
+        scorer = SimilarityScorer(model, adapter, calib, batch_size=batch_size,
+                                  pairwise=consecutive or not iterative, rescore=iterative, progress=progress)
     scores = scorer.score()
     history: list[dict[str, Any]] = []
     if not iterative:

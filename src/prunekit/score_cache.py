@@ -1,0 +1,161 @@
+"""Resumable score cache: LLM-Drop accumulator sums kept on disk under `$PRUNEKIT_CACHE/scores`.
+
+Key. sha256 over (format, prunekit version, model fingerprint, calibration-token hash, options).
+
+* Model fingerprint: the *names, sizes and modification times* (ns) of the weight files and the index, plus
+  the sha256 of config.json's content. Not a content hash of the weights: hashing 140 GB of a 70B model
+  takes minutes, about as long as the scoring it would save. Any rewrite of a weight file changes its mtime
+  (and usually its size), so a stale entry is never used for a changed checkpoint; the price is that a
+  byte-identical copy elsewhere (new mtime) gets a fresh entry.
+* Calibration: sha256 of the exact token ids (the hash plans already carry) and of the attention mask.
+* Options: everything that changes the numbers: batch size (float32 kernels round differently for other
+  batch shapes), pairwise on/off, dtype, device type.
+
+What is cached: the accumulator's float64 *sums* and token counts, not the means, so data-parallel ranks can
+cache their shard and the shards still add up (`prunekit.distributed`).
+
+Resuming. An interrupted streamed run resumes from its last finished layer: the states at the layer boundary
+and the sums so far live in the run's work directory (`run_dir(key)`, see `stream.StreamedScorer`), written
+after every layer. Persisting the boundary states (rather than recomputing them on resume) costs one write
+of the calibration hidden states per layer, small next to reading the layer's weights, and makes a resume
+cost nothing but the remaining layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit import __version__
+from prunekit.assets import cache_dir
+from prunekit.data import CalibrationData, token_hash
+from prunekit.scoring import SimilarityAccumulator, SimilarityScores
+
+CACHE_FORMAT = 1
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.index.json", "config.json")
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Fingerprint of a local checkpoint directory: weight files' names, sizes and mtimes, and config.json's
+    content hash (see the module docstring for why not a content hash of the weights)."""
+    path = Path(path)
+    entries: list[Any] = []
+    for pattern in _WEIGHT_GLOBS:
+        for f in sorted(path.glob(pattern)):
+            st = f.stat()
+            entries.append([f.name, st.st_size, st.st_mtime_ns])
+    cfg = path / "config.json"
+    entries.append(["config.json#sha256", hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else None])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def calibration_fingerprint(calib: CalibrationData) -> str:
+    return hashlib.sha256((calib.sha256 + token_hash(calib.attention_mask)).encode()).hexdigest()
+
+
+def score_key(model_fp: str, calib: CalibrationData, options: dict[str, Any]) -> str:
+    """Cache key of one scoring job (hex sha256)."""
+    payload = {"format": CACHE_FORMAT, "prunekit": __version__, "model": model_fp,
+               "calibration": calibration_fingerprint(calib), "options": options}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def accumulator_tensors(acc: SimilarityAccumulator) -> dict[str, torch.Tensor]:
+    out = {"block": acc.block, "attn": acc.attn, "mlp": acc.mlp, "tokens": acc.tokens}
+    if acc.pair is not None:
+        out["pair"] = acc.pair
+    return {k: v.detach().to("cpu", torch.float64).contiguous() for k, v in out.items()}
+
+
+def accumulator_from_tensors(tensors: dict[str, torch.Tensor]) -> SimilarityAccumulator:
+    n = int(tensors["block"].shape[0])
+    acc = SimilarityAccumulator(n, "pair" in tensors)
+    for name in ("block", "attn", "mlp", "tokens", "pair"):
+        if name in tensors:
+            getattr(acc, name).copy_(tensors[name])
+    return acc
+
+
+class ScoreCache:
+    """Accumulator sums by key under `root` (default `$PRUNEKIT_CACHE/scores`), plus per-key work
+    directories for resumable streamed runs. Entries are written atomically; a damaged entry is a miss."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else cache_dir() / "scores"
+
+    def _file(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def load(self, key: str) -> SimilarityAccumulator | None:
+        from safetensors import safe_open
+
+        path = self._file(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as st:
+                tensors = {k: st.get_tensor(k).clone() for k in st.keys()}
+            return accumulator_from_tensors(tensors)
+        except Exception:  # unreadable entry: recompute rather than fail
+            return None
+
+    def store(self, key: str, acc: SimilarityAccumulator, info: dict[str, Any] | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self._file(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(accumulator_tensors(acc), str(tmp), metadata={"info": json.dumps(info or {})})
+        os.replace(tmp, path)
+        return path
+
+    def run_dir(self, key: str) -> Path:
+        """Work directory of a streamed run with this key (hidden states and progress, for resuming)."""
+        return self.root / "runs" / key
+
+    def clear_run(self, key: str) -> None:
+        shutil.rmtree(self.run_dir(key), ignore_errors=True)
+
+
+class CachedScorer:
+    """Wraps a scorer (`calibration.SimilarityScorer` or `stream.StreamedScorer`): the first full scoring is
+    looked up in / stored to the cache; re-scores after drops (`start_layer` > 0) go to the wrapped scorer.
+
+    After a hit the wrapped scorer has never run, so its first re-score is a full pass (both scorers start
+    from the token ids when they hold no states) - correct, merely slower than after a miss."""
+
+    def __init__(self, inner: Any, cache: ScoreCache, key: str, calibration: dict[str, Any],
+                 info: dict[str, Any] | None = None):
+        self.inner = inner
+        self.cache = cache
+        self.key = key
+        self.calibration = calibration
+        self.info = info
+        self.hit = False
+        self._acc: SimilarityAccumulator | None = None
+        self._first = True
+
+    @property
+    def acc(self) -> SimilarityAccumulator | None:
+        return self._acc if self._acc is not None else self.inner.acc
+
+    def score(self, start_layer: int = 0) -> SimilarityScores:
+        if self._first and start_layer == 0:
+            self._first = False
+            cached = self.cache.load(self.key)
+            if cached is not None:
+                self.hit = True
+                self._acc = cached
+                return cached.result(self.calibration)
+            result = self.inner.score()
+            self.cache.store(self.key, self.inner.acc, self.info)
+            return result
+        self._first = False
+        self._acc = None
+        return self.inner.score(start_layer)
