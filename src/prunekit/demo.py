@@ -125,14 +125,14 @@ def _width_row(dense: Any, tok: Any, cal: Any, eval_ids: Any, rows: list[dict[st
     target_removed = max(r["removed_params"] for r in rows)
     pruned = copy.deepcopy(dense)
     ad = get_adapter(pruned)
-    _, up, _ = ad.mlp_projections(ad.layers()[0])
-    gate_down = 3 if ad.mlp_projections(ad.layers()[0])[0] is not None else 2
-    per_channel = gate_down * up.in_features * ad.num_layers
-    keep = up.out_features - round(target_removed / per_channel)
+    gate, up, _ = ad.mlp_projections(ad.layers()[0])
+    width, hidden = up.out_features, up.in_features  # read now: pruning narrows these modules in place
+    per_channel = (3 if gate is not None else 2) * hidden * ad.num_layers
+    keep = width - round(target_removed / per_channel)
     # width_prune narrows the model in place (it must, to re-score between shots) and returns the plan.
     plan = width_prune(pruned, ad, cal, mlp_keep=keep, heads_keep=None, mode="uniform", shots=4, progress=progress)
     ckpt = save_checkpoint(pruned, tok, out_dir / f"transact-mlp{keep}", plan, force=True)
     ppl = perplexity(pruned, eval_ids, progress=progress)
-    row = _row(f"TransAct MLP {keep}/{up.out_features} (4 shots)", ad, ppl, weight_bytes(ckpt), dense_params, dense_ppl)
+    row = _row(f"TransAct MLP {keep}/{width} (4 shots)", ad, ppl, weight_bytes(ckpt), dense_params, dense_ppl)
     print(f"[demo] TransAct MLP width {keep}: perplexity {ppl['perplexity']:.3f}")
     return row
