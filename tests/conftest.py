@@ -96,3 +96,15 @@ def isolated_cache(tmp_path, monkeypatch):
     cache = tmp_path / "prunekit-cache"
     monkeypatch.setenv("PRUNEKIT_CACHE", str(cache))
     return cache
+
+
+def random_calib(n: int = 6, t: int = 24, seed: int = 1, pad_last: int = 0):
+    """Deterministic random calibration batches; `pad_last` masks the last tokens of the last sample."""
+    from prunekit.data import CalibrationData, token_hash
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (n, t), generator=g)
+    mask = torch.ones_like(ids)
+    if pad_last:
+        mask[-1, -pad_last:] = 0
+    return CalibrationData(ids, mask, "random", token_hash(ids))

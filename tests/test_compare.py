@@ -13,7 +13,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
-def test_compare_dense_vs_attention_dropped(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("interleave", [True, False])
+def test_compare_dense_vs_attention_dropped(tiny_checkpoint, tmp_path, interleave):
     ck, text = tiny_checkpoint
     dropped = tmp_path / "dropped"
     assert main(["-q", "drop", str(ck), "--target", "attn", "--n", "2", "--calib", str(text), "--samples", "2",
@@ -27,9 +28,12 @@ def test_compare_dense_vs_attention_dropped(tiny_checkpoint, tmp_path):
     out = tmp_path / "report"
     assert main(["-q", "compare", str(ck), str(dropped), "--out", str(out), "--text", str(text), "--windows", "2",
                  "--window-len", "32", "--context", "16,40", "--new-tokens", "3", "--repeats", "1",
-                 "--tasks", "quiz", "--task-dir", str(tmp_path / "tasks"), "--calib", str(text)]) == 0
+                 "--tasks", "quiz", "--task-dir", str(tmp_path / "tasks"), "--calib", str(text),
+                 *([] if interleave else ["--no-interleave"])]) == 0
     report = json.loads((out / "report.json").read_text())
     base, pruned = report["rows"]
+    assert report["options"]["interleave"] is interleave
+    assert all(len(run["decode_s_all"]) == 1 for r in report["rows"] for run in r["bench"]["runs"])
     for row in (base, pruned):
         for run in row["bench"]["runs"]:
             assert run["kv_bytes"] == run["kv_bytes_analytic"]

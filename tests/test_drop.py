@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, random_calib, tiny_model
 from prunekit.adapters import get_adapter
 from prunekit.calibration import SimilarityScorer
 from prunekit.checkpoint import load_model, save_checkpoint, tensor_bytes, weight_bytes
@@ -24,12 +24,7 @@ from prunekit.surgery import apply_plan, count_parameters
 
 
 def calib(n: int = 6, t: int = 24, seed: int = 1, pad_last: int = 0) -> CalibrationData:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (n, t), generator=g)
-    mask = torch.ones_like(ids)
-    if pad_last:
-        mask[-1, -pad_last:] = 0
-    return CalibrationData(ids, mask, "random", token_hash(ids))
+    return random_calib(n=n, t=t, seed=seed, pad_last=pad_last)
 
 
 def inputs(seed: int = 2) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import random_calib, tiny_model, tiny_tokenizer
 
 from prunekit.adapters import get_adapter
 from prunekit.calibration import SimilarityScorer
@@ -37,12 +37,7 @@ TOL = 1e-6
 
 
 def calib(n: int = 7, t: int = 20, seed: int = 1, pad_last: int = 5) -> CalibrationData:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (n, t), generator=g)
-    mask = torch.ones_like(ids)
-    if pad_last:
-        mask[-1, -pad_last:] = 0
-    return CalibrationData(ids, mask, "random", token_hash(ids))
+    return random_calib(n=n, t=t, seed=seed, pad_last=pad_last)
 
 
 @pytest.fixture(scope="module")

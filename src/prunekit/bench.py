@@ -375,3 +375,22 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
+
+
+def merge_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Combine results of several `benchmark(..., repeats=1)` calls (rounds interleaved across models, so
+    slow drifts of a shared machine hit every model alike) into one result with medians over rounds."""
+    if not rounds:
+        raise ValueError("no rounds to merge")
+    merged = {**rounds[0], "repeats": len(rounds), "runs": []}
+    batch, new_tokens = merged["batch"], merged["new_tokens"]
+    for per_context in zip(*(r["runs"] for r in rounds)):
+        prefill = [s for run in per_context for s in run["prefill_s_all"]]
+        decode = [s for run in per_context for s in run["decode_s_all"]]
+        p, d = statistics.median(prefill), statistics.median(decode)
+        entry = {**per_context[-1], "prefill_s": p, "decode_s": d, "prefill_s_all": prefill, "decode_s_all": decode,
+                 "prefill_tok_s": batch * per_context[0]["context"] / p if p > 0 else float("inf"),
+                 "decode_tok_s": (batch * new_tokens / d if d > 0 else float("inf")) if new_tokens else None,
+                 "peak_rss_bytes": max(run["peak_rss_bytes"] or 0 for run in per_context)}
+        merged["runs"].append(entry)
+    return merged

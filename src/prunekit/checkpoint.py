@@ -145,6 +145,17 @@ def commit_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def write_companions(folder: Path, tokenizer: Any, remote_base: str | None, plan: PruningPlan | None) -> None:
+    """Everything a checkpoint carries beside its weights and config: the tokenizer, the remote-code loader
+    (heterogeneous checkpoints: `remote_base` names the stock class) and the plan."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if remote_base:
+        (folder / f"{REMOTE_MODULE}.py").write_text(remote_code_source(remote_base))
+    if plan is not None:
+        plan.save(folder / PLAN_FILE)
+
+
 def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, plan: PruningPlan | None = None, *,
                     force: bool = False) -> Path:
     """Write model + tokenizer + plan to `out`, all or nothing (temporary directory, then rename)."""
@@ -154,12 +165,8 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, plan: Pru
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if getattr(model.config, "prunekit", None):
-            (tmp / f"{REMOTE_MODULE}.py").write_text(remote_code_source(stock_class(model).__name__))
-        if plan is not None:
-            plan.save(tmp / PLAN_FILE)
+        heterogeneous = bool(getattr(model.config, "prunekit", None))
+        write_companions(tmp, tokenizer, stock_class(model).__name__ if heterogeneous else None, plan)
         commit_dir(tmp, out)
     finally:
         if tmp.exists():

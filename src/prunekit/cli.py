@@ -157,7 +157,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     opts = CompareOptions(text=args.text, windows=args.windows, window_len=args.window_len,
                           tasks=_csv(args.tasks) if args.tasks else [], task_dir=args.task_dir, limit=args.limit,
                           seed=args.seed, contexts=args.context, new_tokens=args.new_tokens, batch=args.batch,
-                          repeats=args.repeats, bench=not args.no_bench, calib=args.calib, device=args.device,
+                          repeats=args.repeats, bench=not args.no_bench, interleave=not args.no_interleave,
+                          calib=args.calib, device=args.device,
                           dtype=args.dtype, progress=not _quiet(args))
     compare([args.base, *args.pruned], args.out, opts)
     print((Path(args.out) / "report.md").read_text())
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tasks(p)
     _add_bench(p)
     p.add_argument("--no-bench", action="store_true", help="skip the speed benchmark")
+    p.add_argument("--no-interleave", action="store_true",
+                   help="benchmark models one after another instead of round-robin with all of them loaded "
+                        "(use when they do not fit in memory together)")
     p.add_argument("--dtype", default="float32", help="dtype to load models in (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.set_defaults(func=cmd_compare)

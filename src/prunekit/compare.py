@@ -42,6 +42,7 @@ class CompareOptions:
     batch: int = 1
     repeats: int = 3
     bench: bool = True
+    interleave: bool = True  # benchmark all models round-robin (all loaded at once) for steadier ratios
     calib: str = "c4"
     device: str = "cpu"
     dtype: str = "float32"
@@ -84,17 +85,12 @@ def evaluate_one(spec: str, opts: CompareOptions, windows_cache: dict[str, torch
 
         row["zeroshot"] = evaluate_tasks(model, tok, list(opts.tasks), task_dir=opts.task_dir, limit=opts.limit,
                                          seed=opts.seed, device=opts.device)
-    if opts.bench:
-        from prunekit.bench import analytic_kv_bytes, benchmark
+    if opts.bench and not opts.interleave:
+        from prunekit.bench import benchmark
 
-        b = benchmark(model, contexts=opts.contexts, new_tokens=opts.new_tokens, batch=opts.batch,
-                      repeats=opts.repeats, seed=opts.seed, progress=opts.progress)
-        b["disk_bytes"] = row["disk_bytes"]
-        attn = attention_layers(adapter)
-        for run in b["runs"]:
-            run["kv_bytes_analytic"] = analytic_kv_bytes(adapter.config, run["context"], opts.batch,
-                                                         adapter.dtype().itemsize, attn_layers=attn)
-        row["bench"] = b
+        row["bench"] = _with_analytic(benchmark(model, contexts=opts.contexts, new_tokens=opts.new_tokens,
+                                                batch=opts.batch, repeats=opts.repeats, seed=opts.seed,
+                                                progress=opts.progress), adapter, opts, row["disk_bytes"])
     plan = _plan_of(spec)
     if plan is not None:
         row["plan"] = {"method": plan.method, "dropped": [d.to_json() for d in plan.dropped],
@@ -105,6 +101,36 @@ def evaluate_one(spec: str, opts: CompareOptions, windows_cache: dict[str, torch
     del model
     gc.collect()
     return row
+
+
+def _with_analytic(b: dict[str, Any], adapter: Any, opts: CompareOptions, disk: int | None) -> dict[str, Any]:
+    from prunekit.bench import analytic_kv_bytes
+
+    b["disk_bytes"] = disk
+    attn = attention_layers(adapter)
+    for run in b["runs"]:
+        run["kv_bytes_analytic"] = analytic_kv_bytes(adapter.config, run["context"], opts.batch,
+                                                     adapter.dtype().itemsize, attn_layers=attn)
+    return b
+
+
+def bench_interleaved(models: Sequence[str], rows: list[dict[str, Any]], opts: CompareOptions) -> None:
+    """Speed of every model, measured round-robin: round r runs each model once, so a machine that slows
+    down or speeds up during the run affects all models alike and the ratios stay honest."""
+    from prunekit.bench import benchmark, merge_rounds
+
+    loaded = [load_model(spec, dtype=opts.dtype, device=opts.device, tokenizer=False)[0] for spec in models]
+    rounds: list[list[dict[str, Any]]] = [[] for _ in loaded]
+    for r in range(opts.repeats):
+        if opts.progress:
+            print(f"[compare] speed round {r + 1}/{opts.repeats}")
+        for i, model in enumerate(loaded):
+            rounds[i].append(benchmark(model, contexts=opts.contexts, new_tokens=opts.new_tokens, batch=opts.batch,
+                                       repeats=1, warmup=1 if r == 0 else 0, seed=opts.seed, progress=False))
+    for row, model, res in zip(rows, loaded, rounds):
+        row["bench"] = _with_analytic(merge_rounds(res), get_adapter(model), opts, row["disk_bytes"])
+    del loaded
+    gc.collect()
 
 
 def _ratios(base: dict[str, Any], row: dict[str, Any], contexts: Sequence[int]) -> dict[str, Any]:
@@ -186,6 +212,8 @@ def compare(models: Sequence[str], out_dir: str | Path, opts: CompareOptions) ->
         row = evaluate_one(spec, opts, cache)
         row["name"] = "base" if i == 0 else Path(str(spec)).name
         rows.append(row)
+    if opts.bench and opts.interleave:
+        bench_interleaved(models, rows, opts)
     base = rows[0]
     for r in rows:
         r["ratios"] = _ratios(base, r, opts.contexts)
@@ -262,7 +290,9 @@ def render_markdown(report: dict[str, Any], opts: CompareOptions) -> str:
                                               ("decode", "decode tok/s"), ("speedup", "decode speed-up"),
                                               ("ideal", "ideal (layers / with LM head)"), ("kv", "KV bytes measured"),
                                               ("kv_a", "KV bytes analytic"), ("rss", "peak RSS (process)")]), ""]
-        lines.append("Decode: median of repeats after warm-up, batch "
+        how = ("rounds interleaved across models (each round runs every model once)" if opts.interleave
+               else "repeats per model")
+        lines.append(f"Decode: median over {opts.repeats} {how}, after warm-up, batch "
                      f"{opts.batch}, {opts.new_tokens} new tokens. Peak RSS is the process high-water mark, so it "
                      "only grows across models evaluated in one run.")
     lines += ["", *[f"![{p}]({p})" for p in report["plots"]], "",

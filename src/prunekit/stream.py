@@ -54,13 +54,12 @@ from prunekit.checkpoint import (
     model_class_for,
     parse_dtype,
     prepare_output_dir,
-    remote_code_source,
     resolve_model_path,
+    write_companions,
 )
-from prunekit.config_edit import REMOTE_MODULE
 from prunekit.data import CalibrationData
 from prunekit.errors import CheckpointError, PrunekitError
-from prunekit.plans import PLAN_FILE, PruningPlan
+from prunekit.plans import PruningPlan
 from prunekit.scoring import SimilarityAccumulator, SimilarityScores, unit_rows
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -945,10 +944,7 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
             index = {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _save_configs(pruned.model, tmp)
-        tokenizer.save_pretrained(tmp)
-        if structure:
-            (tmp / f"{REMOTE_MODULE}.py").write_text(remote_code_source(stock_class(pruned.model).__name__))
-        plan.save(tmp / PLAN_FILE)
+        write_companions(tmp, tokenizer, stock_class(pruned.model).__name__ if structure else None, plan)
         commit_dir(tmp, out)
     finally:
         if tmp.exists():
