@@ -63,17 +63,22 @@ class CalibrationRunner:
             self.cached_layers = {0}
         self._cache: list[_BatchCache] | None = None
 
+    def restart_layer(self, start_layer: int) -> int:
+        """The layer a run asked to start at `start_layer` really starts at: the nearest remembered layer
+        at or below it (layer 0, a full pass from the token ids, before anything is remembered)."""
+        if self._cache is None:
+            return 0
+        return max(k for k in self.cached_layers if k <= start_layer)
+
     @torch.no_grad()
     def run(self, observers: list[LayerObserver], *, start_layer: int = 0,
             batch_end: Callable[[], None] | None = None, desc: str = "calibration") -> int:
         """Run every batch from `start_layer` (rounded down to a remembered layer); returns the layer the
         run actually started at. `batch_end` is called after each batch (pairwise statistics)."""
         layers = self.adapter.layers()
-        # Layer 0 is never stored: restarting there is a full pass from the token ids.
-        start = 0 if self._cache is None else max(k for k in self.cached_layers if k <= start_layer)
+        start = self.restart_layer(start_layer)
         device = self.adapter.device()
-        first_run = self._cache is None
-        if first_run:
+        if self._cache is None:
             self._cache = [_BatchCache() for _ in self.batches]
         state: dict[str, Any] = {}
         handles = []
@@ -165,7 +170,6 @@ class SimilarityScorer:
 
         if start_layer > 0:
             # Layers before the restart point keep their sums; the rest are recomputed.
-            restart = max(k for k in self.runner.cached_layers if k <= start_layer) if self.runner._cache else 0
-            acc.reset_from(restart)
+            acc.reset_from(self.runner.restart_layer(start_layer))
         self.runner.run([observe], start_layer=start_layer, batch_end=batch_end, desc="scoring")
         return acc.result(self.runner.calib.describe())
