@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from prunekit.checkpoint import load_model, tensor_bytes
 from prunekit.cli import main

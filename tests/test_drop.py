@@ -15,11 +15,11 @@ from conftest import FAMILIES, random_calib, tiny_model
 from prunekit.adapters import get_adapter
 from prunekit.calibration import SimilarityScorer
 from prunekit.checkpoint import load_model, save_checkpoint, tensor_bytes, weight_bytes
-from prunekit.data import CalibrationData, token_hash
+from prunekit.data import CalibrationData
 from prunekit.drop import llm_drop
 from prunekit.errors import CheckpointError, PlanError, UnsupportedArchitectureError
 from prunekit.evaluate import kv_bytes_per_token
-from prunekit.plans import DropTarget, PruningPlan, plan_drops
+from prunekit.plans import DropTarget, PruningPlan
 from prunekit.surgery import apply_plan, count_parameters
 
 

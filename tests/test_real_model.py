@@ -21,6 +21,16 @@ from prunekit.surgery import apply_plan
 pytestmark = pytest.mark.real
 
 
+def assert_cached_generate_equals_uncached(model, tok, new_tokens: int):
+    """Greedy generation with the KV cache must give the tokens of generation without it; returns the prompt."""
+    prompt = tok("The capital of France is", return_tensors="pt")
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**prompt, use_cache=True, **kw),
+                           model.generate(**prompt, use_cache=False, **kw))
+    return prompt
+
+
 @pytest.fixture(scope="module")
 def smol():
     model, tok = load_model("smollm2-135m")
@@ -61,11 +71,7 @@ def test_real_attention_drop_cache_and_reload(smol, smol_scores, tmp_path):
     plan = PruningPlan(dropped=plan_drops(scores, "attn", 4), calibration=calib.describe())
     apply_plan(ad, plan)
     assert kv_bytes_per_token(ad) == 26 * 2 * 3 * 64 * 4
-    prompt = tok("The capital of France is", return_tensors="pt")
-    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
-    with torch.no_grad():
-        assert torch.equal(pruned.generate(**prompt, use_cache=True, **kw),
-                           pruned.generate(**prompt, use_cache=False, **kw))
+    prompt = assert_cached_generate_equals_uncached(pruned, tok, new_tokens=12)
     out = save_checkpoint(pruned, tok, tmp_path / "ck", plan)
     again, tok2 = load_model(out)
     x = prompt["input_ids"]
@@ -112,11 +118,7 @@ def test_real_gemma3_attention_drop(tmp_path):
     plan = llm_drop(model, ad, calib, target="attn", n=4, progress=False)
     windows = eval_windows(tok, "wiki", n=1, length=256)
     apply_plan(ad, plan)
-    prompt = tok("The capital of France is", return_tensors="pt")
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
-    with torch.no_grad():
-        assert torch.equal(model.generate(**prompt, use_cache=True, **kw),
-                           model.generate(**prompt, use_cache=False, **kw))
+    assert_cached_generate_equals_uncached(model, tok, new_tokens=8)
     out = save_checkpoint(model, tok, tmp_path / "g", plan)
     again, _ = load_model(out, tokenizer=False)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from conftest import random_calib, tiny_model, tiny_tokenizer
 from prunekit.adapters import get_adapter
 from prunekit.calibration import SimilarityScorer
 from prunekit.checkpoint import load_model, save_checkpoint
-from prunekit.data import CalibrationData, token_hash
+from prunekit.data import CalibrationData
 from prunekit.distributed import DistEnv, drop_job, overflow_guard, score_job, shard_calibration
 from prunekit.drop import score_model
 from prunekit.errors import CheckpointError, DataError

@@ -24,7 +24,7 @@ from prunekit.checkpoint import load_model, resolve_model_path, weight_bytes
 from prunekit.data import calibration_data, eval_windows, token_hash
 from prunekit.evaluate import attention_layers, decode_flops_per_token, model_summary, perplexity
 from prunekit.plans import PLAN_FILE, PruningPlan
-from prunekit.report import human_bytes, markdown_table, similarity_heatmap
+from prunekit.report import human_bytes, markdown_table, pyplot, save_figure, similarity_heatmap
 from prunekit.scoring import SimilarityScores
 
 
@@ -133,7 +133,7 @@ def bench_interleaved(models: Sequence[str], rows: list[dict[str, Any]], opts: C
     gc.collect()
 
 
-def _ratios(base: dict[str, Any], row: dict[str, Any], contexts: Sequence[int]) -> dict[str, Any]:
+def _ratios(base: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     r: dict[str, Any] = {
         "params": row["params"] / base["params"],
         "kv_bytes_per_token": row["kv_bytes_per_token"] / base["kv_bytes_per_token"],
@@ -160,9 +160,7 @@ def _ratios(base: dict[str, Any], row: dict[str, Any], contexts: Sequence[int]) 
 
 
 def _plots(rows: list[dict[str, Any]], out: Path, scores: SimilarityScores | None) -> list[str]:
-    from prunekit.report import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     files = []
     if scores is not None:
         similarity_heatmap(scores, out / "similarity.png", title=f"{rows[0]['name']}: per-layer similarity")
@@ -174,13 +172,10 @@ def _plots(rows: list[dict[str, Any]], out: Path, scores: SimilarityScores | Non
         ax.scatter(removed, r["perplexity"], s=40)
         ax.annotate(r["name"], (removed, r["perplexity"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("removed parameters (%)")
-    ax.set_ylabel(f"perplexity")
+    ax.set_ylabel("perplexity")
     ax.grid(alpha=0.3)
     ax.set_title("perplexity vs removed parameters")
-    fig.tight_layout()
-    fig.savefig(out / "perplexity_vs_params.png", dpi=110)
-    plt.close(fig)
-    files.append("perplexity_vs_params.png")
+    files.append(save_figure(fig, out / "perplexity_vs_params.png").name)
     if all("bench" in r for r in rows):
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for r in rows:
@@ -192,10 +187,7 @@ def _plots(rows: list[dict[str, Any]], out: Path, scores: SimilarityScores | Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title("decode speed vs context")
-        fig.tight_layout()
-        fig.savefig(out / "speed_vs_context.png", dpi=110)
-        plt.close(fig)
-        files.append("speed_vs_context.png")
+        files.append(save_figure(fig, out / "speed_vs_context.png").name)
     return files
 
 
@@ -216,7 +208,7 @@ def compare(models: Sequence[str], out_dir: str | Path, opts: CompareOptions) ->
         bench_interleaved(models, rows, opts)
     base = rows[0]
     for r in rows:
-        r["ratios"] = _ratios(base, r, opts.contexts)
+        r["ratios"] = _ratios(base, r)
 
     scores = None
     for r in rows:

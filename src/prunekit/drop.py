@@ -16,7 +16,7 @@ from prunekit.calibration import SimilarityScorer
 from prunekit.data import CalibrationData
 from prunekit.errors import PlanError
 from prunekit.plans import (TARGETS, DropTarget, PruningPlan, Target, available_modules, candidates,
-                            normalize_drops, plan_drops, _check_n)
+                            normalize_drops, plan_drops, check_n)
 from prunekit.scoring import SimilarityScores
 from prunekit.surgery import mark_drops
 
@@ -53,7 +53,7 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
     if target not in TARGETS:
         raise PlanError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     L = adapter.num_layers
-    _check_n(target, n, available_modules(target, L), L)
+    check_n(target, n, available_modules(target, L), L)
     if iterative and consecutive:
         raise PlanError("--consecutive picks one run of blocks at once; it cannot be combined with --iterative")
     info = model_info(adapter, source)

@@ -114,7 +114,7 @@ def normalize_drops(drops: Sequence[DropTarget]) -> list[DropTarget]:
     return sorted(out)
 
 
-def _check_n(target: str, n: int, available: int, num_layers: int) -> None:
+def check_n(target: str, n: int, available: int, num_layers: int) -> None:
     what = {"attn": "attention layers", "mlp": "MLP layers", "block": "blocks",
             "joint": "attention/MLP modules"}[target]
     if n < 1:
@@ -156,7 +156,7 @@ def plan_drops(scores: SimilarityScores, target: Target, n: int, *, consecutive:
     if target not in TARGETS:
         raise PlanError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     L = scores.num_layers
-    _check_n(target, n, available_modules(target, L), L)
+    check_n(target, n, available_modules(target, L), L)
     if consecutive:
         if target != "block":
             raise PlanError("--consecutive applies to block dropping only (--target block)")
@@ -166,10 +166,3 @@ def plan_drops(scores: SimilarityScores, target: Target, n: int, *, consecutive:
         return [DropTarget(i, "block") for i in range(best, best + n)]
     picked = [d for _, d in candidates(scores, target)[:n]]
     return normalize_drops(picked)
-
-
-def consecutive_scores(scores: SimilarityScores, n: int) -> list[float]:
-    """cos(h_i, h_{i+n}) for every start i: the similarity that a consecutive Block Drop of n keeps."""
-    if scores.pairwise is None:
-        return []
-    return [scores.pairwise[i][i + n] for i in range(scores.num_layers - n + 1)]

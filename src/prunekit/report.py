@@ -26,13 +26,24 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     return "\n".join([head, sep, *body])
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the headless Agg backend (never needs a display)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # headless: never needs a display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close a figure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
 
 
 def similarity_heatmap(scores: SimilarityScores, path: str | Path, *, title: str = "",
@@ -41,7 +52,7 @@ def similarity_heatmap(scores: SimilarityScores, path: str | Path, *, title: str
     above the same three curves; `dropped` (layer, module) pairs are marked with an x."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     data = np.array([scores.block, scores.attn, scores.mlp])
     kinds = ["block", "attn", "mlp"]
     L = scores.num_layers
@@ -65,9 +76,4 @@ def similarity_heatmap(scores: SimilarityScores, path: str | Path, *, title: str
     ax1.set_ylabel("mean cosine similarity")
     ax1.grid(alpha=0.3)
     ax1.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Iterable
 
-import torch
 from torch import nn
 
 from prunekit import config_edit
@@ -147,10 +146,6 @@ def apply_plan(adapter: ModelAdapter, plan: PruningPlan) -> dict[str, Any] | Non
     mark_drops(adapter, plan.dropped)
     compact(adapter)
     return refresh_config(adapter)
-
-
-def removed_parameters(before: nn.Module, after: nn.Module) -> int:
-    return count_parameters(before) - count_parameters(after)
 
 
 def count_parameters(model: nn.Module) -> int:
