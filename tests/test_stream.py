@@ -310,6 +310,125 @@ def test_two_processes_give_the_single_process_scores(tiny_checkpoint, tmp_path)
     assert max(abs(x - y) for rg, rr in zip(got["pairwise"], ref["pairwise"]) for x, y in zip(rg, rr)) < TOL
 
 
+# --- streamed width pruning ----------------------------------------------------------------------------------
+
+WIDTH_CASES = {
+    "uniform-kv": dict(mlp_keep=0.5, heads_keep=0.5, mode="uniform", shots=3),
+    "per-layer-query-heads-weight": dict(mlp_keep=0.6, heads_keep=0.5, mode="per-layer", shots=2,
+                                         head_mode="query-heads", scorer="weight-activation"),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("case", sorted(WIDTH_CASES))
+def test_streamed_width_plan_equals_in_memory(checkpoints, family, case):
+    from prunekit.stream import StreamedWidthCollector
+    from prunekit.width import width_prune
+
+    kw = WIDTH_CASES[case]
+    path, data = checkpoints[family], calib(seed=4)
+    model, _ = load_model(path, tokenizer=False)
+    ref = width_prune(model, get_adapter(model), data, batch_size=3, progress=False, **kw)
+    sm = StreamedModel(path)
+    reads: list[tuple[int, list[int]]] = []
+    original = sm.materialise
+
+    def spy(module, prefix, slices=None):  # every layer is read once per shot, cut to the widths so far
+        if prefix.startswith(sm.adapter.spec.layers + "."):
+            reads.append((int(prefix.split(".")[-2]), sorted(slices or {})))
+        return original(module, prefix, slices)
+
+    sm.materialise = spy  # type: ignore[method-assign]
+    col = StreamedWidthCollector(sm, data, batch_size=3, keep_weights=kw.get("scorer") == "weight-activation",
+                                 progress=False)
+    got = width_prune(sm.model, sm.adapter, data, batch_size=3, progress=False, collector=col, **kw)
+    assert got.to_json() == ref.to_json()  # same statistics bit for bit, hence the same plan and scores
+    assert all(not p.is_meta for p in model.parameters()) and all(p.is_meta for p in sm.model.parameters())
+    n = sm.adapter.num_layers
+    passes = len(ref.history)
+    assert [i for i, _ in reads] == list(range(n)) * passes
+    assert all(not sl for _, sl in reads[:n]) and all(sl for _, sl in reads[n:])  # later passes read cut tensors
+
+
+def test_width_job_streamed_equals_in_memory(tiny_checkpoint, tmp_path, monkeypatch):
+    from prunekit.distributed import width_job
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    path, text = tiny_checkpoint
+    kw = dict(mlp_keep=0.5, heads_keep=0.5, mode="per-layer", shots=2, calib=text, samples=6, seq_len=24,
+              batch_size=2, progress=False)
+    p_mem, s_mem = width_job(str(path), tmp_path / "mem", stream=False, use_cache=False, **kw)
+    p_str, s_str = width_job(str(path), tmp_path / "str", stream=True, offload_dir=tmp_path / "off", **kw)
+    assert (s_mem, s_str) == (False, True)
+    assert p_mem.to_json() == p_str.to_json()
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "str")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "mem" / "config.json").read_text()) == \
+        json.loads((tmp_path / "str" / "config.json").read_text())
+    assert list((tmp_path / "off").iterdir()) == []  # hidden states removed after the run
+    # The unpruned model's statistics were cached by the streamed run; an in-memory run reuses them.
+    entries = list((tmp_path / "cache" / "scores").glob("width-*.safetensors"))
+    assert len(entries) == 1
+    from prunekit import score_cache
+
+    loads: list[bool] = []
+    real = score_cache.ScoreCache.load_width
+    monkeypatch.setattr(score_cache.ScoreCache, "load_width",
+                        lambda self, key: loads.append(True) or real(self, key))
+    p_again, _ = width_job(str(path), tmp_path / "again", stream=True, **kw)
+    assert loads and p_again.to_json() == p_mem.to_json()
+
+
+def test_cli_streamed_width_equals_in_memory(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from prunekit.cli import main
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    path, text = tiny_checkpoint
+    common = ["-q", "width", str(path), "--mlp-keep", "0.5", "--heads-keep", "2", "--head-mode", "query-heads",
+              "--shots", "2", "--calib", str(text), "--samples", "6", "--seq-len", "24", "--batch-size", "2",
+              "--no-cache"]
+    assert main([*common, "--no-stream", "--out", str(tmp_path / "mem")]) == 0
+    assert json.loads(capsys.readouterr().out)["streamed"] is False
+    assert main([*common, "--stream", "--out", str(tmp_path / "str")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["streamed"] is True and summary["parameters_after"] < summary["parameters_before"]
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "str")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # Uniform widths give a stock checkpoint that plain transformers loads.
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "str")
+    assert stock.config.intermediate_size == 64 and 'auto_map' not in json.loads((tmp_path / 'str' / 'config.json').read_text())
+    assert not (tmp_path / "cache").exists()  # --no-cache wrote nothing
+
+
+def test_two_processes_give_the_single_process_width_plan(tiny_checkpoint, tmp_path):
+    from prunekit.distributed import width_job
+
+    path, text = tiny_checkpoint
+    kw = dict(calib=text, samples=6, seq_len=24, batch_size=2)
+    ref, _ = width_job(str(path), tmp_path / "single", mlp_keep=0.5, heads_keep=0.5, mode="per-layer", shots=2,
+                       stream=False, use_cache=False, progress=False, **kw)
+    env = {**os.environ, "PRUNEKIT_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "prunekit", "-q", "width", str(path), "--mlp-keep", "0.5", "--heads-keep", "0.5", "--per-layer",
+           "--shots", "2", "--calib", str(text), "--samples", "6", "--seq-len", "24", "--batch-size", "2",
+           "--stream", "--out", str(tmp_path / "dp")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = PruningPlan.load(tmp_path / "dp" / "prunekit_plan.json")
+    # Same kept heads and channels; the scores differ only by the order of the float64 additions.
+    assert got.to_json()["widths"] == ref.to_json()["widths"] and got.history == ref.history
+    assert got.calibration == ref.calibration
+    for kind, per_layer in ref.scores["first_shot"].items():
+        for layer, v in per_layer.items():
+            g = got.scores["first_shot"][kind][layer]
+            pairs = zip(v.values(), g.values()) if isinstance(v, dict) else zip(v, g)
+            assert all(abs(x - y) <= 1e-9 * max(1.0, abs(x)) for x, y in pairs)
+    a, b = _tensors(tmp_path / "single"), _tensors(tmp_path / "dp")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- precision, width statistics, choosing the path ----------------------------------------------------------
 
 def test_half_precision_overflow_is_a_clear_error(tmp_path):

@@ -452,7 +452,7 @@ def test_width_and_depth_compose(family, tmp_path):
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------
-def test_cli_width(tiny_checkpoint, tmp_path, capsys):
+def test_cli_width(tiny_checkpoint, tmp_path, capsys, isolated_cache):
     from prunekit.cli import main
 
     ck, text = tiny_checkpoint

@@ -55,10 +55,12 @@ def _add_scale(p: argparse.ArgumentParser) -> None:
                    help="load one decoder layer at a time from the safetensors files (--no-stream: whole model "
                         "in memory; default: stream only when the model would not fit in free memory)")
     p.add_argument("--offload-dir", default=None,
-                   help="directory for the calibration hidden states of a streamed run (default: the cache "
-                        "directory, or RAM with --no-cache)")
+                   help="directory for the calibration hidden states of a streamed run (default: score and drop "
+                        "keep them in the cache directory so an interrupted run resumes, or in RAM with --no-cache; "
+                        "width keeps them in RAM)")
     p.add_argument("--no-cache", action="store_true",
-                   help="neither read nor write the score cache ($PRUNEKIT_CACHE/scores), no resuming")
+                   help="neither read nor write the score cache ($PRUNEKIT_CACHE/scores: similarity sums, and the "
+                        "unpruned model's width statistics), no resuming")
 
 
 # --- commands ----------------------------------------------------------------------------------------------
@@ -228,12 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scale(p)
     p.set_defaults(func=cmd_drop)
 
-    try:
-        from prunekit import cli_width
-    except ImportError:  # width pruning is optional while it is being built
-        cli_width = None  # type: ignore[assignment]
-    if cli_width is not None:
-        cli_width.add_parser(sub)
+    from prunekit import cli_width
+
+    _add_scale(cli_width.add_parser(sub))
 
     p = sub.add_parser("eval", help="perplexity, parameter count and KV-cache bytes per token",
                        description="Perplexity = exp(mean NLL) over non-overlapping windows of held-out text "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 # Choices spelled out here so that building the CLI parser does not import torch; a test checks them against
@@ -31,8 +32,9 @@ def parse_keep(text: str) -> float | int:
     return int(value)
 
 
-def add_parser(subparsers: Any) -> None:
-    """Register `width` on the CLI's subparsers (dispatch through `args.func`)."""
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `width` on the CLI's subparsers (dispatch through `args.func`); returns its parser so the
+    CLI adds the options it shares with score/drop (streaming, offload directory, cache)."""
     p = subparsers.add_parser(
         "width",
         help="TransAct width pruning: remove the weakest attention heads and MLP channels (activation-ranked, "
@@ -80,34 +82,35 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+    return p
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, calibrate, prune, save; prints a JSON summary. `PrunekitError`s propagate to the CLI's main."""
-    from prunekit.adapters import get_adapter
-    from prunekit.checkpoint import load_model, prepare_output_dir, save_checkpoint
-    from prunekit.data import calibration_data
+    """Calibrate, prune, save (in memory or layer-streamed, one process or under torchrun); prints a JSON
+    summary on rank 0. `PrunekitError`s propagate to the CLI's main."""
+    from prunekit.distributed import width_job
     from prunekit.errors import PlanError
-    from prunekit.width import width_prune
 
     if args.mlp_keep is None and args.heads_keep is None:
         raise PlanError("nothing to prune: give --mlp-keep, --heads-keep, or both")
-    # Refuse an existing output before the slow part, not after it.
-    prepare_output_dir(args.out, args.force)
     progress = not getattr(args, "quiet", False)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    adapter = get_adapter(model)
-    calib = calibration_data(tok, args.calib, args.samples, args.seq_len)
-    plan = width_prune(model, adapter, calib, mlp_keep=args.mlp_keep, heads_keep=args.heads_keep, mode=args.mode,
+    result = width_job(args.model, args.out, mlp_keep=args.mlp_keep, heads_keep=args.heads_keep, mode=args.mode,
                        shots=args.shots, scorer=args.scorer, head_mode=args.head_mode,
-                       min_layer_keep=args.min_layer_keep, batch_size=args.batch_size, progress=progress)
-    out = save_checkpoint(model, tok, args.out, plan, force=args.force)
+                       min_layer_keep=args.min_layer_keep, calib=args.calib, samples=args.samples,
+                       seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                       stream=args.stream, offload_dir=args.offload_dir, use_cache=not args.no_cache,
+                       force=args.force, progress=progress)
+    if result is None:  # not rank 0 of a torchrun job
+        return 0
+    plan, streamed = result
     summary = {
-        "out": str(out),
+        "out": str(args.out),
         "method": plan.method,
+        "streamed": streamed,
         "parameters_before": plan.options["parameters_before"],
         "parameters_after": plan.options["parameters_after"],
-        "heterogeneous": bool(getattr(model.config, "prunekit", None)),
+        # Heterogeneous = layers of different widths, saved with prunekit's loader (see checkpoint.py).
+        "heterogeneous": bool(json.loads((Path(args.out) / "config.json").read_text()).get("prunekit")),
         # One short line per layer: the widths it ended with.
         "widths": {k: " ".join(f"{n}={v}" for n, v in w.items())
                    for k, w in (plan.history[-1]["widths"] if plan.history else {}).items()},

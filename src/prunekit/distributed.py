@@ -1,4 +1,4 @@
-"""Data-parallel scoring with torch.distributed, and the `score` / `drop` jobs the CLI runs.
+"""Data-parallel scoring with torch.distributed, and the `score` / `drop` / `width` jobs the CLI runs.
 
 Under `torchrun --nproc-per-node N -m prunekit score ...` every process (rank) reads `RANK` / `WORLD_SIZE`
 / `LOCAL_RANK` from the environment torchrun sets, joins a process group (gloo on the CPU, nccl on CUDA),
@@ -31,8 +31,8 @@ from prunekit.plans import PruningPlan
 from prunekit.scoring import SimilarityAccumulator, SimilarityScores
 from prunekit.stream import ActivationOverflowError, check_finite
 
-__all__ = ["ActivationOverflowError", "AllReduceScorer", "DistEnv", "ScoreJobResult", "all_reduce_accumulator",
-           "drop_job", "overflow_guard", "process_group", "resolve_device", "score_job", "shard_calibration"]
+__all__ = ["ActivationOverflowError", "AllReduceCollector", "AllReduceScorer", "DistEnv", "ScoreJobResult", "all_reduce_accumulator",
+           "drop_job", "overflow_guard", "width_job", "process_group", "resolve_device", "score_job", "shard_calibration"]
 
 
 @dataclass(frozen=True)
@@ -362,6 +362,105 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
             apply_plan(job.adapter, plan)
             save_checkpoint(job.model, job.tokenizer, out, plan, force=force)
     return plan
+
+
+class AllReduceCollector:
+    """Wraps a `width.WidthCollector` that sees this rank's shard: every `collect` all-reduces the squared
+    sums and token counts, so every rank plans the same widths. The weight columns are the same on every
+    rank (same weights) and are left alone."""
+
+    def __init__(self, inner: Any, device: torch.device):
+        self.inner = inner
+        self.device = device
+
+    def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring",
+                widths: Any = None) -> dict[int, Any]:
+        import torch.distributed as dist
+
+        stats = self.inner.collect(attn=attn, mlp=mlp, desc=desc, widths=widths)
+        comm = self.device if self.device.type == "cuda" else torch.device("cpu")
+        # Same layers and parts on every rank (same model), so the collectives pair up in this order.
+        for i in sorted(stats):
+            for part in ("attn", "mlp"):
+                acc = getattr(stats[i], part)
+                if acc is None:
+                    continue
+                t = acc.sums.detach().to(comm, torch.float64).clone()
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                n = torch.tensor([acc.tokens], dtype=torch.float64, device=comm)
+                dist.all_reduce(n, op=dist.ReduceOp.SUM)
+                acc.sums.copy_(t.to(acc.sums.device))
+                acc.tokens = int(n.item())
+        return stats
+
+
+def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = None,
+              heads_keep: float | int | None = None, mode: str = "uniform", shots: int = 8,
+              scorer: str = "activation", head_mode: str = "kv-groups", min_layer_keep: float = 0.1,
+              calib: str | Path = "c4", samples: int = 16, seq_len: int = 512, batch_size: int = 4,
+              dtype: str = "float32", device: str = "cpu", stream: bool | None = None,
+              offload_dir: str | Path | None = None, use_cache: bool = True, force: bool = False,
+              progress: bool = True) -> tuple[PruningPlan, bool] | None:
+    """TransAct width pruning end to end: collect activation statistics (in memory or layer-streamed, one
+    process or data-parallel), plan the shots, save the narrowed checkpoint to `out` (rank 0 saves).
+    Returns (plan, streamed) on rank 0, None elsewhere. Options as in `width.width_prune` and `score_job`;
+    `use_cache` caches the first shot's statistics (those of the unpruned model).
+
+    Streamed, the shots narrow a meta-device skeleton with the ordinary surgery and every pass reads each
+    layer from the files already cut to the widths so far; the checkpoint is then written by
+    `stream.save_pruned_streamed`. The plan equals the in-memory one (tests)."""
+    from prunekit.checkpoint import prepare_output_dir, save_checkpoint
+    from prunekit.importance import SCORERS
+    from prunekit.stream import StreamedWidthCollector, save_pruned_streamed
+    from prunekit.width import ActivationCollector, width_prune
+
+    env = DistEnv.from_env()
+    dev = resolve_device(device, env)
+    prepare_output_dir(out, force)  # fail before any expensive work
+    show = progress and env.is_main
+    with process_group(env, dev):
+        job = _load(model, calib_source=calib, samples=samples, seq_len=seq_len, batch_size=batch_size,
+                    dtype=dtype, device=dev, stream=stream, env=env)
+        keep_weights = bool(SCORERS[scorer].uses_weight) if scorer in SCORERS else False
+        collector: Any
+        work: Path | None = None
+        if job.streamed:
+            if offload_dir is not None:
+                work = Path(offload_dir) / f"width-run-{os.getpid()}-{env.rank}"
+            collector = StreamedWidthCollector(job.streamed_model, job.shard, batch_size=batch_size, work_dir=work,
+                                               keep_weights=keep_weights, progress=show)
+        else:
+            collector = ActivationCollector(job.model, job.adapter, job.shard, batch_size=batch_size, progress=show)
+        if use_cache and job.local is not None:
+            from prunekit.score_cache import CachedWidthCollector, ScoreCache, model_fingerprint, score_key
+
+            options = {"kind": "width", "batch_size": batch_size, "dtype": str(dtype), "device": dev.type,
+                       "weights": keep_weights and job.streamed}
+            key = score_key(model_fingerprint(job.local), job.shard, options)
+            collector = CachedWidthCollector(collector, ScoreCache(), key,
+                                             info={"model": job.source, "calibration": job.shard.describe()})
+        if env.is_distributed:
+            collector = AllReduceCollector(collector, dev)
+        try:
+            with _guard(job):
+                plan = width_prune(job.model, job.adapter, job.calib, mlp_keep=mlp_keep, heads_keep=heads_keep,
+                                   mode=mode, shots=shots, scorer=scorer, head_mode=head_mode,  # type: ignore[arg-type]
+                                   min_layer_keep=min_layer_keep, batch_size=batch_size, progress=show,
+                                   collector=collector)
+        finally:
+            if work is not None:
+                import shutil
+
+                shutil.rmtree(work, ignore_errors=True)
+        if not env.is_main:
+            return None
+        if job.streamed:
+            assert job.local is not None
+            save_pruned_streamed(job.local, plan, out, force=force, dtype=dtype, tokenizer=job.tokenizer,
+                                 progress=progress)
+        else:
+            save_checkpoint(job.model, job.tokenizer, out, plan, force=force)
+    return plan, job.streamed
 
 
 @contextmanager

@@ -65,7 +65,7 @@ class Scorer:
     """How a unit's importance is computed from its columns.
 
     `terms(sq_sums, weight)` gives one additive float64 term per input column (weight: the projection's
-    [out, in] weight, or None for scorers that do not use it); a unit's score is `finish(sum of its terms)`.
+    [out, in] weight or its `weight_columns` [in], or None for scorers that do not use it); a unit's score is `finish(sum of its terms)`.
     `finish` must be monotone non-decreasing, so ranking by summed terms equals ranking by score."""
 
     name: str
@@ -79,13 +79,20 @@ def _activation_terms(sq_sums: torch.Tensor, weight: torch.Tensor | None) -> tor
     return sq_sums.to(torch.float64)
 
 
+def weight_columns(weight: torch.Tensor) -> torch.Tensor:
+    """[in] float64 L1 norm of every input column of a projection weight [out, in]: all the weight-activation
+    scorer needs of the weight. A streamed run keeps this vector per layer instead of the weight itself."""
+    return weight.detach().abs().to(torch.float64).sum(0)
+
+
 def _weight_activation_terms(sq_sums: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     if weight is None:
         raise ValueError("the weight-activation scorer needs the projection weight")
-    if weight.shape[1] != sq_sums.shape[0]:
-        raise ValueError(f"weight has {weight.shape[1]} input columns but the statistics have {sq_sums.shape[0]}")
-    col_abs = weight.detach().abs().to(torch.float64).sum(0).to(sq_sums.device)
-    return col_abs * torch.sqrt(sq_sums.to(torch.float64))
+    # Either the weight [out, in] or its precomputed `weight_columns` [in] (same numbers either way).
+    col_abs = weight_columns(weight) if weight.dim() == 2 else weight.to(torch.float64)
+    if col_abs.shape[0] != sq_sums.shape[0]:
+        raise ValueError(f"weight has {col_abs.shape[0]} input columns but the statistics have {sq_sums.shape[0]}")
+    return col_abs.to(sq_sums.device) * torch.sqrt(sq_sums.to(torch.float64))
 
 
 SCORERS: dict[str, Scorer] = {

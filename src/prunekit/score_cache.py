@@ -115,6 +115,30 @@ class ScoreCache:
         os.replace(tmp, path)
         return path
 
+    def load_width(self, key: str) -> dict[int, Any] | None:
+        """Width statistics (`width.LayerActivations` by layer) stored under `key`, or None (miss/damaged)."""
+        from safetensors import safe_open
+
+        path = self.root / f"width-{key}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as st:
+                tensors = {k: st.get_tensor(k).clone() for k in st.keys()}
+            return width_stats_from_tensors(tensors)
+        except Exception:  # unreadable entry: recompute rather than fail
+            return None
+
+    def store_width(self, key: str, stats: dict[int, Any], info: dict[str, Any] | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"width-{key}.safetensors"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(width_stats_tensors(stats), str(tmp), metadata={"info": json.dumps(info or {})})
+        os.replace(tmp, path)
+        return path
+
     def run_dir(self, key: str) -> Path:
         """Work directory of a streamed run with this key (hidden states and progress, for resuming)."""
         return self.root / "runs" / key
@@ -159,3 +183,70 @@ class CachedScorer:
         self._first = False
         self._acc = None
         return self.inner.score(start_layer)
+
+
+# --- width statistics (TransAct importances) ---------------------------------------------------------------------
+# Flat tensor names: "<layer>.<attn|mlp>.<sums|tokens|weight>"; a layer with neither part is stored as an
+# empty marker so the layer set round-trips.
+
+def width_stats_tensors(stats: dict[int, Any]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i, st in stats.items():
+        out[f"{i}.present"] = torch.zeros(0)
+        for part in ("attn", "mlp"):
+            acc = getattr(st, part)
+            if acc is None:
+                continue
+            out[f"{i}.{part}.sums"] = acc.sums.detach().to("cpu", torch.float64).contiguous()
+            out[f"{i}.{part}.tokens"] = torch.tensor([acc.tokens], dtype=torch.int64)
+            w = getattr(st, f"{part}_weight")
+            if w is not None:
+                out[f"{i}.{part}.weight"] = w.detach().to("cpu", torch.float64).contiguous()
+    return out
+
+
+def width_stats_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, Any]:
+    from prunekit.importance import SquaredSums
+    from prunekit.width import LayerActivations
+
+    layers = sorted({int(k.split(".")[0]) for k in tensors})
+    stats: dict[int, Any] = {}
+    for i in layers:
+        st = LayerActivations()
+        for part in ("attn", "mlp"):
+            sums = tensors.get(f"{i}.{part}.sums")
+            if sums is None:
+                continue
+            acc = SquaredSums(sums.shape[0])
+            acc.sums.copy_(sums)
+            acc.tokens = int(tensors[f"{i}.{part}.tokens"][0])
+            setattr(st, part, acc)
+            setattr(st, f"{part}_weight", tensors.get(f"{i}.{part}.weight"))
+        stats[i] = st
+    return stats
+
+
+class CachedWidthCollector:
+    """Wraps a `width.WidthCollector`: the statistics of the *unpruned* model (the first shot's pass, called
+    with no widths cut yet) are looked up in / stored to the cache under `key` plus the parts asked for;
+    later shots score a narrowed model and always go to the wrapped collector."""
+
+    def __init__(self, inner: Any, cache: ScoreCache, key: str, info: dict[str, Any] | None = None):
+        self.inner = inner
+        self.cache = cache
+        self.key = key
+        self.info = info
+        self.hit = False
+
+    def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring",
+                widths: Any = None) -> dict[int, Any]:
+        if widths:
+            return self.inner.collect(attn=attn, mlp=mlp, desc=desc, widths=widths)
+        key = hashlib.sha256(json.dumps([self.key, attn, mlp]).encode()).hexdigest()
+        cached = self.cache.load_width(key)
+        if cached is not None:
+            self.hit = True
+            return cached
+        stats = self.inner.collect(attn=attn, mlp=mlp, desc=desc, widths=widths)
+        self.cache.store_width(key, stats, self.info)
+        return stats

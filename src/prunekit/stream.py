@@ -59,7 +59,7 @@ from prunekit.checkpoint import (
 )
 from prunekit.data import CalibrationData
 from prunekit.errors import CheckpointError, PrunekitError
-from prunekit.plans import PruningPlan
+from prunekit.plans import LayerWidth, PruningPlan
 from prunekit.scoring import SimilarityAccumulator, SimilarityScores, unit_rows
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -304,6 +304,9 @@ class StreamedModel:
                 f"{local}: no tensors named {first_layer}*; layer streaming needs checkpoint tensor names that "
                 "follow the model's module names (re-save it with this transformers version)")
         self._aux_ready = False
+        # Kept ORIGINAL indices of layers the skeleton has been narrowed to (streamed width pruning narrows
+        # the meta skeleton with the ordinary surgery and records here what to cut from the stored tensors).
+        self.widths: dict[int, LayerWidth] = {}
 
     # --- materialisation ---------------------------------------------------------------------------------
     def source_name(self, name: str) -> str:
@@ -315,16 +318,23 @@ class StreamedModel:
             return alias
         raise CheckpointError(f"{self.path} has no tensor {name!r}")
 
-    def materialise(self, module: nn.Module, prefix: str) -> None:
+    def materialise(self, module: nn.Module, prefix: str,
+                    slices: dict[str, tuple[int, torch.Tensor]] | None = None) -> None:
         """Give `module` (whose full name is `prefix` without the trailing dot) its weights from the files,
         in the dtypes the skeleton chose, then compute non-persistent buffers (rotary frequencies, embedding
-        scales) the way transformers does when it loads a checkpoint (`_init_weights`)."""
+        scales) the way transformers does when it loads a checkpoint (`_init_weights`).
+
+        `slices`: {tensor name relative to `module`: (dim, kept indices)} cut from the stored tensors first,
+        for a module the skeleton has narrowed (`width_surgery.width_slices`)."""
         wanted = module.state_dict(keep_vars=True)
         sources = {k: self.source_name(prefix + k) for k in wanted}
         loaded = self.files.load(set(sources.values()), self.device)
         sd: dict[str, torch.Tensor] = {}
         for k, meta in wanted.items():
             t = loaded[sources[k]]
+            if slices and k in slices:
+                dim, idx = slices[k]
+                t = t.index_select(dim, idx.to(t.device))
             if tuple(t.shape) != tuple(meta.shape):
                 raise CheckpointError(f"{self.path}: tensor {sources[k]} has shape {tuple(t.shape)}, the config "
                                       f"expects {tuple(meta.shape)}")
@@ -355,9 +365,15 @@ class StreamedModel:
 
     @contextmanager
     def layer(self, i: int) -> Iterator[nn.Module]:
-        """Decoder layer `i` with its weights, released on exit."""
+        """Decoder layer `i` with its weights, released on exit (narrowed to `widths[i]` when set)."""
         layer = self.adapter.layers()[i]
-        self.materialise(layer, self.layer_prefix(i))
+        w = self.widths.get(i)
+        slices = None
+        if w is not None:
+            from prunekit.width_surgery import width_slices
+
+            slices = width_slices(self.adapter, layer, w)
+        self.materialise(layer, self.layer_prefix(i), slices)
         try:
             yield layer
         finally:
@@ -416,6 +432,10 @@ class StreamedModel:
             yield
         finally:
             self.release(emb)
+            # Loading assigned the embedding a new Parameter, which unties a tied LM head; tie it again so
+            # the skeleton stays the model `from_pretrained` builds (parameter counts, saved tensor names).
+            if self._aliases:
+                self.model.tie_weights()
 
 
 # --- observers and storage ---------------------------------------------------------------------------------------
@@ -763,13 +783,13 @@ def stream_scores(path: str | Path, calib: CalibrationData, *, dtype: str | torc
 class WidthStatsObserver(StreamObserver):
     """Per-column squared sums of every layer's `o_proj` and `down_proj` inputs (`importance.SquaredSums`),
     collected in a streamed pass: the statistics TransAct width pruning ranks heads and channels by.
-    `stats[i]` is a `width.LayerActivations`; `weights[i]` keeps the output projections' weights on the CPU
-    when `keep_weights` (the weight-activation scorer needs them after the layer is released)."""
+    `stats[i]` is a `width.LayerActivations`. With `keep_weights` it also holds the output projections'
+    `importance.weight_columns` (the weight-activation scorer needs them after the layer is released; one
+    vector per projection, not the weight)."""
 
     def __init__(self, *, attn: bool = True, mlp: bool = True, keep_weights: bool = False):
         self.attn, self.mlp, self.keep_weights = attn, mlp, keep_weights
         self.stats: dict[int, Any] = {}
-        self.weights: dict[int, dict[str, torch.Tensor]] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
         self.adapter: ModelAdapter | None = None
@@ -779,7 +799,7 @@ class WidthStatsObserver(StreamObserver):
         return self
 
     def begin_layer(self, i: int, layer: nn.Module) -> None:
-        from prunekit.importance import SquaredSums
+        from prunekit.importance import SquaredSums, weight_columns
         from prunekit.surgery import has_attention, has_mlp
         from prunekit.width import LayerActivations
 
@@ -797,13 +817,13 @@ class WidthStatsObserver(StreamObserver):
             st.attn = SquaredSums(o.in_features)
             self._handles.append(o.register_forward_pre_hook(remember("attn")))
             if self.keep_weights:
-                self.weights.setdefault(i, {})["attn"] = o.weight.detach().to("cpu", copy=True)
+                st.attn_weight = weight_columns(o.weight).cpu()
         if self.mlp and has_mlp(ad, layer):
             down = ad.mlp_projections(layer)[2]
             st.mlp = SquaredSums(down.in_features)
             self._handles.append(down.register_forward_pre_hook(remember("mlp")))
             if self.keep_weights:
-                self.weights.setdefault(i, {})["mlp"] = down.weight.detach().to("cpu", copy=True)
+                st.mlp_weight = weight_columns(down.weight).cpu()
         self.stats[i] = st
 
     def __call__(self, i: int, layer: nn.Module, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
@@ -818,6 +838,37 @@ class WidthStatsObserver(StreamObserver):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+class StreamedWidthCollector:
+    """The layer-streamed `width.WidthCollector`: each shot's statistics come from one streamed pass, every
+    layer read from the files already cut to the widths pruned so far (`StreamedModel.widths`), so the
+    statistics equal those of the in-memory model narrowed by the same shots.
+
+    Every shot changes every layer it narrows, so each pass starts at layer 0 from the stored embedding
+    output (the embedding is read once). Hidden states live in RAM or under `work_dir`."""
+
+    def __init__(self, sm: StreamedModel, calib: CalibrationData, *, batch_size: int = 4,
+                 work_dir: str | Path | None = None, keep_weights: bool = False, check_overflow: bool = True,
+                 progress: bool = True):
+        self.sm = sm
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.streamer = LayerStreamer(sm, calib, batch_size=batch_size, work_dir=self.work_dir,
+                                      remember_inputs=False, progress=progress)
+        self.keep_weights = keep_weights
+        self.check = check_overflow
+
+    def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring",
+                widths: Any = None) -> dict[int, Any]:
+        self.sm.widths = dict(widths or {})
+        obs = WidthStatsObserver(attn=attn, mlp=mlp, keep_weights=self.keep_weights).bind(self.sm.adapter)
+        observers: list[StreamObserver] = [FiniteCheck(), obs] if self.check else [obs]
+        self.streamer.run(observers, start_layer=0, desc=desc)
+        return obs.stats
+
+    def cleanup(self) -> None:
+        if self.work_dir is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 # --- streamed saving ---------------------------------------------------------------------------------------------

@@ -45,9 +45,9 @@ or MLP was already removed are skipped for that sub-layer).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -83,10 +83,25 @@ NORMALISATION = "original-layer-median"
 # --- collection -----------------------------------------------------------------------------------------------
 @dataclass
 class LayerActivations:
-    """Per-column squared sums of one layer's `o_proj` input (attention) and `down_proj` input (MLP)."""
+    """Per-column squared sums of one layer's `o_proj` input (attention) and `down_proj` input (MLP).
+
+    `attn_weight` / `mlp_weight`: what weight-using scorers need of `o_proj` / `down_proj` when the module
+    holds no weights any more (a streamed layer is released after its pass): the projection's
+    `importance.weight_columns`. None means "read the module's own weight"."""
 
     attn: SquaredSums | None = None
     mlp: SquaredSums | None = None
+    attn_weight: torch.Tensor | None = None
+    mlp_weight: torch.Tensor | None = None
+
+
+class WidthCollector(Protocol):
+    """Gathers `LayerActivations` for every layer of the model as it is now. `widths` are the current kept
+    widths as ORIGINAL indices (what `width_prune` has cut so far); an in-memory model is already narrowed
+    and ignores them, a streamed one needs them to cut each layer as it reads it from the files."""
+
+    def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring",
+                widths: Mapping[int, LayerWidth] | None = None) -> dict[int, LayerActivations]: ...
 
 
 class ActivationCollector:
@@ -104,7 +119,8 @@ class ActivationCollector:
                                         progress=progress)
         self.adapter = adapter
 
-    def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring") -> dict[int, LayerActivations]:
+    def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring",
+                widths: Mapping[int, LayerWidth] | None = None) -> dict[int, LayerActivations]:
         ad = self.adapter
         stats: dict[int, LayerActivations] = {}
         pending: dict[tuple[int, str], torch.Tensor] = {}
@@ -260,8 +276,8 @@ class _LayerUnits:
     keep_for: Callable[[int], tuple[list[int], list[int]] | list[int]]  # n units -> kept current indices
 
 
-def _mlp_units(scorer: Scorer, acc: SquaredSums, down: nn.Linear) -> tuple[_LayerUnits, torch.Tensor]:
-    scores = unit_scores(scorer, acc.sums, down.weight if scorer.uses_weight else None,
+def _mlp_units(scorer: Scorer, acc: SquaredSums, weight: torch.Tensor) -> tuple[_LayerUnits, torch.Tensor]:
+    scores = unit_scores(scorer, acc.sums, weight if scorer.uses_weight else None,
                          torch.arange(acc.sums.shape[0]).unsqueeze(1))
     order = removal_order(scores)
     c = len(order)
@@ -272,9 +288,9 @@ def _mlp_units(scorer: Scorer, acc: SquaredSums, down: nn.Linear) -> tuple[_Laye
     return _LayerUnits(scores.cpu()[order], keep_for), scores
 
 
-def _kv_group_units(scorer: Scorer, acc: SquaredSums, o: nn.Linear, nh: int, nkv: int,
+def _kv_group_units(scorer: Scorer, acc: SquaredSums, weight: torch.Tensor, nh: int, nkv: int,
                     hd: int) -> tuple[_LayerUnits, torch.Tensor]:
-    scores = unit_scores(scorer, acc.sums, o.weight if scorer.uses_weight else None, kv_group_units(nh, nkv, hd))
+    scores = unit_scores(scorer, acc.sums, weight if scorer.uses_weight else None, kv_group_units(nh, nkv, hd))
     order = removal_order(scores)
     g = nh // nkv
 
@@ -285,10 +301,10 @@ def _kv_group_units(scorer: Scorer, acc: SquaredSums, o: nn.Linear, nh: int, nkv
     return _LayerUnits(scores.cpu()[order], keep_for), scores
 
 
-def _query_head_units(scorer: Scorer, acc: SquaredSums, o: nn.Linear, nh: int, nkv: int,
+def _query_head_units(scorer: Scorer, acc: SquaredSums, weight: torch.Tensor, nh: int, nkv: int,
                       hd: int) -> tuple[_LayerUnits, torch.Tensor]:
     g = nh // nkv
-    terms = unit_terms(scorer, acc.sums, o.weight if scorer.uses_weight else None, head_units(nh, hd)).cpu()
+    terms = unit_terms(scorer, acc.sums, weight if scorer.uses_weight else None, head_units(nh, hd)).cpu()
     per_group = terms.view(nkv, g)
     # Within each group, heads least important first (stable: ties go to the lower head index).
     order = torch.stack([removal_order(row) for row in per_group])  # [nkv, g]
@@ -348,14 +364,18 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
                 shots: int = 8, scorer: str = "activation", head_mode: HeadMode = "kv-groups",
                 min_layer_keep: float = 0.1, batch_size: int = 4,
                 between_shots: Callable[[nn.Module, int], None] | None = None,
-                progress: bool = True) -> PruningPlan:
+                progress: bool = True, collector: WidthCollector | None = None) -> PruningPlan:
     """Narrow `model` in place to the kept widths and return the plan (kept indices into the original layers).
 
     `mlp_keep` / `heads_keep`: a float ratio (0 < r <= 1) of each layer's width or an int count per layer
     (see the module docstring for what `heads_keep` counts in each `head_mode`); None leaves that part alone.
     `between_shots(model, shot)` is called after each shot that changed the model (1-based shot number),
     with the config already refreshed, e.g. for recovery training. Bad targets raise `PlanError` before the
-    model is touched."""
+    model is touched.
+
+    `collector`: where the activation statistics come from; default: an `ActivationCollector` running the
+    model in memory. A layer-streamed run (`prunekit.stream.StreamedWidthCollector`) passes its own and a
+    meta-device skeleton as `model`: the planning and the surgery here then only touch shapes."""
     if mode not in MODES:
         raise PlanError(f"unknown width mode {mode!r}; choose one of {', '.join(MODES)}")
     if head_mode not in HEAD_MODES:
@@ -398,7 +418,22 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
         else:
             schedules[d.kind] = geometric_schedule(d.total_start, d.total_target, shots)
 
-    collector = ActivationCollector(model, adapter, calib, batch_size=batch_size, progress=progress)
+    if collector is None:
+        collector = ActivationCollector(model, adapter, calib, batch_size=batch_size, progress=progress)
+    original_units = {i: (len(orig_heads.get(i, ())), len(orig_kv.get(i, ())), len(orig_ch.get(i, ())))
+                      for i in range(len(layers))}
+
+    def narrowed_so_far() -> dict[int, LayerWidth]:
+        out: dict[int, LayerWidth] = {}
+        for i, (nh, nkv, nch) in original_units.items():
+            w = LayerWidth()
+            if i in orig_heads and (len(orig_heads[i]) < nh or len(orig_kv[i]) < nkv):
+                w.heads, w.kv_heads = list(orig_heads[i]), list(orig_kv[i])
+            if i in orig_ch and len(orig_ch[i]) < nch:
+                w.channels = list(orig_ch[i])
+            if w.to_json():
+                out[i] = w
+        return out
     history: list[dict[str, Any]] = []
     first_scores: dict[str, Any] = {}
     scored_kinds: set[str] = set()
@@ -417,7 +452,8 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
             continue
         need_attn = any(d.kind != "mlp" for d in changing)
         need_mlp = any(d.kind == "mlp" for d in changing)
-        stats = collector.collect(attn=need_attn, mlp=need_mlp, desc=f"width shot {shot}/{shots}")
+        stats = collector.collect(attn=need_attn, mlp=need_mlp, desc=f"width shot {shot}/{shots}",
+                                  widths=narrowed_so_far())
 
         plan_now: dict[int, LayerWidth] = {}
         for d in changing:
@@ -425,13 +461,17 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
             raw: dict[int, list[float]] = {}
             for i in d.layers:
                 layer = layers[i]
+                st = stats[i]
                 if d.kind == "mlp":
-                    u, s = _mlp_units(sc, stats[i].mlp, adapter.mlp_projections(layer)[2])  # type: ignore[arg-type]
+                    down = adapter.mlp_projections(layer)[2]
+                    wt = st.mlp_weight if st.mlp_weight is not None else down.weight
+                    u, s = _mlp_units(sc, st.mlp, wt)  # type: ignore[arg-type]
                 else:
                     nh, nkv = attention_shape(adapter, layer)
                     o = adapter.attn_projections(layer)[3]
+                    wt = st.attn_weight if st.attn_weight is not None else o.weight
                     build = _kv_group_units if d.kind == "kv-groups" else _query_head_units
-                    u, s = build(sc, stats[i].attn, o, nh, nkv, hd)  # type: ignore[arg-type]
+                    u, s = build(sc, st.attn, wt, nh, nkv, hd)  # type: ignore[arg-type]
                 units[i] = u
                 raw[i] = [float(v) for v in s]
             if mode == "uniform":

@@ -168,3 +168,40 @@ def apply_widths(adapter: ModelAdapter, widths: Mapping[int, LayerWidth]) -> Non
                 narrow_attention(adapter, layer, *heads_kv)
             if channels is not None:
                 narrow_mlp(adapter, layer, channels)
+
+
+def width_slices(adapter: ModelAdapter, layer: nn.Module, w: LayerWidth) -> dict[str, tuple[int, torch.Tensor]]:
+    """What `apply_widths(adapter, {i: w})` would cut from an ORIGINAL (un-narrowed) layer, as tensor slices:
+    {tensor name relative to the layer: (dim, kept indices)}. `layer` may be the original layer or one that
+    is already narrowed to `w` (only module identities and the head size are read, not weight shapes).
+
+    Layer streaming reads a narrowed layer straight from the original checkpoint files with these, instead
+    of materialising the full layer and narrowing it."""
+    names = {id(m): n for n, m in layer.named_modules()}
+
+    def entry(module: nn.Module, dim: int, idx: torch.Tensor, out: dict[str, tuple[int, torch.Tensor]]) -> None:
+        prefix = names[id(module)] + "."
+        out[prefix + "weight"] = (dim, idx)
+        if dim == 0 and getattr(module, "bias", None) is not None:
+            out[prefix + "bias"] = (0, idx)
+
+    out: dict[str, tuple[int, torch.Tensor]] = {}
+    if w.heads is not None or w.kv_heads is not None:
+        q, k, v, o = adapter.attn_projections(layer)
+        hd = adapter.head_dim
+        if w.heads is not None:
+            q_rows = _rows(sorted(w.heads), hd, torch.device("cpu"))
+            entry(q, 0, q_rows, out)
+            entry(o, 1, q_rows, out)
+        if w.kv_heads is not None:
+            kv_rows = _rows(sorted(w.kv_heads), hd, torch.device("cpu"))
+            entry(k, 0, kv_rows, out)
+            entry(v, 0, kv_rows, out)
+    if w.channels is not None:
+        gate, up, down = adapter.mlp_projections(layer)
+        idx = torch.tensor(sorted(w.channels))
+        if gate is not None:
+            entry(gate, 0, idx, out)
+        entry(up, 0, idx, out)
+        entry(down, 1, idx, out)
+    return out
