@@ -1,5 +1,5 @@
-"""Layer streaming vs in memory: peak RSS and wall time of `prunekit score` and `prunekit drop` on a synthetic
-random-weight Llama checkpoint of more than 6 GB.
+"""Layer streaming vs in memory: peak RSS and wall time of `prunekit score`, `prunekit drop` and `prunekit width`
+on a synthetic random-weight Llama checkpoint of more than 6 GB.
 
 The checkpoint (fp32, hidden 4096, intermediate 11008, 32 heads / 8 KV heads, vocab 49152 = the built-in
 SmolLM2 tokenizer's, tied embeddings, `--layers` layers: 8 give 6.5 GB) is written one layer per shard,
@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--drop-n", type=int, default=2, help="blocks to drop in the drop runs")
+    ap.add_argument("--width", default="--mlp-keep 0.75 --heads-keep 0.75 --shots 2",
+                    help="options of the width runs (default: keep 3/4 of the MLP channels and KV groups, 2 shots)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="runs of every command, alternating between commands; the fastest time and the "
                          "largest peak RSS are reported (other processes on a small machine add noise)")
@@ -181,6 +183,7 @@ def main() -> None:
         calib = ["--calib", "c4", "--samples", str(a.samples), "--seq-len", str(a.seq_len),
                  "--batch-size", str(a.batch_size)]
         drop = ["--target", "block", "--n", str(a.drop_n), "--force"]
+        width = [*a.width.split(), "--force"]
         runs: dict[str, dict[str, Any]] = {}
         plan = [
             ("score, in memory", ["score", str(ckpt), *calib, "--no-stream", "--no-cache", "--json",
@@ -195,6 +198,10 @@ def main() -> None:
                                  str(work / "drop-mem")]),
             ("drop, streamed", ["drop", str(ckpt), *calib, *drop, "--stream", "--no-cache", "--out",
                                 str(work / "drop-stream")]),
+            ("width, in memory", ["width", str(ckpt), *calib, *width, "--no-stream", "--no-cache", "--out",
+                                  str(work / "width-mem")]),
+            ("width, streamed", ["width", str(ckpt), *calib, *width, "--stream", "--no-cache", "--out",
+                                 str(work / "width-stream")]),
         ]
         for rep in range(a.repeats):
             for label, args in plan:
@@ -224,9 +231,11 @@ def main() -> None:
             for r, g in zip(ref["layers"], got["layers"], strict=True):
                 max_diff = max(max_diff, *(abs(r[k] - g[k]) for k in ("block", "attn", "mlp")))
         drop_equal = same_checkpoints(work / "drop-mem", work / "drop-stream")
+        width_equal = same_checkpoints(work / "width-mem", work / "width-stream")
 
         mem_s, str_s = runs["score, in memory"], runs["score, streamed (states in RAM)"]
         mem_d, str_d = runs["drop, in memory"], runs["drop, streamed"]
+        mem_w, str_w = runs["width, in memory"], runs["width, streamed"]
         summary = {
             "checkpoint_bytes": size,
             "score_streamed_rss_fraction_of_checkpoint": round(str_s["peak_rss_bytes"] / size, 4),
@@ -235,6 +244,9 @@ def main() -> None:
             "drop_streamed_time_ratio_vs_in_memory": round(str_d["seconds"] / mem_d["seconds"], 3),
             "max_abs_score_diff_streamed_vs_in_memory": max_diff,
             "drop_checkpoints_equal": drop_equal,
+            "width_streamed_rss_fraction_of_checkpoint": round(str_w["peak_rss_bytes"] / size, 4),
+            "width_streamed_time_ratio_vs_in_memory": round(str_w["seconds"] / mem_w["seconds"], 3),
+            "width_checkpoints_equal": width_equal,
             "targets": {"score_rss_fraction_below": 0.30, "score_time_ratio_below": 1.5},
         }
         result = {
@@ -246,6 +258,7 @@ def main() -> None:
             "repeats": a.repeats,
             "load_average_at_end": os.getloadavg(),
             "drop": {"target": "block", "n": a.drop_n},
+            "width": a.width,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                         "python": platform.python_version()},
             "checkpoint_write_seconds": round(write_s, 1),
@@ -265,7 +278,8 @@ def main() -> None:
         print(f"streamed score: RSS {summary['score_streamed_rss_fraction_of_checkpoint']:.1%} of the checkpoint "
               f"(target < 30%), time x{summary['score_streamed_time_ratio_vs_in_memory']:.2f} of in memory "
               f"(target < 1.5)")
-        print(f"max |score diff| streamed vs in memory: {max_diff:.3g}; drop checkpoints equal: {drop_equal}")
+        print(f"max |score diff| streamed vs in memory: {max_diff:.3g}; drop checkpoints equal: {drop_equal}; "
+              f"width checkpoints equal: {width_equal}")
         print(f"JSON written to {a.json}")
     finally:
         if not a.keep:

@@ -124,3 +124,25 @@ def test_real_gemma3_attention_drop(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(windows).logits, model(windows).logits)
     assert perplexity(again, windows, progress=False)["perplexity"] < 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_real_streamed_width_equals_in_memory(name, tmp_path):
+    """Layer-streamed TransAct on real weights (tied embeddings; Gemma3's sliding-window layers and q/k norms):
+    the same plan and the same checkpoint, tensor for tensor, as in memory; the result still works."""
+    from safetensors.torch import load_file
+
+    from prunekit.distributed import width_job
+
+    kw = dict(mlp_keep=0.75, heads_keep=0.5, mode="per-layer", shots=2, calib="c4", samples=2, seq_len=128,
+              batch_size=2, use_cache=False, progress=False)
+    mem, _ = width_job(name, tmp_path / "mem", stream=False, **kw)
+    got, streamed = width_job(name, tmp_path / "str", stream=True, **kw)
+    assert streamed and got.to_json() == mem.to_json()
+    a, b = load_file(tmp_path / "mem" / "model.safetensors"), load_file(tmp_path / "str" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    model, tok = load_model(tmp_path / "str")
+    assert_cached_generate_equals_uncached(model, tok, new_tokens=8)
+    windows = eval_windows(tok, "wiki", n=1, length=256)
+    assert perplexity(model, windows, progress=False)["perplexity"] < 1000
