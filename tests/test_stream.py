@@ -386,7 +386,7 @@ def test_cli_streamed_width_equals_in_memory(tiny_checkpoint, tmp_path, monkeypa
     path, text = tiny_checkpoint
     common = ["-q", "width", str(path), "--mlp-keep", "0.5", "--heads-keep", "2", "--head-mode", "query-heads",
               "--shots", "2", "--calib", str(text), "--samples", "6", "--seq-len", "24", "--batch-size", "2",
-              "--no-cache"]
+              "--no-cache", "--multiple-of", "48"]  # 64 of 128 channels, rounded to a multiple of 48: 48
     assert main([*common, "--no-stream", "--out", str(tmp_path / "mem")]) == 0
     assert json.loads(capsys.readouterr().out)["streamed"] is False
     assert main([*common, "--stream", "--out", str(tmp_path / "str")]) == 0
@@ -398,7 +398,7 @@ def test_cli_streamed_width_equals_in_memory(tiny_checkpoint, tmp_path, monkeypa
     from transformers import AutoModelForCausalLM
 
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "str")
-    assert stock.config.intermediate_size == 64 and 'auto_map' not in json.loads((tmp_path / 'str' / 'config.json').read_text())
+    assert stock.config.intermediate_size == 48 and 'auto_map' not in json.loads((tmp_path / 'str' / 'config.json').read_text())
     assert not (tmp_path / "cache").exists()  # --no-cache wrote nothing
 
 

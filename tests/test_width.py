@@ -481,3 +481,62 @@ def test_cli_parse_keep():
 
     assert parse_keep("0.75") == 0.75 and isinstance(parse_keep("1"), float) and parse_keep("96") == 96
     assert isinstance(parse_keep("96"), int) and isinstance(parse_keep("2.0"), float)
+
+
+# --- multiples ----------------------------------------------------------------------------------------------
+def test_weight_columns_stand_in_for_the_weight():
+    from prunekit.importance import weight_columns
+
+    acc = SquaredSums(4)
+    acc.update(torch.tensor([[3.0, 1.0, 2.0, 0.5]]))
+    w = torch.tensor([[1.0, -2.0, 0.0, 1.0], [-1.0, 1.0, 0.5, -3.0]])
+    assert torch.equal(weight_columns(w), torch.tensor([2.0, 3.0, 0.5, 4.0], dtype=torch.float64))
+    assert torch.equal(channel_scores("weight-activation", acc.sums, weight_columns(w)),
+                       channel_scores("weight-activation", acc.sums, w))
+    with pytest.raises(ValueError, match="3 input columns"):
+        channel_scores("weight-activation", acc.sums, torch.ones(3, dtype=torch.float64))
+
+
+def test_round_counts_keeps_multiples_and_the_total():
+    from prunekit.width import _round_counts
+
+    cur = {0: 128, 1: 128, 2: 128}
+    ones = {0: 1, 1: 1, 2: 1}
+    # Down to multiples of 32 (layer 2 up to its floor of one block): 64 + 96 + 32 = 192, 8 below 200.
+    assert _round_counts({0: 70, 1: 100, 2: 30}, cur, ones, 32, 200) == {0: 64, 1: 96, 2: 32}
+    # 64 + 64 + 32 = 160 is 40 short: one block goes back, to the layer that lost most (tie: lower index).
+    assert _round_counts({0: 90, 1: 90, 2: 20}, cur, ones, 32, 200) == {0: 96, 1: 64, 2: 32}
+    # Floors hold after rounding up to a multiple (layer 0: 40 -> 64), and a layer narrower than m is left
+    # alone; 64 + 96 + 20 = 180 is 20 above 160, so one block comes off, from layer 1 (layer 0 is at its floor).
+    assert _round_counts({0: 40, 1: 100, 2: 20}, {0: 128, 1: 128, 2: 20}, {0: 40, 1: 1, 2: 1}, 32, 160) \
+        == {0: 64, 1: 64, 2: 20}
+
+
+@pytest.mark.parametrize("mode", ["uniform", "per-layer"])
+def test_multiple_of_gives_multiples_and_the_target(mode):
+    model = tiny_model("llama")
+    # 0.6 * 128 = 76.8 -> 77 channels, rounded to 80 (a multiple of 16) in every layer; per-layer keeps the
+    # same total, 320, in multiples of 16.
+    plan = width_prune(model, get_adapter(model), calib(), mlp_keep=0.6, mode=mode, shots=3, multiple_of=16,
+                       progress=False)
+    widths = [w for _, _, w in widths_of(model)]
+    assert all(w % 16 == 0 for w in widths) and sum(widths) == 320
+    if mode == "uniform":
+        assert widths == [80] * 4
+    assert plan.options["multiple_of"] == 16
+    assert [len(plan.widths[i].channels) for i in range(4)] == widths
+    # The plan rebuilds the same model from the original.
+    again = tiny_model("llama")
+    apply_plan(get_adapter(again), plan)
+    assert torch.equal(logits(again), logits(model))
+
+
+def test_multiple_of_errors():
+    model = tiny_model("llama")
+    before = state(model)
+    with pytest.raises(PlanError, match="multiple of 256 channels cannot be kept from 128"):
+        width_prune(model, get_adapter(model), calib(), mlp_keep=0.5, multiple_of=256, progress=False)
+    with pytest.raises(PlanError, match="multiple_of must be a positive integer"):
+        width_prune(model, get_adapter(model), calib(), mlp_keep=0.5, multiple_of=0, progress=False)
+    after = state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)

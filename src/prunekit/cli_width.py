@@ -72,6 +72,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--min-layer-keep", type=float, default=0.1,
                    help="--per-layer floor: every layer keeps at least this fraction of its units, and at least one "
                         "(default 0.1)")
+    p.add_argument("--multiple-of", type=int, default=1, metavar="M",
+                   help="make every final MLP width a multiple of M (e.g. 64: faster matrix kernels); per-layer "
+                        "keeps the total within M/2 of the target (default 1: exact targets)")
     p.add_argument("--calib", required=True, help=f"calibration text: {_TEXT_HELP} (its first half is used)")
     p.add_argument("--samples", type=int, default=16, help="number of calibration sequences (default 16)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
@@ -97,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
     progress = not getattr(args, "quiet", False)
     result = width_job(args.model, args.out, mlp_keep=args.mlp_keep, heads_keep=args.heads_keep, mode=args.mode,
                        shots=args.shots, scorer=args.scorer, head_mode=args.head_mode,
-                       min_layer_keep=args.min_layer_keep, calib=args.calib, samples=args.samples,
-                       seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                       min_layer_keep=args.min_layer_keep, multiple_of=args.multiple_of, calib=args.calib,
+                       samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                        stream=args.stream, offload_dir=args.offload_dir, use_cache=not args.no_cache,
                        force=args.force, progress=progress)
     if result is None:  # not rank 0 of a torchrun job

@@ -397,8 +397,8 @@ class AllReduceCollector:
 def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = None,
               heads_keep: float | int | None = None, mode: str = "uniform", shots: int = 8,
               scorer: str = "activation", head_mode: str = "kv-groups", min_layer_keep: float = 0.1,
-              calib: str | Path = "c4", samples: int = 16, seq_len: int = 512, batch_size: int = 4,
-              dtype: str = "float32", device: str = "cpu", stream: bool | None = None,
+              multiple_of: int = 1, calib: str | Path = "c4", samples: int = 16, seq_len: int = 512,
+              batch_size: int = 4, dtype: str = "float32", device: str = "cpu", stream: bool | None = None,
               offload_dir: str | Path | None = None, use_cache: bool = True, force: bool = False,
               progress: bool = True) -> tuple[PruningPlan, bool] | None:
     """TransAct width pruning end to end: collect activation statistics (in memory or layer-streamed, one
@@ -445,7 +445,8 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
             with _guard(job):
                 plan = width_prune(job.model, job.adapter, job.calib, mlp_keep=mlp_keep, heads_keep=heads_keep,
                                    mode=mode, shots=shots, scorer=scorer, head_mode=head_mode,  # type: ignore[arg-type]
-                                   min_layer_keep=min_layer_keep, batch_size=batch_size, progress=show,
+                                   min_layer_keep=min_layer_keep, multiple_of=multiple_of,
+                                   batch_size=batch_size, progress=show,
                                    collector=collector)
         finally:
             if work is not None:

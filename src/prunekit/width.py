@@ -35,6 +35,13 @@ round(W * (T / W) ** (s / K)), and exactly T after the last). `uniform` schedule
 `per-layer` schedules the total. Between shots the partly pruned model is re-scored. A shot whose schedule
 removes nothing is skipped (no scoring, no `between_shots` call).
 
+Multiples. `multiple_of=m` (MLP channels only; heads are whole units already) makes every final MLP width a
+multiple of m, because matrix kernels run such shapes faster (tensor-core tiles on GPUs, vector widths on
+CPUs) and a 1399-wide layer can be slower than a 1408-wide one. Uniform: the per-layer target is rounded to
+the nearest multiple (never above the layer's width). Per-layer: the shot that reaches the final total
+rounds the ranking's counts with `_round_counts` (each layer down to a multiple, then blocks of m back to
+the layers that lost most), so the total stays within m/2 of the target. Intermediate shots are not rounded.
+
 Width pruning edits the model in place and returns a `PruningPlan` whose `widths` hold kept indices into the
 ORIGINAL layers (composed across shots), so `surgery.apply_plan(plan)` on a fresh copy of the original
 model rebuilds the same model (and `apply_plan` on the already narrowed model changes nothing, see
@@ -211,8 +218,47 @@ def _units(adapter: ModelAdapter, layer: nn.Module, kind: str) -> int:
     return nkv if kind == "kv-groups" else nh // nkv
 
 
+def _round_to_multiple(n: int, start: int, m: int, what: str) -> int:
+    """`n` rounded to the nearest multiple of `m` (halves up), never above the largest multiple of `m` that
+    fits in `start`; PlanError when no multiple of `m` fits."""
+    if m <= 1:
+        return n
+    top = (start // m) * m
+    if top < m:
+        raise PlanError(f"{what}: a multiple of {m} channels cannot be kept from {start}; lower --multiple-of")
+    return max(m, min(top, _round_half_up(n / m) * m))
+
+
+def _round_counts(counts: dict[int, int], current: dict[int, int], floor: dict[int, int], m: int,
+                  total: int) -> dict[int, int]:
+    """Per-layer counts of a global ranking turned into multiples of `m` with the total kept within m/2 of
+    `total` where the floors allow: every layer is first rounded down to a multiple (but not below its floor
+    rounded up), then blocks of `m` go back to the layers that lost the most (largest remainder; ties to the
+    lower layer). Layers narrower than `m` keep their count."""
+    lo: dict[int, int] = {}
+    hi: dict[int, int] = {}
+    out = dict(counts)
+    for i, c in counts.items():
+        top = (current[i] // m) * m
+        if top < m:
+            continue
+        hi[i] = top
+        lo[i] = min(top, max(m, -(-floor.get(i, 1) // m) * m))
+        out[i] = min(hi[i], max(lo[i], (c // m) * m))
+    need = _round_half_up((total - sum(out.values())) / m)
+    if need > 0:
+        order = sorted((i for i in hi if out[i] + m <= hi[i]), key=lambda i: (-(counts[i] - out[i]), i))
+        for i in order[:need]:
+            out[i] += m
+    elif need < 0:
+        order = sorted((i for i in hi if out[i] - m >= lo[i]), key=lambda i: (counts[i] - out[i], i))
+        for i in order[:-need]:
+            out[i] -= m
+    return out
+
+
 def _build_dims(adapter: ModelAdapter, mlp_keep: Keep | None, heads_keep: Keep | None, head_mode: str,
-                mode: str, min_layer_keep: float) -> list[_Dim]:
+                mode: str, min_layer_keep: float, multiple_of: int = 1) -> list[_Dim]:
     layers = adapter.layers()
     dims: list[_Dim] = []
     if mlp_keep is not None:
@@ -220,7 +266,10 @@ def _build_dims(adapter: ModelAdapter, mlp_keep: Keep | None, heads_keep: Keep |
         if not idx:
             raise PlanError("the model has no MLP left to narrow")
         start = {i: mlp_width(adapter, layers[i]) for i in idx}
-        target = {i: _resolve(mlp_keep, start[i], f"MLP keep target (layer {i}, {start[i]} channels)") for i in idx}
+        target = {}
+        for i in idx:
+            what = f"MLP keep target (layer {i}, {start[i]} channels)"
+            target[i] = _round_to_multiple(_resolve(mlp_keep, start[i], what), start[i], multiple_of, what)
         dims.append(_Dim("mlp", idx, start, target))
     if heads_keep is not None:
         idx = [i for i, layer in enumerate(layers) if has_attention(adapter, layer)]
@@ -362,7 +411,7 @@ def _describe_keep(keep: Keep | None) -> Any:
 def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
                 mlp_keep: Keep | None = None, heads_keep: Keep | None = None, mode: Mode = "uniform",
                 shots: int = 8, scorer: str = "activation", head_mode: HeadMode = "kv-groups",
-                min_layer_keep: float = 0.1, batch_size: int = 4,
+                min_layer_keep: float = 0.1, multiple_of: int = 1, batch_size: int = 4,
                 between_shots: Callable[[nn.Module, int], None] | None = None,
                 progress: bool = True, collector: WidthCollector | None = None) -> PruningPlan:
     """Narrow `model` in place to the kept widths and return the plan (kept indices into the original layers).
@@ -386,9 +435,11 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
         raise PlanError(f"shots must be a positive integer, got {shots!r}")
     if not 0 <= min_layer_keep <= 1:
         raise PlanError(f"min_layer_keep must be in [0, 1], got {min_layer_keep}")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise PlanError(f"multiple_of must be a positive integer, got {multiple_of!r}")
     if mlp_keep is None and heads_keep is None:
         raise PlanError("nothing to prune: give an MLP keep target, an attention-heads keep target, or both")
-    dims = _build_dims(adapter, mlp_keep, heads_keep, head_mode, mode, min_layer_keep)
+    dims = _build_dims(adapter, mlp_keep, heads_keep, head_mode, mode, min_layer_keep, multiple_of)
     sc = get_scorer(scorer)
     layers = adapter.layers()
     hd = adapter.head_dim
@@ -439,13 +490,16 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
     scored_kinds: set[str] = set()
     # Per-layer normalisers of the per-layer mode, from the first scoring of each kind (unpruned model).
     references: dict[str, dict[int, float]] = {}
+    rounded: set[str] = set()
     for shot in range(1, shots + 1):
         current = {d.kind: {i: _units(adapter, layers[i], d.kind) for i in d.layers} for d in dims}
         wanted: dict[str, Any] = {}
         for d in dims:
             sch = schedules[d.kind]
             wanted[d.kind] = ({i: sch[i][shot - 1] for i in d.layers} if mode == "uniform" else sch[shot - 1])
-        changing = [d for d in dims if (
+        # A per-layer dimension whose final shot rounded its widths to multiples is finished, even if the
+        # rounding left its total a little above the target.
+        changing = [d for d in dims if d.kind not in rounded and (
             any(wanted[d.kind][i] < current[d.kind][i] for i in d.layers) if mode == "uniform"
             else wanted[d.kind] < sum(current[d.kind].values()))]
         if not changing:
@@ -479,6 +533,9 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
             else:
                 ref = references.setdefault(d.kind, {i: layer_reference(u.scores) for i, u in units.items()})
                 counts = _per_layer_counts(units, current[d.kind], wanted[d.kind], d.floor, ref)
+                if d.kind == "mlp" and multiple_of > 1 and wanted[d.kind] == d.total_target:
+                    counts = _round_counts(counts, current[d.kind], d.floor, multiple_of, wanted[d.kind])
+                    rounded.add(d.kind)
             if d.kind not in scored_kinds:
                 scored_kinds.add(d.kind)
                 # Scores of the unpruned model (original indices) go into the plan; MLP ones as per-layer
@@ -532,6 +589,7 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
             "shots": shots, "scorer": scorer, "head_mode": head_mode, "schedule": SCHEDULE,
             "normalisation": NORMALISATION if mode == "per-layer" else None,
             "min_layer_keep": min_layer_keep if mode == "per-layer" else None,
+            "multiple_of": multiple_of,
             "batch_size": batch_size, "parameters_before": params_before,
             "parameters_after": count_parameters(model),
         },
