@@ -26,28 +26,14 @@ from prunekit.adapters import get_adapter
 from prunekit.calibration import SimilarityScorer
 from prunekit.checkpoint import load_model
 from prunekit.data import calibration_data, eval_windows
+from prunekit.evaluate import perplexity as evaluate_perplexity
 from prunekit.plans import PruningPlan, plan_drops
 from prunekit.surgery import apply_plan, count_parameters
 from prunekit.width import width_prune
 from prunekit.width_surgery import attention_shape, mlp_width
 
-try:
-    from prunekit.evaluate import perplexity as _perplexity
-except ImportError:  # pragma: no cover - evaluate.py is another engineer's module
-    _perplexity = None
-
-
-@torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
-    if _perplexity is not None:
-        return float(_perplexity(model, windows, progress=False)["perplexity"])
-    nll, n = 0.0, 0
-    for w in windows:
-        ids = w.unsqueeze(0).to(next(model.parameters()).device)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").double())
-        n += ids.shape[1] - 1
-    return float(torch.tensor(nll / n).exp())
+    return float(evaluate_perplexity(model, windows, progress=False)["perplexity"])
 
 
 def width_summary(model: nn.Module) -> dict[str, Any]:
