@@ -910,8 +910,6 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
 
     `dtype`: the dtype of the written weights (what `load_model` would load them as); None keeps the source
     checkpoint's dtype. `tokenizer`: saved alongside; None loads the source's own."""
-    from safetensors.torch import save_file
-
     from prunekit.surgery import apply_plan, mark_drops, stock_class
     from prunekit.width_surgery import apply_widths
 
@@ -966,31 +964,24 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
         current["layer"], current["tensors"] = new_idx, tensors
         return tensors
 
+    def other_tensor(n: str) -> torch.Tensor:
+        t = pruned.files.load([pruned.source_name(n)], torch.device("cpu"))[pruned.source_name(n)]
+        meta = meta_sd[n]
+        return t.to(meta.dtype) if t.is_floating_point() and meta.is_floating_point() else t
+
     try:
         weight_map: dict[str, str] = {}
         bar = tqdm(shards, desc="writing shards", disable=not progress, leave=False)
         for s, shard in enumerate(bar):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors: dict[str, torch.Tensor] = {}
-            other = [n for n in shard.names if _layer_of(n, layers_prefix) is None]
-            if other:
-                aux = {n: pruned.source_name(n) for n in other}
-                loaded = pruned.files.load(set(aux.values()), torch.device("cpu"))
-                for n in other:
-                    t = loaded[aux[n]]
-                    meta = meta_sd[n]
-                    tensors[n] = t.to(meta.dtype) if t.is_floating_point() and meta.is_floating_point() else t
-            for n in shard.names:
-                where = _layer_of(n, layers_prefix)
-                if where is not None:
-                    tensors[n] = layer_tensors(where[0])[where[1]]
-            for n, t in tensors.items():
-                if tuple(t.shape) != tuple(meta_sd[n].shape):  # would mean the two surgeries disagree
-                    raise CheckpointError(f"internal error: {n} has shape {tuple(t.shape)}, expected "
-                                          f"{tuple(meta_sd[n].shape)}")
-                weight_map[n] = fname
-            save_file({n: tensors[n].contiguous() for n in shard.names}, str(tmp / fname), metadata={"format": "pt"})
-            del tensors
+            # Tensors go to the file one by one as they are produced: memory holds one layer, not a shard.
+            specs = [(n, meta_sd[n].dtype, tuple(meta_sd[n].shape)) for n in shard.names]
+            with SafetensorsWriter(tmp / fname, specs, metadata={"format": "pt"}) as writer:
+                for n in shard.names:
+                    where = _layer_of(n, layers_prefix)
+                    t = layer_tensors(where[0])[where[1]] if where is not None else other_tensor(n)
+                    writer.write(n, t)  # checks name, dtype and shape against the pruned skeleton
+                    weight_map[n] = fname
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -1001,6 +992,72 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor, so a shard never has to be held in memory.
+
+    The file format is the documented one (little-endian u64 header length, a JSON header with every
+    tensor's dtype, shape and byte range, padded with spaces to 8 bytes, then the raw little-endian data).
+    The header is written first from the names, dtypes and shapes given up front, which the streamed saver
+    knows from the pruned meta skeleton; `write` must then be called for exactly those tensors, in order,
+    and raises `CheckpointError` on any mismatch. The file is only complete when the context exits cleanly."""
+
+    def __init__(self, path: str | Path, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        import struct
+        import sys
+
+        if sys.byteorder != "little":  # the raw bytes below are written in the machine's order
+            raise CheckpointError("streamed saving writes safetensors data as-is and needs a little-endian machine")
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        for name, dtype, shape in specs:
+            if dtype not in _ST_DTYPES:
+                raise CheckpointError(f"cannot write {name!r}: dtype {dtype} has no safetensors name")
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.specs = list(specs)
+        self.done = 0
+        self.path = Path(path)
+        self.file = open(self.path, "wb")  # noqa: SIM115 - closed in __exit__/close
+        self.file.write(struct.pack("<Q", len(raw)))
+        self.file.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.done >= len(self.specs):
+            raise CheckpointError(f"internal error: {name} is one tensor more than {self.path.name} announced")
+        want, dtype, shape = self.specs[self.done]
+        if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            # Would mean that the two surgeries (meta skeleton vs materialised layer) disagree.
+            raise CheckpointError(f"internal error: got {name} {tensor.dtype} {tuple(tensor.shape)} where "
+                                  f"{want} {dtype} {shape} was expected")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            # A uint8 view of the tensor's memory: written without a copy.
+            self.file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.done += 1
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close()
+        if exc_type is None and self.done != len(self.specs):
+            raise CheckpointError(f"internal error: {self.path.name} got {self.done} of {len(self.specs)} tensors")
 
 
 def _saved_names(model: nn.Module) -> list[str]:
