@@ -75,7 +75,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--multiple-of", type=int, default=1, metavar="M",
                    help="make every final MLP width a multiple of M (e.g. 64: faster matrix kernels); per-layer "
                         "keeps the total within M/2 of the target (default 1: exact targets)")
-    p.add_argument("--calib", required=True, help=f"calibration text: {_TEXT_HELP} (its first half is used)")
+    p.add_argument("--calib", default="c4",
+                   help=f"calibration text: {_TEXT_HELP} (default c4; its first half is used)")
     p.add_argument("--samples", type=int, default=16, help="number of calibration sequences (default 16)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward pass (default 4)")
@@ -84,7 +85,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="no progress bars (same as the global -q; not to override -q given before the command)")
+                   help="no progress bars (same as the global -q)")
     p.set_defaults(func=run)
     return p
 

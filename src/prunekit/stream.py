@@ -25,10 +25,17 @@ accumulator sums and the index of the next layer are written atomically (`_progr
 interrupted run started again with the same `work_dir` continues at the next layer. The caller keys the
 directory by model, calibration tokens and options (`prunekit.score_cache`).
 
+Width pruning. `StreamedWidthCollector` gives `width.width_prune` its statistics from streamed passes. The
+shots narrow the meta skeleton with the ordinary width surgery (shapes only), `StreamedModel.widths` records
+the kept original indices, and every later pass reads each layer already cut to them
+(`width_surgery.width_slices`), so the statistics, the plan and the checkpoint equal the in-memory ones.
+
 Saving. `save_pruned_streamed` writes a pruned checkpoint shard by shard from the source files: the plan is
 applied to a meta skeleton with the ordinary `surgery.apply_plan` (so the config and the tensor names are
 exactly the in-memory result's), and the values of each kept layer are produced by materialising that one
-source layer and running the same width/drop surgery on it.
+source layer and running the same width/drop surgery on it. Each tensor goes straight into its shard file
+(`SafetensorsWriter`: the header comes first, from the skeleton's names, dtypes and shapes), so memory
+holds one layer, never a whole shard.
 """
 
 from __future__ import annotations
