@@ -63,3 +63,18 @@ def test_bench_json_contract(tiny_checkpoint, tmp_path):
     for r in data["runs"]:
         assert {"context", "prefill_tok_s", "decode_tok_s", "kv_bytes", "peak_rss_bytes"} <= set(r)
         assert r["kv_bytes"] == 2 * 4 * 2 * 16 * 4 * r["context"]  # K+V, 4 layers, 2 KV heads x 16, fp32
+
+
+def test_compare_with_only_a_width_pruned_model(tiny_checkpoint, tmp_path):
+    """A width plan's scores are importances, not similarities: the heatmap then comes from scoring the base."""
+    ck, text = tiny_checkpoint
+    narrow = tmp_path / "narrow"
+    assert main(["-q", "width", str(ck), "--mlp-keep", "0.5", "--shots", "1", "--calib", str(text),
+                 "--samples", "2", "--seq-len", "32", "--out", str(narrow)]) == 0
+    out = tmp_path / "report"
+    assert main(["-q", "compare", str(ck), str(narrow), "--out", str(out), "--text", str(text), "--windows", "2",
+                 "--window-len", "32", "--no-bench", "--calib", str(text)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    base, pruned = report["rows"]
+    assert pruned["ratios"]["params"] < 1 and pruned["ratios"]["kv_bytes_per_token"] == 1
+    assert (out / "similarity.png").read_bytes()[:8] == PNG_MAGIC

@@ -212,7 +212,8 @@ def compare(models: Sequence[str], out_dir: str | Path, opts: CompareOptions) ->
 
     scores = None
     for r in rows:
-        if r.get("scores"):
+        # Only LLM-Drop plans carry similarity scores; a width plan's scores are importances.
+        if isinstance(r.get("scores"), dict) and "layers" in r["scores"]:
             scores = SimilarityScores.from_json(r["scores"])
             break
     if scores is None:  # no plan carried scores: score the base model on a little calibration text
