@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow lint bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup
 # The slow marker: real-model integration checks that take minutes. CI runs them when time allows.
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# pyflakes/pycodestyle errors and import order (rules pinned in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
 
 bench: setup
 	$(BIN)/python benchmarks/bench_scoring.py

@@ -32,6 +32,7 @@ from prunekit.surgery import apply_plan, count_parameters
 from prunekit.width import width_prune
 from prunekit.width_surgery import attention_shape, mlp_width
 
+
 def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
     return float(evaluate_perplexity(model, windows, progress=False)["perplexity"])
 

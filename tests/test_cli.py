@@ -8,9 +8,9 @@ import pytest
 
 from prunekit.checkpoint import load_model, tensor_bytes
 from prunekit.cli import main
+from prunekit.plans import PLAN_FILE
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
-from prunekit.plans import PLAN_FILE
 
 
 def run(*argv: str) -> int:

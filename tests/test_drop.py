@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import FAMILIES, random_calib, tiny_model
+
 from prunekit.adapters import get_adapter
 from prunekit.calibration import SimilarityScorer
 from prunekit.checkpoint import load_model, save_checkpoint, tensor_bytes, weight_bytes
@@ -148,9 +148,9 @@ def test_generate_with_cache_equals_no_cache_after_drop(family, target):
     assert torch.equal(logits[:, x.shape[1] - 1:-1].argmax(-1), with_cache[:, x.shape[1]:])
     if target == "attn":
         out = model(x, use_cache=True)
-        held = [l for l in out.past_key_values.layers if getattr(l, "keys", None) is not None]
+        held = [c for c in out.past_key_values.layers if getattr(c, "keys", None) is not None]
         assert len(held) == ad.num_layers - 2
-        assert sum(l.keys.nbytes + l.values.nbytes for l in held) == kv_bytes_per_token(ad) * x.numel()
+        assert sum(c.keys.nbytes + c.values.nbytes for c in held) == kv_bytes_per_token(ad) * x.numel()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -15,8 +15,17 @@ from prunekit.adapters import ModelAdapter
 from prunekit.calibration import SimilarityScorer
 from prunekit.data import CalibrationData
 from prunekit.errors import PlanError
-from prunekit.plans import (TARGETS, DropTarget, PruningPlan, Target, available_modules, candidates,
-                            normalize_drops, plan_drops, check_n)
+from prunekit.plans import (
+    TARGETS,
+    DropTarget,
+    PruningPlan,
+    Target,
+    available_modules,
+    candidates,
+    check_n,
+    normalize_drops,
+    plan_drops,
+)
 from prunekit.scoring import SimilarityScores
 from prunekit.surgery import mark_drops
 

@@ -5,6 +5,6 @@ An adapter is chosen by `config.model_type` from a plain table (`ADAPTERS`). Alg
 and never spell `model.model.layers[i].self_attn` themselves.
 """
 
-from prunekit.adapters.base import ArchSpec, ModelAdapter, get_adapter, supported_model_types, ADAPTERS
+from prunekit.adapters.base import ADAPTERS, ArchSpec, ModelAdapter, get_adapter, supported_model_types
 
 __all__ = ["ArchSpec", "ModelAdapter", "get_adapter", "supported_model_types", "ADAPTERS"]
