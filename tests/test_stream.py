@@ -366,17 +366,52 @@ def test_width_job_streamed_equals_in_memory(tiny_checkpoint, tmp_path, monkeypa
     assert json.loads((tmp_path / "mem" / "config.json").read_text()) == \
         json.loads((tmp_path / "str" / "config.json").read_text())
     assert list((tmp_path / "off").iterdir()) == []  # hidden states removed after the run
-    # The unpruned model's statistics were cached by the streamed run; an in-memory run reuses them.
+    # Every shot's statistics were cached by the streamed run; running again computes nothing.
     entries = list((tmp_path / "cache" / "scores").glob("width-*.safetensors"))
-    assert len(entries) == 1
-    from prunekit import score_cache
+    assert len(entries) == len(p_str.history) == 2
+    from prunekit import score_cache, stream
 
     loads: list[bool] = []
     real = score_cache.ScoreCache.load_width
     monkeypatch.setattr(score_cache.ScoreCache, "load_width",
-                        lambda self, key: loads.append(True) or real(self, key))
+                        lambda self, key: loads.append(real(self, key) is not None) or real(self, key))
+    monkeypatch.setattr(stream.StreamedWidthCollector, "collect", None)  # any pass would fail
     p_again, _ = width_job(str(path), tmp_path / "again", stream=True, **kw)
-    assert loads and p_again.to_json() == p_mem.to_json()
+    assert loads == [True, True] and p_again.to_json() == p_mem.to_json()
+
+
+def test_interrupted_width_run_resumes_at_the_first_unfinished_shot(tiny_checkpoint, tmp_path, monkeypatch):
+    from prunekit import stream
+    from prunekit.distributed import width_job
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    path, text = tiny_checkpoint
+    kw = dict(mlp_keep=0.5, heads_keep=0.5, mode="per-layer", shots=3, calib=text, samples=6, seq_len=24,
+              batch_size=2, progress=False)
+    ref, _ = width_job(str(path), tmp_path / "ref", stream=False, use_cache=False, **kw)
+    assert len(ref.history) == 3
+    passes: list[dict] = []
+    real = stream.StreamedWidthCollector.collect
+
+    def dies_in_third_pass(self, **kwargs):
+        passes.append(kwargs["widths"])
+        if len(passes) == 3:
+            raise KeyboardInterrupt
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(stream.StreamedWidthCollector, "collect", dies_in_third_pass)
+    with pytest.raises(KeyboardInterrupt):
+        width_job(str(path), tmp_path / "out", stream=True, **kw)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    # Started again: the two finished shots come from the cache, only the third pass runs.
+    passes.clear()
+    monkeypatch.setattr(stream.StreamedWidthCollector, "collect",
+                        lambda self, **kwargs: passes.append(kwargs["widths"]) or real(self, **kwargs))
+    got, _ = width_job(str(path), tmp_path / "out", stream=True, **kw)
+    assert len(passes) == 1 and passes[0]  # the third shot's pass, on the already narrowed widths
+    assert got.to_json() == ref.to_json()
+    a, b = _tensors(tmp_path / "ref"), _tensors(tmp_path / "out")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_streamed_width_equals_in_memory(tiny_checkpoint, tmp_path, monkeypatch, capsys):

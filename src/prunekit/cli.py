@@ -59,8 +59,8 @@ def _add_scale(p: argparse.ArgumentParser) -> None:
                         "keep them in the cache directory so an interrupted run resumes, or in RAM with --no-cache; "
                         "width keeps them in RAM)")
     p.add_argument("--no-cache", action="store_true",
-                   help="neither read nor write the score cache ($PRUNEKIT_CACHE/scores: similarity sums, and the "
-                        "unpruned model's width statistics), no resuming")
+                   help="neither read nor write the score cache ($PRUNEKIT_CACHE/scores: similarity sums, and "
+                        "width statistics per shot), no resuming")
 
 
 # --- commands ----------------------------------------------------------------------------------------------

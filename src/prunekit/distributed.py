@@ -404,7 +404,8 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
     """TransAct width pruning end to end: collect activation statistics (in memory or layer-streamed, one
     process or data-parallel), plan the shots, save the narrowed checkpoint to `out` (rank 0 saves).
     Returns (plan, streamed) on rank 0, None elsewhere. Options as in `width.width_prune` and `score_job`;
-    `use_cache` caches the first shot's statistics (those of the unpruned model).
+    `use_cache` caches every shot's statistics, so a repeated or interrupted run replays the finished shots
+    from the cache.
 
     Streamed, the shots narrow a meta-device skeleton with the ordinary surgery and every pass reads each
     layer from the files already cut to the widths so far; the checkpoint is then written by

@@ -227,26 +227,36 @@ def width_stats_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, Any]
 
 
 class CachedWidthCollector:
-    """Wraps a `width.WidthCollector`: the statistics of the *unpruned* model (the first shot's pass, called
-    with no widths cut yet) are looked up in / stored to the cache under `key` plus the parts asked for;
-    later shots score a narrowed model and always go to the wrapped collector."""
+    """Wraps a `width.WidthCollector`: every shot's statistics are looked up in / stored to the cache under
+    `key` plus the parts asked for plus the widths cut so far (the kept original indices, which together
+    with the model files, the calibration tokens and the options determine the statistics exactly).
+
+    So a repeated run skips every pass, and an interrupted width run, started again, replays the finished
+    shots from the cache (the planning is deterministic, so it arrives at the same widths) and computes from
+    the first unfinished shot on. The model must be the one the key's files describe (`width_job` loads it
+    fresh), not one changed in memory before."""
 
     def __init__(self, inner: Any, cache: ScoreCache, key: str, info: dict[str, Any] | None = None):
         self.inner = inner
         self.cache = cache
         self.key = key
         self.info = info
-        self.hit = False
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def hit(self) -> bool:
+        return self.hits > 0
 
     def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring",
                 widths: Any = None) -> dict[int, Any]:
-        if widths:
-            return self.inner.collect(attn=attn, mlp=mlp, desc=desc, widths=widths)
-        key = hashlib.sha256(json.dumps([self.key, attn, mlp]).encode()).hexdigest()
+        cut = {str(i): w.to_json() for i, w in sorted((widths or {}).items())}
+        key = hashlib.sha256(json.dumps([self.key, attn, mlp, cut], sort_keys=True).encode()).hexdigest()
         cached = self.cache.load_width(key)
         if cached is not None:
-            self.hit = True
+            self.hits += 1
             return cached
+        self.misses += 1
         stats = self.inner.collect(attn=attn, mlp=mlp, desc=desc, widths=widths)
         self.cache.store_width(key, stats, self.info)
         return stats
