@@ -42,10 +42,16 @@ def calib(n: int = 7, t: int = 20, seed: int = 1, pad_last: int = 5) -> Calibrat
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Saved tiny llama and gemma3_text (sliding window, per-layer-type masks and rotary embeddings)."""
+    """Saved tiny llama, gemma3_text (sliding window, per-layer-type masks and rotary embeddings), qwen2
+    (q/k/v biases), and a heterogeneous llama whose layer 1 has no attention and layer 2 no MLP."""
     root = tmp_path_factory.mktemp("ckpt")
     tok = tiny_tokenizer()
-    return {fam: save_checkpoint(tiny_model(fam), tok, root / fam) for fam in ("llama", "gemma3_text")}
+    out = {fam: save_checkpoint(tiny_model(fam), tok, root / fam) for fam in ("llama", "gemma3_text", "qwen2")}
+    model = tiny_model("llama", seed=3)
+    plan = PruningPlan(dropped=[DropTarget(1, "attn"), DropTarget(2, "mlp")], method="test")
+    apply_plan(get_adapter(model), plan)
+    out["llama-dropped"] = save_checkpoint(model, tok, root / "llama-dropped", plan)
+    return out
 
 
 def assert_scores_close(a, b, tol: float = TOL) -> None:
@@ -319,9 +325,9 @@ WIDTH_CASES = {
 }
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2", "llama-dropped"])
 @pytest.mark.parametrize("case", sorted(WIDTH_CASES))
-def test_streamed_width_plan_equals_in_memory(checkpoints, family, case):
+def test_streamed_width_plan_equals_in_memory(checkpoints, family, case, tmp_path):
     from prunekit.stream import StreamedWidthCollector
     from prunekit.width import width_prune
 
@@ -330,12 +336,13 @@ def test_streamed_width_plan_equals_in_memory(checkpoints, family, case):
     model, _ = load_model(path, tokenizer=False)
     ref = width_prune(model, get_adapter(model), data, batch_size=3, progress=False, **kw)
     sm = StreamedModel(path)
-    reads: list[tuple[int, list[int]]] = []
+    reads: list[tuple[int, bool, bool]] = []
     original = sm.materialise
 
     def spy(module, prefix, slices=None):  # every layer is read once per shot, cut to the widths so far
         if prefix.startswith(sm.adapter.spec.layers + "."):
-            reads.append((int(prefix.split(".")[-2]), sorted(slices or {})))
+            i = int(prefix.split(".")[-2])
+            reads.append((i, bool(slices), i in sm.widths))
         return original(module, prefix, slices)
 
     sm.materialise = spy  # type: ignore[method-assign]
@@ -346,8 +353,15 @@ def test_streamed_width_plan_equals_in_memory(checkpoints, family, case):
     assert all(not p.is_meta for p in model.parameters()) and all(p.is_meta for p in sm.model.parameters())
     n = sm.adapter.num_layers
     passes = len(ref.history)
-    assert [i for i, _ in reads] == list(range(n)) * passes
-    assert all(not sl for _, sl in reads[:n]) and all(sl for _, sl in reads[n:])  # later passes read cut tensors
+    assert [i for i, _, _ in reads] == list(range(n)) * passes
+    # A layer is read cut exactly when earlier shots narrowed it, and later passes do read cut layers.
+    assert all(cut == narrowed for _, cut, narrowed in reads)
+    assert not any(cut for _, cut, _ in reads[:n]) and any(cut for _, cut, _ in reads[n:])
+    # And the streamed checkpoint equals the in-memory one, tensor for tensor.
+    mem = save_checkpoint(model, None, tmp_path / "mem", ref)
+    got = save_pruned_streamed(path, got, tmp_path / "str", tokenizer=None, progress=False)
+    a, b = _tensors(mem), _tensors(got)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_width_job_streamed_equals_in_memory(tiny_checkpoint, tmp_path, monkeypatch):
