@@ -540,3 +540,16 @@ def test_multiple_of_errors():
         width_prune(model, get_adapter(model), calib(), mlp_keep=0.5, multiple_of=0, progress=False)
     after = state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cli_width_checks_options_before_loading_the_model(tmp_path, capsys):
+    from prunekit.cli import main
+
+    missing = tmp_path / "no-such-model"
+    for extra, message in ((["--multiple-of", "0"], "multiple_of must be a positive integer"),
+                           (["--scorer", "activation", "--shots", "0"], "shots must be a positive integer"),
+                           (["--mlp-keep", "1.5"], "MLP keep target: a keep ratio must be in (0, 1], got 1.5")):
+        argv = ["-q", "width", str(missing), "--mlp-keep", "0.5", *extra, "--out", str(tmp_path / "out")]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err  # not "no such checkpoint": nothing was loaded
+    assert not (tmp_path / "out").exists()

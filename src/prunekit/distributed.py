@@ -413,8 +413,10 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
     from prunekit.checkpoint import prepare_output_dir, save_checkpoint
     from prunekit.importance import SCORERS
     from prunekit.stream import StreamedWidthCollector, save_pruned_streamed
-    from prunekit.width import ActivationCollector, width_prune
+    from prunekit.width import ActivationCollector, check_width_options, width_prune
 
+    check_width_options(mlp_keep=mlp_keep, heads_keep=heads_keep, mode=mode, shots=shots, scorer=scorer,
+                        head_mode=head_mode, min_layer_keep=min_layer_keep, multiple_of=multiple_of)
     env = DistEnv.from_env()
     dev = resolve_device(device, env)
     prepare_output_dir(out, force)  # fail before any expensive work
@@ -422,7 +424,7 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
     with process_group(env, dev):
         job = _load(model, calib_source=calib, samples=samples, seq_len=seq_len, batch_size=batch_size,
                     dtype=dtype, device=dev, stream=stream, env=env)
-        keep_weights = bool(SCORERS[scorer].uses_weight) if scorer in SCORERS else False
+        keep_weights = SCORERS[scorer].uses_weight
         collector: Any
         work: Path | None = None
         if job.streamed:

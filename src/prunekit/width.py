@@ -408,6 +408,29 @@ def _describe_keep(keep: Keep | None) -> Any:
     return keep if keep is None else (float(keep) if isinstance(keep, float) else int(keep))
 
 
+def check_width_options(*, mlp_keep: Keep | None, heads_keep: Keep | None, mode: str, shots: int, scorer: str,
+                        head_mode: str, min_layer_keep: float, multiple_of: int) -> None:
+    """Raise `PlanError` for options that are wrong whatever the model (callers check before loading one);
+    targets that depend on the model's widths are checked by `width_prune`."""
+    if mode not in MODES:
+        raise PlanError(f"unknown width mode {mode!r}; choose one of {', '.join(MODES)}")
+    if head_mode not in HEAD_MODES:
+        raise PlanError(f"unknown head mode {head_mode!r}; choose one of {', '.join(HEAD_MODES)}")
+    if scorer not in SCORERS:
+        raise PlanError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise PlanError(f"shots must be a positive integer, got {shots!r}")
+    if not 0 <= min_layer_keep <= 1:
+        raise PlanError(f"min_layer_keep must be in [0, 1], got {min_layer_keep}")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise PlanError(f"multiple_of must be a positive integer, got {multiple_of!r}")
+    if mlp_keep is None and heads_keep is None:
+        raise PlanError("nothing to prune: give an MLP keep target, an attention-heads keep target, or both")
+    for name, keep in (("MLP", mlp_keep), ("heads", heads_keep)):
+        if keep is not None:
+            _resolve(keep, 1 << 62, f"{name} keep target")  # the checks that need no layer width
+
+
 def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
                 mlp_keep: Keep | None = None, heads_keep: Keep | None = None, mode: Mode = "uniform",
                 shots: int = 8, scorer: str = "activation", head_mode: HeadMode = "kv-groups",
@@ -425,20 +448,8 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
     `collector`: where the activation statistics come from; default: an `ActivationCollector` running the
     model in memory. A layer-streamed run (`prunekit.stream.StreamedWidthCollector`) passes its own and a
     meta-device skeleton as `model`: the planning and the surgery here then only touch shapes."""
-    if mode not in MODES:
-        raise PlanError(f"unknown width mode {mode!r}; choose one of {', '.join(MODES)}")
-    if head_mode not in HEAD_MODES:
-        raise PlanError(f"unknown head mode {head_mode!r}; choose one of {', '.join(HEAD_MODES)}")
-    if scorer not in SCORERS:
-        raise PlanError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-        raise PlanError(f"shots must be a positive integer, got {shots!r}")
-    if not 0 <= min_layer_keep <= 1:
-        raise PlanError(f"min_layer_keep must be in [0, 1], got {min_layer_keep}")
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-        raise PlanError(f"multiple_of must be a positive integer, got {multiple_of!r}")
-    if mlp_keep is None and heads_keep is None:
-        raise PlanError("nothing to prune: give an MLP keep target, an attention-heads keep target, or both")
+    check_width_options(mlp_keep=mlp_keep, heads_keep=heads_keep, mode=mode, shots=shots, scorer=scorer,
+                        head_mode=head_mode, min_layer_keep=min_layer_keep, multiple_of=multiple_of)
     dims = _build_dims(adapter, mlp_keep, heads_keep, head_mode, mode, min_layer_keep, multiple_of)
     sc = get_scorer(scorer)
     layers = adapter.layers()
