@@ -539,3 +539,26 @@ def test_score_cache_roundtrip(tmp_path):
     assert back is not None and back.result().to_json() == acc.result().to_json()
     (tmp_path / "k.safetensors").write_bytes(b"garbage")
     assert cache.load("k") is None and cache.load("missing") is None
+
+
+def test_damaged_weights_are_one_clear_error_when_streaming(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from prunekit.cli import main
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    path, text = tiny_checkpoint
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated download
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        StreamedModel(bad)
+    for cmd in (["width", str(bad), "--mlp-keep", "0.5"], ["drop", str(bad), "--target", "attn", "--n", "1"]):
+        argv = ["-q", *cmd, "--stream", "--calib", str(text), "--samples", "2", "--seq-len", "24",
+                "--out", str(tmp_path / "out")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("prunekit: error: ") and "not a readable safetensors file" in err[-1]
+        assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "out").exists()

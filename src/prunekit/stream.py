@@ -130,6 +130,18 @@ def should_stream(path: str | Path, dtype: str | torch.dtype = "float32", device
 
 # --- checkpoint files --------------------------------------------------------------------------------------------
 
+@contextmanager
+def open_safetensors(path: str | Path, device: str | torch.device = "cpu") -> Iterator[Any]:
+    """`safetensors.safe_open`, with a damaged or unreadable file reported as one `CheckpointError`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as st:
+            yield st
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download or re-save it") from e
+
+
 class CheckpointFiles:
     """Where each tensor of a local safetensors checkpoint lives (one file, or shards with an index)."""
 
@@ -151,10 +163,8 @@ class CheckpointFiles:
             if not files:
                 raise CheckpointError(f"{self.path} has no *.safetensors weights; layer streaming reads safetensors "
                                       "files only (re-save the checkpoint with safe_serialization=True)")
-            from safetensors import safe_open
-
             for f in files:
-                with safe_open(str(f), framework="pt") as st:
+                with open_safetensors(f) as st:
                     for name in st.keys():
                         self.file_of[name] = f.name
 
@@ -166,15 +176,13 @@ class CheckpointFiles:
 
     def numel_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of all tensors once loaded in `dtype` (floating tensors; others keep their stored size)."""
-        from safetensors import safe_open
-
         itemsize = torch.empty((), dtype=dtype).element_size()
         total = 0
         by_file: dict[str, list[str]] = defaultdict(list)
         for name, f in self.file_of.items():
             by_file[f].append(name)
         for f, names in by_file.items():
-            with safe_open(str(self.path / f), framework="pt") as st:
+            with open_safetensors(self.path / f) as st:
                 for name in names:
                     sl = st.get_slice(name)
                     total += math.prod(sl.get_shape()) * (itemsize if sl.get_dtype() in _FLOAT_TYPES
@@ -184,8 +192,6 @@ class CheckpointFiles:
     def load(self, names: Iterable[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Tensors by name. On the CPU they are memory-mapped views of the files (no copy is made until a
         dtype conversion asks for one; pages are read when touched and go with the tensor)."""
-        from safetensors import safe_open
-
         by_file: dict[str, list[str]] = defaultdict(list)
         for name in names:
             if name not in self.file_of:
@@ -193,7 +199,7 @@ class CheckpointFiles:
             by_file[self.file_of[name]].append(name)
         out: dict[str, torch.Tensor] = {}
         for f, group in by_file.items():
-            with safe_open(str(self.path / f), framework="pt", device=str(device)) as st:
+            with open_safetensors(self.path / f, device) as st:
                 for name in group:
                     out[name] = st.get_tensor(name)
         return out
@@ -1106,11 +1112,9 @@ def _checkpoint_dtype(path: Path) -> torch.dtype:
     name = cfg.get("dtype") or cfg.get("torch_dtype")
     if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
-    from safetensors import safe_open
-
     files = CheckpointFiles(path)
     for n, f in files.file_of.items():
-        with safe_open(str(path / f), framework="pt") as st:
+        with open_safetensors(path / f) as st:
             t = st.get_slice(n).get_dtype()
         if t in ("F32", "F16", "BF16"):
             return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t]
