@@ -562,3 +562,18 @@ def test_damaged_weights_are_one_clear_error_when_streaming(tiny_checkpoint, tmp
         assert err[-1].startswith("prunekit: error: ") and "not a readable safetensors file" in err[-1]
         assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_offload_dir_is_one_clear_error_before_any_work(tiny_checkpoint, tmp_path, capsys):
+    from prunekit.cli import main
+
+    path, text = tiny_checkpoint
+    (tmp_path / "a-file").write_text("not a directory")
+    offload = tmp_path / "a-file" / "states"
+    for cmd in (["score", str(path), "--json", str(tmp_path / "s.json")],
+                ["width", str(path), "--mlp-keep", "0.5", "--out", str(tmp_path / "out")]):
+        assert main(["-q", *cmd, "--stream", "--offload-dir", str(offload), "--calib", str(text), "--samples", "2",
+                     "--seq-len", "24"]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"prunekit: error: the offload directory {offload} cannot be written")
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "out").exists()

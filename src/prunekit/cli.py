@@ -308,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     except PrunekitError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # The environment, not the input: a path that cannot be written, a full disk. One line, as above;
+        # outputs are committed by rename only when complete, so nothing half-written is left.
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("prunekit: interrupted", file=sys.stderr)
         return 130

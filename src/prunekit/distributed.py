@@ -26,7 +26,7 @@ from torch import nn
 
 from prunekit.adapters import ModelAdapter
 from prunekit.data import CalibrationData
-from prunekit.errors import CheckpointError, DataError
+from prunekit.errors import CheckpointError, DataError, StorageError
 from prunekit.plans import PruningPlan
 from prunekit.scoring import SimilarityAccumulator, SimilarityScores
 from prunekit.stream import ActivationOverflowError, check_finite
@@ -165,6 +165,21 @@ def overflow_guard(adapter: ModelAdapter) -> Iterator[None]:
 
 
 # --- jobs -------------------------------------------------------------------------------------------------------
+
+def writable_dir(path: str | Path | None, what: str) -> Path | None:
+    """Create `path` if needed and check that files can be written there (before any expensive work)."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".prunekit-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StorageError(f"{what} {p} cannot be written: {e.strerror or e}") from e
+    return p
+
 
 @dataclass
 class _Job:
@@ -315,6 +330,7 @@ def score_job(model: str, *, calib: str | Path = "c4", samples: int = 16, seq_le
 
     env = DistEnv.from_env()
     dev = resolve_device(device, env)
+    writable_dir(offload_dir, "the offload directory")
     with process_group(env, dev):
         job = _load(model, calib_source=calib, samples=samples, seq_len=seq_len, batch_size=batch_size,
                     dtype=dtype, device=dev, stream=stream, env=env)
@@ -343,6 +359,7 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
     env = DistEnv.from_env()
     dev = resolve_device(device, env)
     prepare_output_dir(out, force)  # fail before any expensive work
+    writable_dir(offload_dir, "the offload directory")
     with process_group(env, dev):
         job = _load(model, calib_source=calib, samples=samples, seq_len=seq_len, batch_size=batch_size,
                     dtype=dtype, device=dev, stream=stream, env=env)
@@ -420,6 +437,7 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
     env = DistEnv.from_env()
     dev = resolve_device(device, env)
     prepare_output_dir(out, force)  # fail before any expensive work
+    writable_dir(offload_dir, "the offload directory")
     show = progress and env.is_main
     with process_group(env, dev):
         job = _load(model, calib_source=calib, samples=samples, seq_len=seq_len, batch_size=batch_size,

@@ -20,3 +20,8 @@ class DataError(PrunekitError):
 
 class CheckpointError(PrunekitError):
     """A checkpoint directory is missing files, corrupt, or an output would be overwritten."""
+
+
+class StorageError(PrunekitError):
+    """A directory prunekit must write to (offload, cache, output) cannot be created or written, or the disk
+    is full."""
