@@ -230,9 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scale(p)
     p.set_defaults(func=cmd_drop)
 
-    from prunekit import cli_width
+    from prunekit import cli_heal, cli_width
 
     _add_scale(cli_width.add_parser(sub))
+    cli_heal.add_parser(sub)
 
     p = sub.add_parser("eval", help="perplexity, parameter count and KV-cache bytes per token",
                        description="Perplexity = exp(mean NLL) over non-overlapping windows of held-out text "

@@ -22,6 +22,10 @@ class CheckpointError(PrunekitError):
     """A checkpoint directory is missing files, corrupt, or an output would be overwritten."""
 
 
+class RecoveryError(PrunekitError):
+    """Recovery fine-tuning was asked for with impossible settings (no steps, a negative learning rate, ...)."""
+
+
 class StorageError(PrunekitError):
     """A directory prunekit must write to (offload, cache, output) cannot be created or written, or the disk
     is full."""

@@ -55,6 +55,8 @@ class PruningPlan:
     history: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    # Recovery fine-tuning runs applied after the pruning (`prunekit.recovery`), oldest first.
+    recovery: list[dict[str, Any]] = field(default_factory=list)
     version: str = __version__
 
     def to_json(self) -> dict[str, Any]:
@@ -69,6 +71,8 @@ class PruningPlan:
             "widths": {str(k): v.to_json() for k, v in sorted(self.widths.items())},
             "history": self.history,
             "scores": self.scores,
+            # Only when there is one, so plans of un-healed models read exactly as before.
+            **({"recovery": self.recovery} if self.recovery else {}),
         }
 
     @classmethod
@@ -84,6 +88,7 @@ class PruningPlan:
             history=list(data.get("history", [])),
             calibration=dict(data.get("calibration", {})),
             model=dict(data.get("model", {})),
+            recovery=list(data.get("recovery", [])),
             version=data.get("prunekit_version", __version__),
         )
 
