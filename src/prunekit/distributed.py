@@ -31,8 +31,9 @@ from prunekit.plans import PruningPlan
 from prunekit.scoring import SimilarityAccumulator, SimilarityScores
 from prunekit.stream import ActivationOverflowError, check_finite
 
-__all__ = ["ActivationOverflowError", "AllReduceCollector", "AllReduceScorer", "DistEnv", "ScoreJobResult", "all_reduce_accumulator",
-           "drop_job", "overflow_guard", "width_job", "process_group", "resolve_device", "score_job", "shard_calibration"]
+__all__ = ["ActivationOverflowError", "AllReduceCollector", "AllReduceScorer", "DistEnv", "ScoreJobResult",
+           "all_reduce_accumulator", "drop_job", "overflow_guard", "process_group", "resolve_device", "score_job",
+           "shard_calibration", "width_job", "writable_dir"]
 
 
 @dataclass(frozen=True)
@@ -467,8 +468,7 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
                 plan = width_prune(job.model, job.adapter, job.calib, mlp_keep=mlp_keep, heads_keep=heads_keep,
                                    mode=mode, shots=shots, scorer=scorer, head_mode=head_mode,  # type: ignore[arg-type]
                                    min_layer_keep=min_layer_keep, multiple_of=multiple_of,
-                                   batch_size=batch_size, progress=show,
-                                   collector=collector)
+                                   batch_size=batch_size, progress=show, collector=collector)
         finally:
             if work is not None:
                 import shutil
