@@ -795,10 +795,11 @@ def stream_scores(path: str | Path, calib: CalibrationData, *, dtype: str | torc
 
 class WidthStatsObserver(StreamObserver):
     """Per-column squared sums of every layer's `o_proj` and `down_proj` inputs (`importance.SquaredSums`),
-    collected in a streamed pass: the statistics TransAct width pruning ranks heads and channels by.
-    `stats[i]` is a `width.LayerActivations`. With `keep_weights` it also holds the output projections'
-    `importance.weight_columns` (the weight-activation scorer needs them after the layer is released; one
-    vector per projection, not the weight)."""
+    collected in a streamed pass with the same hooks as the in-memory `width.ActivationCollector`
+    (`width.watch_layer` / `width.fold_pending`): the statistics TransAct width pruning ranks heads and
+    channels by. `stats[i]` is a `width.LayerActivations`. With `keep_weights` it also holds the output
+    projections' `importance.weight_columns` (the weight-activation scorer needs them after the layer is
+    released; one vector per projection, not the weight)."""
 
     def __init__(self, *, attn: bool = True, mlp: bool = True, keep_weights: bool = False):
         self.attn, self.mlp, self.keep_weights = attn, mlp, keep_weights
@@ -812,45 +813,22 @@ class WidthStatsObserver(StreamObserver):
         return self
 
     def begin_layer(self, i: int, layer: nn.Module) -> None:
-        from prunekit.importance import SquaredSums, weight_columns
-        from prunekit.surgery import has_attention, has_mlp
-        from prunekit.width import LayerActivations
+        from prunekit.width import watch_layer
 
-        ad = self.adapter
-        assert ad is not None, "call bind(adapter) first"
-        st = LayerActivations()
-
-        def remember(what: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                self._pending[what] = args[0].detach()
-            return hook
-
-        if self.attn and has_attention(ad, layer):
-            o = ad.attn_projections(layer)[3]
-            st.attn = SquaredSums(o.in_features)
-            self._handles.append(o.register_forward_pre_hook(remember("attn")))
-            if self.keep_weights:
-                st.attn_weight = weight_columns(o.weight).cpu()
-        if self.mlp and has_mlp(ad, layer):
-            down = ad.mlp_projections(layer)[2]
-            st.mlp = SquaredSums(down.in_features)
-            self._handles.append(down.register_forward_pre_hook(remember("mlp")))
-            if self.keep_weights:
-                st.mlp_weight = weight_columns(down.weight).cpu()
-        self.stats[i] = st
+        assert self.adapter is not None, "call bind(adapter) first"
+        self.stats[i], self._handles = watch_layer(self.adapter, layer, self._pending, attn=self.attn,
+                                                   mlp=self.mlp, keep_weights=self.keep_weights)
 
     def __call__(self, i: int, layer: nn.Module, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
                  mask: torch.Tensor | None) -> None:
-        st = self.stats[i]
-        for what, acc in (("attn", st.attn), ("mlp", st.mlp)):
-            x = self._pending.pop(what, None)
-            if acc is not None and x is not None:
-                acc.update(x, mask)
+        from prunekit.width import fold_pending
+
+        fold_pending(self.stats[i], self._pending, mask)
 
     def end_layer(self, i: int, layer: nn.Module) -> None:
         for h in self._handles:
             h.remove()
-        self._handles.clear()
+        self._handles = []
 
 
 class StreamedWidthCollector:
@@ -978,7 +956,8 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
         return tensors
 
     def other_tensor(n: str) -> torch.Tensor:
-        t = pruned.files.load([pruned.source_name(n)], torch.device("cpu"))[pruned.source_name(n)]
+        name = pruned.source_name(n)
+        t = pruned.files.load([name], torch.device("cpu"))[name]
         meta = meta_sd[n]
         return t.to(meta.dtype) if t.is_floating_point() and meta.is_floating_point() else t
 

@@ -73,6 +73,7 @@ from prunekit.importance import (
     removal_order,
     unit_scores,
     unit_terms,
+    weight_columns,
 )
 from prunekit.plans import LayerWidth, PruningPlan
 from prunekit.surgery import count_parameters, has_attention, has_mlp, refresh_config
@@ -128,37 +129,18 @@ class ActivationCollector:
 
     def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring",
                 widths: Mapping[int, LayerWidth] | None = None) -> dict[int, LayerActivations]:
-        ad = self.adapter
         stats: dict[int, LayerActivations] = {}
-        pending: dict[tuple[int, str], torch.Tensor] = {}
+        pending: dict[int, dict[str, torch.Tensor]] = {}
         handles = []
-
-        def remember(i: int, what: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                pending[(i, what)] = args[0].detach()
-            return hook
-
-        for i, layer in enumerate(ad.layers()):
-            st = LayerActivations()
-            if attn and has_attention(ad, layer):
-                o = ad.attn_projections(layer)[3]
-                st.attn = SquaredSums(o.in_features, device=o.weight.device)
-                handles.append(o.register_forward_pre_hook(remember(i, "attn")))
-            if mlp and has_mlp(ad, layer):
-                down = ad.mlp_projections(layer)[2]
-                st.mlp = SquaredSums(down.in_features, device=down.weight.device)
-                handles.append(down.register_forward_pre_hook(remember(i, "mlp")))
-            stats[i] = st
+        for i, layer in enumerate(self.adapter.layers()):
+            pending[i] = {}
+            stats[i], hs = watch_layer(self.adapter, layer, pending[i], attn=attn, mlp=mlp)
+            handles += hs
 
         def observe(i: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
                     mask: torch.Tensor | None) -> None:
-            st = stats.get(i)
-            if st is None:
-                return
-            for what, acc in (("attn", st.attn), ("mlp", st.mlp)):
-                x = pending.pop((i, what), None)
-                if acc is not None and x is not None:
-                    acc.update(x, mask)
+            if i in stats:
+                fold_pending(stats[i], pending[i], mask)
 
         try:
             self.runner.run([observe], start_layer=0, desc=desc)
@@ -166,6 +148,44 @@ class ActivationCollector:
             for h in handles:
                 h.remove()
         return stats
+
+
+def watch_layer(adapter: ModelAdapter, layer: nn.Module, pending: dict[str, torch.Tensor], *, attn: bool = True,
+                mlp: bool = True, keep_weights: bool = False) -> tuple[LayerActivations, list[Any]]:
+    """Empty statistics for one layer plus pre-hooks (returned, for removal) that put the batch's `o_proj` /
+    `down_proj` input into `pending["attn"]` / `pending["mlp"]`; `fold_pending` then adds them with the
+    batch's mask. Used by the in-memory `ActivationCollector` and the streamed `WidthStatsObserver`.
+    `keep_weights`: also keep the projections' `weight_columns`, for when the layer's weights will be gone
+    by the time the scorer runs (streaming)."""
+    st = LayerActivations()
+    handles: list[Any] = []
+
+    def remember(what: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            pending[what] = args[0].detach()
+        return hook
+
+    if attn and has_attention(adapter, layer):
+        o = adapter.attn_projections(layer)[3]
+        st.attn = SquaredSums(o.in_features, device=o.weight.device)
+        handles.append(o.register_forward_pre_hook(remember("attn")))
+        if keep_weights:
+            st.attn_weight = weight_columns(o.weight).cpu()
+    if mlp and has_mlp(adapter, layer):
+        down = adapter.mlp_projections(layer)[2]
+        st.mlp = SquaredSums(down.in_features, device=down.weight.device)
+        handles.append(down.register_forward_pre_hook(remember("mlp")))
+        if keep_weights:
+            st.mlp_weight = weight_columns(down.weight).cpu()
+    return st, handles
+
+
+def fold_pending(st: LayerActivations, pending: dict[str, torch.Tensor], mask: torch.Tensor | None) -> None:
+    """Add the inputs `watch_layer`'s hooks remembered for one batch to the sums, padding excluded."""
+    for what, acc in (("attn", st.attn), ("mlp", st.mlp)):
+        x = pending.pop(what, None)
+        if acc is not None and x is not None:
+            acc.update(x, mask)
 
 
 # --- targets --------------------------------------------------------------------------------------------------
