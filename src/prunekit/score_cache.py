@@ -92,52 +92,52 @@ class ScoreCache:
     def _file(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
-    def load(self, key: str) -> SimilarityAccumulator | None:
+    def _width_file(self, key: str) -> Path:
+        return self.root / f"width-{key}.safetensors"
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, torch.Tensor] | None:
+        """An entry's tensors, or None when it is missing or unreadable (recompute rather than fail)."""
         from safetensors import safe_open
 
-        path = self._file(key)
         if not path.is_file():
             return None
         try:
             with safe_open(str(path), framework="pt") as st:
-                tensors = {k: st.get_tensor(k).clone() for k in st.keys()}
-            return accumulator_from_tensors(tensors)
-        except Exception:  # unreadable entry: recompute rather than fail
+                return {k: st.get_tensor(k).clone() for k in st.keys()}
+        except Exception:
+            return None
+
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) -> Path:
+        """Write an entry atomically (temporary file, then rename)."""
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata={"info": json.dumps(info or {})})
+        os.replace(tmp, path)
+        return path
+
+    def load(self, key: str) -> SimilarityAccumulator | None:
+        tensors = self._read(self._file(key))
+        try:
+            return accumulator_from_tensors(tensors) if tensors is not None else None
+        except Exception:  # a damaged entry is a miss
             return None
 
     def store(self, key: str, acc: SimilarityAccumulator, info: dict[str, Any] | None = None) -> Path:
-        from safetensors.torch import save_file
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self._file(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(accumulator_tensors(acc), str(tmp), metadata={"info": json.dumps(info or {})})
-        os.replace(tmp, path)
-        return path
+        return self._write(self._file(key), accumulator_tensors(acc), info)
 
     def load_width(self, key: str) -> dict[int, Any] | None:
         """Width statistics (`width.LayerActivations` by layer) stored under `key`, or None (miss/damaged)."""
-        from safetensors import safe_open
-
-        path = self.root / f"width-{key}.safetensors"
-        if not path.is_file():
-            return None
+        tensors = self._read(self._width_file(key))
         try:
-            with safe_open(str(path), framework="pt") as st:
-                tensors = {k: st.get_tensor(k).clone() for k in st.keys()}
-            return width_stats_from_tensors(tensors)
-        except Exception:  # unreadable entry: recompute rather than fail
+            return width_stats_from_tensors(tensors) if tensors is not None else None
+        except Exception:  # a damaged entry is a miss
             return None
 
     def store_width(self, key: str, stats: dict[int, Any], info: dict[str, Any] | None = None) -> Path:
-        from safetensors.torch import save_file
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"width-{key}.safetensors"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(width_stats_tensors(stats), str(tmp), metadata={"info": json.dumps(info or {})})
-        os.replace(tmp, path)
-        return path
+        return self._write(self._width_file(key), width_stats_tensors(stats), info)
 
     def run_dir(self, key: str) -> Path:
         """Work directory of a streamed run with this key (hidden states and progress, for resuming)."""
