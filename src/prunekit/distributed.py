@@ -352,9 +352,8 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
     """LLM-Drop end to end: score, choose, save the pruned checkpoint to `out` (rank 0 saves; the plan is
     returned on rank 0, None elsewhere). Streamed jobs save with `stream.save_pruned_streamed`, which never
     holds the whole model. Options as in `score_job`."""
-    from prunekit.checkpoint import prepare_output_dir, save_checkpoint
+    from prunekit.checkpoint import prepare_output_dir
     from prunekit.drop import llm_drop
-    from prunekit.stream import save_pruned_streamed
     from prunekit.surgery import apply_plan
 
     env = DistEnv.from_env()
@@ -372,14 +371,24 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
                             progress=progress, source=str(model), make_scorer=factory)
         if not env.is_main:
             return None
-        if job.streamed:
-            assert job.local is not None
-            save_pruned_streamed(job.local, plan, out, force=force, dtype=dtype, tokenizer=job.tokenizer,
-                                 progress=progress)
-        else:
+        if not job.streamed:
             apply_plan(job.adapter, plan)
-            save_checkpoint(job.model, job.tokenizer, out, plan, force=force)
+        _save(job, plan, out, force=force, dtype=dtype, progress=progress)
     return plan
+
+
+def _save(job: _Job, plan: PruningPlan, out: str | Path, *, force: bool, dtype: str, progress: bool) -> None:
+    """Save a job's result: streamed jobs write from the source files (`stream.save_pruned_streamed`, never
+    holding the model); in-memory jobs save the model, which must already carry the plan."""
+    from prunekit.checkpoint import save_checkpoint
+    from prunekit.stream import save_pruned_streamed
+
+    if job.streamed:
+        assert job.local is not None
+        save_pruned_streamed(job.local, plan, out, force=force, dtype=dtype, tokenizer=job.tokenizer,
+                             progress=progress)
+    else:
+        save_checkpoint(job.model, job.tokenizer, out, plan, force=force)
 
 
 class AllReduceCollector:
@@ -428,9 +437,9 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
     Streamed, the shots narrow a meta-device skeleton with the ordinary surgery and every pass reads each
     layer from the files already cut to the widths so far; the checkpoint is then written by
     `stream.save_pruned_streamed`. The plan equals the in-memory one (tests)."""
-    from prunekit.checkpoint import prepare_output_dir, save_checkpoint
+    from prunekit.checkpoint import prepare_output_dir
     from prunekit.importance import SCORERS
-    from prunekit.stream import StreamedWidthCollector, save_pruned_streamed
+    from prunekit.stream import StreamedWidthCollector
     from prunekit.width import ActivationCollector, check_width_options, width_prune
 
     check_width_options(mlp_keep=mlp_keep, heads_keep=heads_keep, mode=mode, shots=shots, scorer=scorer,
@@ -445,12 +454,11 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
                     dtype=dtype, device=dev, stream=stream, env=env)
         keep_weights = SCORERS[scorer].uses_weight
         collector: Any
-        work: Path | None = None
+        streamed: StreamedWidthCollector | None = None
         if job.streamed:
-            if offload_dir is not None:
-                work = Path(offload_dir) / f"width-run-{os.getpid()}-{env.rank}"
-            collector = StreamedWidthCollector(job.streamed_model, job.shard, batch_size=batch_size, work_dir=work,
-                                               keep_weights=keep_weights, progress=show)
+            work = Path(offload_dir) / f"width-run-{os.getpid()}-{env.rank}" if offload_dir is not None else None
+            collector = streamed = StreamedWidthCollector(job.streamed_model, job.shard, batch_size=batch_size,
+                                                          work_dir=work, keep_weights=keep_weights, progress=show)
         else:
             collector = ActivationCollector(job.model, job.adapter, job.shard, batch_size=batch_size, progress=show)
         if use_cache and job.local is not None:
@@ -470,18 +478,11 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
                                    min_layer_keep=min_layer_keep, multiple_of=multiple_of,
                                    batch_size=batch_size, progress=show, collector=collector)
         finally:
-            if work is not None:
-                import shutil
-
-                shutil.rmtree(work, ignore_errors=True)
+            if streamed is not None:
+                streamed.cleanup()  # the hidden states; width runs resume from the cache, not from them
         if not env.is_main:
             return None
-        if job.streamed:
-            assert job.local is not None
-            save_pruned_streamed(job.local, plan, out, force=force, dtype=dtype, tokenizer=job.tokenizer,
-                                 progress=progress)
-        else:
-            save_checkpoint(job.model, job.tokenizer, out, plan, force=force)
+        _save(job, plan, out, force=force, dtype=dtype, progress=progress)
     return plan, job.streamed
 
 
