@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from prunekit.adapters import get_adapter
-from prunekit.checkpoint import load_model
 from prunekit.data import calibration_data
 from prunekit.drop import score_model
+from prunekit.io.checkpoint import load_model
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -40,7 +40,7 @@ SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, 
 
 
 def tokenizer_dir() -> Path:
-    from prunekit.assets import cache_dir
+    from prunekit.io.assets import cache_dir
 
     path = cache_dir() / "models" / "smollm2-135m"
     if not (path / "tokenizer.json").is_file():

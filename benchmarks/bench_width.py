@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 from prunekit.adapters import get_adapter
-from prunekit.calibration import SimilarityScorer
-from prunekit.checkpoint import load_model
 from prunekit.data import calibration_data, eval_windows
-from prunekit.evaluate import perplexity as evaluate_perplexity
-from prunekit.plans import PruningPlan, plan_drops
+from prunekit.drop import plan_drops
+from prunekit.drop.scorer import SimilarityScorer
+from prunekit.evaluation.perplexity import perplexity as evaluate_perplexity
+from prunekit.io.checkpoint import load_model
+from prunekit.plans import PruningPlan
 from prunekit.surgery import apply_plan, count_parameters
 from prunekit.width import width_prune
-from prunekit.width_surgery import attention_shape, mlp_width
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
@@ -39,9 +39,9 @@ def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
 
 def width_summary(model: nn.Module) -> dict[str, Any]:
     ad = get_adapter(model)
-    heads = [attention_shape(ad, layer)[0] for layer in ad.layers()]
-    kv = [attention_shape(ad, layer)[1] for layer in ad.layers()]
-    ch = [mlp_width(ad, layer) for layer in ad.layers()]
+    heads = [ad.attention_shape(layer)[0] for layer in ad.layers()]
+    kv = [ad.attention_shape(layer)[1] for layer in ad.layers()]
+    ch = [ad.mlp_width(layer) for layer in ad.layers()]
     return {"heads": [min(heads), max(heads)], "kv_heads": [min(kv), max(kv)], "channels": [min(ch), max(ch)]}
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     # Attention Drop (LLM-Drop) at about the same removed parameters as the heads row and the MLP-75% row.
     ad = get_adapter(dense)
     t = time.perf_counter()
-    scores = SimilarityScorer(dense, ad, calib, batch_size=a.batch_size, pairwise=False, progress=False).score()
+    scores = SimilarityScorer(dense, calib, adapter=ad, batch_size=a.batch_size, pairwise=False, progress=False).score()
     score_s = time.perf_counter() - t
     probe = copy.deepcopy(dense)
     apply_plan(get_adapter(probe), PruningPlan(dropped=plan_drops(scores, "attn", 1)))

@@ -76,7 +76,7 @@ SAMPLE_TEXT = (
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A saved tiny Llama with a tokenizer, and a text file long enough for calibration and evaluation."""
-    from prunekit.checkpoint import save_checkpoint
+    from prunekit.io.checkpoint import save_checkpoint
 
     model = tiny_model("llama")
     path = save_checkpoint(model, tiny_tokenizer(), tmp_path / "tiny-llama")

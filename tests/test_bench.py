@@ -1,4 +1,4 @@
-"""prunekit.bench: measured KV bytes equal the analytic formula; result structure; decode bookkeeping.
+"""prunekit.evaluation.bench: measured KV bytes equal the analytic formula; result structure; decode bookkeeping.
 
 No assertion here depends on wall-clock time.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from prunekit.bench import analytic_kv_bytes, benchmark, format_table, measured_kv_bytes
+from prunekit.evaluation.bench import analytic_kv_bytes, benchmark, format_table, measured_kv_bytes
 
 RUN_KEYS = {
     "context",

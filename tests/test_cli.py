@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from prunekit.checkpoint import load_model, tensor_bytes
 from prunekit.cli import main
+from prunekit.io.checkpoint import load_model
+from prunekit.io.files import tensor_bytes
 from prunekit.plans import PLAN_FILE
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")

@@ -22,7 +22,7 @@ def test_compare_dense_vs_attention_dropped(tiny_checkpoint, tmp_path, interleav
     quiz = tmp_path / "quiz.jsonl"
     quiz.write_text("\n".join(json.dumps({"question": f"pick {i}", "choices": ["fox dog", "lazy network"],
                                           "answer": i % 2}) for i in range(4)))
-    from prunekit.zeroshot import make_jsonl_task
+    from prunekit.evaluation.zeroshot import make_jsonl_task
 
     make_jsonl_task("quiz", quiz, tmp_path / "tasks")
     out = tmp_path / "report"

@@ -13,12 +13,13 @@ import torch
 from conftest import FAMILIES, random_calib, tiny_model
 
 from prunekit.adapters import get_adapter
-from prunekit.calibration import SimilarityScorer
-from prunekit.checkpoint import load_model, save_checkpoint, tensor_bytes, weight_bytes
 from prunekit.data import CalibrationData
 from prunekit.drop import llm_drop
+from prunekit.drop.scorer import SimilarityScorer
 from prunekit.errors import CheckpointError, PlanError, UnsupportedArchitectureError
-from prunekit.evaluate import kv_bytes_per_token
+from prunekit.evaluation.perplexity import kv_bytes_per_token
+from prunekit.io.checkpoint import load_model, save_checkpoint
+from prunekit.io.files import tensor_bytes, weight_bytes
 from prunekit.plans import DropTarget, PruningPlan
 from prunekit.surgery import apply_plan, count_parameters
 
@@ -44,7 +45,7 @@ def test_planted_identity_attention_scores_one_and_is_dropped_first(family):
     if family == "qwen2":  # o_proj has no bias in Qwen2, but check that nothing else feeds the residual
         assert get_adapter(model).attn_projections(get_adapter(model).layers()[2])[3].bias is None
     ad = get_adapter(model)
-    scores = SimilarityScorer(model, ad, calib(), progress=False).score()
+    scores = SimilarityScorer(model, adapter=ad, calib=calib(), progress=False).score()
     assert scores.attn[2] == 1.0
     assert all(s < 1.0 for i, s in enumerate(scores.attn) if i != 2)
     x = inputs()
@@ -59,7 +60,7 @@ def test_scores_match_manual_hidden_states_and_exclude_padding():
     model = tiny_model("llama")
     ad = get_adapter(model)
     data = calib(pad_last=7)
-    scores = SimilarityScorer(model, ad, data, batch_size=4, progress=False).score()
+    scores = SimilarityScorer(model, adapter=ad, calib=data, batch_size=4, progress=False).score()
     # Reference: output_hidden_states gives every layer's input; cos over real tokens only.
     with torch.no_grad():
         hs = model.model(input_ids=data.input_ids, attention_mask=data.attention_mask,
@@ -81,8 +82,8 @@ def test_scores_match_manual_hidden_states_and_exclude_padding():
 def test_scores_independent_of_batch_size():
     model = tiny_model("qwen3")
     ad = get_adapter(model)
-    a = SimilarityScorer(model, ad, calib(), batch_size=1, progress=False).score()
-    b = SimilarityScorer(model, ad, calib(), batch_size=4, progress=False).score()
+    a = SimilarityScorer(model, adapter=ad, calib=calib(), batch_size=1, progress=False).score()
+    b = SimilarityScorer(model, adapter=ad, calib=calib(), batch_size=4, progress=False).score()
     for x, y in ((a.attn, b.attn), (a.mlp, b.mlp), (a.block, b.block)):
         assert x == pytest.approx(y, abs=1e-12)
 
@@ -90,7 +91,7 @@ def test_scores_independent_of_batch_size():
 def test_iterative_rescore_reruns_only_later_layers_and_equals_full_rescore():
     model = tiny_model("llama")
     ad = get_adapter(model)
-    scorer = SimilarityScorer(model, ad, calib(), progress=False)
+    scorer = SimilarityScorer(model, adapter=ad, calib=calib(), progress=False)
     scorer.score()
     from prunekit.surgery import mark_drops
 
@@ -103,7 +104,7 @@ def test_iterative_rescore_reruns_only_later_layers_and_equals_full_rescore():
         h.remove()
     n_batches = len(scorer.runner.batches)
     assert calls == {0: 0, 1: 0, 2: n_batches, 3: n_batches}  # earlier layers are not re-run
-    full = SimilarityScorer(model, ad, calib(), progress=False).score()
+    full = SimilarityScorer(model, adapter=ad, calib=calib(), progress=False).score()
     assert partial.attn == pytest.approx(full.attn, abs=1e-12)
     assert partial.mlp == pytest.approx(full.mlp, abs=1e-12)
     assert partial.attn[2] == 1.0

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from prunekit.adapters import get_adapter
-from prunekit.checkpoint import load_model, save_checkpoint
 from prunekit.data import calibration_data, eval_windows
-from prunekit.drop import llm_drop, score_model
-from prunekit.evaluate import kv_bytes_per_token, perplexity
-from prunekit.plans import DropTarget, PruningPlan, plan_drops
+from prunekit.drop import llm_drop, plan_drops, score_model
+from prunekit.evaluation.perplexity import kv_bytes_per_token, perplexity
+from prunekit.io.checkpoint import load_model, save_checkpoint
+from prunekit.plans import DropTarget, PruningPlan
 from prunekit.surgery import apply_plan
 
 pytestmark = pytest.mark.real
@@ -133,7 +133,7 @@ def test_real_streamed_width_equals_in_memory(name, tmp_path):
     the same plan and the same checkpoint, tensor for tensor, as in memory; the result still works."""
     from safetensors.torch import load_file
 
-    from prunekit.distributed import width_job
+    from prunekit.jobs import width_job
 
     kw = dict(mlp_keep=0.75, heads_keep=0.5, mode="per-layer", shots=2, calib="c4", samples=2, seq_len=128,
               batch_size=2, use_cache=False, progress=False)

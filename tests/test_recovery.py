@@ -9,8 +9,8 @@ import torch
 from conftest import random_calib, tiny_model
 
 from prunekit.adapters import get_adapter
-from prunekit.checkpoint import load_model, save_checkpoint
 from prunekit.errors import RecoveryError
+from prunekit.io.checkpoint import load_model, save_checkpoint
 from prunekit.plans import PLAN_FILE, DropTarget, LayerWidth, PruningPlan
 from prunekit.recovery import _lr_factor, recover
 from prunekit.surgery import apply_plan, count_parameters

@@ -14,24 +14,20 @@ import torch
 from conftest import random_calib, tiny_model, tiny_tokenizer
 
 from prunekit.adapters import get_adapter
-from prunekit.calibration import SimilarityScorer
-from prunekit.checkpoint import load_model, save_checkpoint
 from prunekit.data import CalibrationData
-from prunekit.distributed import DistEnv, drop_job, overflow_guard, score_job, shard_calibration
-from prunekit.drop import score_model
-from prunekit.errors import CheckpointError, DataError
+from prunekit.drop import SimilarityScorer, score_model
+from prunekit.engine.memory import should_stream
+from prunekit.engine.runner import Observer
+from prunekit.engine.streamed import StreamedLayers
+from prunekit.errors import ActivationOverflowError, CheckpointError, DataError, DistributedError
+from prunekit.io.checkpoint import load_model, save_checkpoint
+from prunekit.jobs import drop_job, score_job, width_job
+from prunekit.jobs.cache import ScoreCache
+from prunekit.jobs.dist import DistEnv, shard_calibration
 from prunekit.plans import DropTarget, LayerWidth, PruningPlan
-from prunekit.score_cache import ScoreCache
-from prunekit.stream import (
-    ActivationOverflowError,
-    StreamedModel,
-    StreamedScorer,
-    StreamObserver,
-    WidthStatsObserver,
-    save_pruned_streamed,
-    should_stream,
-)
+from prunekit.save import save_pruned_streamed
 from prunekit.surgery import apply_plan, mark_drops
+from prunekit.width import ActivationCollector, WidthStatsObserver, width_prune
 
 TOL = 1e-6
 
@@ -69,10 +65,10 @@ def in_memory_scores(path: Path, data: CalibrationData, batch_size: int = 3, pai
     return score_model(model, get_adapter(model), data, batch_size=batch_size, pairwise=pairwise, progress=False)
 
 
-class OneLayerAtATime(StreamObserver):
+class OneLayerAtATime(Observer):
     """Checks that exactly one decoder layer has real weights whenever a layer is being run."""
 
-    def __init__(self, sm: StreamedModel):
+    def __init__(self, sm: StreamedLayers):
         self.sm = sm
         self.seen: list[int] = []
 
@@ -90,10 +86,10 @@ class OneLayerAtATime(StreamObserver):
 def test_streamed_scores_equal_in_memory(checkpoints, family, on_disk, tmp_path):
     data = calib()
     ref = in_memory_scores(checkpoints[family], data)
-    sm = StreamedModel(checkpoints[family])
+    sm = StreamedLayers(checkpoints[family])
     watch = OneLayerAtATime(sm)
     work = tmp_path / "work" if on_disk else None
-    got = StreamedScorer(sm, data, batch_size=3, observers=[watch], work_dir=work, progress=False).score()
+    got = SimilarityScorer(sm, data, batch_size=3, observers=[watch], work_dir=work, progress=False).score()
     assert_scores_close(ref, got)
     assert watch.seen == [0, 1, 2, 3]
     assert all(p.is_meta for p in sm.model.parameters())  # everything released afterwards
@@ -107,8 +103,8 @@ def test_bfloat16_weights_with_float64_sums_match_in_memory(checkpoints):
     path = checkpoints["llama"]
     model, _ = load_model(path, dtype="bfloat16", tokenizer=False)
     ref = score_model(model, get_adapter(model), data, batch_size=3, progress=False)
-    sm = StreamedModel(path, dtype="bfloat16")
-    got = StreamedScorer(sm, data, batch_size=3, progress=False).score()
+    sm = StreamedLayers(path, dtype="bfloat16")
+    got = SimilarityScorer(sm, data, batch_size=3, progress=False).score()
     assert_scores_close(ref, got)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert ref.block != in_memory_scores(path, data).block  # bfloat16 really computed in bfloat16
@@ -121,7 +117,7 @@ def test_streamed_scores_from_a_sharded_checkpoint(tmp_path):
     tiny_tokenizer().save_pretrained(path)
     assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 2
     data = calib(seed=4)
-    got = StreamedScorer(StreamedModel(path), data, batch_size=3, progress=False).score()
+    got = SimilarityScorer(StreamedLayers(path), data, batch_size=3, progress=False).score()
     assert_scores_close(in_memory_scores(path, data), got)
 
 
@@ -130,11 +126,11 @@ def test_streamed_rescore_reruns_only_later_layers(checkpoints):
     path = checkpoints["llama"]
     model, _ = load_model(path, tokenizer=False)
     ad = get_adapter(model)
-    ref = SimilarityScorer(model, ad, data, batch_size=3, pairwise=False, rescore=True, progress=False)
+    ref = SimilarityScorer(model, data, adapter=ad, batch_size=3, pairwise=False, rescore=True, progress=False)
     ref.score()
-    sm = StreamedModel(path)
+    sm = StreamedLayers(path)
     ran: list[int] = []
-    scorer = StreamedScorer(sm, data, batch_size=3, pairwise=False, rescore=True, progress=False,
+    scorer = SimilarityScorer(sm, data, batch_size=3, pairwise=False, rescore=True, progress=False,
                             on_layer_done=ran.append)
     scorer.score()
     assert ran == [0, 1, 2, 3]
@@ -273,11 +269,11 @@ def test_interrupted_streamed_run_resumes_from_last_finished_layer(checkpoints, 
             raise KeyboardInterrupt  # what Ctrl-C raises mid-run
 
     with pytest.raises(KeyboardInterrupt):
-        StreamedScorer(StreamedModel(path), data, batch_size=3, work_dir=work, progress=False,
+        SimilarityScorer(StreamedLayers(path), data, batch_size=3, work_dir=work, progress=False,
                        on_layer_done=stop_after_1).score()
     assert (work / "_progress.safetensors").is_file()
     ran: list[int] = []
-    resumed = StreamedScorer(StreamedModel(path), data, batch_size=3, work_dir=work, progress=False,
+    resumed = SimilarityScorer(StreamedLayers(path), data, batch_size=3, work_dir=work, progress=False,
                              on_layer_done=ran.append).score()
     assert ran == [2, 3]  # layers 0 and 1 were not run again
     assert_scores_close(in_memory_scores(path, data), resumed)
@@ -293,7 +289,7 @@ def test_sharding_is_by_whole_batches():
     assert torch.equal(shards[0].input_ids, torch.cat([data.input_ids[0:2], data.input_ids[6:7]]))
     with pytest.raises(DataError, match="at least 5 calibration batches"):
         shard_calibration(data, 2, DistEnv(rank=0, world_size=5))
-    with pytest.raises(DataError):
+    with pytest.raises(DistributedError):
         DistEnv.from_env({"WORLD_SIZE": "2", "RANK": "2"})
 
 
@@ -328,14 +324,11 @@ WIDTH_CASES = {
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2", "llama-dropped"])
 @pytest.mark.parametrize("case", sorted(WIDTH_CASES))
 def test_streamed_width_plan_equals_in_memory(checkpoints, family, case, tmp_path):
-    from prunekit.stream import StreamedWidthCollector
-    from prunekit.width import width_prune
-
     kw = WIDTH_CASES[case]
     path, data = checkpoints[family], calib(seed=4)
     model, _ = load_model(path, tokenizer=False)
     ref = width_prune(model, get_adapter(model), data, batch_size=3, progress=False, **kw)
-    sm = StreamedModel(path)
+    sm = StreamedLayers(path)
     reads: list[tuple[int, bool, bool]] = []
     original = sm.materialise
 
@@ -346,8 +339,8 @@ def test_streamed_width_plan_equals_in_memory(checkpoints, family, case, tmp_pat
         return original(module, prefix, slices)
 
     sm.materialise = spy  # type: ignore[method-assign]
-    col = StreamedWidthCollector(sm, data, batch_size=3, keep_weights=kw.get("scorer") == "weight-activation",
-                                 progress=False)
+    col = ActivationCollector(sm, data, batch_size=3, keep_weights=kw.get("scorer") == "weight-activation",
+                              progress=False)
     got = width_prune(sm.model, sm.adapter, data, batch_size=3, progress=False, collector=col, **kw)
     assert got.to_json() == ref.to_json()  # same statistics bit for bit, hence the same plan and scores
     assert all(not p.is_meta for p in model.parameters()) and all(p.is_meta for p in sm.model.parameters())
@@ -365,8 +358,6 @@ def test_streamed_width_plan_equals_in_memory(checkpoints, family, case, tmp_pat
 
 
 def test_width_job_streamed_equals_in_memory(tiny_checkpoint, tmp_path, monkeypatch):
-    from prunekit.distributed import width_job
-
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
     path, text = tiny_checkpoint
     kw = dict(mlp_keep=0.5, heads_keep=0.5, mode="per-layer", shots=2, calib=text, samples=6, seq_len=24,
@@ -383,21 +374,16 @@ def test_width_job_streamed_equals_in_memory(tiny_checkpoint, tmp_path, monkeypa
     # Every shot's statistics were cached by the streamed run; running again computes nothing.
     entries = list((tmp_path / "cache" / "scores").glob("width-*.safetensors"))
     assert len(entries) == len(p_str.history) == 2
-    from prunekit import score_cache, stream
-
     loads: list[bool] = []
-    real = score_cache.ScoreCache.load_width
-    monkeypatch.setattr(score_cache.ScoreCache, "load_width",
+    real = ScoreCache.load_width
+    monkeypatch.setattr(ScoreCache, "load_width",
                         lambda self, key: loads.append(real(self, key) is not None) or real(self, key))
-    monkeypatch.setattr(stream.StreamedWidthCollector, "collect", None)  # any pass would fail
+    monkeypatch.setattr(ActivationCollector, "collect", None)  # any pass would fail
     p_again, _ = width_job(str(path), tmp_path / "again", stream=True, **kw)
     assert loads == [True, True] and p_again.to_json() == p_mem.to_json()
 
 
 def test_interrupted_width_run_resumes_at_the_first_unfinished_shot(tiny_checkpoint, tmp_path, monkeypatch):
-    from prunekit import stream
-    from prunekit.distributed import width_job
-
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
     path, text = tiny_checkpoint
     kw = dict(mlp_keep=0.5, heads_keep=0.5, mode="per-layer", shots=3, calib=text, samples=6, seq_len=24,
@@ -405,7 +391,7 @@ def test_interrupted_width_run_resumes_at_the_first_unfinished_shot(tiny_checkpo
     ref, _ = width_job(str(path), tmp_path / "ref", stream=False, use_cache=False, **kw)
     assert len(ref.history) == 3
     passes: list[dict] = []
-    real = stream.StreamedWidthCollector.collect
+    real = ActivationCollector.collect
 
     def dies_in_third_pass(self, **kwargs):
         passes.append(kwargs["widths"])
@@ -413,13 +399,13 @@ def test_interrupted_width_run_resumes_at_the_first_unfinished_shot(tiny_checkpo
             raise KeyboardInterrupt
         return real(self, **kwargs)
 
-    monkeypatch.setattr(stream.StreamedWidthCollector, "collect", dies_in_third_pass)
+    monkeypatch.setattr(ActivationCollector, "collect", dies_in_third_pass)
     with pytest.raises(KeyboardInterrupt):
         width_job(str(path), tmp_path / "out", stream=True, **kw)
     assert not (tmp_path / "out").exists()  # nothing half-written
     # Started again: the two finished shots come from the cache, only the third pass runs.
     passes.clear()
-    monkeypatch.setattr(stream.StreamedWidthCollector, "collect",
+    monkeypatch.setattr(ActivationCollector, "collect",
                         lambda self, **kwargs: passes.append(kwargs["widths"]) or real(self, **kwargs))
     got, _ = width_job(str(path), tmp_path / "out", stream=True, **kw)
     assert len(passes) == 1 and passes[0]  # the third shot's pass, on the already narrowed widths
@@ -452,8 +438,6 @@ def test_cli_streamed_width_equals_in_memory(tiny_checkpoint, tmp_path, monkeypa
 
 
 def test_two_processes_give_the_single_process_width_plan(tiny_checkpoint, tmp_path):
-    from prunekit.distributed import width_job
-
     path, text = tiny_checkpoint
     kw = dict(calib=text, samples=6, seq_len=24, batch_size=2)
     ref, _ = width_job(str(path), tmp_path / "single", mlp_keep=0.5, heads_keep=0.5, mode="per-layer", shots=2,
@@ -487,47 +471,45 @@ def test_half_precision_overflow_is_a_clear_error(tmp_path):
         ad.mlp_projections(ad.layers()[1])[2].weight.mul_(3e6)
     path = save_checkpoint(model, tiny_tokenizer(), tmp_path / "hot")
     data = calib(pad_last=0)
-    StreamedScorer(StreamedModel(path, dtype="float32"), data, progress=False).score()  # fine in float32
+    SimilarityScorer(StreamedLayers(path, dtype="float32"), data, progress=False).score()  # fine in float32
     with pytest.raises(ActivationOverflowError, match="layer 1 .*float16"):
-        StreamedScorer(StreamedModel(path, dtype="float16"), data, progress=False).score()
+        SimilarityScorer(StreamedLayers(path, dtype="float16"), data, progress=False).score()
     half, _ = load_model(path, dtype="float16", tokenizer=False)
-    with pytest.raises(ActivationOverflowError, match="layer 1"), overflow_guard(get_adapter(half)):
+    with pytest.raises(ActivationOverflowError, match="layer 1"):
         score_model(half, get_adapter(half), data, progress=False)
 
 
 def test_width_statistics_plug_into_the_streamed_pass(checkpoints):
-    from prunekit.width import ActivationCollector
-
     data = calib(seed=8)
     path = checkpoints["gemma3_text"]
     model, _ = load_model(path, tokenizer=False)
-    ref = ActivationCollector(model, get_adapter(model), data, batch_size=3, progress=False).collect()
-    sm = StreamedModel(path)
-    obs = WidthStatsObserver().bind(sm.adapter)
-    StreamedScorer(sm, data, batch_size=3, observers=[obs], progress=False).score()
+    ref = ActivationCollector(model, data, batch_size=3, progress=False).collect()
+    sm = StreamedLayers(path)
+    obs = WidthStatsObserver(sm.adapter)
+    SimilarityScorer(sm, data, batch_size=3, observers=[obs], progress=False).score()
     for i, st in ref.items():
         assert torch.equal(st.attn.sums, obs.stats[i].attn.sums) and torch.equal(st.mlp.sums, obs.stats[i].mlp.sums)
         assert st.mlp.tokens == obs.stats[i].mlp.tokens == int(data.attention_mask.sum())
 
 
 def test_streaming_is_chosen_when_the_model_does_not_fit(checkpoints, monkeypatch, tmp_path):
-    from prunekit import stream
+    from prunekit.engine import memory
 
     path = checkpoints["llama"]
-    monkeypatch.setattr(stream, "available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 10_000)
     assert should_stream(path)
-    monkeypatch.setattr(stream, "available_memory_bytes", lambda: 1 << 40)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 << 40)
     assert not should_stream(path)
     assert not should_stream("some/hub-id")  # not local: cannot stream
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((path / "config.json").read_text())
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="safetensors"):
-        StreamedModel(tmp_path / "bin")
+        StreamedLayers(tmp_path / "bin")
 
 
 def test_score_cache_roundtrip(tmp_path):
-    from prunekit.scoring import SimilarityAccumulator
+    from prunekit.drop.similarity import SimilarityAccumulator
 
     acc = SimilarityAccumulator(3, pairwise=True)
     acc.block += torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
@@ -553,7 +535,7 @@ def test_damaged_weights_are_one_clear_error_when_streaming(tiny_checkpoint, tmp
     f = bad / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated download
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        StreamedModel(bad)
+        StreamedLayers(bad)
     for cmd in (["width", str(bad), "--mlp-keep", "0.5"], ["drop", str(bad), "--target", "attn", "--n", "1"]):
         argv = ["-q", *cmd, "--stream", "--calib", str(text), "--samples", "2", "--seq-len", "24",
                 "--out", str(tmp_path / "out")]

@@ -14,10 +14,14 @@ from conftest import tiny_config, tiny_model
 from torch import nn
 
 from prunekit.adapters import get_adapter
-from prunekit.checkpoint import load_model, save_checkpoint
 from prunekit.data import CalibrationData, token_hash
 from prunekit.errors import PlanError
-from prunekit.importance import (
+from prunekit.io.checkpoint import load_model, save_checkpoint
+from prunekit.plans import DropTarget, LayerWidth, PruningPlan
+from prunekit.surgery import apply_plan, count_parameters
+from prunekit.surgery.widths import apply_widths, narrow_attention, narrow_mlp
+from prunekit.width import geometric_schedule, width_prune
+from prunekit.width.importance import (
     SCORERS,
     SquaredSums,
     channel_scores,
@@ -25,10 +29,6 @@ from prunekit.importance import (
     kv_group_scores,
     unit_scores,
 )
-from prunekit.plans import DropTarget, LayerWidth, PruningPlan
-from prunekit.surgery import apply_plan, count_parameters
-from prunekit.width import geometric_schedule, width_prune
-from prunekit.width_surgery import apply_widths, attention_shape, mlp_width, narrow_attention, narrow_mlp
 
 X = torch.tensor([[3, 17, 42, 99, 7, 200, 13, 64, 5, 128, 31, 77],
                   [250, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
@@ -91,7 +91,7 @@ def logits(model: nn.Module, x: torch.Tensor = X) -> torch.Tensor:
 
 def widths_of(model: nn.Module) -> list[tuple[int, int, int]]:
     ad = get_adapter(model)
-    return [(*attention_shape(ad, layer), mlp_width(ad, layer)) for layer in ad.layers()]
+    return [(*ad.attention_shape(layer), ad.mlp_width(layer)) for layer in ad.layers()]
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -229,8 +229,8 @@ def test_removing_equals_zeroing(family, mode, head_mode):
     for i, w in plan.widths.items():
         g = len(w.heads) // len(w.kv_heads)
         assert len(w.heads) % len(w.kv_heads) == 0
-        assert all(h // (attention_shape(get_adapter(original), get_adapter(original).layers()[i])[0]
-                         // attention_shape(get_adapter(original), get_adapter(original).layers()[i])[1])
+        assert all(h // (get_adapter(original).attention_shape(get_adapter(original).layers()[i])[0]
+                         // get_adapter(original).attention_shape(get_adapter(original).layers()[i])[1])
                    == w.kv_heads[n // g] for n, h in enumerate(w.heads))
         if head_mode == "query-heads":
             assert w.kv_heads == list(range(len(w.kv_heads))) and len(w.kv_heads) in (2, 4)
@@ -474,7 +474,8 @@ def test_cli_width(tiny_checkpoint, tmp_path, capsys, isolated_cache):
 
 
 def test_cli_parse_keep():
-    from prunekit.cli_width import HEAD_MODE_NAMES, SCORER_NAMES, parse_keep
+    from prunekit.cli.options import parse_keep
+    from prunekit.cli.width import HEAD_MODE_NAMES, SCORER_NAMES
     from prunekit.width import HEAD_MODES
 
     assert set(SCORER_NAMES) == set(SCORERS) and HEAD_MODE_NAMES == HEAD_MODES
@@ -485,7 +486,7 @@ def test_cli_parse_keep():
 
 # --- multiples ----------------------------------------------------------------------------------------------
 def test_weight_columns_stand_in_for_the_weight():
-    from prunekit.importance import weight_columns
+    from prunekit.width.importance import weight_columns
 
     acc = SquaredSums(4)
     acc.update(torch.tensor([[3.0, 1.0, 2.0, 0.5]]))
@@ -498,7 +499,7 @@ def test_weight_columns_stand_in_for_the_weight():
 
 
 def test_round_counts_keeps_multiples_and_the_total():
-    from prunekit.width import _round_counts
+    from prunekit.width.targets import round_counts as _round_counts
 
     cur = {0: 128, 1: 128, 2: 128}
     ones = {0: 1, 1: 1, 2: 1}

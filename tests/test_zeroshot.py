@@ -1,4 +1,4 @@
-"""prunekit.zeroshot: lm-eval driven zero-shot evaluation, checked against a hand computation."""
+"""prunekit.evaluation.zeroshot: lm-eval driven zero-shot evaluation, checked against a hand computation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from prunekit.zeroshot import (
+from prunekit.evaluation.zeroshot import (
     TaskError,
     builtin_task_names,
     evaluate_tasks,

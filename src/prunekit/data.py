@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import torch
 
-from prunekit.assets import BUILTIN_CORPORA, builtin_corpus_path
 from prunekit.errors import DataError
+from prunekit.io.assets import BUILTIN_CORPORA, builtin_corpus_path
 
 Split = Literal["calib", "eval", "all"]
 

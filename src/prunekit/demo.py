@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.adapters import get_adapter
-from prunekit.assets import BUILTIN_MODELS
-from prunekit.checkpoint import load_model, resolve_model_path, save_checkpoint, weight_bytes
 from prunekit.data import calibration_data, eval_windows
-from prunekit.drop import model_info, score_model
-from prunekit.evaluate import model_summary, perplexity
-from prunekit.plans import PruningPlan, plan_drops
-from prunekit.report import human_bytes, markdown_table, similarity_heatmap
+from prunekit.drop import plan_from_scores, score_model
+from prunekit.evaluation.perplexity import model_summary, perplexity
+from prunekit.evaluation.report import human_bytes, markdown_table, similarity_heatmap
+from prunekit.io.assets import BUILTIN_MODELS
+from prunekit.io.checkpoint import load_model, resolve_model_path, save_checkpoint
+from prunekit.io.files import weight_bytes
 from prunekit.surgery import apply_plan, count_parameters
+from prunekit.width import width_prune
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,7 @@ def run_demo(*, model: str = "smollm2-135m", out_dir: Path = Path("runs/demo"), 
     for n in drop_counts:
         pruned = copy.deepcopy(dense)
         ad = get_adapter(pruned)
-        plan = PruningPlan(dropped=plan_drops(scores, "attn", n), method="llm-drop/attn",
-                           options={"target": "attn", "n": n, "consecutive": False, "iterative": False},
-                           scores=scores.to_json(), calibration=cal.describe(), model=model_info(ad, model))
+        plan = plan_from_scores(scores, ad, cal, target="attn", n=n, source=model)
         apply_plan(ad, plan)
         ckpt = save_checkpoint(pruned, tok, out_dir / f"attn-drop-{n}", plan, force=True)
         ppl = perplexity(pruned, eval_ids, progress=progress)
@@ -82,9 +81,8 @@ def run_demo(*, model: str = "smollm2-135m", out_dir: Path = Path("runs/demo"), 
         del pruned
 
     if with_width and drop_counts:
-        row = _width_row(dense, tok, cal, eval_ids, rows, dense_params, dense_ppl["perplexity"], out_dir, progress)
-        if row is not None:
-            rows.append(row)
+        rows.append(_width_row(dense, tok, cal, eval_ids, rows, dense_params, dense_ppl["perplexity"], out_dir,
+                               progress))
 
     table = markdown_table(rows, COLUMNS)
     heatmap = similarity_heatmap(scores, out_dir / "similarity.png", dropped=heat_marks,
@@ -116,12 +114,8 @@ def run_demo(*, model: str = "smollm2-135m", out_dir: Path = Path("runs/demo"), 
 
 
 def _width_row(dense: Any, tok: Any, cal: Any, eval_ids: Any, rows: list[dict[str, Any]], dense_params: int,
-               dense_ppl: float, out_dir: Path, progress: bool) -> dict[str, Any] | None:
+               dense_ppl: float, out_dir: Path, progress: bool) -> dict[str, Any]:
     """TransAct at about the removed-parameter count of the largest attention drop (MLP channels only)."""
-    try:
-        from prunekit.width import width_prune
-    except ImportError:
-        return None
     target_removed = max(r["removed_params"] for r in rows)
     pruned = copy.deepcopy(dense)
     ad = get_adapter(pruned)

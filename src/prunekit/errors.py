@@ -29,3 +29,28 @@ class RecoveryError(PrunekitError):
 class StorageError(PrunekitError):
     """A directory prunekit must write to (offload, cache, output) cannot be created or written, or the disk
     is full."""
+
+
+class ActivationOverflowError(PrunekitError):
+    """Hidden states became inf/NaN (typically float16 overflow): the scores would be meaningless."""
+
+
+class TaskError(PrunekitError, ValueError):
+    """A zero-shot task is unknown, or its definition or data cannot be used. (Also a `ValueError`, as it was
+    before it joined the hierarchy, so existing `except ValueError` code keeps working.)"""
+
+
+class DeviceError(PrunekitError):
+    """A device was asked for that does not exist here (no CUDA, a mistyped name)."""
+
+
+class DtypeError(PrunekitError):
+    """A dtype name prunekit does not know."""
+
+
+class DistributedError(PrunekitError):
+    """The torch.distributed environment (RANK / WORLD_SIZE / LOCAL_RANK) is inconsistent or too small."""
+
+
+class OptionError(PrunekitError):
+    """A command-line or API option has an impossible value (a batch size of 0, a negative count, ...)."""

@@ -125,29 +125,3 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
         "losses": losses,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-
-
-def heal_checkpoint(model: str, out: str, *, text: str = "c4", samples: int = 64, seq_len: int = 512,
-                    batch_size: int = 4, steps: int = 100, lr: float = 5e-5, warmup: float = 0.1,
-                    weight_decay: float = 0.0, seed: int = 0, dtype: str = "float32", device: str = "cpu",
-                    force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Load a checkpoint, `recover` it, save it to `out` with its plan (if it has one) plus the run's record
-    appended to `plan.recovery`. Returns the record. Settings and the output are checked before loading."""
-    from pathlib import Path
-
-    from prunekit.checkpoint import load_model, prepare_output_dir, resolve_model_path, save_checkpoint
-    from prunekit.data import calibration_data
-    from prunekit.plans import PLAN_FILE, PruningPlan
-
-    check_settings(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup)
-    prepare_output_dir(out, force)
-    net, tok = load_model(model, dtype=dtype, device=device)
-    data = calibration_data(tok, text, samples, seq_len)
-    plan_file = Path(resolve_model_path(model)) / PLAN_FILE
-    plan = PruningPlan.load(plan_file) if plan_file.is_file() else PruningPlan(method="none")
-    rec = recover(net, data, steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay,
-                  seed=seed, progress=progress)
-    rec["source"] = str(model)
-    plan.recovery.append(rec)
-    save_checkpoint(net, tok, out, plan, force=force)
-    return rec

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import UnsupportedArchitectureError
+from prunekit.hf_remote.modeling_prunekit import DroppedAttention, DroppedMLP, drop_attention, drop_mlp
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,11 @@ def _get(obj: Any, dotted: str) -> Any:
     return obj
 
 
+def _set(obj: Any, dotted: str, value: Any) -> None:
+    parent, _, name = dotted.rpartition(".")
+    setattr(_get(obj, parent) if parent else obj, name, value)
+
+
 class ModelAdapter:
     """Resolves module paths and architecture facts for one model, following its `ArchSpec`."""
 
@@ -119,18 +125,23 @@ class ModelAdapter:
         return _get(self.model, self.spec.layers)
 
     def set_layers(self, layers: nn.ModuleList) -> None:
-        parent_path, _, name = self.spec.layers.rpartition(".")
-        setattr(_get(self.model, parent_path), name, layers)
+        _set(self.model, self.spec.layers, layers)
 
     def base_model(self) -> nn.Module:
         """The decoder stack without the LM head (scoring never needs the logits)."""
-        return _get(self.model, self.spec.layers.rpartition(".")[0])
+        return _get(self.model, self.base_path)
 
     def embed(self) -> nn.Module:
         return _get(self.model, self.spec.embed)
 
+    def set_embed(self, module: nn.Module) -> None:
+        _set(self.model, self.spec.embed, module)
+
     def final_norm(self) -> nn.Module:
         return _get(self.model, self.spec.final_norm)
+
+    def set_final_norm(self, module: nn.Module) -> None:
+        _set(self.model, self.spec.final_norm, module)
 
     def lm_head(self) -> nn.Module:
         return _get(self.model, self.spec.lm_head)
@@ -159,6 +170,57 @@ class ModelAdapter:
         s = self.spec
         gate = getattr(m, s.gate_proj) if s.gate_proj else None
         return gate, getattr(m, s.up_proj), getattr(m, s.down_proj)
+
+    # --- module paths (checkpoint tensor names follow them) ---------------------------------------------------
+    @property
+    def base_path(self) -> str:
+        """Dotted path of the decoder stack (the module holding the layers, the embedding and the final norm)."""
+        return self.spec.layers.rpartition(".")[0]
+
+    def layer_prefix(self, i: int) -> str:
+        """Prefix of layer `i`'s tensor names, e.g. `model.layers.3.`."""
+        return f"{self.spec.layers}.{i}."
+
+    def aux_modules(self) -> list[tuple[str, nn.Module]]:
+        """(tensor-name prefix, module) of the decoder stack's children other than the layers, the embedding and
+        the final norm (the rotary embedding, typically): small, needed to compute how layers are called."""
+        base = self.base_model()
+        skip = {id(self.layers()), id(self.embed()), id(self.final_norm())}
+        return [(f"{self.base_path}.{name}.", child) for name, child in base.named_children() if id(child) not in skip]
+
+    # --- shapes: read from the modules, so they are right after any surgery ---------------------------------
+    def has_attention(self, layer: nn.Module) -> bool:
+        return not isinstance(self.attn(layer), DroppedAttention)
+
+    def has_mlp(self, layer: nn.Module) -> bool:
+        return not isinstance(self.mlp(layer), DroppedMLP)
+
+    def attention_shape(self, layer: nn.Module) -> tuple[int, int]:
+        """(query heads, KV heads) a layer's attention currently has, read from its projections."""
+        q, k, _, _ = self.attn_projections(layer)
+        return q.out_features // self.head_dim, k.out_features // self.head_dim
+
+    def mlp_width(self, layer: nn.Module) -> int:
+        return self.mlp_projections(layer)[1].out_features
+
+    def layer_widths(self, layer: nn.Module) -> dict[str, int]:
+        """Widths a layer actually has, by config field name (empty for removed sub-layers)."""
+        out: dict[str, int] = {}
+        if self.has_attention(layer):
+            out["num_attention_heads"], out["num_key_value_heads"] = self.attention_shape(layer)
+        if self.has_mlp(layer):
+            out["intermediate_size"] = self.mlp_width(layer)
+        return out
+
+    # --- module swaps ---------------------------------------------------------------------------------------
+    def remove_attention(self, layer: nn.Module, layer_idx: int) -> None:
+        """Replace a layer's attention (and the norms that only serve it) by parameter-free stand-ins."""
+        if self.has_attention(layer):
+            drop_attention(layer, layer_idx, self.structure_names())
+
+    def remove_mlp(self, layer: nn.Module) -> None:
+        if self.has_mlp(layer):
+            drop_mlp(layer, self.structure_names())
 
     def structure_names(self) -> dict[str, Any]:
         """Sub-module names written into a heterogeneous checkpoint's config, so that its loader (which

@@ -152,3 +152,11 @@ class PrunekitMixin:
 def make_class(base: type) -> type:
     """The heterogeneous counterpart of a stock `*ForCausalLM` class."""
     return type(f"Prunekit{base.__name__}", (PrunekitMixin, base), {"__module__": __name__})
+
+
+def stock_class(model: nn.Module) -> type:
+    """The transformers class a (possibly prunekit-wrapped) model is built on."""
+    cls = type(model)
+    if issubclass(cls, PrunekitMixin):
+        return next(b for b in cls.__mro__[1:] if not issubclass(b, PrunekitMixin) and b is not PrunekitMixin)
+    return cls

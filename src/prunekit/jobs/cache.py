@@ -12,10 +12,10 @@ Key. sha256 over (format, prunekit version, model fingerprint, calibration-token
   batch shapes), pairwise on/off, dtype, device type.
 
 What is cached: the accumulator's float64 *sums* and token counts, not the means, so data-parallel ranks can
-cache their shard and the shards still add up (`prunekit.distributed`).
+cache their shard and the shards still add up (`prunekit.jobs.dist`).
 
 Resuming. An interrupted streamed run resumes from its last finished layer: the states at the layer boundary
-and the sums so far live in the run's work directory (`run_dir(key)`, see `stream.StreamedScorer`), written
+and the sums so far live in the run's work directory (`run_dir(key)`, see `drop.scorer.SimilarityScorer`), written
 after every layer. Persisting the boundary states (rather than recomputing them on resume) costs one write
 of the calibration hidden states per layer, small next to reading the layer's weights, and makes a resume
 cost nothing but the remaining layers.
@@ -31,11 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from prunekit import __version__
-from prunekit.assets import cache_dir
 from prunekit.data import CalibrationData, token_hash
-from prunekit.scoring import SimilarityAccumulator, SimilarityScores
+from prunekit.drop.similarity import SimilarityAccumulator, SimilarityScores
+from prunekit.io.assets import cache_dir
+from prunekit.width.importance import SquaredSums
+from prunekit.width.stats import LayerActivations
 
 CACHE_FORMAT = 1
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.index.json", "config.json")
@@ -66,22 +70,6 @@ def score_key(model_fp: str, calib: CalibrationData, options: dict[str, Any]) ->
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def accumulator_tensors(acc: SimilarityAccumulator) -> dict[str, torch.Tensor]:
-    out = {"block": acc.block, "attn": acc.attn, "mlp": acc.mlp, "tokens": acc.tokens}
-    if acc.pair is not None:
-        out["pair"] = acc.pair
-    return {k: v.detach().to("cpu", torch.float64).contiguous() for k, v in out.items()}
-
-
-def accumulator_from_tensors(tensors: dict[str, torch.Tensor]) -> SimilarityAccumulator:
-    n = int(tensors["block"].shape[0])
-    acc = SimilarityAccumulator(n, "pair" in tensors)
-    for name in ("block", "attn", "mlp", "tokens", "pair"):
-        if name in tensors:
-            getattr(acc, name).copy_(tensors[name])
-    return acc
-
-
 class ScoreCache:
     """Accumulator sums by key under `root` (default `$PRUNEKIT_CACHE/scores`), plus per-key work
     directories for resumable streamed runs. Entries are written atomically; a damaged entry is a miss."""
@@ -98,8 +86,6 @@ class ScoreCache:
     @staticmethod
     def _read(path: Path) -> dict[str, torch.Tensor] | None:
         """An entry's tensors, or None when it is missing or unreadable (recompute rather than fail)."""
-        from safetensors import safe_open
-
         if not path.is_file():
             return None
         try:
@@ -110,8 +96,6 @@ class ScoreCache:
 
     def _write(self, path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) -> Path:
         """Write an entry atomically (temporary file, then rename)."""
-        from safetensors.torch import save_file
-
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file(tensors, str(tmp), metadata={"info": json.dumps(info or {})})
@@ -121,12 +105,12 @@ class ScoreCache:
     def load(self, key: str) -> SimilarityAccumulator | None:
         tensors = self._read(self._file(key))
         try:
-            return accumulator_from_tensors(tensors) if tensors is not None else None
+            return SimilarityAccumulator.from_tensors(tensors) if tensors is not None else None
         except Exception:  # a damaged entry is a miss
             return None
 
     def store(self, key: str, acc: SimilarityAccumulator, info: dict[str, Any] | None = None) -> Path:
-        return self._write(self._file(key), accumulator_tensors(acc), info)
+        return self._write(self._file(key), acc.to_tensors(), info)
 
     def load_width(self, key: str) -> dict[int, Any] | None:
         """Width statistics (`width.LayerActivations` by layer) stored under `key`, or None (miss/damaged)."""
@@ -148,7 +132,7 @@ class ScoreCache:
 
 
 class CachedScorer:
-    """Wraps a scorer (`calibration.SimilarityScorer` or `stream.StreamedScorer`): the first full scoring is
+    """Wraps a scorer (`drop.SimilarityScorer`): the first full scoring is
     looked up in / stored to the cache; re-scores after drops (`start_layer` > 0) go to the wrapped scorer.
 
     After a hit the wrapped scorer has never run, so its first re-score is a full pass (both scorers start
@@ -206,9 +190,6 @@ def width_stats_tensors(stats: dict[int, Any]) -> dict[str, torch.Tensor]:
 
 
 def width_stats_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, Any]:
-    from prunekit.importance import SquaredSums
-    from prunekit.width import LayerActivations
-
     layers = sorted({int(k.split(".")[0]) for k in tensors})
     stats: dict[int, Any] = {}
     for i in layers:

@@ -21,7 +21,7 @@ Write one JSON object per line::
 
 (``answer`` is the 0-based index of the correct choice; any number of choices >= 2), then::
 
-    from prunekit.zeroshot import make_jsonl_task, evaluate_tasks
+    from prunekit.evaluation.zeroshot import make_jsonl_task, evaluate_tasks
     make_jsonl_task("my_quiz", "data/my_quiz.jsonl", "my_tasks/")   # writes my_tasks/my_quiz.yaml
     evaluate_tasks(model, tokenizer, ["my_quiz"], task_dir="my_tasks/")
 
@@ -44,9 +44,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from prunekit.errors import TaskError
+
 __all__ = [
     "TaskError",
     "builtin_task_names",
+    "check_tasks",
     "cache_dir",
     "evaluate_tasks",
     "make_jsonl_task",
@@ -56,14 +59,10 @@ __all__ = [
 
 # Placeholder in the packaged YAML templates, replaced by the absolute path of the prepared data file.
 _DATA_PLACEHOLDER = "__PRUNEKIT_DATA_FILE__"
-_TASK_DEFS = Path(__file__).resolve().parent / "task_defs"
+_TASK_DEFS = Path(__file__).resolve().parent.parent / "task_defs"
 _LETTERS = "ABCD"
 # Task names become file names; keep them to a conservative character set.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-class TaskError(ValueError):
-    """A task name that is not known, or task data that cannot be used."""
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -383,14 +382,8 @@ def evaluate_tasks(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tasks = list(dict.fromkeys(tasks))  # de-duplicate, keep order
-    if not tasks:
-        raise TaskError("no tasks requested")
-    user_dir = Path(task_dir).expanduser() if task_dir is not None else None
-    if user_dir is not None and not user_dir.is_dir():
-        raise TaskError(f"task_dir {user_dir} is not a folder")
+    tasks = _requested(tasks)
+    user_dir = _user_dir(task_dir)
 
     with tempfile.TemporaryDirectory(prefix="prunekit-tasks-") as tmp:
         rendered = Path(tmp)
@@ -398,14 +391,8 @@ def evaluate_tasks(
         if user_dir is not None:
             include.append(user_dir)  # later include paths override earlier ones in lm-eval
         # Index the user's tasks first, so we only prepare the built-in data that is actually needed.
-        manager = TaskManager(include_path=include, include_defaults=include_lm_eval_tasks)
-        known = set(manager.all_tasks)
+        manager = _checked_index(tasks, include, include_lm_eval_tasks)
         builtins = builtin_task_names()
-        unknown = [t for t in tasks if t not in known and t not in builtins]
-        if unknown:
-            available = sorted(known | set(builtins))
-            shown = ", ".join(available[:200]) + (" ..." if len(available) > 200 else "")
-            raise TaskError(f"unknown task(s) {unknown}; available: {shown}")
         # A built-in is rendered unless the user's task_dir defines the same name (the user's wins);
         # it does override an lm-eval task of the same name (lm-eval's `mmlu` needs the hub).
         needed = [t for t in tasks if t in builtins and not _defined_in(manager, t, user_dir)]
@@ -431,7 +418,7 @@ def evaluate_tasks(
             fewshot_random_seed=seed,
         )
     if raw is None:  # only non-zero ranks in distributed runs get None
-        raise RuntimeError("lm-eval returned no results")
+        raise TaskError("lm-eval returned no results (run zero-shot tasks in a single process)")
 
     results = _collect(raw, tasks)
     configs: Mapping[str, Mapping[str, Any]] = raw.get("configs", {})
@@ -450,3 +437,45 @@ def evaluate_tasks(
             name: [_sample_record(s) for s in records] for name, records in raw.get("samples", {}).items()
         }
     return out
+
+
+def _requested(tasks: str | Sequence[str]) -> list[str]:
+    out = list(dict.fromkeys([tasks] if isinstance(tasks, str) else tasks))  # de-duplicate, keep order
+    if not out:
+        raise TaskError("no tasks requested")
+    return out
+
+
+def _user_dir(task_dir: str | Path | None) -> Path | None:
+    user_dir = Path(task_dir).expanduser() if task_dir is not None else None
+    if user_dir is not None and not user_dir.is_dir():
+        raise TaskError(f"--task-dir {user_dir} is not a folder")
+    return user_dir
+
+
+def _checked_index(tasks: Sequence[str], include: Sequence[str | Path], include_lm_eval_tasks: bool) -> Any:
+    """lm-eval's task index over `include`, after checking that every requested task is known to it or built in."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=list(include), include_defaults=include_lm_eval_tasks)
+    known = set(manager.all_tasks)
+    builtins = builtin_task_names()
+    unknown = [t for t in tasks if t not in known and t not in builtins]
+    if unknown:
+        available = sorted(known | set(builtins))
+        shown = ", ".join(available[:200]) + (" ..." if len(available) > 200 else "")
+        raise TaskError(f"unknown task(s) {', '.join(unknown)}; available: {shown}")
+    return manager
+
+
+def check_tasks(tasks: Sequence[str], *, task_dir: str | Path | None = None,
+                include_lm_eval_tasks: bool = False) -> None:
+    """Raise `TaskError` now for a task `evaluate_tasks` would reject (unknown name, missing --task-dir), so a
+    command fails before its model is loaded or its perplexity computed. No tasks: nothing to check."""
+    if not tasks:
+        return
+    tasks = _requested(tasks)
+    user_dir = _user_dir(task_dir)
+    _checked_index(tasks, [user_dir] if user_dir is not None else [], include_lm_eval_tasks)

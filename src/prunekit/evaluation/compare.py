@@ -20,12 +20,15 @@ import torch
 
 from prunekit import __version__
 from prunekit.adapters import get_adapter
-from prunekit.checkpoint import load_model, resolve_model_path, weight_bytes
 from prunekit.data import calibration_data, eval_windows, token_hash
-from prunekit.evaluate import attention_layers, decode_flops_per_token, model_summary, perplexity
+from prunekit.drop import SimilarityScores, score_model
+from prunekit.evaluation.bench import analytic_kv_bytes, benchmark, merge_rounds
+from prunekit.evaluation.perplexity import attention_layers, decode_flops_per_token, model_summary, perplexity
+from prunekit.evaluation.report import human_bytes, markdown_table, pyplot, save_figure, similarity_heatmap
+from prunekit.evaluation.zeroshot import evaluate_tasks
+from prunekit.io.checkpoint import load_model, resolve_model_path
+from prunekit.io.files import weight_bytes
 from prunekit.plans import PLAN_FILE, PruningPlan
-from prunekit.report import human_bytes, markdown_table, pyplot, save_figure, similarity_heatmap
-from prunekit.scoring import SimilarityScores
 
 
 @dataclass
@@ -81,13 +84,9 @@ def evaluate_one(spec: str, opts: CompareOptions, windows_cache: dict[str, torch
     row["perplexity"] = perplexity(model, ids, progress=opts.progress)["perplexity"]
     row["flops"] = {str(c): decode_flops_per_token(adapter, c) for c in opts.contexts}
     if opts.tasks:
-        from prunekit.zeroshot import evaluate_tasks
-
         row["zeroshot"] = evaluate_tasks(model, tok, list(opts.tasks), task_dir=opts.task_dir, limit=opts.limit,
                                          seed=opts.seed, device=opts.device)
     if opts.bench and not opts.interleave:
-        from prunekit.bench import benchmark
-
         row["bench"] = _with_analytic(benchmark(model, contexts=opts.contexts, new_tokens=opts.new_tokens,
                                                 batch=opts.batch, repeats=opts.repeats, seed=opts.seed,
                                                 progress=opts.progress), adapter, opts, row["disk_bytes"])
@@ -104,8 +103,6 @@ def evaluate_one(spec: str, opts: CompareOptions, windows_cache: dict[str, torch
 
 
 def _with_analytic(b: dict[str, Any], adapter: Any, opts: CompareOptions, disk: int | None) -> dict[str, Any]:
-    from prunekit.bench import analytic_kv_bytes
-
     b["disk_bytes"] = disk
     attn = attention_layers(adapter)
     for run in b["runs"]:
@@ -117,8 +114,6 @@ def _with_analytic(b: dict[str, Any], adapter: Any, opts: CompareOptions, disk: 
 def bench_interleaved(models: Sequence[str], rows: list[dict[str, Any]], opts: CompareOptions) -> None:
     """Speed of every model, measured round-robin: round r runs each model once, so a machine that slows
     down or speeds up during the run affects all models alike and the ratios stay honest."""
-    from prunekit.bench import benchmark, merge_rounds
-
     loaded = [load_model(spec, dtype=opts.dtype, device=opts.device, tokenizer=False)[0] for spec in models]
     rounds: list[list[dict[str, Any]]] = [[] for _ in loaded]
     for r in range(opts.repeats):
@@ -217,8 +212,6 @@ def compare(models: Sequence[str], out_dir: str | Path, opts: CompareOptions) ->
             scores = SimilarityScores.from_json(r["scores"])
             break
     if scores is None:  # no plan carried scores: score the base model on a little calibration text
-        from prunekit.drop import score_model
-
         model, tok = load_model(models[0], dtype=opts.dtype, device=opts.device)
         cal = calibration_data(tok, opts.calib, 8, 256)
         scores = score_model(model, get_adapter(model), cal, progress=opts.progress)

@@ -1,4 +1,4 @@
-"""Surgery: apply a plan to a model's weights and config, in place.
+"""Structural surgery: remove sub-layers and whole layers, and derive the config from what is left. In place.
 
 Removed sub-layers are replaced by parameter-free stand-ins (the same classes that travel inside
 heterogeneous checkpoints), and layers that lose both sub-layers are taken out of the stack. The config is
@@ -12,18 +12,10 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from prunekit import config_edit
 from prunekit.adapters import ModelAdapter
-from prunekit.hf_remote.modeling_prunekit import DroppedAttention, DroppedMLP, drop_attention, drop_mlp
-from prunekit.plans import DropTarget, PruningPlan
-
-
-def has_attention(adapter: ModelAdapter, layer: nn.Module) -> bool:
-    return not isinstance(adapter.attn(layer), DroppedAttention)
-
-
-def has_mlp(adapter: ModelAdapter, layer: nn.Module) -> bool:
-    return not isinstance(adapter.mlp(layer), DroppedMLP)
+from prunekit.hf_remote.modeling_prunekit import stock_class
+from prunekit.io import config_edit
+from prunekit.plans import DropTarget
 
 
 def mark_drops(adapter: ModelAdapter, drops: Iterable[DropTarget]) -> None:
@@ -31,20 +23,19 @@ def mark_drops(adapter: ModelAdapter, drops: Iterable[DropTarget]) -> None:
 
     The model still has all its layers afterwards, so later re-scoring and plans keep the original
     numbering; `compact` removes emptied layers at the end."""
-    names = adapter.structure_names()
     layers = adapter.layers()
     for d in drops:
         layer = layers[d.layer]
-        if d.module in ("attn", "block") and has_attention(adapter, layer):
-            drop_attention(layer, d.layer, names)
-        if d.module in ("mlp", "block") and has_mlp(adapter, layer):
-            drop_mlp(layer, names)
+        if d.module in ("attn", "block"):
+            adapter.remove_attention(layer, d.layer)
+        if d.module in ("mlp", "block"):
+            adapter.remove_mlp(layer)
 
 
 def compact(adapter: ModelAdapter) -> list[int]:
     """Remove layers that have neither attention nor MLP; renumber the rest. Returns kept original indices."""
     layers = adapter.layers()
-    keep = [i for i, layer in enumerate(layers) if has_attention(adapter, layer) or has_mlp(adapter, layer)]
+    keep = [i for i, layer in enumerate(layers) if adapter.has_attention(layer) or adapter.has_mlp(layer)]
     if len(keep) == len(layers):
         return keep
     new_layers = nn.ModuleList([layers[i] for i in keep])
@@ -58,27 +49,13 @@ def compact(adapter: ModelAdapter) -> list[int]:
     return keep
 
 
-def layer_widths(adapter: ModelAdapter, layer: nn.Module) -> dict[str, int]:
-    """Widths a layer actually has, read from its weights (empty for removed sub-layers)."""
-    out: dict[str, int] = {}
-    hd = adapter.head_dim
-    if has_attention(adapter, layer):
-        q, k, _, _ = adapter.attn_projections(layer)
-        out["num_attention_heads"] = q.out_features // hd
-        out["num_key_value_heads"] = k.out_features // hd
-    if has_mlp(adapter, layer):
-        _, up, _ = adapter.mlp_projections(layer)
-        out["intermediate_size"] = up.out_features
-    return out
-
-
 def refresh_config(adapter: ModelAdapter) -> dict[str, Any] | None:
     """Derive the config from the modules: uniform widths go into the stock fields; anything that
     differs between layers (removed sub-layers, per-layer widths) goes into `config.prunekit` with an
     `auto_map` to the checkpoint's own loader. Returns the heterogeneous structure or None."""
     cfg = adapter.config
     layers = adapter.layers()
-    widths = [layer_widths(adapter, layer) for layer in layers]
+    widths = [adapter.layer_widths(layer) for layer in layers]
     # Stock fields take the most common width so that the fewest layers need overrides.
     stock: dict[str, int] = {}
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
@@ -97,8 +74,8 @@ def refresh_config(adapter: ModelAdapter) -> dict[str, Any] | None:
         for i, w in enumerate(widths)
     }
     overrides = {k: v for k, v in overrides.items() if v}
-    dropped_attn = [i for i, layer in enumerate(layers) if not has_attention(adapter, layer)]
-    dropped_mlp = [i for i, layer in enumerate(layers) if not has_mlp(adapter, layer)]
+    dropped_attn = [i for i, layer in enumerate(layers) if not adapter.has_attention(layer)]
+    dropped_mlp = [i for i, layer in enumerate(layers) if not adapter.has_mlp(layer)]
     structure: dict[str, Any] | None = None
     if dropped_attn or dropped_mlp or overrides:
         if overrides:
@@ -125,27 +102,6 @@ def _stock_value_ok(cfg: Any, key: str, value: int) -> bool:
     except ValueError:
         return False
     return True
-
-
-def stock_class(model: nn.Module) -> type:
-    """The transformers class a (possibly prunekit-wrapped) model is built on."""
-    from prunekit.hf_remote.modeling_prunekit import PrunekitMixin
-
-    cls = type(model)
-    if issubclass(cls, PrunekitMixin):
-        return next(b for b in cls.__mro__[1:] if not issubclass(b, PrunekitMixin) and b is not PrunekitMixin)
-    return cls
-
-
-def apply_plan(adapter: ModelAdapter, plan: PruningPlan) -> dict[str, Any] | None:
-    """Apply widths (if any), then drops, then compaction and the config refresh. In place."""
-    if plan.widths:
-        from prunekit.width_surgery import apply_widths  # width pruning lives in its own module
-
-        apply_widths(adapter, plan.widths)
-    mark_drops(adapter, plan.dropped)
-    compact(adapter)
-    return refresh_config(adapter)
 
 
 def count_parameters(model: nn.Module) -> int:

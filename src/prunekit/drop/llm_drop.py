@@ -12,22 +12,13 @@ from typing import Any, Callable
 from torch import nn
 
 from prunekit.adapters import ModelAdapter
-from prunekit.calibration import SimilarityScorer
 from prunekit.data import CalibrationData
+from prunekit.drop.choose import TARGETS, Target, available_modules, candidates, check_n, plan_drops
+from prunekit.drop.scorer import SimilarityScorer
+from prunekit.drop.similarity import SimilarityScores
 from prunekit.errors import PlanError
-from prunekit.plans import (
-    TARGETS,
-    DropTarget,
-    PruningPlan,
-    Target,
-    available_modules,
-    candidates,
-    check_n,
-    normalize_drops,
-    plan_drops,
-)
-from prunekit.scoring import SimilarityScores
-from prunekit.surgery import mark_drops
+from prunekit.plans import DropTarget, PruningPlan, normalize_drops
+from prunekit.surgery import apply_plan, mark_drops
 
 
 def model_info(adapter: ModelAdapter, source: str | None = None) -> dict[str, Any]:
@@ -46,15 +37,15 @@ def model_info(adapter: ModelAdapter, source: str | None = None) -> dict[str, An
 def score_model(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, batch_size: int = 4,
                 pairwise: bool = True, progress: bool = True) -> SimilarityScores:
     """LLM-Drop similarity scores of every layer from one calibration pass."""
-    return SimilarityScorer(model, adapter, calib, batch_size=batch_size, pairwise=pairwise, rescore=False,
+    return SimilarityScorer(model, calib, adapter=adapter, batch_size=batch_size, pairwise=pairwise, rescore=False,
                             progress=progress).score()
 
 
 def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, target: Target, n: int,
              consecutive: bool = False, iterative: bool = False, batch_size: int = 4, progress: bool = True,
              source: str | None = None, make_scorer: Callable[[bool, bool], Any] | None = None) -> PruningPlan:
-    """Choose what to drop. With `iterative`, the chosen modules are already replaced in `model` when this
-    returns (they had to be, to re-score); apply the plan with `surgery.apply_plan` either way.
+    """Choose what to drop and drop it: `model` is pruned in place (`surgery.apply_plan`) when this returns,
+    and the returned plan rebuilds the same model from a fresh copy of the original.
 
     `make_scorer(pairwise, rescore)` builds the scorer (anything with `score(start_layer=0)`, like
     `SimilarityScorer`): the layer-streamed, cached and data-parallel scorers plug in here; default: an
@@ -69,7 +60,7 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
     if make_scorer is not None:
         scorer = make_scorer(consecutive or not iterative, iterative)
     else:
-        scorer = SimilarityScorer(model, adapter, calib, batch_size=batch_size,
+        scorer = SimilarityScorer(model, calib, adapter=adapter, batch_size=batch_size,
                                   pairwise=consecutive or not iterative, rescore=iterative, progress=progress)
     scores = scorer.score()
     history: list[dict[str, Any]] = []
@@ -86,6 +77,24 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
             if step + 1 < n:
                 current = scorer.score(start_layer=pick.layer)
         dropped = normalize_drops(sorted(chosen))
+    plan = _plan(dropped, scores, calib, info, target=target, n=n, consecutive=consecutive, iterative=iterative,
+                 batch_size=batch_size, history=history)
+    apply_plan(adapter, plan)
+    return plan
+
+
+def plan_from_scores(scores: SimilarityScores, adapter: ModelAdapter, calib: CalibrationData, *, target: Target,
+                     n: int, consecutive: bool = False, batch_size: int = 4, source: str | None = None) -> PruningPlan:
+    """The one-shot `llm_drop` plan from scores already computed (several `n` from one scoring pass); the
+    model is not touched."""
+    dropped = plan_drops(scores, target, n, consecutive=consecutive)
+    return _plan(dropped, scores, calib, model_info(adapter, source), target=target, n=n, consecutive=consecutive,
+                 iterative=False, batch_size=batch_size, history=[])
+
+
+def _plan(dropped: list[DropTarget], scores: SimilarityScores, calib: CalibrationData, info: dict[str, Any], *,
+          target: str, n: int, consecutive: bool, iterative: bool, batch_size: int,
+          history: list[dict[str, Any]]) -> PruningPlan:
     options = {"target": target, "n": n, "consecutive": consecutive, "iterative": iterative,
                "batch_size": batch_size}
     return PruningPlan(dropped=dropped, method=f"llm-drop/{target}", options=options, scores=scores.to_json(),

@@ -1,7 +1,4 @@
-"""`prunekit width`: TransAct width pruning (attention heads and MLP channels) to a smaller dense checkpoint.
-
-Only this module sees the argparse namespace; it unpacks it and calls `prunekit.width.width_prune`.
-"""
+"""`prunekit width`: TransAct width pruning (attention heads and MLP channels) to a smaller dense checkpoint."""
 
 from __future__ import annotations
 
@@ -10,32 +7,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from prunekit.cli.options import add_calib, add_model, add_output, add_scale, emit, parse_keep, progress
+
 # Choices spelled out here so that building the CLI parser does not import torch; a test checks them against
-# `prunekit.importance.SCORERS` and `prunekit.width.HEAD_MODES`.
+# `prunekit.width.SCORERS` and `prunekit.width.HEAD_MODES`.
 SCORER_NAMES: tuple[str, ...] = ("activation", "weight-activation")
 HEAD_MODE_NAMES: tuple[str, ...] = ("kv-groups", "query-heads")
 
-_CLI_HELP = "built-in name (smollm2-135m, gemma3-270m), local HF checkpoint directory, or hub id"
-_TEXT_HELP = "built-in corpus (wiki, c4, tiny, code, technical, multilingual), or a local .txt/.jsonl file"
 
-
-def parse_keep(text: str) -> float | int:
-    """A keep target: a value containing '.' or at most 1 is a ratio (float), otherwise a count (int)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a ratio like 0.75 or a count like 96, got {text!r}") from None
-    if "." in text or value <= 1:
-        return value
-    if not value.is_integer():
-        raise argparse.ArgumentTypeError(f"a count must be a whole number, got {text!r}")
-    return int(value)
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `width` on the CLI's subparsers (dispatch through `args.func`); returns its parser so the
-    CLI adds the options it shares with score/drop (streaming, offload directory, cache)."""
-    p = subparsers.add_parser(
+def register(sub: Any) -> None:
+    p = sub.add_parser(
         "width",
         help="TransAct width pruning: remove the weakest attention heads and MLP channels (activation-ranked, "
              "GQA-aware, iterative) and save a smaller dense checkpoint",
@@ -44,7 +25,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "between. The hidden size never changes. A keep value containing '.' or <= 1 is a ratio of each "
                     "layer's width, otherwise an absolute count per layer.",
     )
-    p.add_argument("model", help=_CLI_HELP)
+    add_model(p)
     p.add_argument("--mlp-keep", type=parse_keep, default=None, metavar="R|N",
                    help="MLP intermediate channels to keep per layer: ratio (e.g. 0.75) or count (e.g. 1152); "
                         "default: MLPs unchanged")
@@ -75,50 +56,38 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--multiple-of", type=int, default=1, metavar="M",
                    help="make every final MLP width a multiple of M (e.g. 64: faster matrix kernels); per-layer "
                         "keeps the total within M/2 of the target (default 1: exact targets)")
-    p.add_argument("--calib", default="c4",
-                   help=f"calibration text: {_TEXT_HELP} (default c4; its first half is used)")
-    p.add_argument("--samples", type=int, default=16, help="number of calibration sequences (default 16)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward pass (default 4)")
-    p.add_argument("--dtype", default="float32", help="weights dtype for loading and computing (default float32)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="no progress bars (same as the global -q)")
-    p.set_defaults(func=run)
-    return p
+    add_calib(p)
+    add_output(p)
+    add_scale(p)
+    p.set_defaults(func=cmd_width)
 
 
-def run(args: argparse.Namespace) -> int:
+def cmd_width(args: argparse.Namespace) -> int:
     """Calibrate, prune, save (in memory or layer-streamed, one process or under torchrun); prints a JSON
-    summary on rank 0. `PrunekitError`s propagate to the CLI's main."""
-    from prunekit.distributed import width_job
+    summary on rank 0."""
     from prunekit.errors import PlanError
+    from prunekit.jobs import width_job
 
     if args.mlp_keep is None and args.heads_keep is None:
         raise PlanError("nothing to prune: give --mlp-keep, --heads-keep, or both")
-    progress = not getattr(args, "quiet", False)
     result = width_job(args.model, args.out, mlp_keep=args.mlp_keep, heads_keep=args.heads_keep, mode=args.mode,
                        shots=args.shots, scorer=args.scorer, head_mode=args.head_mode,
                        min_layer_keep=args.min_layer_keep, multiple_of=args.multiple_of, calib=args.calib,
-                       samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                       stream=args.stream, offload_dir=args.offload_dir, use_cache=not args.no_cache,
-                       force=args.force, progress=progress)
+                       samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype,
+                       device=args.device, stream=args.stream, offload_dir=args.offload_dir,
+                       use_cache=not args.no_cache, force=args.force, progress=progress(args))
     if result is None:  # not rank 0 of a torchrun job
         return 0
     plan, streamed = result
-    summary = {
+    return emit({
         "out": str(args.out),
         "method": plan.method,
         "streamed": streamed,
         "parameters_before": plan.options["parameters_before"],
         "parameters_after": plan.options["parameters_after"],
-        # Heterogeneous = layers of different widths, saved with prunekit's loader (see checkpoint.py).
+        # Heterogeneous = layers of different widths, saved with prunekit's loader (see io/checkpoint.py).
         "heterogeneous": bool(json.loads((Path(args.out) / "config.json").read_text()).get("prunekit")),
         # One short line per layer: the widths it ended with.
         "widths": {k: " ".join(f"{n}={v}" for n, v in w.items())
                    for k, w in (plan.history[-1]["widths"] if plan.history else {}).items()},
-    }
-    print(json.dumps(summary, indent=2))
-    return 0
+    })

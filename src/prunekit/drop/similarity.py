@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from prunekit.errors import DataError
+
 
 def token_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-token dot products, [tokens], computed in (at least) float32 by one fused kernel.
@@ -141,9 +143,24 @@ class SimilarityAccumulator:
         if self.pair is not None:
             self.pair += pairwise_sums(units)
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The float64 sums by name (what the score cache and the resume progress file store)."""
+        out = {"block": self.block, "attn": self.attn, "mlp": self.mlp, "tokens": self.tokens}
+        if self.pair is not None:
+            out["pair"] = self.pair
+        return {k: v.detach().to("cpu", torch.float64).contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SimilarityAccumulator":
+        acc = cls(int(tensors["block"].shape[0]), "pair" in tensors)
+        for name in ("block", "attn", "mlp", "tokens", "pair"):
+            if name in tensors:
+                getattr(acc, name).copy_(tensors[name])
+        return acc
+
     def result(self, calibration: dict[str, Any] | None = None) -> SimilarityScores:
         if bool((self.tokens == 0).any()):
-            raise RuntimeError("some layers saw no calibration tokens")
+            raise DataError("some layers saw no calibration tokens (all padding?); use longer calibration text")
         n = self.tokens
         pair = None
         if self.pair is not None:

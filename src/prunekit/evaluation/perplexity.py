@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.adapters import ModelAdapter
-from prunekit.surgery import count_parameters, has_attention
+from prunekit.surgery import count_parameters
 
 
 @torch.no_grad()
@@ -43,27 +43,25 @@ def kv_bytes_per_token(adapter: ModelAdapter, dtype_bytes: int | None = None) ->
     itemsize = dtype_bytes or adapter.dtype().itemsize
     total = 0
     for layer in adapter.layers():
-        if has_attention(adapter, layer):
+        if adapter.has_attention(layer):
             _, k, v, _ = adapter.attn_projections(layer)
             total += (k.out_features + v.out_features) * itemsize
     return total
 
 
 def attention_layers(adapter: ModelAdapter) -> list[int]:
-    return [i for i, layer in enumerate(adapter.layers()) if has_attention(adapter, layer)]
+    return [i for i, layer in enumerate(adapter.layers()) if adapter.has_attention(layer)]
 
 
 def model_summary(adapter: ModelAdapter) -> dict[str, Any]:
     layers = adapter.layers()
     attn = attention_layers(adapter)
-    from prunekit.surgery import has_mlp
-
     return {
         "params": count_parameters(adapter.model),
         "kv_bytes_per_token": kv_bytes_per_token(adapter),
         "num_layers": len(layers),
         "attention_layers": len(attn),
-        "mlp_layers": sum(1 for layer in layers if has_mlp(adapter, layer)),
+        "mlp_layers": sum(1 for layer in layers if adapter.has_mlp(layer)),
         "dtype": str(adapter.dtype()).replace("torch.", ""),
     }
 
@@ -73,17 +71,15 @@ def decode_flops_per_token(adapter: ModelAdapter, context: int) -> dict[str, int
     decoder layers' attention and MLP (what pruning removes) and the LM head (what it never removes).
 
     Used as the *ideal* speed-up a pruned model could reach if time followed compute exactly."""
-    from prunekit.surgery import has_mlp
-
     attn = mlp = 0
     hd = adapter.head_dim
     for layer in adapter.layers():
-        if has_attention(adapter, layer):
+        if adapter.has_attention(layer):
             q, k, v, o = adapter.attn_projections(layer)
             proj = sum(m.in_features * m.out_features for m in (q, k, v, o))
             heads = q.out_features // hd
             attn += 2 * proj + 2 * 2 * context * heads * hd  # projections + scores and weighted sum
-        if has_mlp(adapter, layer):
+        if adapter.has_mlp(layer):
             mats = [m for m in adapter.mlp_projections(layer) if m is not None]
             mlp += 2 * sum(m.in_features * m.out_features for m in mats)
     head = adapter.lm_head()

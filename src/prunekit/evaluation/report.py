@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from prunekit.scoring import SimilarityScores
+from prunekit.drop.similarity import SimilarityScores
 
 
 def human_bytes(n: float | int | None) -> str:

@@ -26,25 +26,12 @@ from torch import nn
 
 from prunekit.adapters import ModelAdapter
 from prunekit.errors import PlanError
-from prunekit.hf_remote.modeling_prunekit import DroppedAttention, DroppedMLP
 from prunekit.plans import LayerWidth
 
 # Head-count attributes some attention implementations cache on the module (HF Llama-style modules only
 # cache `num_key_value_groups`; others, and older versions, keep these).
 _HEAD_ATTRS = ("num_heads", "num_attention_heads")
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
-
-
-def attention_shape(adapter: ModelAdapter, layer: nn.Module) -> tuple[int, int]:
-    """(query heads, KV heads) a layer's attention currently has, read from its weights."""
-    q, k, _, _ = adapter.attn_projections(layer)
-    hd = adapter.head_dim
-    return q.out_features // hd, k.out_features // hd
-
-
-def mlp_width(adapter: ModelAdapter, layer: nn.Module) -> int:
-    _, up, _ = adapter.mlp_projections(layer)
-    return up.out_features
 
 
 def _check_indices(name: str, layer: int, idx: list[int], size: int) -> list[int]:
@@ -148,17 +135,17 @@ def apply_widths(adapter: ModelAdapter, widths: Mapping[int, LayerWidth]) -> Non
         layer = layers[i]
         heads_kv = None
         if w.heads is not None or w.kv_heads is not None:
-            if isinstance(adapter.attn(layer), DroppedAttention):
+            if not adapter.has_attention(layer):
                 raise PlanError(f"the plan narrows the attention of layer {i}, which has no attention")
-            nh, nkv = attention_shape(adapter, layer)
+            nh, nkv = adapter.attention_shape(layer)
             want = (nh if w.heads is None else len(w.heads), nkv if w.kv_heads is None else len(w.kv_heads))
             if want != (nh, nkv):  # equal: already narrowed (or keeps everything), see the module docstring
                 heads_kv = _resolve_heads(i, w, nh, nkv)
         channels = None
         if w.channels is not None:
-            if isinstance(adapter.mlp(layer), DroppedMLP):
+            if not adapter.has_mlp(layer):
                 raise PlanError(f"the plan narrows the MLP of layer {i}, which has no MLP")
-            width = mlp_width(adapter, layer)
+            width = adapter.mlp_width(layer)
             if len(w.channels) != width:
                 channels = _check_indices("MLP channels", i, w.channels, width)
         todo.append((layer, heads_kv, channels))

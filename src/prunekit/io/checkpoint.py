@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from prunekit.assets import BUILTIN_MODELS, builtin_model_dir
-from prunekit.config_edit import REMOTE_MODULE
-from prunekit.errors import CheckpointError
+from prunekit.errors import CheckpointError, DtypeError
 from prunekit.hf_remote import modeling_prunekit
+from prunekit.io.assets import BUILTIN_MODELS, builtin_model_dir
+from prunekit.io.config_edit import REMOTE_MODULE
+from prunekit.io.files import read_index
 from prunekit.plans import PLAN_FILE, PruningPlan
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -32,7 +34,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in _DTYPES:
-        raise CheckpointError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+        raise DtypeError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
     return _DTYPES[name]
 
 
@@ -57,22 +59,12 @@ def _check_local_dir(path: Path) -> None:
     weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
     if not weights:
         raise CheckpointError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is corrupt: {e}") from e
-        missing = sorted(s for s in shards if not (path / s).is_file())
-        if missing:
-            raise CheckpointError(f"{path} is missing weight shards: {', '.join(missing)}")
+    read_index(path)  # a corrupt index or a missing shard is one clear error
 
 
 def model_class_for(config: Any) -> type:
     """The class that builds `config`: the stock transformers class, wrapped when the config describes a
     heterogeneous prunekit structure."""
-    from transformers import AutoModelForCausalLM
-
     try:
         base = AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError as e:
@@ -85,8 +77,6 @@ def model_class_for(config: Any) -> type:
 def load_model(spec: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
                tokenizer: bool = True) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) from a built-in name, a local checkpoint directory, or a hub id."""
-    from transformers import AutoConfig, AutoTokenizer
-
     path = resolve_model_path(spec)
     local = Path(path)
     if local.exists():
@@ -103,13 +93,40 @@ def load_model(spec: str | Path, *, dtype: str | torch.dtype = "float32", device
     except Exception as e:
         raise CheckpointError(f"cannot load weights from {spec!r}: {e}") from e
     model.to(device).eval()
-    tok = None
-    if tokenizer:
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-        except Exception as e:
-            raise CheckpointError(f"cannot load a tokenizer from {spec!r}: {e}") from e
-    return model, tok
+    return model, (load_tokenizer(path, spec) if tokenizer else None)
+
+
+def load_tokenizer(path: str | Path, spec: str | Path | None = None) -> Any:
+    """The tokenizer saved with a checkpoint (one `CheckpointError` when it cannot be loaded)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot load a tokenizer from {spec or path!r}: {e}") from e
+
+
+def load_generation_config(path: Path) -> Any:
+    """The generation config `from_pretrained` would attach (its file, or one derived from config.json), so
+    that a streamed save writes the same generation_config.json as the in-memory path."""
+    try:
+        return GenerationConfig.from_pretrained(str(path))
+    except OSError:
+        return GenerationConfig.from_pretrained(str(path), config_file_name="config.json", _from_model_config=True)
+
+
+def build_skeleton(path: str | Path, dtype: str | torch.dtype = "float32") -> nn.Module:
+    """The model of a local checkpoint built on the meta device: every module and shape, no weight memory.
+    The class is the one `load_model` uses (stock, or prunekit's heterogeneous wrapper)."""
+    path = Path(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers raises OSError/ValueError: one message for all
+        raise CheckpointError(f"cannot load a config from {path}: {e}") from e
+    cls = model_class_for(config)
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=parse_dtype(dtype))
+    if model.can_generate():
+        model.generation_config = load_generation_config(path)
+    return model.eval()
 
 
 def remote_code_source(base_class_name: str) -> str:
@@ -159,42 +176,15 @@ def write_companions(folder: Path, tokenizer: Any, remote_base: str | None, plan
 def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, plan: PruningPlan | None = None, *,
                     force: bool = False) -> Path:
     """Write model + tokenizer + plan to `out`, all or nothing (temporary directory, then rename)."""
-    from prunekit.surgery import stock_class
-
     out = prepare_output_dir(out, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         heterogeneous = bool(getattr(model.config, "prunekit", None))
-        write_companions(tmp, tokenizer, stock_class(model).__name__ if heterogeneous else None, plan)
+        write_companions(tmp, tokenizer, modeling_prunekit.stock_class(model).__name__ if heterogeneous else None,
+                         plan)
         commit_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def weight_bytes(path: str | Path) -> int:
-    """Bytes of the weight files of a checkpoint directory."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-
-
-def tensor_bytes(path: str | Path) -> int:
-    """Bytes of tensor data (excluding safetensors headers) in a checkpoint directory."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                sl = st.get_slice(name)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                total += n * _itemsize(sl.get_dtype())
-    return total
-
-
-def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-            "BOOL": 1}.get(dtype, 4)

@@ -1,0 +1,66 @@
+"""Command line: `prunekit {score,drop,width,heal,eval,bench,compare,demo} ...` (also `python -m prunekit`).
+
+One parser with shared option groups (`options`), one module per family of commands, one handler
+convention (`cmd_<name>(args) -> int`, registered by each module's `register`), one output convention (one
+JSON summary on stdout; tables and progress on stderr). Command names, options and the JSON files they
+write are a contract that other tools read. Handlers import the library lazily so that `--help` does not
+load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from prunekit.cli import demo, drop, evaluate, heal, width
+from prunekit.cli.options import Parser
+from prunekit.errors import PrunekitError
+
+COMMANDS = (drop, width, heal, evaluate, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="prunekit",
+        description="Structured pruning of Hugging Face causal LMs: LLM-Drop layer dropping and TransAct "
+                    "width pruning, with side-by-side measurements.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    for module in COMMANDS:
+        module.register(sub)
+    for p in sub.choices.values():  # `prunekit width ... --quiet` as well as `prunekit -q width ...`
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress bars (same as the global -q)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        args = build_parser().parse_args(argv)
+        if args.quiet:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # transformers' own bars (loading, converting, saving)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except PrunekitError as e:
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # The environment, not the input: a path that cannot be written, a full disk. One line, as above;
+        # outputs are committed by rename only when complete, so nothing half-written is left.
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

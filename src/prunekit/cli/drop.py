@@ -1,0 +1,71 @@
+"""`prunekit score` and `prunekit drop`: LLM-Drop similarity scores, and layer dropping to a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from prunekit.cli.options import add_calib, add_model, add_output, add_scale, check_writable_file, emit, progress
+
+TARGET_NAMES = ("attn", "mlp", "block", "joint")  # spelled out so that building the parser needs no torch
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("score", help="LLM-Drop similarity scores of every layer (block, attention, MLP)",
+                       description="One calibration pass; for every layer, the mean cosine similarity of the "
+                                   "residual stream before/after the block, the attention and the MLP.")
+    add_model(p)
+    add_calib(p)
+    add_scale(p)
+    p.add_argument("--json", required=True, help="output JSON path")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("drop", help="drop the most redundant attention/MLP/blocks and save a smaller checkpoint",
+                       description="LLM-Drop: score, drop the n most redundant modules, save the smaller model "
+                                   "with its tokenizer and prunekit_plan.json.")
+    add_model(p)
+    p.add_argument("--target", required=True, choices=TARGET_NAMES,
+                   help="attn: Attention Drop; mlp: MLP Drop; block: Block Drop; joint: attention and MLP "
+                        "modules ranked together")
+    p.add_argument("--n", type=int, required=True, help="number of modules (layers, for block) to drop")
+    p.add_argument("--consecutive", action="store_true",
+                   help="Block Drop of the best consecutive run of n blocks (by cos(h_i, h_{i+n}))")
+    p.add_argument("--iterative", action="store_true",
+                   help="drop one module at a time and re-score the layers after it (default: one-shot)")
+    add_calib(p)
+    add_output(p)
+    add_scale(p)
+    p.set_defaults(func=cmd_drop)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from prunekit.cli.options import write_json
+    from prunekit.jobs import score_job
+
+    check_writable_file(args.json)
+    # In memory or layer-streamed, one process or several under torchrun (rank 0 writes).
+    result = score_job(str(args.model), calib=args.calib, samples=args.samples, seq_len=args.seq_len,
+                       batch_size=args.batch_size, dtype=args.dtype, device=args.device, stream=args.stream,
+                       offload_dir=args.offload_dir, use_cache=not args.no_cache, progress=progress(args))
+    if result is None:
+        return 0
+    out = result.scores.to_json()
+    out["model"] = result.model_info
+    write_json(out, args.json)
+    return emit({"json": str(args.json), "layers": result.scores.num_layers, "streamed": result.streamed,
+                 "cache_hit": result.cache_hit})
+
+
+def cmd_drop(args: argparse.Namespace) -> int:
+    from prunekit.jobs import drop_job
+
+    # Fails on an existing --out before any expensive work; rank 0 saves under torchrun.
+    plan = drop_job(str(args.model), args.out, target=args.target, n=args.n, consecutive=args.consecutive,
+                    iterative=args.iterative, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
+                    batch_size=args.batch_size, dtype=args.dtype, device=args.device, stream=args.stream,
+                    offload_dir=args.offload_dir, use_cache=not args.no_cache, force=args.force,
+                    progress=progress(args))
+    if plan is None:
+        return 0
+    return emit({"out": str(args.out), "method": plan.method,
+                 "dropped": [f"{d.module}@{d.layer}" for d in plan.dropped]})

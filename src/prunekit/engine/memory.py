@@ -1,0 +1,44 @@
+"""How much memory is free, and whether a checkpoint should be layer-streamed instead of loaded whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import torch
+
+from prunekit.io.checkpoint import parse_dtype, resolve_model_path
+from prunekit.io.files import CheckpointFiles
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still use: MemAvailable, capped by a cgroup v2 limit (containers) when set."""
+    avail = int(psutil.virtual_memory().available)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            avail = min(avail, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Free memory of an accelerator device, or the host's available memory for the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return available_memory_bytes()
+
+
+def should_stream(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+                  *, headroom: float = 1.3) -> bool:
+    """Whether the checkpoint would not fit: its weights in `dtype`, times `headroom` (loading copies,
+    activations, the Python process), exceed the free memory of `device`. A non-local model (hub id) is
+    never streamed (streaming reads local safetensors files)."""
+    local = Path(resolve_model_path(path))
+    if not local.is_dir() or not list(local.glob("*.safetensors")):
+        return False
+    need = CheckpointFiles(local).numel_bytes(parse_dtype(dtype))
+    return need * headroom > device_free_bytes(torch.device(device))

@@ -1,0 +1,159 @@
+"""Streamed layers: a model larger than the memory it is given, as a layer source.
+
+The model is built as a *skeleton* on the meta device (no weights). The runner asks for one decoder layer at
+a time; it is materialised straight from the memory-mapped safetensors files, every calibration batch's
+hidden states are pushed through it, and it is released before the next one is loaded. Peak memory is one
+layer's weights plus the calibration hidden states (which can spill to disk), whatever the number of layers.
+The same layer modules are called with the same weights, inputs and keyword arguments as a resident model,
+so on the same device the hidden states, and hence every statistic, equal the in-memory ones.
+
+Width pruning narrows the meta skeleton with the ordinary surgery (shapes only); `set_widths` records the
+kept original indices, and every later read cuts each layer from the files already to them
+(`surgery.widths.width_slices`).
+
+Plans and drops work on the skeleton unchanged (drops replace modules; weights are only read when a layer is
+materialised, and only the tensors the current modules have are read). `prunekit.save` writes the pruned
+checkpoint tensor by tensor from the source files.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from prunekit.adapters import ModelAdapter, get_adapter
+from prunekit.engine.sources import LayerCall, capture_calls
+from prunekit.errors import CheckpointError
+from prunekit.io.checkpoint import build_skeleton, parse_dtype, resolve_model_path
+from prunekit.io.files import CheckpointFiles
+from prunekit.plans import LayerWidth
+from prunekit.surgery.widths import width_slices
+
+
+class StreamedLayers:
+    """A meta-device skeleton of a local checkpoint plus the means to materialise one module at a time.
+
+    `adapter` is an ordinary `ModelAdapter` over the skeleton, so plans, drops and width surgery work on it
+    unchanged."""
+
+    resumable = True
+
+    def __init__(self, path: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
+        local = Path(resolve_model_path(path))
+        if not local.is_dir() or not (local / "config.json").is_file():
+            raise CheckpointError(f"layer streaming needs a local checkpoint directory with config.json; got {path!r}")
+        self.path = local
+        self.dtype = parse_dtype(dtype)
+        self.device = torch.device(device)
+        self.files = CheckpointFiles(local)
+        self.model = build_skeleton(local, self.dtype)
+        self.adapter: ModelAdapter = get_adapter(self.model)
+        # Checkpoint keys follow module names; a tied embedding may be stored under either of its names.
+        tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
+        self._aliases: dict[str, str] = {}
+        for target, source in tied.items():
+            self._aliases[target] = source
+            self._aliases[source] = target
+        first_layer = self.adapter.layer_prefix(0)
+        if self.adapter.num_layers and not any(n.startswith(first_layer) for n in self.files.names()):
+            raise CheckpointError(
+                f"{local}: no tensors named {first_layer}*; layer streaming needs checkpoint tensor names that "
+                "follow the model's module names (re-save it with this transformers version)")
+        self._aux_ready = False
+        self.widths: dict[int, LayerWidth] = {}
+
+    # --- materialisation ---------------------------------------------------------------------------------
+    def source_name(self, name: str) -> str:
+        """The checkpoint tensor that holds the module tensor `name` (itself, or its tied twin)."""
+        if name in self.files:
+            return name
+        alias = self._aliases.get(name)
+        if alias is not None and alias in self.files:
+            return alias
+        raise CheckpointError(f"{self.path} has no tensor {name!r}")
+
+    def materialise(self, module: nn.Module, prefix: str,
+                    slices: dict[str, tuple[int, torch.Tensor]] | None = None) -> None:
+        """Give `module` (whose tensor names start with `prefix`) its weights from the files, in the dtypes the
+        skeleton chose, then compute non-persistent buffers (rotary frequencies, embedding scales) the way
+        transformers does when it loads a checkpoint (`_init_weights`).
+
+        `slices`: {tensor name relative to `module`: (dim, kept indices)} cut from the stored tensors first,
+        for a module the skeleton has narrowed."""
+        wanted = module.state_dict(keep_vars=True)
+        sources = {k: self.source_name(prefix + k) for k in wanted}
+        loaded = self.files.load(set(sources.values()), self.device)
+        sd: dict[str, torch.Tensor] = {}
+        for k, meta in wanted.items():
+            t = loaded[sources[k]]
+            if slices and k in slices:
+                dim, idx = slices[k]
+                t = t.index_select(dim, idx.to(t.device))
+            if tuple(t.shape) != tuple(meta.shape):
+                raise CheckpointError(f"{self.path}: tensor {sources[k]} has shape {tuple(t.shape)}, the config "
+                                      f"expects {tuple(meta.shape)}")
+            sd[k] = t.to(dtype=meta.dtype) if t.is_floating_point() and meta.is_floating_point() else t
+        module.load_state_dict(sd, strict=True, assign=True)
+        self._init_buffers(module)
+
+    def _init_buffers(self, module: nn.Module) -> None:
+        for sub in module.modules():
+            meta = [(n, b) for n, b in sub.named_buffers(recurse=False) if b is not None and b.is_meta]
+            if not meta:
+                continue
+            # transformers' init functions skip tensors flagged as initialised: keep the loaded weights.
+            for p in sub.parameters(recurse=False):
+                p._is_hf_initialized = True  # type: ignore[attr-defined]
+            for n, b in meta:
+                persistent = n not in sub._non_persistent_buffers_set
+                sub.register_buffer(n, torch.empty_like(b, device=self.device), persistent=persistent)
+            self.model._init_weights(sub)  # type: ignore[operator]
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        """Drop a module's weights (back to meta); the memory-mapped pages go with the tensors."""
+        module.to_empty(device="meta")
+
+    def materialise_layer(self, i: int) -> nn.Module:
+        """Decoder layer `i` with its weights (narrowed to `widths[i]` when set); `release` it after use."""
+        layer = self.adapter.layers()[i]
+        w = self.widths.get(i)
+        self.materialise(layer, self.adapter.layer_prefix(i), width_slices(self.adapter, layer, w) if w is not None else None)
+        return layer
+
+    # --- the LayerSource protocol ----------------------------------------------------------------------------
+    @contextmanager
+    def layer(self, i: int) -> Iterator[nn.Module]:
+        layer = self.materialise_layer(i)
+        try:
+            yield layer
+        finally:
+            self.release(layer)
+
+    def set_widths(self, widths: Mapping[int, LayerWidth]) -> None:
+        self.widths = dict(widths)
+
+    def capture(self, ids: torch.Tensor, mask: torch.Tensor, *,
+                embed: bool = False) -> tuple[torch.Tensor | None, dict[int, LayerCall]]:
+        if not self._aux_ready:  # the rotary embedding, typically: small, needed for every capture
+            for prefix, child in self.adapter.aux_modules():
+                self.materialise(child, prefix)
+            self._aux_ready = True
+        return capture_calls(self.adapter, ids, mask, self.device, embed=embed, dtype=self.dtype)
+
+    @contextmanager
+    def embedding(self) -> Iterator[None]:
+        emb = self.adapter.embed()
+        self.materialise(emb, self.adapter.spec.embed + ".")
+        try:
+            yield
+        finally:
+            self.release(emb)
+            # Loading assigned the embedding a new Parameter, which unties a tied LM head; tie it again so
+            # the skeleton stays the model `from_pretrained` builds (parameter counts, saved tensor names).
+            if self._aliases:
+                self.model.tie_weights()

@@ -1,0 +1,186 @@
+"""What every job shares: loading a model as a layer source (in memory, or layer-streamed when it would not
+fit), its calibration data and this rank's shard, and the scorers and collectors wrapped with the cache and
+the all-reduce. The jobs themselves (`score`, `drop`, `width`, `heal`) compose these; the CLI calls them."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from prunekit.adapters import get_adapter
+from prunekit.data import CalibrationData, calibration_data
+from prunekit.drop.scorer import SimilarityScorer
+from prunekit.engine.memory import should_stream
+from prunekit.engine.sources import LayerSource, ResidentLayers
+from prunekit.engine.streamed import StreamedLayers
+from prunekit.errors import CheckpointError, StorageError
+from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
+from prunekit.jobs.cache import CachedScorer, CachedWidthCollector, ScoreCache, model_fingerprint, score_key
+from prunekit.jobs.dist import (
+    AllReduceCollector,
+    AllReduceScorer,
+    DistEnv,
+    process_group,
+    resolve_device,
+    shard_calibration,
+)
+from prunekit.width.importance import SCORERS
+from prunekit.width.stats import ActivationCollector
+
+
+def writable_dir(path: str | Path | None, what: str) -> Path | None:
+    """Create `path` if needed and check that files can be written there (before any expensive work)."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".prunekit-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StorageError(f"{what} {p} cannot be written: {e.strerror or e}") from e
+    return p
+
+
+@contextmanager
+def distributed(device: str, offload_dir: str | Path | None) -> Iterator[tuple[DistEnv, torch.device]]:
+    """This process's rank and device, inside the torchrun process group when there is one; the offload
+    directory is checked before anything is loaded."""
+    env = DistEnv.from_env()
+    dev = resolve_device(device, env)
+    writable_dir(offload_dir, "the offload directory")
+    with process_group(env, dev):
+        yield env, dev
+
+
+@dataclass
+class Job:
+    """What a job has loaded: the model as a layer source, its tokenizer and calibration data (all of it, and
+    this rank's shard)."""
+
+    env: DistEnv
+    device: torch.device
+    spec: str
+    local: Path | None
+    source: LayerSource
+    tokenizer: Any
+    calib: CalibrationData
+    shard: CalibrationData
+    streamed: bool
+
+
+def load_job(model: str, *, calib: str | Path, samples: int, seq_len: int, batch_size: int, dtype: str,
+             env: DistEnv, device: torch.device, stream: bool | None) -> Job:
+    """`stream`: True = layer-streamed, False = in memory, None = streamed only when it would not fit."""
+    path = resolve_model_path(model)
+    local = Path(path) if Path(path).is_dir() else None
+    streamed = should_stream(path, dtype, device) if stream is None else stream
+    source: LayerSource
+    if streamed:
+        if local is None:
+            raise CheckpointError(f"--stream needs a local checkpoint directory; {model!r} is not one")
+        source, tok = StreamedLayers(local, dtype=dtype, device=device), load_tokenizer(local, model)
+    else:
+        net, tok = load_model(path, dtype=dtype, device=device)
+        source = ResidentLayers(net, get_adapter(net))
+    data = calibration_data(tok, calib, samples, seq_len)
+    return Job(env, device, str(model), local, source, tok, data, shard_calibration(data, batch_size, env), streamed)
+
+
+def _cache_key(job: Job, options: dict[str, Any]) -> str:
+    assert job.local is not None
+    return score_key(model_fingerprint(job.local), job.shard, {**options, "device": job.device.type})
+
+
+class ScorerFactory:
+    """Builds `make_scorer(pairwise, rescore)` for `llm_drop`: cached and all-reduced; remembers its scorers
+    so their work directories can be removed at the end.
+
+    Where hidden states live: a resumable source (streamed: long runs) keeps them in the cache's run
+    directory for its key (or `offload_dir`), so the same command started again continues where an
+    interrupted one stopped; a resident model keeps them in RAM."""
+
+    def __init__(self, job: Job, *, batch_size: int, dtype: str, offload_dir: str | Path | None, use_cache: bool,
+                 progress: bool):
+        self.job = job
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.offload_dir = Path(offload_dir) if offload_dir is not None else None
+        self.cache = ScoreCache() if use_cache and job.local is not None else None
+        self.progress = progress and job.env.is_main
+        self.scorers: list[tuple[SimilarityScorer, bool]] = []  # (scorer, work dir kept for a resume)
+        self.cached: list[CachedScorer] = []
+
+    def _work_dir(self, key: str | None) -> Path | None:
+        if not self.job.source.resumable:
+            return None
+        if key is not None:
+            return self.offload_dir / key if self.offload_dir else self.cache.run_dir(key)  # type: ignore[union-attr]
+        if self.offload_dir is not None:
+            return self.offload_dir / f"run-{os.getpid()}-{self.job.env.rank}"
+        return None
+
+    def __call__(self, pairwise: bool, rescore: bool) -> Any:
+        job = self.job
+        key = None
+        if self.cache is not None:
+            key = _cache_key(job, {"batch_size": self.batch_size, "pairwise": pairwise, "dtype": str(self.dtype)})
+        scorer = SimilarityScorer(job.source, job.shard, batch_size=self.batch_size, pairwise=pairwise,
+                                  rescore=rescore, work_dir=self._work_dir(key), progress=self.progress)
+        self.scorers.append((scorer, key is not None))
+        wrapped: Any = scorer
+        if self.cache is not None and key is not None:
+            wrapped = CachedScorer(scorer, self.cache, key, job.shard.describe(),
+                                   info={"model": job.spec, "calibration": job.shard.describe()})
+            self.cached.append(wrapped)
+        if job.env.is_distributed:
+            wrapped = AllReduceScorer(wrapped, job.calib.describe(), job.device)
+        return wrapped
+
+    def cleanup(self, success: bool) -> None:
+        """Remove work directories: all after success; after a failure only those that cannot be resumed."""
+        for s, keyed in self.scorers:
+            if success or not keyed:
+                s.cleanup()
+
+    @property
+    def cache_hit(self) -> bool:
+        return any(c.hit for c in self.cached)
+
+
+@contextmanager
+def scoring(factory: ScorerFactory) -> Iterator[ScorerFactory]:
+    """Clean the scorers' work directories up afterwards (keeping a resumable one after a failure)."""
+    ok = False
+    try:
+        yield factory
+        ok = True
+    finally:
+        factory.cleanup(ok)
+
+
+def width_collector(job: Job, *, scorer: str, batch_size: int, dtype: str, offload_dir: str | Path | None,
+                    use_cache: bool, progress: bool) -> tuple[Any, ActivationCollector]:
+    """(the collector `width_prune` calls, the inner one whose work directory to clean up). Every shot's
+    statistics are cached (keyed also by the widths cut so far), so an interrupted run resumes per shot."""
+    keep_weights = SCORERS[scorer].uses_weight
+    work = None
+    if offload_dir is not None and job.source.resumable:
+        work = Path(offload_dir) / f"width-run-{os.getpid()}-{job.env.rank}"
+    inner = ActivationCollector(job.source, job.shard, batch_size=batch_size, work_dir=work,
+                                keep_weights=keep_weights, progress=progress and job.env.is_main)
+    collector: Any = inner
+    if use_cache and job.local is not None:
+        key = _cache_key(job, {"kind": "width", "batch_size": batch_size, "dtype": str(dtype), "weights": keep_weights})
+        collector = CachedWidthCollector(collector, ScoreCache(), key,
+                                         info={"model": job.spec, "calibration": job.shard.describe()})
+    if job.env.is_distributed:
+        collector = AllReduceCollector(collector, job.device)
+    return collector, inner
+

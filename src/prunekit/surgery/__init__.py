@@ -1,0 +1,45 @@
+"""Surgery: apply a plan to a model's weights and config, in place.
+
+`apply_plan` is the one way a plan changes a model, for both algorithms: widths first (kept indices of the
+original layers), then drops, then compaction and the config refresh. `llm_drop` and `width_prune` call it
+before they return, so their model is pruned when they return; applying the same plan again to that model
+changes nothing (the model remembers which plans it carries), and applying it to a fresh copy of the
+original model rebuilds the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from prunekit.adapters import ModelAdapter
+from prunekit.plans import PruningPlan
+from prunekit.surgery.structure import compact, count_parameters, mark_drops, refresh_config
+from prunekit.surgery.widths import apply_widths
+
+__all__ = ["apply_plan", "apply_widths", "compact", "count_parameters", "mark_drops", "refresh_config"]
+
+# Attribute on the model object (not global state) naming the plans already applied to it.
+_APPLIED = "_prunekit_applied_plans"
+
+
+def _fingerprint(plan: PruningPlan) -> str:
+    return hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def apply_plan(adapter: ModelAdapter, plan: PruningPlan) -> dict[str, Any] | None:
+    """Apply widths (if any), then drops, then compaction and the config refresh, in place. Returns the
+    heterogeneous structure written into the config (None for a stock one). A plan already applied to this
+    model object is not applied twice (drop indices refer to the original layers, which compaction renumbers)."""
+    applied: set[str] = getattr(adapter.model, _APPLIED, set())
+    key = _fingerprint(plan)
+    if key in applied:
+        return getattr(adapter.model.config, "prunekit", None)
+    if plan.widths:
+        apply_widths(adapter, plan.widths)
+    mark_drops(adapter, plan.dropped)
+    compact(adapter)
+    structure = refresh_config(adapter)
+    setattr(adapter.model, _APPLIED, applied | {key})
+    return structure
