@@ -108,3 +108,26 @@ def test_module_entry_point_help():
     for opt in ("--target", "--n", "--consecutive", "--iterative", "--calib", "--samples", "--seq-len", "--out",
                 "--force"):
         assert opt in proc.stdout
+
+
+def test_unknown_task_is_one_line_before_any_work(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """`prunekit eval MODEL --tasks nosuchtask`: one line, exit 2, checked before the model is loaded."""
+    import prunekit.io.checkpoint as checkpoint
+
+    ck, _ = tiny_checkpoint
+    monkeypatch.setattr(checkpoint, "load_model", None)  # loading would fail loudly
+    assert run("eval", ck, "--tasks", "nosuchtask", "--json", tmp_path / "e.json") == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prunekit: error: unknown task(s) nosuchtask; available: ")
+    assert "mmlu" in err[0] and captured.out == "" and not list(tmp_path.glob("*e.json*"))
+
+
+def test_top_level_api_names_resolve():
+    import prunekit
+
+    for name in prunekit.__all__:
+        assert getattr(prunekit, name) is not None, name
+    assert issubclass(prunekit.PrunekitError, Exception)
+    with pytest.raises(AttributeError):
+        prunekit.no_such_name  # noqa: B018

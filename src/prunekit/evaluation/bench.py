@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 __all__ = ["analytic_kv_bytes", "benchmark", "format_table", "measured_kv_bytes", "peak_rss_bytes"]
 
@@ -261,8 +262,6 @@ def benchmark(
         "decode_s", "prefill_s_all", "decode_s_all", "kv_bytes", "kv_storage_bytes", "decode_steps",
         "seq_len_after_decode", "peak_rss_bytes"[, "peak_gpu_bytes"]}, ...]}``.
     """
-    from transformers import DynamicCache
-
     if repeats < 1 or warmup < 0 or new_tokens < 0 or batch < 1:
         raise ValueError("need repeats >= 1, warmup >= 0, new_tokens >= 0, batch >= 1")
     contexts = [int(c) for c in contexts]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import transformers
 
 from prunekit import __version__
 from prunekit.adapters import get_adapter
@@ -53,12 +54,10 @@ class CompareOptions:
 
 
 def _versions() -> dict[str, str]:
-    import transformers
-
     out = {"prunekit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
            "python": platform.python_version()}
     try:
-        import lm_eval
+        import lm_eval  # the optional `eval` extra: recorded when installed
 
         out["lm_eval"] = getattr(lm_eval, "__version__", "?")
     except ImportError:

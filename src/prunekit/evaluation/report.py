@@ -27,7 +27,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 
 
 def pyplot() -> Any:
-    """matplotlib.pyplot on the headless Agg backend (never needs a display)."""
+    """matplotlib.pyplot on the headless Agg backend (never needs a display). Imported here, not at the top:
+    the backend must be chosen before pyplot is first imported, and most commands draw nothing."""
     import matplotlib
 
     matplotlib.use("Agg")

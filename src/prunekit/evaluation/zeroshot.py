@@ -218,7 +218,7 @@ def make_jsonl_task(name: str, jsonl_path: str | Path, out_dir: str | Path) -> P
     scored as the continuation ``" " + choice``, and the metrics are ``acc`` and ``acc_norm``. Pass ``out_dir``
     as ``task_dir`` to :func:`evaluate_tasks` and ask for ``name``. Returns the YAML path.
     """
-    import yaml  # lm-eval dependency
+    import yaml  # comes with the optional `eval` extra (lm-eval), like everything in this module
 
     if not _NAME_RE.match(name):
         raise TaskError(f"invalid task name {name!r}: use letters, digits, '_', '-', '.'")

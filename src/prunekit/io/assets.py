@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from prunekit.errors import CheckpointError, DataError
+from prunekit.io.config_edit import drop_quantization
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +83,6 @@ def builtin_model_dir(name: str, *, progress: bool = True) -> Path:
 
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from prunekit.io.config_edit import drop_quantization
-
     folder, fname = str(gguf_path.parent), gguf_path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)

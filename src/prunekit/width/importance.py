@@ -181,9 +181,3 @@ def removal_order(scores: torch.Tensor) -> torch.Tensor:
     """Indices sorted least important first; ties go to the lower index (stable sort), so plans are
     deterministic."""
     return torch.sort(scores.detach().to(torch.float64).cpu(), stable=True).indices
-
-
-def keep_top(scores: torch.Tensor, n: int) -> list[int]:
-    """The `n` most important indices, ascending."""
-    order = removal_order(scores)
-    return sorted(int(i) for i in order[len(order) - n:]) if n > 0 else []

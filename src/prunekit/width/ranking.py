@@ -11,10 +11,10 @@ import torch
 from prunekit.width.importance import (
     Scorer,
     SquaredSums,
+    channel_scores,
     head_units,
-    kv_group_units,
+    kv_group_scores,
     removal_order,
-    unit_scores,
     unit_terms,
 )
 
@@ -28,8 +28,7 @@ class LayerUnits:
 
 
 def rank_mlp(scorer: Scorer, acc: SquaredSums, weight: torch.Tensor) -> tuple[LayerUnits, torch.Tensor]:
-    scores = unit_scores(scorer, acc.sums, weight if scorer.uses_weight else None,
-                         torch.arange(acc.sums.shape[0]).unsqueeze(1))
+    scores = channel_scores(scorer, acc.sums, weight if scorer.uses_weight else None)
     order = removal_order(scores)
     c = len(order)
 
@@ -41,7 +40,7 @@ def rank_mlp(scorer: Scorer, acc: SquaredSums, weight: torch.Tensor) -> tuple[La
 
 def rank_kv_groups(scorer: Scorer, acc: SquaredSums, weight: torch.Tensor, nh: int, nkv: int,
                     hd: int) -> tuple[LayerUnits, torch.Tensor]:
-    scores = unit_scores(scorer, acc.sums, weight if scorer.uses_weight else None, kv_group_units(nh, nkv, hd))
+    scores = kv_group_scores(scorer, acc.sums, weight if scorer.uses_weight else None, nh, nkv)
     order = removal_order(scores)
     g = nh // nkv
 
