@@ -15,8 +15,6 @@ Both write to a temporary directory beside `out` and rename it into place when c
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +28,12 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from prunekit.engine.sources import LayerSource, ResidentLayers
 from prunekit.engine.streamed import StreamedLayers
 from prunekit.errors import CheckpointError
+from prunekit.faults import pause_point
 from prunekit.hf_remote.modeling_prunekit import stock_class
-from prunekit.io.checkpoint import (
-    commit_dir,
-    load_tokenizer,
-    prepare_output_dir,
-    resolve_model_path,
-    save_checkpoint,
-    write_companions,
-)
+from prunekit.io import config_edit
+from prunekit.io.checkpoint import load_tokenizer, resolve_model_path, save_checkpoint, write_companions
 from prunekit.io.files import INDEX_FILE, CheckpointFiles, SafetensorsWriter
+from prunekit.io.outputs import atomic_dir, prepare_output
 from prunekit.plans import PruningPlan
 from prunekit.surgery import apply_plan, apply_widths, mark_drops
 
@@ -124,7 +118,7 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
     one layer in memory (see the module docstring). `dtype`: of the written weights (None keeps the source
     checkpoint's). `tokenizer`: saved alongside; None loads the source's own."""
     src_dir = Path(resolve_model_path(src))
-    out = prepare_output_dir(out, force)
+    prepare_output(out, force)
     if dtype is None:
         dtype = _checkpoint_dtype(src_dir)
     pruned = StreamedLayers(src_dir, dtype=dtype)
@@ -145,8 +139,7 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
         meta = meta_sd[n]
         return t.to(meta.dtype) if t.is_floating_point() and meta.is_floating_point() else t
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, force) as tmp:
         weight_map: dict[str, str] = {}
         for s, shard in enumerate(tqdm(shards, desc="writing shards", disable=not progress, leave=False)):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -162,11 +155,8 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _save_configs(pruned.model, tmp)
         write_companions(tmp, tokenizer, stock_class(pruned.model).__name__ if structure else None, plan)
-        commit_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        pause_point("saving")
+    return Path(out)
 
 
 def _saved_names(model: nn.Module) -> list[str]:
@@ -191,6 +181,7 @@ def _save_configs(model: nn.Module, directory: Path) -> None:
     dtype = params[0].dtype if params else torch.float32
     model.config.dtype = str(dtype).split(".")[1]
     model.config.architectures = [type(model).__name__]
+    config_edit.drop_foreign_auto_map(model.config)
     model.config.save_pretrained(directory)
     if model.can_generate():  # type: ignore[operator]
         model.generation_config.save_pretrained(directory)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -38,7 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, `timeout` and CI cancellation send), raised like Ctrl-C so that every `finally`
+    on the way out removes its temporary files."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(e: BaseException) -> str:
+    """An error message on one line (wrapped library messages can span several)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
@@ -49,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
             hf_logging.disable_progress_bar()  # transformers' own bars (loading, converting, saving)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
-    except PrunekitError as e:
-        print(f"prunekit: error: {e}", file=sys.stderr)
+    except (PrunekitError, OSError) as e:
+        # OSError: the environment, not the input (a path that cannot be written, a full disk). Outputs are
+        # committed by rename only when complete, so nothing half-written is left either way.
+        print(f"prunekit: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except OSError as e:
-        # The environment, not the input: a path that cannot be written, a full disk. One line, as above;
-        # outputs are committed by rename only when complete, so nothing half-written is left.
-        print(f"prunekit: error: {e}", file=sys.stderr)
-        return 2
+    except Terminated:
+        print("prunekit: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("prunekit: interrupted", file=sys.stderr)
         return 130

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
 from prunekit.errors import OptionError
+from prunekit.io.outputs import prepare_output, write_json
+
+__all__ = ["Parser", "check_writable_file", "emit", "say", "write_json"]
 
 MODEL_HELP = "built-in name (smollm2-135m, gemma3-270m), local HF checkpoint directory, or hub id"
 TEXT_HELP = "built-in corpus (wiki, c4, tiny, code, technical, multilingual), or a local .txt/.jsonl file"
@@ -132,31 +133,7 @@ def progress(args: argparse.Namespace) -> bool:
 # --- outputs --------------------------------------------------------------------------------------------------------
 def check_writable_file(path: str | Path) -> Path:
     """Fail now, not after the work, when `path` cannot be written (a directory, or an unwritable folder)."""
-    path = Path(path)
-    if path.is_dir():
-        raise OptionError(f"{path} is a directory; give a file path for the JSON output")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise OptionError(f"cannot write {path}: the folder {parent} is not writable")
-    return path
-
-
-def write_json(data: Any, path: str | Path) -> None:
-    """Write JSON all or nothing (temporary file, then rename), with the user's umask for the file mode."""
-    path = check_writable_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return prepare_output(path, True, kind="file")
 
 
 def emit(summary: dict[str, Any]) -> int:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from prunekit.data import CalibrationData
 from prunekit.engine.sources import LayerCall, LayerSource
 from prunekit.errors import ActivationOverflowError
+from prunekit.faults import pause_point
 
 
 class Observer:
@@ -180,6 +181,7 @@ class LayerRunner:
                 self.valid.discard(i)
             if on_layer_done is not None:
                 on_layer_done(i)
+            pause_point("scoring")
         # The last layer's output is only needed by the observers.
         for b in range(len(self.batches)):
             store.delete(state_key(n_layers, b))

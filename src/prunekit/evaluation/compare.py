@@ -27,8 +27,9 @@ from prunekit.evaluation.bench import analytic_kv_bytes, benchmark, merge_rounds
 from prunekit.evaluation.perplexity import attention_layers, decode_flops_per_token, model_summary, perplexity
 from prunekit.evaluation.report import human_bytes, markdown_table, pyplot, save_figure, similarity_heatmap
 from prunekit.evaluation.zeroshot import evaluate_tasks
-from prunekit.io.checkpoint import load_model, resolve_model_path
+from prunekit.io.checkpoint import check_model_spec, load_model, resolve_model_path
 from prunekit.io.files import weight_bytes
+from prunekit.io.outputs import atomic_dir
 from prunekit.plans import PLAN_FILE, PruningPlan
 
 
@@ -186,9 +187,15 @@ def _plots(rows: list[dict[str, Any]], out: Path, scores: SimilarityScores | Non
 
 
 def compare(models: Sequence[str], out_dir: str | Path, opts: CompareOptions) -> dict[str, Any]:
-    """Measure every model with the same data and settings; write report.md/report.json/plots to out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Measure every model with the same data and settings; write report.md/report.json/plots to out_dir (all
+    or nothing; every model and the output folder are checked before the first is measured)."""
+    for spec in models:
+        check_model_spec(spec)
+    with atomic_dir(out_dir, force=True) as out:
+        return _compare(models, out, opts)
+
+
+def _compare(models: Sequence[str], out: Path, opts: CompareOptions) -> dict[str, Any]:
     t0 = time.time()
     torch.manual_seed(opts.seed)
     cache: dict[str, torch.Tensor] = {}

@@ -9,9 +9,7 @@ transformers) with `trust_remote_code=True`, or through `prunekit.load_model` wi
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +18,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from prunekit.errors import CheckpointError, DtypeError
+from prunekit.faults import pause_point
 from prunekit.hf_remote import modeling_prunekit
+from prunekit.io import config_edit
 from prunekit.io.assets import BUILTIN_MODELS, builtin_model_dir
 from prunekit.io.config_edit import REMOTE_MODULE
 from prunekit.io.files import read_index
+from prunekit.io.outputs import atomic_dir
 from prunekit.plans import PLAN_FILE, PruningPlan
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -77,10 +78,9 @@ def model_class_for(config: Any) -> type:
 def load_model(spec: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
                tokenizer: bool = True) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) from a built-in name, a local checkpoint directory, or a hub id."""
+    check_model_spec(spec, tokenizer=tokenizer)
     path = resolve_model_path(spec)
     local = Path(path)
-    if local.exists():
-        _check_local_dir(local)
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers raises OSError/ValueError/hub errors: one message for all
@@ -94,6 +94,28 @@ def load_model(spec: str | Path, *, dtype: str | torch.dtype = "float32", device
         raise CheckpointError(f"cannot load weights from {spec!r}: {e}") from e
     model.to(device).eval()
     return model, (load_tokenizer(path, spec) if tokenizer else None)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+
+def check_model_spec(spec: str | Path, *, tokenizer: bool = True) -> None:
+    """The checks a command runs on a model argument before loading anything: a built-in name is fine; a
+    local directory must hold a config, weights (and a tokenizer, when one is needed); anything that is
+    written like a path but does not exist is reported as such, not as an unreachable hub id."""
+    s = str(spec)
+    local = Path(s).expanduser()
+    if s in BUILTIN_MODELS and not local.exists():
+        return
+    if local.exists():
+        _check_local_dir(local)
+        if tokenizer and not any((local / f).is_file() for f in _TOKENIZER_FILES):
+            raise CheckpointError(f"{local} has no tokenizer ({', '.join(_TOKENIZER_FILES)}); save the "
+                                  "tokenizer with the checkpoint (tokenizer.save_pretrained)")
+        return
+    if not _HUB_ID.match(s):
+        raise CheckpointError(f"no such checkpoint directory: {s} (nor a built-in name: {', '.join(BUILTIN_MODELS)})")
 
 
 def load_tokenizer(path: str | Path, spec: str | Path | None = None) -> Any:
@@ -141,27 +163,6 @@ def remote_code_source(base_class_name: str) -> str:
     )
 
 
-def prepare_output_dir(out: str | Path, force: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} exists; pass --force (force=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Move a completed temporary directory into place; an existing `out` is replaced only now."""
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def write_companions(folder: Path, tokenizer: Any, remote_base: str | None, plan: PruningPlan | None) -> None:
     """Everything a checkpoint carries beside its weights and config: the tokenizer, the remote-code loader
     (heterogeneous checkpoints: `remote_base` names the stock class) and the plan."""
@@ -176,15 +177,11 @@ def write_companions(folder: Path, tokenizer: Any, remote_base: str | None, plan
 def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, plan: PruningPlan | None = None, *,
                     force: bool = False) -> Path:
     """Write model + tokenizer + plan to `out`, all or nothing (temporary directory, then rename)."""
-    out = prepare_output_dir(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    config_edit.drop_foreign_auto_map(model.config)
+    with atomic_dir(out, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         heterogeneous = bool(getattr(model.config, "prunekit", None))
         write_companions(tmp, tokenizer, modeling_prunekit.stock_class(model).__name__ if heterogeneous else None,
                          plan)
-        commit_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        pause_point("saving")
+    return Path(out)

@@ -47,17 +47,21 @@ def set_structure(config: Any, structure: dict[str, Any] | None, base_class_name
     A homogeneous result gets neither field, so its config stays stock and loads without remote code."""
     if structure:
         config.prunekit = structure
-        auto_map = dict(getattr(config, "auto_map", None) or {})
-        auto_map["AutoModelForCausalLM"] = f"{REMOTE_MODULE}.Prunekit{base_class_name}"
-        config.auto_map = auto_map
+        config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_MODULE}.Prunekit{base_class_name}"}
         return
     if hasattr(config, "prunekit"):
         del config.prunekit
+    drop_foreign_auto_map(config)
+
+
+def drop_foreign_auto_map(config: Any) -> None:
+    """Remove `auto_map` entries other than prunekit's own loader. A source model that ships remote code
+    names its .py files there, but prunekit builds every supported architecture from transformers' own
+    classes and does not copy those files, so a saved checkpoint that kept the entries would not load."""
     auto_map = dict(getattr(config, "auto_map", None) or {})
-    if auto_map.get("AutoModelForCausalLM", "").startswith(REMOTE_MODULE + "."):
-        del auto_map["AutoModelForCausalLM"]
-    if auto_map:
-        config.auto_map = auto_map
+    ours = {k: v for k, v in auto_map.items() if str(v).startswith(REMOTE_MODULE + ".")}
+    if ours:
+        config.auto_map = ours
     elif hasattr(config, "auto_map"):
         del config.auto_map
 

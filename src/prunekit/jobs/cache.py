@@ -23,9 +23,11 @@ cost nothing but the remaining layers.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from prunekit import __version__
 from prunekit.data import CalibrationData, token_hash
 from prunekit.drop.similarity import SimilarityAccumulator, SimilarityScores
 from prunekit.io.assets import cache_dir
+from prunekit.io.outputs import process_alive
 from prunekit.width.importance import SquaredSums
 from prunekit.width.stats import LayerActivations
 
@@ -123,12 +126,57 @@ class ScoreCache:
     def store_width(self, key: str, stats: dict[int, Any], info: dict[str, Any] | None = None) -> Path:
         return self._write(self._width_file(key), width_stats_tensors(stats), info)
 
+    def lock_file(self, key: str) -> Path:
+        return self.root / "locks" / f"{key}.lock"
+
     def run_dir(self, key: str) -> Path:
         """Work directory of a streamed run with this key (hidden states and progress, for resuming)."""
         return self.root / "runs" / key
 
     def clear_run(self, key: str) -> None:
         shutil.rmtree(self.run_dir(key), ignore_errors=True)
+
+
+class RunLock:
+    """An exclusive lock on a keyed work directory (flock on `locks/<key>.lock` in the score cache), held
+    while a run uses it, so two runs with the same options at once never share (and delete) each other's
+    half-finished states. The OS releases it when the process dies, so a killed run never leaves it locked;
+    the small lock file stays (removing it would let a third process lock a different file of that name)."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    @classmethod
+    def claim(cls, path: Path) -> "RunLock | None":
+        """The lock, or None when another live process holds it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return cls(fd, path)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1
+
+
+_PRIVATE_RUN = re.compile(r"(^|-)(width-)?run-(?P<pid>\d+)-\d+$")
+
+
+def remove_dead_runs(folder: Path) -> None:
+    """Remove the private (per-process, not resumable) work directories under `folder` whose process is gone:
+    what a SIGKILL left behind."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        m = _PRIVATE_RUN.search(p.name)
+        if m and p.is_dir() and not process_alive(int(m.group("pid"))):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 class CachedScorer:

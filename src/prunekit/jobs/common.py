@@ -20,7 +20,15 @@ from prunekit.engine.sources import LayerSource, ResidentLayers
 from prunekit.engine.streamed import StreamedLayers
 from prunekit.errors import CheckpointError, StorageError
 from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
-from prunekit.jobs.cache import CachedScorer, CachedWidthCollector, ScoreCache, model_fingerprint, score_key
+from prunekit.jobs.cache import (
+    CachedScorer,
+    CachedWidthCollector,
+    RunLock,
+    ScoreCache,
+    model_fingerprint,
+    remove_dead_runs,
+    score_key,
+)
 from prunekit.jobs.dist import (
     AllReduceCollector,
     AllReduceScorer,
@@ -116,24 +124,37 @@ class ScorerFactory:
         self.progress = progress and job.env.is_main
         self.scorers: list[tuple[SimilarityScorer, bool]] = []  # (scorer, work dir kept for a resume)
         self.cached: list[CachedScorer] = []
+        self.locks: list[RunLock] = []
+        for folder in (self.offload_dir, self.cache.root / "runs" if self.cache else None):
+            if folder is not None:
+                remove_dead_runs(folder)
 
-    def _work_dir(self, key: str | None) -> Path | None:
+    def _work_dir(self, key: str | None) -> tuple[Path | None, bool]:
+        """(where this scorer's hidden states live, whether that place is keyed and so kept for a resume)."""
         if not self.job.source.resumable:
-            return None
+            return None, False
+        private = f"run-{os.getpid()}-{self.job.env.rank}"
         if key is not None:
-            return self.offload_dir / key if self.offload_dir else self.cache.run_dir(key)  # type: ignore[union-attr]
+            keyed = self.offload_dir / key if self.offload_dir else self.cache.run_dir(key)  # type: ignore[union-attr]
+            lock = RunLock.claim(self.cache.lock_file(key))  # type: ignore[union-attr]
+            if lock is not None:
+                self.locks.append(lock)
+                return keyed, True
+            # Another live run with the same options holds it: work apart (not resumable) rather than share.
+            return keyed.with_name(f"{keyed.name}-{private}"), False
         if self.offload_dir is not None:
-            return self.offload_dir / f"run-{os.getpid()}-{self.job.env.rank}"
-        return None
+            return self.offload_dir / private, False
+        return None, False
 
     def __call__(self, pairwise: bool, rescore: bool) -> Any:
         job = self.job
         key = None
         if self.cache is not None:
             key = _cache_key(job, {"batch_size": self.batch_size, "pairwise": pairwise, "dtype": str(self.dtype)})
+        work, keyed = self._work_dir(key)
         scorer = SimilarityScorer(job.source, job.shard, batch_size=self.batch_size, pairwise=pairwise,
-                                  rescore=rescore, work_dir=self._work_dir(key), progress=self.progress)
-        self.scorers.append((scorer, key is not None))
+                                  rescore=rescore, work_dir=work, progress=self.progress)
+        self.scorers.append((scorer, keyed))
         wrapped: Any = scorer
         if self.cache is not None and key is not None:
             wrapped = CachedScorer(scorer, self.cache, key, job.shard.describe(),
@@ -148,6 +169,8 @@ class ScorerFactory:
         for s, keyed in self.scorers:
             if success or not keyed:
                 s.cleanup()
+        for lock in self.locks:
+            lock.release()
 
     @property
     def cache_hit(self) -> bool:
@@ -172,6 +195,7 @@ def width_collector(job: Job, *, scorer: str, batch_size: int, dtype: str, offlo
     keep_weights = SCORERS[scorer].uses_weight
     work = None
     if offload_dir is not None and job.source.resumable:
+        remove_dead_runs(Path(offload_dir))
         work = Path(offload_dir) / f"width-run-{os.getpid()}-{job.env.rank}"
     inner = ActivationCollector(job.source, job.shard, batch_size=batch_size, work_dir=work,
                                 keep_weights=keep_weights, progress=progress and job.env.is_main)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prunekit.drop import llm_drop
-from prunekit.io.checkpoint import prepare_output_dir
+from prunekit.io.outputs import prepare_output
 from prunekit.jobs.common import ScorerFactory, distributed, load_job, scoring
 from prunekit.plans import PruningPlan
 from prunekit.save import save
@@ -19,7 +19,7 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
              progress: bool = True) -> PruningPlan | None:
     """Score, choose, save the pruned checkpoint to `out` (rank 0 saves; the plan is returned on rank 0, None
     elsewhere). Options as in `score_job`."""
-    prepare_output_dir(out, force)  # fail before any expensive work
+    prepare_output(out, force)  # fail before any expensive work
     with distributed(device, offload_dir) as (env, dev):
         job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                        env=env, device=dev, stream=stream)

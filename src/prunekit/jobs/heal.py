@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.data import calibration_data
-from prunekit.io.checkpoint import load_model, prepare_output_dir, resolve_model_path
+from prunekit.io.checkpoint import load_model, resolve_model_path
+from prunekit.io.outputs import prepare_output
 from prunekit.plans import PLAN_FILE, PruningPlan
 from prunekit.recovery import check_settings, recover
 from prunekit.save import save
@@ -20,7 +21,7 @@ def heal_checkpoint(model: str, out: str, *, text: str = "c4", samples: int = 64
     """Load a checkpoint, `recover` it, save it to `out` with its plan (if it has one) plus the run's record
     appended to `plan.recovery`. Returns the record. Settings and the output are checked before loading."""
     check_settings(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup)
-    prepare_output_dir(out, force)
+    prepare_output(out, force)
     net, tok = load_model(model, dtype=dtype, device=device)
     data = calibration_data(tok, text, samples, seq_len)
     plan_file = Path(resolve_model_path(model)) / PLAN_FILE

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunekit.io.checkpoint import prepare_output_dir
+from prunekit.io.outputs import prepare_output
 from prunekit.jobs.common import distributed, load_job, width_collector
 from prunekit.plans import PruningPlan
 from prunekit.save import save
@@ -26,7 +26,7 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
     layer from the files already cut to the widths so far; the plan equals the in-memory one (tests)."""
     check_width_options(mlp_keep=mlp_keep, heads_keep=heads_keep, mode=mode, shots=shots, scorer=scorer,
                         head_mode=head_mode, min_layer_keep=min_layer_keep, multiple_of=multiple_of)
-    prepare_output_dir(out, force)  # fail before any expensive work
+    prepare_output(out, force)  # fail before any expensive work
     with distributed(device, offload_dir) as (env, dev):
         job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                        env=env, device=dev, stream=stream)
