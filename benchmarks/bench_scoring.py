@@ -21,16 +21,21 @@ import torch
 from prunekit.adapters import get_adapter
 from prunekit.data import calibration_data
 from prunekit.drop import score_model
+from prunekit.evaluation.bench import peak_rss_bytes
 from prunekit.io.checkpoint import load_model
 
 
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up: allocator, thread pools, lazy inits
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
+def interleaved(fns: dict[str, object], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each function per round, the functions run one after another inside every round, so a
+    change in machine load hits them alike and the per-round ratios stay meaningful."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator, thread pools, lazy inits
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t)
     return out
 
 
@@ -57,21 +62,22 @@ def main() -> None:
     def score(pairwise: bool) -> None:
         score_model(model, adapter, calib, batch_size=a.batch_size, pairwise=pairwise, progress=False)
 
-    fwd = timed(forward, a.repeats)
-    sc = timed(lambda: score(True), a.repeats)
-    sc_np = timed(lambda: score(False), a.repeats)
+    t = interleaved({"forward": forward, "pairwise": lambda: score(True), "plain": lambda: score(False)}, a.repeats)
+    fwd, sc, sc_np = t["forward"], t["pairwise"], t["plain"]
     f, s, s2 = statistics.median(fwd), statistics.median(sc), statistics.median(sc_np)
-    rows = [("plain forward (with LM head)", f, 1.0), ("scoring (block/attn/mlp + pairwise)", s, s / f),
-            ("scoring (block/attn/mlp)", s2, s2 / f)]
+    r_pair = statistics.median(x / y for x, y in zip(sc, fwd))
+    r_plain = statistics.median(x / y for x, y in zip(sc_np, fwd))
+    rows = [("plain forward (with LM head)", f, 1.0), ("scoring (block/attn/mlp + pairwise)", s, r_pair),
+            ("scoring (block/attn/mlp)", s2, r_plain)]
     print(f"{a.model}: {a.samples} x {a.seq_len} calibration tokens, batch {a.batch_size}, "
-          f"torch threads {torch.get_num_threads()}, median of {a.repeats}")
+          f"torch threads {torch.get_num_threads()}, {a.repeats} interleaved rounds, median per-round ratio")
     print(f"{'run':40s} {'seconds':>9s} {'x forward':>10s}")
     for name, t, r in rows:
         print(f"{name:40s} {t:9.2f} {r:10.2f}")
     result = {"model": a.model, "samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
               "repeats": a.repeats, "threads": torch.get_num_threads(), "machine": platform.machine(),
               "forward_s": fwd, "score_pairwise_s": sc, "score_s": sc_np,
-              "ratio_pairwise": s / f, "ratio": s2 / f}
+              "ratio_pairwise": r_pair, "ratio": r_plain, "peak_rss_bytes": peak_rss_bytes()}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {a.json}")

@@ -178,14 +178,22 @@ class ScorerFactory:
 
 
 @contextmanager
-def scoring(factory: ScorerFactory) -> Iterator[ScorerFactory]:
-    """Clean the scorers' work directories up afterwards (keeping a resumable one after a failure)."""
-    ok = False
-    try:
-        yield factory
-        ok = True
-    finally:
-        factory.cleanup(ok)
+def scoring_job(model: str, *, calib: str | Path, samples: int, seq_len: int, batch_size: int, dtype: str,
+                device: str, stream: bool | None, offload_dir: str | Path | None, use_cache: bool,
+                progress: bool) -> Iterator[tuple[Job, ScorerFactory]]:
+    """A loaded job and its scorer factory, inside the torchrun process group when there is one; the
+    scorers' work directories are cleaned up afterwards (a resumable one is kept after a failure)."""
+    with distributed(device, offload_dir) as (env, dev):
+        job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
+                       env=env, device=dev, stream=stream)
+        factory = ScorerFactory(job, batch_size=batch_size, dtype=dtype, offload_dir=offload_dir,
+                                use_cache=use_cache, progress=progress)
+        ok = False
+        try:
+            yield job, factory
+            ok = True
+        finally:
+            factory.cleanup(ok)
 
 
 def width_collector(job: Job, *, scorer: str, batch_size: int, dtype: str, offload_dir: str | Path | None,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prunekit.drop import llm_drop
 from prunekit.io.outputs import prepare_output
-from prunekit.jobs.common import ScorerFactory, distributed, load_job, scoring
+from prunekit.jobs.common import scoring_job
 from prunekit.plans import PruningPlan
 from prunekit.save import save
 
@@ -20,16 +20,14 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
     """Score, choose, save the pruned checkpoint to `out` (rank 0 saves; the plan is returned on rank 0, None
     elsewhere). Options as in `score_job`."""
     prepare_output(out, force)  # fail before any expensive work
-    with distributed(device, offload_dir) as (env, dev):
-        job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
-                       env=env, device=dev, stream=stream)
-        factory = ScorerFactory(job, batch_size=batch_size, dtype=dtype, offload_dir=offload_dir,
-                                use_cache=use_cache, progress=progress)
-        with scoring(factory):
-            ad = job.source.adapter
-            plan = llm_drop(ad.model, ad, job.calib, target=target, n=n,  # type: ignore[arg-type]
-                            consecutive=consecutive, iterative=iterative, batch_size=batch_size,
-                            progress=progress, source=str(model), make_scorer=factory)
-        if env.is_main:
-            save(job.source, job.tokenizer, out, plan, force=force, progress=progress)
-    return plan if env.is_main else None
+    with scoring_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
+                     device=device, stream=stream, offload_dir=offload_dir, use_cache=use_cache,
+                     progress=progress) as (job, factory):
+        ad = job.source.adapter
+        plan = llm_drop(ad.model, ad, job.calib, target=target, n=n,  # type: ignore[arg-type]
+                        consecutive=consecutive, iterative=iterative, batch_size=batch_size,
+                        progress=progress, source=str(model), make_scorer=factory)
+    # Saved outside the process group's block is fine: only rank 0 writes, and it needs no collectives.
+    if job.env.is_main:
+        save(job.source, job.tokenizer, out, plan, force=force, progress=progress)
+    return plan if job.env.is_main else None

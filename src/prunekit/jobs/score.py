@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.drop import SimilarityScores, model_info
-from prunekit.jobs.common import ScorerFactory, distributed, load_job, scoring
+from prunekit.jobs.common import scoring_job
 
 
 @dataclass
@@ -29,12 +29,9 @@ def score_job(model: str, *, calib: str | Path = "c4", samples: int = 16, seq_le
     `offload_dir`: where streamed hidden states spill (default: the cache's run directory, or RAM with
     `use_cache=False`). `use_cache`: look up / store the sums in `$PRUNEKIT_CACHE` and resume interrupted
     streamed runs."""
-    with distributed(device, offload_dir) as (env, dev):
-        job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
-                       env=env, device=dev, stream=stream)
-        factory = ScorerFactory(job, batch_size=batch_size, dtype=dtype, offload_dir=offload_dir,
-                                use_cache=use_cache, progress=progress)
-        with scoring(factory):
-            scores = factory(True, False).score()
-        result = ScoreJobResult(scores, model_info(job.source.adapter, model), job.streamed, factory.cache_hit)
-    return result if env.is_main else None
+    with scoring_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
+                     device=device, stream=stream, offload_dir=offload_dir, use_cache=use_cache,
+                     progress=progress) as (job, factory):
+        scores = factory(True, False).score()
+    result = ScoreJobResult(scores, model_info(job.source.adapter, model), job.streamed, factory.cache_hit)
+    return result if job.env.is_main else None

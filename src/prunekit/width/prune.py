@@ -223,10 +223,9 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
     return plan
 
 
+# The plan history's names for the adapter's config-field widths (part of the plan's JSON format).
+_HISTORY_NAMES = {"num_attention_heads": "heads", "num_key_value_heads": "kv_heads", "intermediate_size": "channels"}
+
+
 def width_counts(adapter: ModelAdapter, layer: nn.Module) -> dict[str, int]:
-    out: dict[str, int] = {}
-    if adapter.has_attention(layer):
-        out["heads"], out["kv_heads"] = adapter.attention_shape(layer)
-    if adapter.has_mlp(layer):
-        out["channels"] = adapter.mlp_width(layer)
-    return out
+    return {_HISTORY_NAMES[k]: v for k, v in adapter.layer_widths(layer).items()}
