@@ -55,6 +55,8 @@ class PruningPlan:
     model: dict[str, Any] = field(default_factory=dict)
     # Recovery fine-tuning runs applied after the pruning (`prunekit.recovery`), oldest first.
     recovery: list[dict[str, Any]] = field(default_factory=list)
+    # Training-free linear repair after dropping (`prunekit.repair`): the maps' fit and whether each was kept.
+    repair: dict[str, Any] | None = None
     version: str = __version__
 
     def to_json(self) -> dict[str, Any]:
@@ -71,6 +73,7 @@ class PruningPlan:
             "scores": self.scores,
             # Only when there is one, so plans of un-healed models read exactly as before.
             **({"recovery": self.recovery} if self.recovery else {}),
+            **({"repair": self.repair} if self.repair else {}),
         }
 
     @classmethod
@@ -87,6 +90,7 @@ class PruningPlan:
             calibration=dict(data.get("calibration", {})),
             model=dict(data.get("model", {})),
             recovery=list(data.get("recovery", [])),
+            repair=data.get("repair"),
             version=data.get("prunekit_version", __version__),
         )
 

@@ -41,12 +41,16 @@ class ArchSpec:
     k_norm: str | None = None
     # Sub-config holding the text decoder's settings (multimodal wrappers), or None for the config itself.
     text_config: str | None = None
+    # Whether a norm follows each sub-layer's output projection before the residual add (Gemma 3): then a
+    # linear map cannot be folded into that projection (`repair`).
+    output_norms: bool = False
 
 
 _LLAMA = ArchSpec(family="llama")
 _QWEN3 = ArchSpec(family="qwen3", q_norm="q_norm", k_norm="k_norm")
 _GEMMA3_TEXT = ArchSpec(
     family="gemma3",
+    output_norms=True,
     attn_norms=("input_layernorm", "post_attention_layernorm"),
     mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
     mid_residual="pre_feedforward_layernorm",
@@ -61,6 +65,7 @@ _GEMMA3_MM = ArchSpec(
     attn_norms=_GEMMA3_TEXT.attn_norms,
     mlp_norms=_GEMMA3_TEXT.mlp_norms,
     mid_residual=_GEMMA3_TEXT.mid_residual,
+    output_norms=True,
     q_norm="q_norm",
     k_norm="k_norm",
     text_config="text_config",
@@ -211,6 +216,10 @@ class ModelAdapter:
         if self.has_mlp(layer):
             out["intermediate_size"] = self.mlp_width(layer)
         return out
+
+    def output_projection(self, layer: nn.Module, part: str) -> nn.Linear:
+        """The projection whose output a sub-layer (`attn` or `mlp`) adds to the residual stream."""
+        return self.attn_projections(layer)[3] if part == "attn" else self.mlp_projections(layer)[2]
 
     # --- module swaps ---------------------------------------------------------------------------------------
     def remove_attention(self, layer: nn.Module, layer_idx: int) -> None:

@@ -32,6 +32,10 @@ def register(sub: Any) -> None:
                    help="Block Drop of the best consecutive run of n blocks (by cos(h_i, h_{i+n}))")
     p.add_argument("--iterative", action="store_true",
                    help="drop one module at a time and re-score the layers after it (default: one-shot)")
+    p.add_argument("--repair", choices=("none", "linear"), default="none",
+                   help="linear: fold a training-free linear map into the projection before each removed span, "
+                        "estimated on the calibration text and kept only where it lowers the loss on held-out "
+                        "calibration samples (Llama/Mistral/Qwen; in memory) (default none)")
     add_calib(p)
     add_output(p)
     add_scale(p)
@@ -64,8 +68,12 @@ def cmd_drop(args: argparse.Namespace) -> int:
                     iterative=args.iterative, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
                     batch_size=args.batch_size, dtype=args.dtype, device=args.device, stream=args.stream,
                     offload_dir=args.offload_dir, use_cache=not args.no_cache, force=args.force,
-                    progress=progress(args))
+                    repair=args.repair, progress=progress(args))
     if plan is None:
         return 0
-    return emit({"out": str(args.out), "method": plan.method,
-                 "dropped": [f"{d.module}@{d.layer}" for d in plan.dropped]})
+    summary: dict[str, Any] = {"out": str(args.out), "method": plan.method,
+                               "dropped": [f"{d.module}@{d.layer}" for d in plan.dropped]}
+    if plan.repair:
+        summary["repair"] = {k: plan.repair[k] for k in ("check_loss_unrepaired", "check_loss")}
+        summary["repair"]["applied"] = sum(s["applied"] for s in plan.repair["spans"])
+    return emit(summary)
