@@ -280,9 +280,10 @@ def test_smollm2_gguf_greedy_matches_transformers(tmp_path, name):
         for prompt in PROMPTS:
             ids = src.tokenizer(prompt)["input_ids"]
             hf_tokens, _ = _hf_greedy(src.model, ids, 16)
-            # Text prompt: llama.cpp tokenizes it itself, so this also checks the exported vocabulary.
-            got = s.complete(prompt, 16).tokens
-            assert got == hf_tokens, (name, prompt, src.tokenizer.decode(got), src.tokenizer.decode(hf_tokens))
+            # Text prompt: llama.cpp tokenizes it itself and detokenizes its output, so this also checks the
+            # exported vocabulary both ways.
+            got = s.complete(prompt, 16).text
+            assert got == src.tokenizer.decode(hf_tokens), (name, prompt)
 
 
 @pytest.mark.slow
@@ -300,3 +301,109 @@ def test_smollm2_gguf_perplexity_within_1pct(tmp_path, name):
     out = export_source(src, tmp_path / "m.gguf", format="gguf", quant="f16", progress=False)
     cpp_ppl = math.exp(llamacpp_nll(out, windows.tolist(), threads=2))
     assert abs(cpp_ppl / hf_ppl - 1) < 0.01, (name, hf_ppl, cpp_ppl)
+
+
+# --- Nemotron-NAS: a loader written from the documented keys rebuilds the same model -------------------------
+
+class _RMSNorm(torch.nn.Module):
+    def __init__(self, w: torch.Tensor, eps: float):
+        super().__init__()
+        self.w, self.eps = w, eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.w
+
+
+def _rope(x, theta: float):
+    """Rotate-half rope (what vLLM's DeciLM uses: neox style) on [heads, T, head_dim]."""
+    hd = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.arange(x.shape[-2], dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(x.dtype), torch.cat([ang.sin()] * 2, -1).to(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def nemotron_nas_logits(folder, ids: torch.Tensor) -> torch.Tensor:
+    """A DeciLM forward pass from config.json + safetensors only (keys as vLLM's nemotron_nas.py reads them)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    w = {k: v.float() for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    hidden, n_head, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_dim"]
+    eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+    x = w["model.embed_tokens.weight"][ids]
+    T = ids.shape[0]
+    mask = torch.full((T, T), float("-inf")).triu(1)
+    for i, block in enumerate(cfg["block_configs"]):
+        p = f"model.layers.{i}."
+        if not block["attention"]["no_op"]:
+            n_kv = n_head // block["attention"]["n_heads_in_group"]
+            h = _RMSNorm(w[p + "input_layernorm.weight"], eps)(x)
+
+            def proj(name, n):
+                y = h @ w[p + f"self_attn.{name}.weight"].T
+                if p + f"self_attn.{name}.bias" in w:
+                    y = y + w[p + f"self_attn.{name}.bias"]
+                return y.view(T, n, hd).transpose(0, 1)
+
+            q, k, v = _rope(proj("q_proj", n_head), theta), _rope(proj("k_proj", n_kv), theta), proj("v_proj", n_kv)
+            k, v = k.repeat_interleave(n_head // n_kv, 0), v.repeat_interleave(n_head // n_kv, 0)
+            att = torch.softmax(q @ k.transpose(1, 2) / hd**0.5 + mask, -1) @ v
+            x = x + att.transpose(0, 1).reshape(T, n_head * hd) @ w[p + "self_attn.o_proj.weight"].T
+        if not block["ffn"]["no_op"]:
+            ffn = block["ffn"]
+            if ffn.get("ffn_mult") is not None:
+                from prunekit.export.nemotron_nas import ffn_mult_to_intermediate_size
+
+                assert ffn_mult_to_intermediate_size(ffn["ffn_mult"], hidden) == ffn["intermediate_size"]
+            h = _RMSNorm(w[p + "post_attention_layernorm.weight"], eps)(x)
+            g, u = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
+            assert g.shape[-1] == ffn["intermediate_size"]
+            x = x + (torch.nn.functional.silu(g) * u) @ w[p + "mlp.down_proj.weight"].T
+    x = _RMSNorm(w["model.norm.weight"], eps)(x)
+    head = w["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings") else w["lm_head.weight"]
+    return x @ head.T
+
+
+# Fixed query heads (2) in every attention layer, KV heads 2 or 1, attention/MLP removed, MLP widths per layer.
+NAS_PLAN = PruningPlan(
+    dropped=[DropTarget(2, "attn"), DropTarget(1, "mlp")],
+    widths={0: LayerWidth(heads=[0, 2], kv_heads=[0, 1]), 1: LayerWidth(heads=[0, 1], kv_heads=[0]),
+            3: LayerWidth(heads=[2, 3], kv_heads=[1], channels=list(range(96)))})
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_nemotron_nas_rebuilds_the_same_logits(tmp_path, family):
+    src = tiny_source(family, NAS_PLAN)
+    out = export_source(src, tmp_path / "nas", format="nemotron-nas", quant="f32", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "nemotron-nas" and cfg["architectures"] == ["DeciLMForCausalLM"]
+    assert [b["attention"]["n_heads_in_group"] for b in cfg["block_configs"]] == [1, 2, None, 2]
+    assert [b["attention"]["no_op"] for b in cfg["block_configs"]] == [False, False, True, False]
+    assert [b["ffn"].get("intermediate_size") for b in cfg["block_configs"]] == [128, None, 128, 96]
+    assert "prunekit" not in cfg and "auto_map" not in cfg
+    ids = torch.tensor(src.tokenizer(SAMPLE_TEXT[:120])["input_ids"])
+    with torch.no_grad():
+        want = src.model(ids[None]).logits[0]
+        got = nemotron_nas_logits(out, ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_nemotron_nas_ffn_mult_round_trip():
+    from prunekit.export.nemotron_nas import _exact_ffn_mult, ffn_mult_to_intermediate_size
+
+    for hidden, inter in ((4096, 14336), (8192, 28672), (576, 1536), (576, 1280)):
+        mult = _exact_ffn_mult(inter, hidden)
+        assert mult is not None and ffn_mult_to_intermediate_size(mult, hidden) == inter
+    assert _exact_ffn_mult(96, 64) is None  # not a multiple of 256: only intermediate_size can say it
+
+
+def test_nemotron_nas_refuses_per_layer_query_heads(tmp_path):
+    src = tiny_source("llama", PLANS["per-layer-width"])
+    with pytest.raises(ExportError, match="per-layer query heads.*--format gguf"):
+        export_source(src, tmp_path / "nas", format="nemotron-nas", progress=False)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ExportError, match="Llama-style"):
+        export_source(tiny_source("gemma3_text"), tmp_path / "nas", format="nemotron-nas", progress=False)

@@ -41,6 +41,9 @@ def have_llama_cpp() -> bool:
 
 @dataclass
 class Completion:
+    text: str
+    # Generated token ids. The server reports ids only beside log-probabilities (n_probs > 0), and withholds
+    # those for a token that ends inside a multi-byte UTF-8 character: compare `text` when that matters.
     tokens: list[int]
     # Per generated token: {token id: log-probability} of the top candidates (llama.cpp's softmax).
     top_logprobs: list[dict[int, float]]
@@ -83,7 +86,7 @@ class XServer:
         tokens = [int(c["id"]) for c in content] if content else [int(t) for t in r.get("tokens", [])]
         tops = [{int(t["id"]): float(t["logprob"]) for t in c.get("top_logprobs", [])} for c in content]
         timings = r.get("timings", {})
-        return Completion(tokens, tops, float(timings.get("prompt_ms", math.nan)),
+        return Completion(str(choice.get("text", choice.get("content", ""))), tokens, tops, float(timings.get("prompt_ms", math.nan)),
                           float(timings.get("predicted_ms", math.nan)), int(timings.get("prompt_n", 0)),
                           int(timings.get("predicted_n", 0)))
 
