@@ -236,6 +236,19 @@ def test_llamacpp_logprobs_match_transformers_tiny(tmp_path, name):
             assert abs(v - float(lp[tid])) < 2e-3, (name, step, tid, v, float(lp[tid]))
 
 
+@needs_llama_cpp
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
+def test_quantized_gguf_comes_from_llamacpp_quantizer(tmp_path, quant):
+    src = tiny_source("llama", PLANS["per-layer-width"])
+    out = export_source(src, tmp_path / "m.gguf", format="gguf", quant=quant, progress=False)
+    f, t = _read(out)
+    assert f["general.architecture"] == "deci"
+    assert f["deci.attention.head_count"] == [2, 0, 4, 4]
+    types = {x.tensor_type.name for n, x in t.items() if n.endswith("weight") and len(x.shape) == 2}
+    assert types - {"F16", "F32"}, types  # matrices were quantized by llama.cpp
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # the f16 intermediate is gone
+
+
 # --- SmolLM2 (real weights): greedy text and perplexity in llama.cpp vs transformers ------------------------
 
 def _smollm2_variants():
