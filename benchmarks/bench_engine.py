@@ -73,10 +73,14 @@ def main() -> None:
     quants = [q for q in a.quants.split(",") if q in ("f16", "f32") or have_llama_cpp()]
     skipped = sorted(set(a.quants.split(",")) - set(quants))
 
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as work:
+        run(a, contexts, quants, skipped, Path(work))
+
+
+def run(a: argparse.Namespace, contexts: list[int], quants: list[str], skipped: list[str], work: Path) -> None:
     base = load_source(a.model)
     cfg = base.config
     variants = plans(len(base.shapes), int(cfg.intermediate_size))
-    work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     files: dict[tuple[str, str], Path] = {}
     for name, plan in variants.items():
         src = load_source(a.model) if plan is not None else base
@@ -105,6 +109,8 @@ def main() -> None:
                 d["prefill"].append(out.prompt_n / out.prompt_ms * 1e3)
                 d["decode"].append(out.predicted_n / out.predicted_ms * 1e3)
         print(f"round {r + 1}/{a.rounds} done")
+    for s in servers.values():
+        s.close()
 
     runs = []
     for (name, q, c), d in sorted(samples.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
