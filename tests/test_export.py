@@ -395,7 +395,15 @@ def test_nemotron_nas_rebuilds_the_same_logits(tmp_path, family):
     assert [b["attention"]["n_heads_in_group"] for b in cfg["block_configs"]] == [1, 2, None, 2]
     assert [b["attention"]["no_op"] for b in cfg["block_configs"]] == [False, False, True, False]
     assert [b["ffn"].get("intermediate_size") for b in cfg["block_configs"]] == [128, None, 128, 96]
-    assert "prunekit" not in cfg and "auto_map" not in cfg
+    assert "prunekit" not in cfg
+    # The export's own config class gives vLLM-style attribute access to exactly the keys written.
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert loaded.model_type == "nemotron-nas"
+    assert [b.attention.no_op for b in loaded.block_configs] == [False, False, True, False]
+    assert loaded.block_configs[1].ffn.no_op and not hasattr(loaded.block_configs[3].ffn, "ffn_mult")
+    assert loaded.num_attention_heads == 2 and loaded.head_dim == 16
     ids = torch.tensor(src.tokenizer(SAMPLE_TEXT[:120])["input_ids"])
     with torch.no_grad():
         want = src.model(ids[None]).logits[0]

@@ -13,6 +13,9 @@ independently from that file and llama.cpp's `DeciModel` converter):
 - Weights keep Hugging Face Llama names (`model.layers.i.self_attn.q_proj.weight`, ...); a removed
   sub-layer has no weights and no norm (vLLM builds `input_layernorm` only with attention and
   `post_attention_layernorm` only with an FFN). Rope stays rotate-half (vLLM uses neox style): no permutation.
+- vLLM reads `block_configs` with attribute access through the checkpoint's config class; transformers has
+  none for `nemotron-nas`, so the export carries `configuration_decilm.py` (prunekit's own, imports only
+  transformers) and an `auto_map` to it: load with `trust_remote_code=True`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from prunekit.export.common import ExportError, ExportSource
 _FAMILIES = ("llama", "mistral", "qwen2")
 _DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 SHARD_BYTES = 4 * 1024**3
+REMOTE_CONFIG = "configuration_decilm"
 
 
 def ffn_mult_to_intermediate_size(ffn_mult: float, hidden: int) -> int:
@@ -93,9 +97,11 @@ def nemotron_config(src: ExportSource) -> dict[str, Any]:
         # Older readers (transformers 4.x remote code, vLLM's config) look for these two instead of
         # rope_parameters.
         "rope_theta": float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-        "rope_scaling": None if rope.get("rope_type", "default") == "default" else
-        {k: v for k, v in rope.items() if k != "rope_theta"},
     })
+    if rope.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    # transformers has no class for this model_type: the export carries its own (imports only transformers).
+    cfg["auto_map"] = {"AutoConfig": f"{REMOTE_CONFIG}.DeciLMConfig"}
     if src.model_type == "qwen2":
         # vLLM's DeciLM: `qkv_bias` biases q/k/v only, `attention_bias` would also bias o_proj (Qwen2 has none).
         cfg["attention_bias"] = False
@@ -139,5 +145,7 @@ def write_nemotron_nas(src: ExportSource, out_dir: Path, *, dtype: str = "f16") 
                  "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    remote = Path(__file__).parent / "remote" / f"{REMOTE_CONFIG}.py"
+    (out_dir / remote.name).write_text(remote.read_text())
     if src.tokenizer is not None:
         src.tokenizer.save_pretrained(out_dir)
