@@ -304,6 +304,7 @@ def test_smollm2_gguf_greedy_matches_transformers(tmp_path, name):
 @needs_llama_cpp
 @pytest.mark.parametrize("name", list(_smollm2_variants()))
 def test_smollm2_gguf_perplexity_within_1pct(tmp_path, name):
+    """Held-out Wikipedia windows (the eval split); llama.cpp's full logits through llama-cpp-python."""
     from prunekit.data import eval_windows
     from prunekit.evaluate import perplexity
     from prunekit.export.engines import llamacpp_nll
@@ -313,6 +314,7 @@ def test_smollm2_gguf_perplexity_within_1pct(tmp_path, name):
     hf_ppl = perplexity(src.model, windows, progress=False)["perplexity"]
     out = export_source(src, tmp_path / "m.gguf", format="gguf", quant="f16", progress=False)
     cpp_ppl = math.exp(llamacpp_nll(out, windows.tolist(), threads=2))
+    print(f"{name}: perplexity transformers {hf_ppl:.4f} llama.cpp f16 {cpp_ppl:.4f}", flush=True)
     assert abs(cpp_ppl / hf_ppl - 1) < 0.01, (name, hf_ppl, cpp_ppl)
 
 

@@ -1,11 +1,13 @@
 """Running an exported GGUF in llama.cpp from Python, for verification and benchmarks.
 
-Two bindings, each used for what only it offers here:
+Two bindings:
 - `xllamacpp` (prebuilt wheel, llama-server's API): greedy generation with top-k log-probabilities. Its
   completion API returns log-probabilities of *generated* tokens only (no prompt/echo log-probs, llama.cpp
-  issue #27174), so it cannot score a given text.
+  issue #27174). Forcing each next token with `logit_bias` does read its raw log-probability (tried: equal to
+  transformers' to 1e-4 on a tiny model), but the server withholds log-probs of a token that ends inside a
+  multi-byte UTF-8 character, which real text has, so perplexity is left to llama-cpp-python.
 - `llama-cpp-python` (built from source, `make llamacpp`): `logits_all=True` gives the logits of every prompt
-  position, which perplexity needs, and `llama_model_quantize`, which quantized exports need.
+  position in one pass (`llamacpp_nll`), and `llama_model_quantize`, which quantized exports need.
 """
 
 from __future__ import annotations
