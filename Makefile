@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench clean llamacpp
 
 setup: $(STAMP)
 
@@ -33,6 +33,17 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_scoring.py
+
+# llama.cpp bindings for `prunekit export` checks and quantized GGUF (the `llamacpp` extra). llama-cpp-python has
+# no wheel on PyPI: it is built once (nice'd, 2 jobs) into $(WHEELS) and every later install reuses that wheel.
+WHEELS ?= $(HOME)/.cache/prunekit/wheels
+LLAMA_CPP_PY := llama-cpp-python==0.3.36
+llamacpp: setup
+	$(BIN)/python -m pip install -q xllamacpp==2026.10.11549
+	mkdir -p $(WHEELS)
+	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 nice -n 10 $(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) $(LLAMA_CPP_PY)
+	$(BIN)/python -m pip install -q --find-links $(WHEELS) $(LLAMA_CPP_PY)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -52,5 +52,10 @@ class DistributedError(PrunekitError):
     """The torch.distributed environment (RANK / WORLD_SIZE / LOCAL_RANK) is inconsistent or too small."""
 
 
+class ExportError(PrunekitError):
+    """A checkpoint cannot be written in the asked format (a structure the format cannot express, a missing
+    binding for a quantization type)."""
+
+
 class OptionError(PrunekitError):
     """A command-line or API option has an impossible value (a batch size of 0, a negative count, ...)."""

@@ -110,6 +110,23 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def atomic_file(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """A temporary sibling path to write one file to; renamed to `out` when the block completes (mode from
+    the umask), removed when it raises."""
+    out = prepare_output(out, force, kind="file")
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_json(data: Any, path: str | Path) -> Path:
     """Write JSON all or nothing (temporary sibling, then rename), with the user's umask for the file mode."""
     path = prepare_output(path, True, kind="file")

@@ -1,0 +1,65 @@
+"""Export a prunekit checkpoint for inference engines: GGUF (llama.cpp) and Nemotron-NAS (vLLM's
+`DeciLMForCausalLM`).
+
+`export_checkpoint` is the one entry point (the CLI's `prunekit export` calls it).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from prunekit.export.common import ExportError, ExportSource, LayerShape, load_source
+from prunekit.export.gguf import DIRECT_TYPES, QUANT_TYPES, quantizer, write_gguf
+from prunekit.export.nemotron_nas import write_nemotron_nas
+from prunekit.io.outputs import atomic_dir, atomic_file, prepare_output
+
+FORMATS = ("gguf", "nemotron-nas")
+QUANTS = DIRECT_TYPES + QUANT_TYPES
+
+__all__ = ["FORMATS", "QUANTS", "ExportError", "ExportSource", "LayerShape", "export_checkpoint", "export_source"]
+
+
+def export_checkpoint(src: str | Path, out: str | Path, *, format: str, quant: str = "f16", force: bool = False,
+                      progress: bool = True) -> Path:
+    """Export checkpoint `src` (built-in name, directory or hub id) to `out`, all or nothing.
+
+    format "gguf": one file; quant f32/f16 is written directly, q8_0/q4_k_m/... by llama.cpp's own quantizer
+    (needs llama-cpp-python: `make llamacpp`). format "nemotron-nas": a directory (safetensors + config +
+    tokenizer); `quant` must stay f16 or f32 (the weights' dtype)."""
+    _check_options(format, quant)
+    # Fail on an existing or unwritable output before spending time loading the model.
+    prepare_output(out, force, kind="file" if format == "gguf" else "dir")
+    if format == "gguf" and quant not in DIRECT_TYPES:
+        quantizer()  # the binding is checked before loading, too
+    return export_source(load_source(src), out, format=format, quant=quant, force=force, progress=progress)
+
+
+def export_source(source: ExportSource, out: str | Path, *, format: str, quant: str = "f16", force: bool = False,
+                  progress: bool = True) -> Path:
+    """`export_checkpoint` for a model already in memory (tests, jobs that just pruned it)."""
+    _check_options(format, quant)
+    out = Path(out)
+    if format == "gguf":
+        if quant in DIRECT_TYPES:
+            with atomic_file(out, force) as tmp:
+                write_gguf(source, tmp, ftype=quant, progress=progress)
+            return out
+        run = quantizer()
+        with atomic_file(out, force) as tmp, tempfile.TemporaryDirectory(prefix="prunekit-gguf-", dir=out.parent) as d:
+            f16 = Path(d) / "model-f16.gguf"
+            write_gguf(source, f16, ftype="f16", progress=progress)
+            run(f16, tmp, quant)
+        return out
+    with atomic_dir(out, force) as tmp:
+        write_nemotron_nas(source, tmp, dtype=quant)
+    return out
+
+
+def _check_options(format: str, quant: str) -> None:
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "gguf" and quant not in QUANTS:
+        raise ExportError(f"unknown GGUF type {quant!r}; choose one of {', '.join(QUANTS)}")
+    if format == "nemotron-nas" and quant not in DIRECT_TYPES + ("bf16",):
+        raise ExportError(f"nemotron-nas writes unquantized safetensors (f32, f16, bf16); got {quant!r}")

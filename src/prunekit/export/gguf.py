@@ -1,0 +1,357 @@
+"""Write a prunekit checkpoint as one GGUF file for llama.cpp.
+
+Which llama.cpp architecture carries which result:
+- uniform Llama/Mistral -> `llama`, uniform Qwen2 -> `qwen2`, uniform Qwen3 -> `qwen3` (the stock graphs);
+- heterogeneous Llama/Mistral/Qwen2 (attention or MLP removed in some layers, per-layer head/KV/MLP widths)
+  -> `deci`, llama.cpp's graph for NVIDIA's Nemotron-NAS models, which reads per-layer
+  `attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays (0 = sub-layer gone).
+
+References read (written independently, cited for the conventions they fix):
+- llama.cpp `convert_hf_to_gguf.py` / `conversion/deci.py` (`DeciModel`): per-layer arrays, the Q/K row
+  permutation for llama-style ("normal") rope, `rope.dimension_count`, key/value length.
+- llama.cpp `src/models/deci.cpp`: n_head == 0 skips attention and its norm; n_ff == 0 `continue`s the layer
+  loop *before* the residual stream is updated (see `_FFN_STANDIN` below); q/k/v/o biases are optional.
+- llama.cpp `src/llama-model.cpp` (DECI hparams and tensors): rms eps, per-layer n_embd_k_gqa; rope type NORM.
+- gguf-py `gguf/constants.py`: key names, `MODEL_ARCH.DECI` / `LLAMA` / `QWEN2` / `QWEN3` tensor lists.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import gguf
+import numpy as np
+import torch
+
+from prunekit.export.common import ExportError, ExportSource, LayerShape, to_numpy
+
+# Output types written by this module directly; everything else goes through llama.cpp's quantizer.
+DIRECT_TYPES = ("f32", "f16")
+
+# Architecture families prunekit can express in GGUF, keyed by `config.model_type`:
+# (stock llama.cpp arch for uniform results, whether that arch uses llama's "normal" rope and so needs the
+# Q/K permutation, whether a heterogeneous result can go to `deci`).
+_FAMILIES: dict[str, tuple[str, bool, bool]] = {
+    "llama": ("llama", True, True),
+    "mistral": ("llama", True, True),
+    "qwen2": ("qwen2", False, True),
+    "qwen3": ("qwen3", False, False),
+}
+
+# A llama.cpp `deci` layer with attention but n_ff == 0 is not usable: deci.cpp `continue`s before
+# `inpL = cur`, dropping the attention output, and the llama.cpp in xllamacpp 2026.10 aborts on such a file
+# (GGML_ASSERT(buffer) in ggml-backend.cpp; tried). Such a layer is therefore written as an MLP of this width
+# whose weights are all zero: silu(0) * 0 @ 0 adds exactly nothing and the attention output reaches the
+# residual stream (tested against transformers). 32 is the smallest width every llama.cpp quantization block
+# accepts (q8_0/q4_0 blocks are 32 wide). Layers without attention do use n_head = 0, as DeciModel writes.
+_FFN_STANDIN = 32
+
+
+def gguf_arch(src: ExportSource) -> str:
+    """The llama.cpp architecture this checkpoint is written as, or one clear error."""
+    mt = src.model_type
+    if mt in ("gemma3", "gemma3_text"):
+        if src.heterogeneous:
+            raise ExportError(
+                "a heterogeneous Gemma 3 result cannot be written as GGUF: llama.cpp's per-layer `deci` graph has "
+                "no place for Gemma's extra pre/post norms, q/k norms, embedding scale or sliding-window layers; "
+                "export the uniform model or use the Hugging Face checkpoint"
+            )
+        raise ExportError("GGUF export of Gemma 3 is not implemented yet (its SentencePiece vocabulary and "
+                          "(1 + w) norms need their own writer); use the Hugging Face checkpoint")
+    if mt not in _FAMILIES:
+        raise ExportError(f"GGUF export supports model types {', '.join(sorted(_FAMILIES))}; got {mt!r}")
+    stock, _, deci_ok = _FAMILIES[mt]
+    if not src.heterogeneous:
+        return stock
+    if not deci_ok:
+        raise ExportError(f"a heterogeneous {mt} result cannot be written as GGUF: llama.cpp's `deci` graph has no "
+                          "q/k norms; export a uniform result")
+    return "deci"
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder q/k rows (or bias entries) from Hugging Face's rotate-half rope layout (first half of each
+    head paired with the second half) to llama.cpp's "normal" rope, which rotates adjacent pairs
+    (as convert_hf_to_gguf's `permute`)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rope(cfg: Any) -> tuple[float, dict[str, Any]]:
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if "full_attention" in params:  # per-layer-type rope (Gemma 3 style)
+        params = dict(params["full_attention"])
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    scaling = dict(getattr(cfg, "rope_scaling", None) or {})
+    scaling.update({k: v for k, v in params.items() if k != "rope_theta"})
+    return float(theta), scaling
+
+
+def _write_rope(w: Any, cfg: Any, head_dim: int) -> np.ndarray | None:
+    """Rope keys; returns llama3-style per-frequency factors (the `rope_freqs` tensor) when needed."""
+    theta, scaling = _rope(cfg)
+    w.add_rope_freq_base(theta)
+    w.add_rope_dimension_count(head_dim)
+    kind = (scaling.get("rope_type") or scaling.get("type") or "default").lower()
+    if kind == "default":
+        return None
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+        return None
+    if kind == "llama3":
+        # Same factors as convert_hf_to_gguf's LlamaModel.generate_extra_tensors (Llama 3.1 scaling).
+        base = theta
+        freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+        factor = float(scaling.get("factor", 8.0))
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wl, high_wl = old_ctx / low, old_ctx / high
+        out = []
+        for f in freqs:
+            wl = 2 * np.pi / f
+            if wl < high_wl:
+                out.append(1.0)
+            elif wl > low_wl:
+                out.append(factor)
+            else:
+                smooth = (old_ctx / wl - low) / (high - low)
+                out.append(1.0 / ((1 - smooth) / factor + smooth))
+        return np.asarray(out, dtype=np.float32)
+    raise ExportError(f"rope scaling type {kind!r} is not supported by the GGUF export (default, linear, llama3)")
+
+
+# --- tokenizer -----------------------------------------------------------------------------------------------
+
+# llama.cpp names of byte-level BPE pre-tokenizers (llama-vocab.cpp `tokenizer.ggml.pre`), recognised from the
+# structure of tokenizer.json's `pre_tokenizer` rather than by hashing sample text as convert_hf_to_gguf does.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def bpe_pre_name(pre_tokenizer: dict[str, Any] | None) -> str:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json `pre_tokenizer`, or one clear error."""
+    def is_bytelevel(p: dict[str, Any], regex: bool) -> bool:
+        return p.get("type") == "ByteLevel" and bool(p.get("use_regex", True)) == regex
+
+    p = pre_tokenizer or {}
+    if is_bytelevel(p, True):
+        return "gpt-2"
+    if p.get("type") == "Sequence":
+        parts = p.get("pretokenizers") or []
+        if len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits") \
+                and is_bytelevel(parts[1], True):
+            return "smollm"
+        if len(parts) == 2 and parts[0].get("type") == "Split" and is_bytelevel(parts[1], False):
+            pattern = (parts[0].get("pattern") or {}).get("Regex")
+            if pattern == _QWEN2_SPLIT:
+                return "qwen2"
+            if pattern == _LLAMA3_SPLIT:
+                return "llama-bpe"
+    raise ExportError(f"the tokenizer's pre-tokenizer {json.dumps(p)[:120]} has no llama.cpp equivalent prunekit "
+                      "knows (gpt-2, smollm, qwen2, llama-bpe)")
+
+
+def _write_vocab(w: Any, tokenizer: Any, vocab_size: int) -> None:
+    """Byte-level BPE vocabulary, merges, special tokens and chat template (what convert_hf_to_gguf's
+    `get_vocab_base` + `gguf.SpecialVocab` write for a tokenizer.json BPE model)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError("GGUF export needs a fast (tokenizer.json) tokenizer in the checkpoint")
+    tj = json.loads(backend.to_str())
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ExportError("GGUF export supports byte-level BPE tokenizers (GPT-2 style tokenizer.json); this one is "
+                          f"{model.get('type')!r} with decoder {(tj.get('decoder') or {}).get('type')!r}")
+    pre = bpe_pre_name(tj.get("pre_tokenizer"))
+
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
+    if max(reverse) >= vocab_size:
+        raise ExportError(f"the tokenizer has ids up to {max(reverse)} but the model's vocabulary is {vocab_size}")
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        if i not in reverse:  # the embedding is larger than the tokenizer: padding rows, as convert_hf_to_gguf
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(added[i].content)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+
+    with tempfile.TemporaryDirectory(prefix="prunekit-tok-") as tmp:
+        # SpecialVocab reads merges, special ids and the chat template from tokenizer files on disk; writing them
+        # fresh works the same for a local directory, a built-in name or a hub id.
+        tokenizer.save_pretrained(tmp)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
+        special.add_special_token.clear()  # set below from the tokenizer's behaviour, not its config flags
+        special.add_to_gguf(w, quiet=True)
+    # Whether the tokenizer adds BOS/EOS, observed rather than read from config flags (which transformers 5
+    # often omits; llama.cpp's default for BPE vocabularies would then add a BOS the HF tokenizer never adds).
+    ids = tokenizer("a")["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    w.add_add_bos_token(bool(ids) and bos is not None and ids[0] == bos)
+    w.add_add_eos_token(bool(ids) and eos is not None and ids[-1] == eos and len(ids) > 1)
+
+
+# --- tensors -------------------------------------------------------------------------------------------------
+
+def _tensor_name(kind: Any, bid: int | None = None, suffix: str = "weight") -> str:
+    return gguf.TENSOR_NAMES[kind].format(bid=bid) + "." + suffix
+
+
+def _check_arch_tensors(arch: str, names: list[str]) -> None:
+    """Every tensor name must be one the architecture declares (gguf-py's MODEL_TENSORS), so a typo can never
+    produce a file llama.cpp silently ignores parts of."""
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch_enum]}
+    for name in names:
+        stem = name.rsplit(".", 1)[0]
+        generic = stem.split(".")[0] if not stem.startswith("blk.") else "blk.{bid}." + stem.split(".", 2)[2]
+        if generic not in allowed:
+            raise AssertionError(f"tensor {name} is not part of llama.cpp's {arch} architecture")
+
+
+def _tensors(src: ExportSource, arch: str) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor) for every weight, in llama.cpp's layout (Q/K permuted where the arch needs it)."""
+    T = gguf.MODEL_TENSOR
+    a = src.adapter
+    permute = arch in ("llama", "deci")
+    out: list[tuple[str, torch.Tensor]] = [(_tensor_name(T.TOKEN_EMBD), a.embed().weight)]
+    hidden = a.hidden_size
+    for i, (layer, shape) in enumerate(zip(a.layers(), src.shapes)):
+        if shape.has_attn:
+            out.append((_tensor_name(T.ATTN_NORM, i), getattr(layer, a.spec.attn_norms[0]).weight))
+            q, k, v, o = a.attn_projections(layer)
+            for kind, lin, heads in ((T.ATTN_Q, q, shape.n_head), (T.ATTN_K, k, shape.n_head_kv), (T.ATTN_V, v, None),
+                                     (T.ATTN_OUT, o, None)):
+                wt = lin.weight
+                bias = lin.bias
+                if permute and heads:
+                    wt = permute_qk(wt, heads)
+                    bias = permute_qk(bias, heads) if bias is not None else None
+                out.append((_tensor_name(kind, i), wt))
+                if bias is not None:
+                    out.append((_tensor_name(kind, i, "bias"), bias))
+            qn, kn = a.qk_norms(layer)
+            if qn is not None:
+                out.append((_tensor_name(T.ATTN_Q_NORM, i), qn.weight))
+                out.append((_tensor_name(T.ATTN_K_NORM, i), kn.weight))
+        if shape.has_mlp:
+            out.append((_tensor_name(T.FFN_NORM, i), getattr(layer, a.spec.mlp_norms[0]).weight))
+            gate, up, down = a.mlp_projections(layer)
+            out += [(_tensor_name(T.FFN_GATE, i), gate.weight), (_tensor_name(T.FFN_UP, i), up.weight),
+                    (_tensor_name(T.FFN_DOWN, i), down.weight)]
+        elif arch == "deci" and shape.has_attn:
+            n = _FFN_STANDIN
+            out += [(_tensor_name(T.FFN_NORM, i), torch.ones(hidden)),
+                    (_tensor_name(T.FFN_GATE, i), torch.zeros(n, hidden)),
+                    (_tensor_name(T.FFN_UP, i), torch.zeros(n, hidden)),
+                    (_tensor_name(T.FFN_DOWN, i), torch.zeros(hidden, n))]
+    out.append((_tensor_name(T.OUTPUT_NORM), a.final_norm().weight))
+    if not src.tied:  # llama.cpp reuses token_embd when `output` is absent
+        out.append((_tensor_name(T.OUTPUT), a.lm_head().weight))
+    return out
+
+
+def written_shapes(src: ExportSource, arch: str) -> list[LayerShape]:
+    """Per-layer (n_head, n_head_kv, n_ff) as written into the GGUF (MLP stand-ins included)."""
+    if arch != "deci":
+        return list(src.shapes)
+    return [LayerShape(s.n_head, s.n_head_kv, s.n_ff or (_FFN_STANDIN if s.has_attn else 0)) for s in src.shapes]
+
+
+def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str | None = None,
+               progress: bool = False) -> str:
+    """Write `src` to `path` (a plain, non-atomic write: callers pass a temporary path). Returns the arch."""
+    if ftype not in DIRECT_TYPES:
+        raise ExportError(f"write_gguf writes {', '.join(DIRECT_TYPES)}; got {ftype!r}")
+    arch = gguf_arch(src)
+    cfg = src.config
+    shapes = written_shapes(src, arch)
+    hd = src.head_dim
+    for i, s in enumerate(shapes):
+        if s.has_attn and s.n_head % s.n_head_kv:
+            raise ExportError(f"layer {i}: {s.n_head} query heads are not a multiple of {s.n_head_kv} KV heads")
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name or str(getattr(cfg, "_name_or_path", "") or "prunekit model"))
+    w.add_block_count(len(shapes))
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(int(cfg.hidden_size))
+    if arch == "deci":
+        w.add_head_count([s.n_head for s in shapes])
+        w.add_head_count_kv([s.n_head_kv for s in shapes])
+        w.add_feed_forward_length([s.n_ff for s in shapes])
+    else:
+        w.add_head_count(shapes[0].n_head)
+        w.add_head_count_kv(shapes[0].n_head_kv)
+        w.add_feed_forward_length(shapes[0].n_ff)
+    # Always explicit: llama.cpp would otherwise derive head size as hidden / n_head, wrong once heads are pruned.
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(int(cfg.vocab_size))
+    rope_freqs = _write_rope(w, cfg, hd)
+    file_type = gguf.LlamaFileType.ALL_F32 if ftype == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    w.add_file_type(file_type)
+    _write_vocab(w, src.tokenizer, int(cfg.vocab_size))
+
+    tensors = _tensors(src, arch)
+    if rope_freqs is not None:
+        tensors.append((_tensor_name(gguf.MODEL_TENSOR.ROPE_FREQS), torch.from_numpy(rope_freqs)))
+    _check_arch_tensors(arch, [n for n, _ in tensors])
+    big = np.float32 if ftype == "f32" else np.float16
+    for tname, t in tensors:
+        # Norms, biases and rope factors stay float32 (as convert_hf_to_gguf does); matrices take the file type.
+        w.add_tensor(tname, to_numpy(t, np.float32 if t.ndim == 1 else big))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=progress)
+    w.close()
+    return arch
+
+
+# --- quantization --------------------------------------------------------------------------------------------
+
+QUANT_TYPES = ("q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0")
+LLAMACPP_HINT = "install llama-cpp-python (`make llamacpp`, or pip install 'prunekit[llamacpp]')"
+
+
+def quantizer() -> Callable[[Path, Path, str], None]:
+    """llama.cpp's own quantizer through llama-cpp-python (xllamacpp exposes none), or one clear error."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise ExportError(f"quantized GGUF output needs llama.cpp's quantizer: {LLAMACPP_HINT}") from e
+
+    def run(src_f16: Path, dst: Path, qtype: str) -> None:
+        ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
+        if ftype is None:
+            raise ExportError(f"this llama-cpp-python has no quantization type {qtype!r}")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        rc = llama_cpp.llama_model_quantize(str(src_f16).encode(), str(dst).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise ExportError(f"llama.cpp's quantizer failed ({qtype}, return code {rc})")
+
+    return run
+
+
+logging.getLogger("gguf").setLevel(logging.WARNING)

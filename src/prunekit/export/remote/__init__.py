@@ -1,0 +1,1 @@
+"""Files copied verbatim into exported checkpoints (they import only transformers)."""

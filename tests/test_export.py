@@ -1,0 +1,435 @@
+"""Export to GGUF (llama.cpp) and Nemotron-NAS (vLLM layout).
+
+Fast tests build tiny models in-process and read the written files back (`gguf.GGUFReader`, safetensors);
+tests that run llama.cpp skip with a message when its Python binding is not installed (`make llamacpp`);
+tests on the real SmolLM2 are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE_TEXT, tiny_config
+
+from prunekit.adapters import get_adapter
+from prunekit.errors import PrunekitError
+from prunekit.export import ExportError, export_checkpoint, export_source
+from prunekit.export.common import ExportSource, LayerShape, layer_shapes
+from prunekit.export.engines import have_llama_cpp, have_xllamacpp
+from prunekit.export.gguf import bpe_pre_name, permute_qk
+from prunekit.plans import DropTarget, LayerWidth, PruningPlan
+from prunekit.surgery import apply_plan
+
+needs_xllamacpp = pytest.mark.skipif(not have_xllamacpp(), reason="xllamacpp not installed (make llamacpp)")
+needs_llama_cpp = pytest.mark.skipif(not have_llama_cpp(), reason="llama-cpp-python not installed (make llamacpp)")
+
+
+def bpe_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer with merges (llama.cpp refuses a BPE vocabulary without them). Its alphabet is
+    only the ASCII characters of the sample text, so every token decodes to whole UTF-8 characters: llama-server
+    withholds log-probabilities of tokens that end inside a multi-byte character, which a random model emits."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False)
+    tok.train_from_iterator([SAMPLE_TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_source(family: str = "llama", plan: PruningPlan | None = None, seed: int = 0) -> ExportSource:
+    from transformers import AutoModelForCausalLM
+
+    tok = bpe_tokenizer()
+    cfg = tiny_config(family)
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # perturb constant inits (norms, biases) so comparisons cannot pass by accident
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    adapter = get_adapter(model)
+    if plan is not None:
+        apply_plan(adapter, plan)
+    return ExportSource(model, tok, adapter, layer_shapes(adapter))
+
+
+# Structures every exporter must handle: name -> plan on the tiny 4-layer GQA model (4 heads, 2 KV heads, MLP 128).
+PLANS: dict[str, PruningPlan | None] = {
+    "dense": None,
+    "attn-drop": PruningPlan(dropped=[DropTarget(1, "attn"), DropTarget(2, "attn")]),
+    "mlp-drop": PruningPlan(dropped=[DropTarget(0, "mlp"), DropTarget(3, "mlp")]),
+    "block-drop": PruningPlan(dropped=[DropTarget(2, "block")]),
+    "uniform-width": PruningPlan(widths={i: LayerWidth(heads=[0, 2], kv_heads=[0, 1], channels=list(range(0, 128, 2)))
+                                         for i in range(4)}),
+    "per-layer-width": PruningPlan(
+        dropped=[DropTarget(1, "attn"), DropTarget(2, "mlp")],
+        widths={0: LayerWidth(kv_heads=[1], heads=[2, 3], channels=list(range(96))),
+                3: LayerWidth(channels=list(range(32, 128)))}),
+}
+
+
+def _read(path):
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    fields = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: t for t in r.tensors}
+    return fields, tensors
+
+
+def _tensor(t) -> np.ndarray:
+    """A GGUF tensor in PyTorch's (out, in) order."""
+    return np.asarray(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+
+
+# --- GGUF: metadata and tensors, read back (no binding needed) ----------------------------------------------
+
+def test_gguf_heterogeneous_llama_is_deci_with_per_layer_arrays(tmp_path):
+    src = tiny_source("llama", PLANS["per-layer-width"])
+    assert src.shapes == [LayerShape(2, 1, 96), LayerShape(0, 0, 128), LayerShape(4, 2, 0), LayerShape(4, 2, 96)]
+    out = export_source(src, tmp_path / "m.gguf", format="gguf", quant="f32", progress=False)
+    f, t = _read(out)
+    assert f["general.architecture"] == "deci"
+    assert f["deci.block_count"] == 4
+    assert f["deci.attention.head_count"] == [2, 0, 4, 4]
+    assert f["deci.attention.head_count_kv"] == [1, 0, 2, 2]
+    # Layer 2 keeps attention but no MLP: written as a 32-wide all-zero MLP, because llama.cpp's deci graph
+    # would drop the attention output of an n_ff == 0 layer.
+    assert f["deci.feed_forward_length"] == [96, 128, 32, 96]
+    assert f["deci.attention.key_length"] == f["deci.attention.value_length"] == 16
+    assert f["deci.rope.dimension_count"] == 16
+    assert not np.any(_tensor(t["blk.2.ffn_down.weight"]))
+    # Removed attention: no attention tensors, no attention norm.
+    assert not [n for n in t if n.startswith("blk.1.attn")]
+    assert _tensor(t["blk.0.attn_q.weight"]).shape == (2 * 16, 64)
+    assert _tensor(t["blk.0.attn_k.weight"]).shape == (1 * 16, 64)
+    assert _tensor(t["blk.0.ffn_up.weight"]).shape == (96, 64)
+    # Q/K rows permuted for llama.cpp's rope; V untouched.
+    layer0 = src.adapter.layers()[0]
+    q, k, v, _ = src.adapter.attn_projections(layer0)
+    np.testing.assert_array_equal(_tensor(t["blk.0.attn_q.weight"]), permute_qk(q.weight, 2).detach().numpy())
+    np.testing.assert_array_equal(_tensor(t["blk.0.attn_k.weight"]), permute_qk(k.weight, 1).detach().numpy())
+    np.testing.assert_array_equal(_tensor(t["blk.0.attn_v.weight"]), v.weight.detach().numpy())
+    assert t["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+
+
+def test_gguf_vocab_and_special_tokens(tmp_path):
+    src = tiny_source("llama")
+    out = export_source(src, tmp_path / "m.gguf", format="gguf", progress=False)
+    f, t = _read(out)
+    tok = src.tokenizer
+    assert f["general.architecture"] == "llama"
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    vocab = {v: k for k, v in tok.get_vocab().items()}
+    assert f["tokenizer.ggml.tokens"] == [vocab[i] for i in range(len(tok))]
+    assert f["tokenizer.ggml.token_type"][tok.eos_token_id] == 3  # CONTROL
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    assert len(f["tokenizer.ggml.merges"]) == len(merges) > 0
+    assert f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert f["tokenizer.ggml.add_bos_token"] is False
+    assert t["token_embd.weight"].tensor_type.name == "F16"
+    assert "output.weight" in t  # the tiny Llama is untied
+
+
+def test_gguf_uniform_qwen2_keeps_biases_and_no_permutation(tmp_path):
+    src = tiny_source("qwen2", PLANS["uniform-width"])
+    assert not src.heterogeneous
+    out = export_source(src, tmp_path / "q.gguf", format="gguf", quant="f32", progress=False)
+    f, t = _read(out)
+    assert f["general.architecture"] == "qwen2"
+    assert f["qwen2.attention.head_count"] == 2 and f["qwen2.feed_forward_length"] == 64
+    q = src.adapter.attn_projections(src.adapter.layers()[0])[0]
+    # qwen2 in llama.cpp uses NEOX rope (rotate-half, as Hugging Face): no permutation.
+    np.testing.assert_array_equal(_tensor(t["blk.0.attn_q.weight"]), q.weight.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(t["blk.0.attn_q.bias"].data), q.bias.detach().numpy())
+
+
+def test_gguf_heterogeneous_qwen2_goes_to_deci_with_permuted_biases(tmp_path):
+    src = tiny_source("qwen2", PLANS["attn-drop"])
+    out = export_source(src, tmp_path / "q.gguf", format="gguf", quant="f32", progress=False)
+    f, t = _read(out)
+    assert f["general.architecture"] == "deci"
+    k = src.adapter.attn_projections(src.adapter.layers()[0])[1]
+    np.testing.assert_array_equal(np.asarray(t["blk.0.attn_k.bias"].data), permute_qk(k.bias, 2).detach().numpy())
+
+
+def test_gguf_errors_are_one_clear_line(tmp_path):
+    gemma = tiny_source("gemma3_text", PLANS["attn-drop"])
+    with pytest.raises(ExportError, match="heterogeneous Gemma 3.*deci"):
+        export_source(gemma, tmp_path / "g.gguf", format="gguf", progress=False)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    qwen3 = tiny_source("qwen3", PLANS["mlp-drop"])
+    with pytest.raises(ExportError, match="q/k norms"):
+        export_source(qwen3, tmp_path / "q3.gguf", format="gguf", progress=False)
+    src = tiny_source("llama")
+    (tmp_path / "exists.gguf").write_text("x")
+    with pytest.raises(PrunekitError, match="exists"):
+        export_source(src, tmp_path / "exists.gguf", format="gguf", progress=False)
+    with pytest.raises(ExportError, match="unknown export format"):
+        export_source(src, tmp_path / "x", format="onnx")
+    with pytest.raises(ExportError, match="unknown GGUF type"):
+        export_source(src, tmp_path / "x.gguf", format="gguf", quant="q3_xxs")
+    with pytest.raises(ExportError, match="pre-tokenizer"):
+        bpe_pre_name({"type": "Whitespace"})
+
+
+@pytest.mark.skipif(have_llama_cpp(), reason="checks the message shown when llama-cpp-python is missing")
+def test_quantized_gguf_without_binding_names_the_make_target(tmp_path):
+    with pytest.raises(ExportError, match="make llamacpp"):
+        export_source(tiny_source("llama"), tmp_path / "m.gguf", format="gguf", quant="q8_0", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_arguments_parse():
+    from prunekit import export
+    from prunekit.cli import build_parser
+    from prunekit.cli import export as cli_export
+
+    a = build_parser().parse_args(["export", "m", "--format", "gguf", "--out", "x.gguf", "--quant", "q8_0"])
+    assert (a.model, a.format, a.out, a.quant, a.force) == ("m", "gguf", "x.gguf", "q8_0", False)
+    # The CLI spells its choices out (no torch at parse time); they must be the library's.
+    assert cli_export.FORMATS == export.FORMATS and set(cli_export.QUANTS) == set(export.QUANTS) | {"bf16"}
+
+
+def test_export_checkpoint_from_saved_directory(tmp_path):
+    from prunekit.io.checkpoint import save_checkpoint
+
+    src = tiny_source("llama", PLANS["per-layer-width"])
+    ckpt = save_checkpoint(src.model, src.tokenizer, tmp_path / "ckpt")
+    out = export_checkpoint(ckpt, tmp_path / "m.gguf", format="gguf", progress=False)
+    f, _ = _read(out)
+    assert f["deci.attention.head_count"] == [2, 0, 4, 4]
+
+
+# --- GGUF: llama.cpp runs it and agrees with transformers ---------------------------------------------------
+
+def _hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    ids = list(prompt)
+    logps = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            lp = torch.log_softmax(logits, -1)
+            logps.append(lp)
+            ids.append(int(lp.argmax()))
+    return ids[len(prompt):], logps
+
+
+@needs_xllamacpp
+@pytest.mark.parametrize("name", list(PLANS))
+def test_llamacpp_logprobs_match_transformers_tiny(tmp_path, name):
+    from prunekit.export.engines import xserver
+
+    src = tiny_source("llama", PLANS[name])
+    out = export_source(src, tmp_path / "m.gguf", format="gguf", quant="f32", progress=False)
+    prompt = src.tokenizer(SAMPLE_TEXT[:80])["input_ids"]
+    hf_tokens, hf_logps = _hf_greedy(src.model, prompt, 8)
+    with xserver(out, n_ctx=256, threads=2) as s:
+        c = s.complete(prompt, 8, n_probs=5)
+    assert c.tokens == hf_tokens
+    for step, (tops, lp) in enumerate(zip(c.top_logprobs, hf_logps)):
+        for tid, v in tops.items():
+            assert abs(v - float(lp[tid])) < 2e-3, (name, step, tid, v, float(lp[tid]))
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
+def test_quantized_gguf_comes_from_llamacpp_quantizer(tmp_path, quant):
+    src = tiny_source("llama", PLANS["per-layer-width"])
+    out = export_source(src, tmp_path / "m.gguf", format="gguf", quant=quant, progress=False)
+    f, t = _read(out)
+    assert f["general.architecture"] == "deci"
+    assert f["deci.attention.head_count"] == [2, 0, 4, 4]
+    types = {x.tensor_type.name for n, x in t.items() if n.endswith("weight") and len(x.shape) == 2}
+    assert types - {"F16", "F32"}, types  # matrices were quantized by llama.cpp
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # the f16 intermediate is gone
+
+
+# --- SmolLM2 (real weights): greedy text and perplexity in llama.cpp vs transformers ------------------------
+
+def _smollm2_variants():
+    """name -> plan on SmolLM2-135M (30 layers, 9 heads / 3 KV heads, MLP 1536). Hand-written: the point is
+    the structure, not which layers a scorer would choose."""
+    return {
+        "dense": None,
+        "attn-drop": PruningPlan(dropped=[DropTarget(i, "attn") for i in (18, 20, 22, 24, 26)]),
+        "mlp-drop": PruningPlan(dropped=[DropTarget(i, "mlp") for i in (19, 21, 23)]),
+        "block-drop": PruningPlan(dropped=[DropTarget(i, "block") for i in (24, 25)]),
+        "uniform-width": PruningPlan(widths={i: LayerWidth(channels=list(range(1280))) for i in range(30)}),
+        "per-layer-width": PruningPlan(
+            dropped=[DropTarget(25, "attn"), DropTarget(27, "mlp")],
+            widths={**{i: LayerWidth(kv_heads=[0, 2], heads=[0, 1, 2, 6, 7, 8]) for i in (10, 12)},
+                    **{i: LayerWidth(channels=list(range(1024))) for i in range(14, 22)}}),
+    }
+
+
+def _smollm2_source(plan: PruningPlan | None) -> ExportSource:
+    from prunekit.export.common import load_source
+
+    src = load_source("smollm2-135m")
+    if plan is not None:
+        apply_plan(src.adapter, plan)
+        src.shapes = layer_shapes(src.adapter)
+    return src
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.mark.slow
+@pytest.mark.real
+@needs_xllamacpp
+@pytest.mark.parametrize("name", list(_smollm2_variants()))
+def test_smollm2_gguf_greedy_matches_transformers(tmp_path, name):
+    from prunekit.export.engines import xserver
+
+    src = _smollm2_source(_smollm2_variants()[name])
+    out = export_source(src, tmp_path / "m.gguf", format="gguf", quant="f16", progress=False)
+    with xserver(out, n_ctx=512, threads=2) as s:
+        for prompt in PROMPTS:
+            ids = src.tokenizer(prompt)["input_ids"]
+            hf_tokens, _ = _hf_greedy(src.model, ids, 16)
+            # Text prompt: llama.cpp tokenizes it itself and detokenizes its output, so this also checks the
+            # exported vocabulary both ways.
+            got = s.complete(prompt, 16).text
+            assert got == src.tokenizer.decode(hf_tokens), (name, prompt)
+
+
+@pytest.mark.slow
+@pytest.mark.real
+@needs_llama_cpp
+@pytest.mark.parametrize("name", list(_smollm2_variants()))
+def test_smollm2_gguf_perplexity_within_1pct(tmp_path, name):
+    """Held-out Wikipedia windows (the eval split); llama.cpp's full logits through llama-cpp-python."""
+    from prunekit.data import eval_windows
+    from prunekit.evaluation.perplexity import perplexity
+    from prunekit.export.engines import llamacpp_nll
+
+    src = _smollm2_source(_smollm2_variants()[name])
+    windows = eval_windows(src.tokenizer, "wiki", 4, 512)
+    hf_ppl = perplexity(src.model, windows, progress=False)["perplexity"]
+    out = export_source(src, tmp_path / "m.gguf", format="gguf", quant="f16", progress=False)
+    cpp_ppl = math.exp(llamacpp_nll(out, windows.tolist(), threads=2))
+    print(f"{name}: perplexity transformers {hf_ppl:.4f} llama.cpp f16 {cpp_ppl:.4f}", flush=True)
+    assert abs(cpp_ppl / hf_ppl - 1) < 0.01, (name, hf_ppl, cpp_ppl)
+
+
+# --- Nemotron-NAS: a loader written from the documented keys rebuilds the same model -------------------------
+
+class _RMSNorm(torch.nn.Module):
+    def __init__(self, w: torch.Tensor, eps: float):
+        super().__init__()
+        self.w, self.eps = w, eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.w
+
+
+def _rope(x, theta: float):
+    """Rotate-half rope (what vLLM's DeciLM uses: neox style) on [heads, T, head_dim]."""
+    hd = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.arange(x.shape[-2], dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(x.dtype), torch.cat([ang.sin()] * 2, -1).to(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def nemotron_nas_logits(folder, ids: torch.Tensor) -> torch.Tensor:
+    """A DeciLM forward pass from config.json + safetensors only (keys as vLLM's nemotron_nas.py reads them)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    w = {k: v.float() for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    hidden, n_head, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_dim"]
+    eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+    x = w["model.embed_tokens.weight"][ids]
+    T = ids.shape[0]
+    mask = torch.full((T, T), float("-inf")).triu(1)
+    for i, block in enumerate(cfg["block_configs"]):
+        p = f"model.layers.{i}."
+        if not block["attention"]["no_op"]:
+            n_kv = n_head // block["attention"]["n_heads_in_group"]
+            h = _RMSNorm(w[p + "input_layernorm.weight"], eps)(x)
+
+            def proj(name, n):
+                y = h @ w[p + f"self_attn.{name}.weight"].T
+                if p + f"self_attn.{name}.bias" in w:
+                    y = y + w[p + f"self_attn.{name}.bias"]
+                return y.view(T, n, hd).transpose(0, 1)
+
+            q, k, v = _rope(proj("q_proj", n_head), theta), _rope(proj("k_proj", n_kv), theta), proj("v_proj", n_kv)
+            k, v = k.repeat_interleave(n_head // n_kv, 0), v.repeat_interleave(n_head // n_kv, 0)
+            att = torch.softmax(q @ k.transpose(1, 2) / hd**0.5 + mask, -1) @ v
+            x = x + att.transpose(0, 1).reshape(T, n_head * hd) @ w[p + "self_attn.o_proj.weight"].T
+        if not block["ffn"]["no_op"]:
+            ffn = block["ffn"]
+            if ffn.get("ffn_mult") is not None:
+                from prunekit.export.nemotron_nas import ffn_mult_to_intermediate_size
+
+                assert ffn_mult_to_intermediate_size(ffn["ffn_mult"], hidden) == ffn["intermediate_size"]
+            h = _RMSNorm(w[p + "post_attention_layernorm.weight"], eps)(x)
+            g, u = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
+            assert g.shape[-1] == ffn["intermediate_size"]
+            x = x + (torch.nn.functional.silu(g) * u) @ w[p + "mlp.down_proj.weight"].T
+    x = _RMSNorm(w["model.norm.weight"], eps)(x)
+    head = w["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings") else w["lm_head.weight"]
+    return x @ head.T
+
+
+# Fixed query heads (2) in every attention layer, KV heads 2 or 1, attention/MLP removed, MLP widths per layer.
+NAS_PLAN = PruningPlan(
+    dropped=[DropTarget(2, "attn"), DropTarget(1, "mlp")],
+    widths={0: LayerWidth(heads=[0, 2], kv_heads=[0, 1]), 1: LayerWidth(heads=[0, 1], kv_heads=[0]),
+            3: LayerWidth(heads=[2, 3], kv_heads=[1], channels=list(range(96)))})
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_nemotron_nas_rebuilds_the_same_logits(tmp_path, family):
+    src = tiny_source(family, NAS_PLAN)
+    out = export_source(src, tmp_path / "nas", format="nemotron-nas", quant="f32", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "nemotron-nas" and cfg["architectures"] == ["DeciLMForCausalLM"]
+    assert [b["attention"]["n_heads_in_group"] for b in cfg["block_configs"]] == [1, 2, None, 2]
+    assert [b["attention"]["no_op"] for b in cfg["block_configs"]] == [False, False, True, False]
+    assert [b["ffn"].get("intermediate_size") for b in cfg["block_configs"]] == [128, None, 128, 96]
+    assert "prunekit" not in cfg
+    # The export's own config class gives vLLM-style attribute access to exactly the keys written.
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert loaded.model_type == "nemotron-nas"
+    assert [b.attention.no_op for b in loaded.block_configs] == [False, False, True, False]
+    assert loaded.block_configs[1].ffn.no_op and not hasattr(loaded.block_configs[3].ffn, "ffn_mult")
+    assert loaded.num_attention_heads == 2 and loaded.head_dim == 16
+    ids = torch.tensor(src.tokenizer(SAMPLE_TEXT[:120])["input_ids"])
+    with torch.no_grad():
+        want = src.model(ids[None]).logits[0]
+        got = nemotron_nas_logits(out, ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_nemotron_nas_ffn_mult_round_trip():
+    from prunekit.export.nemotron_nas import _exact_ffn_mult, ffn_mult_to_intermediate_size
+
+    for hidden, inter in ((4096, 14336), (8192, 28672), (576, 1536), (576, 1280)):
+        mult = _exact_ffn_mult(inter, hidden)
+        assert mult is not None and ffn_mult_to_intermediate_size(mult, hidden) == inter
+    assert _exact_ffn_mult(96, 64) is None  # not a multiple of 256: only intermediate_size can say it
+
+
+def test_nemotron_nas_refuses_per_layer_query_heads(tmp_path):
+    src = tiny_source("llama", PLANS["per-layer-width"])
+    with pytest.raises(ExportError, match="per-layer query heads.*--format gguf"):
+        export_source(src, tmp_path / "nas", format="nemotron-nas", progress=False)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ExportError, match="Llama-style"):
+        export_source(tiny_source("gemma3_text"), tmp_path / "nas", format="nemotron-nas", progress=False)
