@@ -179,6 +179,8 @@ def _bad_cases(ck: Path, text: Path, tmp: Path) -> dict[str, list]:
         "heal --steps 0": ["heal", ck, "--steps", 0, "--out", tmp / "o"],
         "bad dtype": ["eval", ck, "--dtype", "float8", "--json", j],
         "unknown option": ["drop", ck, "--targte", "attn", "--out", tmp / "o"],
+        "export over a file": ["export", ck, "--format", "gguf", "--out", tmp / "a-file"],
+        "export into a file's folder": ["export", ck, "--format", "nemotron-nas", "--out", tmp / "a-file" / "x"],
     }
 
 
@@ -186,7 +188,7 @@ BAD = sorted([
     "unknown task", "missing --task-dir", "--batch-size 0", "--batch-size -1", "bench --context 0",
     "bench --repeats 0", "--device cuda:99", "--device gpu", "score --json DIR", "unwritable --json",
     "unwritable --out", "compare missing model", "no tokenizer", "no such path", "n too large", "keep ratio > 1",
-    "heal --steps 0", "bad dtype", "unknown option"])
+    "heal --steps 0", "bad dtype", "unknown option", "export over a file", "export into a file's folder"])
 
 
 @pytest.mark.parametrize("case", BAD)
