@@ -231,6 +231,17 @@ class ModelAdapter:
         if self.has_mlp(layer):
             drop_mlp(layer, self.structure_names())
 
+    def sublayer_modules(self, layer: nn.Module, part: str) -> dict[str, nn.Module]:
+        """The child modules that removing sub-layer `part` replaces (the sub-layer and its own norms), by
+        attribute name: what to put back to undo `remove_attention` / `remove_mlp`."""
+        s = self.spec
+        names = [s.attn, *s.attn_norms] if part == "attn" else [s.mlp, *s.mlp_norms]
+        return {n: getattr(layer, n) for n in names}
+
+    def restore(self, layer: nn.Module, modules: dict[str, nn.Module]) -> None:
+        for name, module in modules.items():
+            setattr(layer, name, module)
+
     def structure_names(self) -> dict[str, Any]:
         """Sub-module names written into a heterogeneous checkpoint's config, so that its loader (which
         cannot import prunekit) knows which modules to replace without a table of its own."""

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from prunekit.cli.options import add_calib, add_model, add_output, add_scale, check_writable_file, emit, progress
+from prunekit.cli.options import (
+    add_calib,
+    add_model,
+    add_output,
+    add_scale,
+    check_writable_file,
+    emit,
+    positive_int,
+    progress,
+)
 
 TARGET_NAMES = ("attn", "mlp", "block", "joint")  # spelled out so that building the parser needs no torch
 
@@ -32,6 +41,12 @@ def register(sub: Any) -> None:
                    help="Block Drop of the best consecutive run of n blocks (by cos(h_i, h_{i+n}))")
     p.add_argument("--iterative", action="store_true",
                    help="drop one module at a time and re-score the layers after it (default: one-shot)")
+    p.add_argument("--criterion", choices=("cosine", "loss"), default="cosine",
+                   help="cosine: LLM-Drop, the most redundant modules by cosine similarity (default); loss: module by "
+                        "module, the one whose removal raises the calibration loss least, among the --prefilter "
+                        "most redundant by cosine (in memory)")
+    p.add_argument("--prefilter", type=positive_int, default=8,
+                   help="--criterion loss: candidates tried per step, the most redundant by cosine (default 8)")
     p.add_argument("--repair", choices=("none", "linear"), default="none",
                    help="linear: fold a training-free linear map into the projection before each removed span, "
                         "estimated on the calibration text and kept only where it lowers the loss on held-out "
@@ -68,7 +83,8 @@ def cmd_drop(args: argparse.Namespace) -> int:
                     iterative=args.iterative, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
                     batch_size=args.batch_size, dtype=args.dtype, device=args.device, stream=args.stream,
                     offload_dir=args.offload_dir, use_cache=not args.no_cache, force=args.force,
-                    repair=args.repair, progress=progress(args))
+                    repair=args.repair, criterion=args.criterion, prefilter=args.prefilter,
+                    progress=progress(args))
     if plan is None:
         return 0
     summary: dict[str, Any] = {"out": str(args.out), "method": plan.method,

@@ -14,11 +14,14 @@ from torch import nn
 from prunekit.adapters import ModelAdapter
 from prunekit.data import CalibrationData
 from prunekit.drop.choose import TARGETS, Target, available_modules, candidates, check_n, plan_drops
+from prunekit.drop.loss import LossSearch
 from prunekit.drop.scorer import SimilarityScorer
 from prunekit.drop.similarity import SimilarityScores
 from prunekit.errors import PlanError
 from prunekit.plans import DropTarget, PruningPlan, normalize_drops
 from prunekit.surgery import apply_plan, mark_drops
+
+CRITERIA: tuple[str, ...] = ("cosine", "loss")
 
 
 def model_info(adapter: ModelAdapter, source: str | None = None) -> dict[str, Any]:
@@ -43,13 +46,23 @@ def score_model(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
 
 def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, target: Target, n: int,
              consecutive: bool = False, iterative: bool = False, batch_size: int = 4, progress: bool = True,
-             source: str | None = None, make_scorer: Callable[[bool, bool], Any] | None = None) -> PruningPlan:
+             source: str | None = None, make_scorer: Callable[[bool, bool], Any] | None = None,
+             criterion: str = "cosine", prefilter: int | None = 8) -> PruningPlan:
     """Choose what to drop and drop it: `model` is pruned in place (`surgery.apply_plan`) when this returns,
     and the returned plan rebuilds the same model from a fresh copy of the original.
 
     `make_scorer(pairwise, rescore)` builds the scorer (anything with `score(start_layer=0)`, like
     `SimilarityScorer`): the layer-streamed, cached and data-parallel scorers plug in here; default: an
-    in-memory `SimilarityScorer` over `model`."""
+    in-memory `SimilarityScorer` over `model`.
+
+    `criterion="loss"`: choose module by module by the measured calibration loss (`drop.loss`), among the
+    `prefilter` most redundant modules by cosine at each step (None: all); the model must be in memory."""
+    if criterion not in CRITERIA:
+        raise PlanError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if criterion == "loss" and consecutive:
+        raise PlanError("--consecutive picks one run of blocks by cosine; it cannot be combined with --criterion loss")
+    if criterion == "loss" and any(p.is_meta for p in model.parameters()):
+        raise PlanError("--criterion loss needs the model in memory; run without --stream")
     if target not in TARGETS:
         raise PlanError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     L = adapter.num_layers
@@ -64,7 +77,13 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
                                   pairwise=consecutive or not iterative, rescore=iterative, progress=progress)
     scores = scorer.score()
     history: list[dict[str, Any]] = []
-    if not iterative:
+    extra: dict[str, Any] = {}
+    if criterion == "loss":
+        search = LossSearch(model, adapter, calib, batch_size=batch_size, progress=progress)
+        dropped, history = search.run(scores, target, n, prefilter=prefilter)
+        dropped = normalize_drops(dropped)
+        extra = {"criterion": "loss", "prefilter": prefilter, "forward_passes": round(search.passes, 2)}
+    elif not iterative:
         dropped = plan_drops(scores, target, n, consecutive=consecutive)
     else:
         chosen: set[DropTarget] = set()
@@ -79,6 +98,7 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
         dropped = normalize_drops(sorted(chosen))
     plan = _plan(dropped, scores, calib, info, target=target, n=n, consecutive=consecutive, iterative=iterative,
                  batch_size=batch_size, history=history)
+    plan.options.update(extra)
     apply_plan(adapter, plan)
     return plan
 

@@ -153,6 +153,10 @@ class LayerRunner:
         """The layer a run asked to start at `start_layer` really starts at (0 = from the token ids)."""
         return max((k for k in self.valid if k <= start_layer), default=0)
 
+    def invalidate_from(self, layer: int) -> None:
+        """Forget the stored states past `layer` (the model changed at `layer`, e.g. a trial removal)."""
+        self.valid = {k for k in self.valid if k <= layer}
+
     def resume_at(self, layer: int) -> bool:
         """Trust the stored inputs of `layer` (left by an interrupted run with the same work dir)."""
         if all(self.store.has(state_key(layer, b)) for b in range(len(self.batches))):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunekit.drop import llm_drop
+from prunekit.drop import CRITERIA, llm_drop
 from prunekit.engine.sources import ResidentLayers
 from prunekit.errors import PlanError
 from prunekit.io.checkpoint import load_model
@@ -20,7 +20,8 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
              iterative: bool = False, calib: str | Path = "c4", samples: int = 16, seq_len: int = 512,
              batch_size: int = 4, dtype: str = "float32", device: str = "cpu", stream: bool | None = None,
              offload_dir: str | Path | None = None, use_cache: bool = True, force: bool = False,
-             repair: str = "none", progress: bool = True) -> PruningPlan | None:
+             repair: str = "none", criterion: str = "cosine", prefilter: int | None = 8,
+             progress: bool = True) -> PruningPlan | None:
     """Score, choose, save the pruned checkpoint to `out` (rank 0 saves; the plan is returned on rank 0, None
     elsewhere). Options as in `score_job`. `repair="linear"`: fold a training-free linear map into the
     weights before each removed span (`prunekit.repair`; in-memory runs of architectures that allow it)."""
@@ -28,6 +29,10 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
         raise PlanError(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
     if repair == "linear" and stream:
         raise PlanError("--repair linear needs the model in memory; run without --stream")
+    if criterion not in CRITERIA:
+        raise PlanError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if criterion == "loss" and stream:
+        raise PlanError("--criterion loss needs the model in memory; run without --stream")
     prepare_output(out, force)  # fail before any expensive work
     with scoring_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                      device=device, stream=stream, offload_dir=offload_dir, use_cache=use_cache,
@@ -39,7 +44,8 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
             check_repairable(ad)
         plan = llm_drop(ad.model, ad, job.calib, target=target, n=n,  # type: ignore[arg-type]
                         consecutive=consecutive, iterative=iterative, batch_size=batch_size,
-                        progress=progress, source=str(model), make_scorer=factory)
+                        progress=progress, source=str(model), make_scorer=factory, criterion=criterion,
+                        prefilter=prefilter)
     if repair == "linear" and job.env.is_main:
         dense, _ = load_model(model, dtype=dtype, device=job.device, tokenizer=False)
         plan.repair = linear_repair(dense, ad.model, plan, job.calib, batch_size=batch_size, progress=progress)

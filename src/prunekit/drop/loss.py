@@ -1,0 +1,114 @@
+"""Loss-guided choice of what to drop (BlockPruner / FinerCut style): module by module, greedily, the one
+whose removal raises the causal-LM loss on the calibration tokens least.
+
+Incremental. Removing a module in layer i changes nothing before layer i, so a trial re-runs layers i.. from
+the inputs the runner remembered; trials go from the deepest candidate up, so the states a trial overwrote
+are never needed by a later one (each trial invalidates the states past its layer). After the winner is
+dropped, one pass from its layer brings the remembered states up to date for the next step.
+
+Cost, in forward-pass equivalents over the calibration tokens (a full pass = L layers): each step costs
+sum over its candidates of (L - layer)/L plus the LM head per trial, i.e. about half a pass per candidate.
+`prefilter=k` keeps only the k candidates with the highest LLM-Drop cosine similarity (the cheap signal) per
+step, so a full greedy search over n modules costs about n * (k/2 + 1) passes; `prefilter=None` tries every
+candidate (about n * C/2 passes for C candidates).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.adapters import ModelAdapter
+from prunekit.data import CalibrationData
+from prunekit.drop.choose import Target, candidates
+from prunekit.drop.similarity import SimilarityScores
+from prunekit.engine.runner import LayerRunner, Observer
+from prunekit.engine.sources import ResidentLayers
+from prunekit.plans import DropTarget
+
+
+class LossObserver(Observer):
+    """Causal-LM loss summed over the calibration tokens, from the last layer's output (final norm + LM head),
+    padding excluded."""
+
+    def __init__(self, adapter: ModelAdapter, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.adapter = adapter
+        self.batches = batches
+        self.last = adapter.num_layers - 1
+        self.nll = 0.0
+        self.tokens = 0
+
+    def observe(self, i: int, b: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
+                mask: torch.Tensor | None) -> None:
+        if i != self.last:
+            return
+        ids, m = self.batches[b]
+        logits = self.adapter.lm_head()(self.adapter.final_norm()(h_out))[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device),
+                              reduction="none")
+        keep = m[:, 1:].reshape(-1).to(nll.device) != 0
+        self.nll += float(nll[keep].double().sum())
+        self.tokens += int(keep.sum())
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+
+def _parts(d: DropTarget) -> list[str]:
+    return ["attn", "mlp"] if d.module == "block" else [d.module]
+
+
+class LossSearch:
+    """Greedy loss-guided dropping over a model in memory (the runner remembers every layer's inputs)."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, batch_size: int = 4,
+                 progress: bool = True):
+        self.adapter = adapter
+        self.runner = LayerRunner(ResidentLayers(model, adapter), calib, batch_size=batch_size,
+                                  remember_inputs=True, state_budget_bytes=1 << 62, progress=False)
+        self.progress = progress
+        self.passes = 0.0  # forward-pass equivalents spent (layers run / L)
+
+    def _loss(self, start: int) -> float:
+        obs = LossObserver(self.adapter, self.runner.batches)
+        begin = self.runner.run([obs], start_layer=start, desc="loss")
+        self.passes += (self.adapter.num_layers - begin) / self.adapter.num_layers
+        return obs.loss
+
+    def trial(self, d: DropTarget) -> float:
+        """Calibration loss with `d` removed as well (the model is left as it was)."""
+        layer = self.adapter.layers()[d.layer]
+        saved = {p: self.adapter.sublayer_modules(layer, p) for p in _parts(d)}
+        for p in _parts(d):
+            (self.adapter.remove_attention(layer, d.layer) if p == "attn" else self.adapter.remove_mlp(layer))
+        try:
+            return self._loss(d.layer)
+        finally:
+            for modules in saved.values():
+                self.adapter.restore(layer, modules)
+            self.runner.invalidate_from(d.layer)
+
+    def run(self, scores: SimilarityScores, target: Target, n: int, *,
+            prefilter: int | None = 8) -> tuple[list[DropTarget], list[dict[str, Any]]]:
+        """The `n` modules chosen one at a time, and the history (loss of every trial, per step)."""
+        chosen: set[DropTarget] = set()
+        history: list[dict[str, Any]] = []
+        base = self._loss(0)
+        current = scores
+        for step in range(n):
+            pool = [d for _, d in candidates(current, target, exclude=chosen)]
+            pool = pool[:prefilter] if prefilter else pool
+            trials = {d: self.trial(d) for d in sorted(pool, key=lambda d: -d.layer)}
+            pick = min(trials, key=lambda d: (trials[d], -d.layer))
+            chosen.add(pick)
+            layer = self.adapter.layers()[pick.layer]
+            for p in _parts(pick):
+                (self.adapter.remove_attention(layer, pick.layer) if p == "attn" else self.adapter.remove_mlp(layer))
+            base = self._loss(pick.layer)  # brings the remembered states past the winner up to date
+            history.append({"step": step, "layer": pick.layer, "module": pick.module, "loss": base,
+                            "trials": {f"{d.module}@{d.layer}": v for d, v in sorted(trials.items())}})
+        return sorted(chosen), history

@@ -1,0 +1,79 @@
+"""Loss-guided dropping: trial losses equal a full forward of the model with that module removed, a module
+that contributes nothing is chosen first, and the search re-runs only the layers after each candidate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_calib, tiny_model
+
+from prunekit.adapters import get_adapter
+from prunekit.drop import llm_drop, score_model
+from prunekit.drop.loss import LossSearch
+from prunekit.errors import PlanError
+from prunekit.plans import DropTarget
+from prunekit.surgery import mark_drops
+
+
+def full_loss(model, calib) -> float:
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in calib.batches(4):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            keep = mask[:, 1:].reshape(-1) != 0
+            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+            nll += float(losses[keep].double().sum())
+            n += int(keep.sum())
+    return nll / n
+
+
+@pytest.mark.parametrize("d", [DropTarget(2, "attn"), DropTarget(1, "mlp"), DropTarget(3, "block")])
+def test_trial_loss_equals_a_full_forward_without_the_module(d):
+    model = tiny_model("llama")
+    data = random_calib(n=6, t=16, seed=4, pad_last=3)
+    search = LossSearch(model, get_adapter(model), data, progress=False)
+    base = search._loss(0)
+    assert abs(base - full_loss(model, data)) < 1e-6
+    trial = search.trial(d)
+    assert abs(search._loss(0) - base) < 1e-12  # the model is back as it was
+    ref = copy.deepcopy(model)
+    mark_drops(get_adapter(ref), [d])
+    assert abs(trial - full_loss(ref, data)) < 1e-6
+
+
+def test_a_module_that_contributes_nothing_costs_exactly_nothing_and_the_best_trial_wins():
+    model = tiny_model("llama")
+    ad = get_adapter(model)
+    with torch.no_grad():
+        ad.attn_projections(ad.layers()[1])[3].weight.zero_()  # attention 1 adds nothing
+    data = random_calib(n=6, t=16, seed=5)
+    search = LossSearch(model, ad, data, progress=False)
+    assert search.trial(DropTarget(1, "attn")) == search._loss(0)  # exactly: it changes nothing
+    plan = llm_drop(model, ad, data, target="attn", n=2, criterion="loss", prefilter=None, progress=False)
+    trials = plan.history[0]["trials"]
+    pick = f"{plan.history[0]['module']}@{plan.history[0]['layer']}"
+    assert trials[pick] == min(trials.values()) and len(trials) == 4  # every attention layer tried
+    assert len(plan.history[1]["trials"]) == 3
+    # Step 1 ran 4 trials from their own layers (4+3+2+1 = 10 of 16 layer-runs) plus one update pass.
+    assert plan.options["criterion"] == "loss" and 0 < plan.options["forward_passes"] < 2 * 4
+    assert len(plan.dropped) == 2
+
+
+def test_loss_criterion_is_refused_where_it_cannot_run(tiny_checkpoint, tmp_path, isolated_cache):
+    from prunekit.cli import main
+
+    model = tiny_model("llama")
+    with pytest.raises(PlanError, match="consecutive"):
+        llm_drop(model, get_adapter(model), random_calib(), target="block", n=2, consecutive=True, criterion="loss")
+    with pytest.raises(PlanError, match="unknown criterion"):
+        llm_drop(model, get_adapter(model), random_calib(), target="attn", n=1, criterion="kl")
+    ck, text = tiny_checkpoint
+    assert main(["-q", "drop", str(ck), "--target", "joint", "--n", "2", "--criterion", "loss", "--calib", str(text),
+                 "--samples", "4", "--seq-len", "24", "--out", str(tmp_path / "l")]) == 0
+    assert main(["-q", "drop", str(ck), "--target", "attn", "--n", "1", "--criterion", "loss", "--stream",
+                 "--calib", str(text), "--out", str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()
+    assert score_model  # the cosine scores still go into every plan
