@@ -108,10 +108,16 @@ def run(a: argparse.Namespace, contexts: list[int], quants: list[str], skipped: 
                 d = samples.setdefault((*key, c), {"prefill": [], "decode": []})
                 d["prefill"].append(out.prompt_n / out.prompt_ms * 1e3)
                 d["decode"].append(out.predicted_n / out.predicted_ms * 1e3)
-        print(f"round {r + 1}/{a.rounds} done")
+        print(f"round {r + 1}/{a.rounds} done", flush=True)
+        report(a, samples, files, variants, skipped, rounds_done=r + 1)
     for s in servers.values():
         s.close()
 
+
+
+def report(a: argparse.Namespace, samples: dict, files: dict, variants: dict, skipped: list[str], *,
+           rounds_done: int) -> None:
+    """Medians so far -> table (final round only) and JSON (after every round: a run cut short keeps its data)."""
     runs = []
     for (name, q, c), d in sorted(samples.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         dense = samples[("dense", q, c)]
@@ -133,14 +139,15 @@ def run(a: argparse.Namespace, contexts: list[int], quants: list[str], skipped: 
               f"{r['decode_ratio']:>10.2f}{r['ideal_ratio']:>9.2f}")
     result = {
         "model": a.model, "engine": "llama.cpp via xllamacpp 2026.10.11549 (CPU)", "threads": a.threads,
-        "new_tokens": a.new_tokens, "rounds": a.rounds, "statistic": "median over interleaved rounds",
+        "new_tokens": a.new_tokens, "rounds": rounds_done, "rounds_asked": a.rounds,
+        "statistic": "median over interleaved rounds",
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "skipped_quants": skipped, "plans": {k: describe(v) for k, v in variants.items()},
         "runs": runs,
     }
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {a.json}" + (f" (skipped {', '.join(skipped)}: llama-cpp-python not installed)" if skipped else ""))
+    print(f"wrote {a.json} after round {rounds_done}" + (f" (skipped {', '.join(skipped)}: llama-cpp-python not installed)" if skipped else ""))
 
 
 if __name__ == "__main__":
