@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from prunekit.errors import PrunekitError
 
-DEFAULT_MODEL_HELP = "built-in name (smollm2-135m, gemma3-270m), local HF checkpoint directory, or hub id"
+DEFAULT_MODEL_HELP = "built-in name (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), local HF checkpoint directory, or hub id"
 TEXT_HELP = "built-in corpus (wiki, c4, tiny, code, technical, multilingual), or a local .txt/.jsonl file"
 
 

@@ -15,7 +15,7 @@ from typing import Any
 SCORER_NAMES: tuple[str, ...] = ("activation", "weight-activation")
 HEAD_MODE_NAMES: tuple[str, ...] = ("kv-groups", "query-heads")
 
-_CLI_HELP = "built-in name (smollm2-135m, gemma3-270m), local HF checkpoint directory, or hub id"
+_CLI_HELP = "built-in name (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), local HF checkpoint directory, or hub id"
 _TEXT_HELP = "built-in corpus (wiki, c4, tiny, code, technical, multilingual), or a local .txt/.jsonl file"
 
 

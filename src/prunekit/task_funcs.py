@@ -1,8 +1,8 @@
 """Prompt helpers for prunekit's built-in lm-eval tasks, referenced from the YAMLs as ``!function task_funcs.X``.
 
 lm-eval loads a ``!function`` module from the folder of the YAML that names it (by file path, not by import), so
-:mod:`prunekit.zeroshot` copies this file beside the rendered task YAMLs. It must therefore import nothing but the
-standard library. Each function is a copy of the lm-eval 0.4.13 helper named in its docstring, so our prompts and
+:mod:`prunekit.zeroshot` writes a one-line ``task_funcs.py`` re-exporting this module beside the rendered task
+YAMLs. Standard library only, so the helpers stay cheap to load. Each function is a copy of the lm-eval 0.4.13 helper named in its docstring, so our prompts and
 choices are exactly lm-eval's; only the data source differs.
 """
 
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import re
 from typing import Any
+
+__all__ = ["hellaswag_doc", "hellaswag_preprocess", "hellaswag_process_docs", "winogrande_doc_to_choice",
+           "winogrande_doc_to_target", "winogrande_doc_to_text"]
 
 
 # ------------------------------------------------------------------------------------------------ hellaswag
@@ -36,6 +39,7 @@ def hellaswag_doc(doc: dict[str, Any]) -> dict[str, Any]:
 def hellaswag_process_docs(dataset: Any) -> Any:
     """``process_docs`` for a ``datasets.Dataset``: adds ``query``, ``choices`` and ``gold`` (order kept)."""
     return dataset.map(hellaswag_doc)
+
 
 
 # ----------------------------------------------------------------------------------------------- winogrande

