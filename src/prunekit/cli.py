@@ -117,6 +117,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                             seed=args.seed, device=args.device)
         for name, t in result["zeroshot"]["tasks"].items():
             print(f"{name}: acc {t['acc']:.4f} ± {t['acc_stderr']:.4f} (n={t['n']})")
+        avg = result["zeroshot"].get("average")
+        if avg:  # the papers' average: acc_norm or acc per task, as declared in prunekit.zeroshot.AVERAGE_METRIC
+            used = ", ".join(f"{k}:{m}" for k, m in avg["metric"].items())
+            se = f" ± {avg['stderr']:.4f}" if avg["stderr"] is not None else ""
+            print(f"average {avg['value']:.4f}{se} ({used})")
     local = Path(str(args.model))
     if local.is_dir():
         result["disk_bytes"] = weight_bytes(local)
