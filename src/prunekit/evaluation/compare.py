@@ -252,7 +252,9 @@ def render_markdown(report: dict[str, Any], opts: CompareOptions) -> str:
         table_rows.append(t)
     cols = [("name", "model"), ("params", "params"), ("disk", "file size"), ("kv", "KV bytes/token"),
             ("ppl", f"perplexity ({opts.text})")]
-    for task in opts.tasks:
+    from prunekit.evaluation.zeroshot import expand_task_names  # `paper` -> its seven task columns
+
+    for task in expand_task_names(opts.tasks):
         cols.append((f"task:{task}", f"{task} acc" + (f" (limit {opts.limit})" if opts.limit else "")))
     if opts.bench and c_last:
         cols += [("decode", f"decode @ {c_last}"), ("ideal", "ideal speed-up (layers / with LM head)"),

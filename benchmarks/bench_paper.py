@@ -1,0 +1,211 @@
+"""The LLM-Drop paper's table on a built-in model: dense vs layer dropping vs TransAct width pruning.
+
+For each row: perplexity on held-out wiki windows, LAMBADA (lambada_openai: last-word perplexity and accuracy),
+the seven zero-shot tasks of the papers (arc_challenge, arc_easy, boolq, hellaswag, openbookqa, piqa,
+winogrande) through lm-eval on the in-memory model, their average (acc_norm for arc/hellaswag/openbookqa/piqa,
+acc for boolq/winogrande: prunekit.evaluation.zeroshot.AVERAGE_METRIC) with its standard error, parameters and KV-cache
+bytes per token. Calibration is on c4 (its calibration half); nothing is tuned on the evaluation data.
+
+Rows (``--rows``, default all): dense; attention drop 4/8/12; MLP drop 4; block drop 4 one-shot and
+iterative; joint drop 8; TransAct MLP 75%. Each row reloads the model from the converted checkpoint and
+applies the library's own plan (``drop.llm_drop`` / ``width.width_prune``, then ``surgery.apply_plan``).
+
+Results are written to ``--json`` (default ``benchmarks/results/paper.json``) after every row, atomically. A
+rerun with the same settings keeps the rows already measured and only runs the missing ones, so an interrupted
+or partial run is never lost; other settings start a fresh file. Prints a Markdown table at the end.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_paper.py --limit 300 [--rows dense,attn-drop-8,block-drop-4]
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_paper.py --model qwen2.5-coder-1.5b --limit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.adapters import get_adapter
+from prunekit.data import CalibrationData, calibration_data, eval_windows
+from prunekit.drop import llm_drop
+from prunekit.evaluation.perplexity import kv_bytes_per_token, perplexity
+from prunekit.evaluation.zeroshot import AVERAGE_METRIC, PAPER_TASKS, evaluate_tasks
+from prunekit.io.checkpoint import load_model
+from prunekit.plans import PruningPlan
+from prunekit.surgery import apply_plan, count_parameters
+from prunekit.width import width_prune
+
+TASKS = [*PAPER_TASKS, "lambada"]
+Prune = Callable[[nn.Module, CalibrationData, argparse.Namespace], PruningPlan | None]
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    label: str
+    prune: Prune
+
+
+def _drop(target: str, n: int, iterative: bool = False) -> Prune:
+    def prune(model: nn.Module, calib: CalibrationData, a: argparse.Namespace) -> PruningPlan:
+        adapter = get_adapter(model)
+        plan = llm_drop(model, adapter, calib, target=target, n=n, iterative=iterative,  # type: ignore[arg-type]
+                        batch_size=a.batch_size, progress=False)
+        apply_plan(adapter, plan)
+        return plan
+    return prune
+
+
+def _transact_mlp(keep: float) -> Prune:
+    def prune(model: nn.Module, calib: CalibrationData, a: argparse.Namespace) -> PruningPlan:
+        # width_prune narrows the model in place and returns the plan; nothing else to apply.
+        return width_prune(model, get_adapter(model), calib, mlp_keep=keep, mode="uniform", shots=a.shots,
+                           batch_size=a.batch_size, progress=False)
+    return prune
+
+
+ROWS: list[Row] = [
+    Row("dense", "dense", lambda model, calib, a: None),
+    Row("attn-drop-4", "attention drop 4", _drop("attn", 4)),
+    Row("attn-drop-8", "attention drop 8", _drop("attn", 8)),
+    Row("attn-drop-12", "attention drop 12", _drop("attn", 12)),
+    Row("mlp-drop-4", "MLP drop 4", _drop("mlp", 4)),
+    Row("block-drop-4", "block drop 4 (one-shot)", _drop("block", 4)),
+    Row("block-drop-4-iter", "block drop 4 (iterative)", _drop("block", 4, iterative=True)),
+    Row("joint-drop-8", "joint drop 8", _drop("joint", 8)),
+    Row("transact-mlp-75", "TransAct MLP 75%", _transact_mlp(0.75)),
+]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write to a temporary file beside ``path`` and rename it, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def measure(row: Row, a: argparse.Namespace, windows: torch.Tensor) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    model, tok = load_model(a.model)  # a fresh copy per row: pruning is in place
+    calib = calibration_data(tok, a.calib, a.samples, a.seq_len)
+    plan = row.prune(model, calib, a)
+    prune_s = time.perf_counter() - t0
+    adapter = get_adapter(model)
+    ppl = perplexity(model, windows, progress=False)
+    t1 = time.perf_counter()
+    zs = evaluate_tasks(model, tok, TASKS, limit=a.limit, batch_size=a.eval_batch_size, seed=a.seed,
+                        bootstrap_iters=a.bootstrap_iters)
+    return {
+        "name": row.name,
+        "label": row.label,
+        "params": count_parameters(model),
+        "kv_bytes_per_token": kv_bytes_per_token(adapter),
+        "wiki_perplexity": ppl["perplexity"],
+        "lambada": zs["tasks"]["lambada"],
+        "tasks": {t: zs["tasks"][t] for t in PAPER_TASKS},
+        "average": zs["average"],
+        "dropped": plan.to_json()["dropped"] if plan is not None else [],
+        "prune_s": prune_s,
+        "tasks_s": time.perf_counter() - t1,
+        "data_hashes": zs["data_hashes"],
+    }
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(rows: list[dict[str, Any]], dense_params: int | None) -> str:
+    head = ["model", "params", "KV B/tok", "wiki ppl", "LAMBADA ppl", "LAMBADA acc",
+            *[f"{t} ({AVERAGE_METRIC[t]})" for t in PAPER_TASKS], "avg ± se"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        removed = f" (-{100 * (1 - r['params'] / dense_params):.1f}%)" if dense_params and r["name"] != "dense" else ""
+        cells = [r["label"], f"{r['params'] / 1e6:.1f}M{removed}", f"{r['kv_bytes_per_token']:,}",
+                 _f(r["wiki_perplexity"], ".2f"), _f(r["lambada"].get("perplexity"), ".2f"),
+                 _f(r["lambada"].get("acc"), ".3f"),
+                 *[_f(r["tasks"][t].get(AVERAGE_METRIC[t]), ".3f") for t in PAPER_TASKS],
+                 f"{r['average']['value']:.3f} ± {_f(r['average']['stderr'], '.3f')}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="built-in name or checkpoint (default smollm2-135m)")
+    p.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated rows (default all)")
+    p.add_argument("--limit", type=int, default=None, help="first N documents of each task (default: all)")
+    p.add_argument("--calib", default="c4", help="calibration text (default c4, its calibration half)")
+    p.add_argument("--eval", default="wiki", help="perplexity text (default wiki, its evaluation half)")
+    p.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--windows", type=int, default=10, help="perplexity windows (default 10)")
+    p.add_argument("--window-len", type=int, default=1024, help="tokens per perplexity window (default 1024)")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    p.add_argument("--shots", type=int, default=4, help="TransAct shots (default 4, as in `make demo`)")
+    p.add_argument("--seed", type=int, default=1234, help="lm-eval seeds (default 1234)")
+    p.add_argument("--bootstrap-iters", type=int, default=1000,
+                   help="bootstrap draws for LAMBADA's perplexity stderr (default 1000; accuracies are closed-form)")
+    p.add_argument("--json", default="benchmarks/results/paper.json", help="where to write the results")
+    a = p.parse_args()
+    known = {r.name: r for r in ROWS}
+    wanted = [n.strip() for n in a.rows.split(",") if n.strip()]
+    bad = [n for n in wanted if n not in known]
+    if bad:
+        p.error(f"unknown row(s) {', '.join(bad)}; rows: {', '.join(known)}")
+    torch.manual_seed(0)
+
+    # Rows measured under other settings are not comparable: only the same settings resume.
+    settings = {k: getattr(a, k) for k in ("model", "limit", "calib", "eval", "samples", "seq_len", "windows",
+                                           "window_len", "shots", "seed")}
+    out = Path(a.json)
+    previous = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else None
+    done: dict[str, dict[str, Any]] = {}
+    if previous and previous.get("settings") == settings:
+        done = {r["name"]: r for r in previous.get("rows", [])}
+
+    _, tok = load_model(a.model)
+    windows = eval_windows(tok, a.eval, a.windows, a.window_len)
+    import lm_eval
+
+    meta = {"settings": settings, "torch": torch.__version__, "lm_eval": lm_eval.__version__,
+            "platform": platform.platform(), "threads": torch.get_num_threads(),
+            "note": "dequantized Q4 GGUF weights, fp32 on CPU; tasks on their first `limit` documents"}
+    for name in wanted:
+        if name in done:
+            print(f"{name}: kept from {out}", flush=True)
+            continue
+        t0 = time.perf_counter()
+        done[name] = measure(known[name], a, windows)
+        r = done[name]
+        print(f"{name}: wiki ppl {r['wiki_perplexity']:.2f}  lambada ppl {r['lambada']['perplexity']:.2f}  "
+              f"avg {r['average']['value']:.3f} ± {r['average']['stderr']:.3f}  [{time.perf_counter() - t0:.0f}s]",
+              flush=True)
+        order = [n for n in known if n in done]  # keep the table's row order whatever was run first
+        write_json(out, {**meta, "rows": [done[n] for n in order]})
+
+    rows = [done[n] for n in known if n in done]
+    dense = done.get("dense")
+    print()
+    print(markdown(rows, dense["params"] if dense else None))
+
+
+if __name__ == "__main__":
+    main()
