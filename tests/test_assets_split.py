@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from prunekit.io import assets
 from prunekit.errors import CheckpointError
+from prunekit.io import assets
 from prunekit.io.assets import BUILTIN_MODELS, QWEN_CODER_05B, QWEN_CODER_15B, SplitGGUF, assemble_split_gguf
 
 CHUNKS = [b"GGUF" + bytes(range(7)), b"middle part " * 5, b"end"]
