@@ -3,9 +3,11 @@
 The loss is KL(teacher || student) between next-token distributions softened by a temperature T, scaled by
 T^2 so that its gradient has the same size for any T (Hinton et al., 2015), averaged over the real
 (unpadded) positions. The teacher's logits exist for ONE batch at a time (the caller runs the teacher on
-the same batch in the same step), in float32 over the full vocabulary; `topk` keeps only the teacher's K
-largest logits per position, renormalised over those K, and compares them with the student's
-log-probabilities at the same token ids: the teacher's side then needs K values instead of the vocabulary.
+the same batch in the same step), in float32 over the full vocabulary. `topk` keeps only the teacher's K
+largest logits per position and compares both distributions renormalised over those K token ids: the
+softmaxes and the KL then take K values per position instead of the vocabulary, and a student equal to its
+teacher still has loss 0. The student's mass outside the teacher's top K is not constrained by that term;
+mixing in some causal-LM loss (`alpha`) covers it.
 """
 
 from __future__ import annotations
@@ -23,13 +25,11 @@ def kl_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     """Mean over positions with `mask == 1` of T^2 * KL(p_teacher/T || p_student/T); logits [B, T, V]."""
     s = student_logits.float() / temperature
     t = teacher_logits.float() / temperature
-    log_q = F.log_softmax(s, dim=-1)
     if topk is not None and topk < t.shape[-1]:
-        t_top, idx = t.topk(topk, dim=-1)
-        log_p = F.log_softmax(t_top, dim=-1)  # renormalised over the K kept tokens
-        log_q = log_q.gather(-1, idx)
-    else:
-        log_p = F.log_softmax(t, dim=-1)
+        t, idx = t.topk(topk, dim=-1)
+        s = s.gather(-1, idx)  # both renormalised over the teacher's K most likely tokens
+    log_p = F.log_softmax(t, dim=-1)
+    log_q = F.log_softmax(s, dim=-1)
     # p * (log p - log q), summed over the vocabulary: 0 exactly where the distributions are equal.
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     m = mask.to(kl.dtype)
