@@ -46,11 +46,24 @@ from prunekit.recovery.lora import add_lora, check_rank, merge_lora
 
 
 def _lr_factor(step: int, steps: int, warmup_steps: int) -> float:
-    """Multiplier of the peak learning rate before optimizer step `step` (0-based)."""
+    """Multiplier of the peak learning rate before optimizer step `step` (0-based): the closed form of
+    `lr_schedule`, which the tests hold it to."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     done = (step - warmup_steps) / max(1, steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def lr_schedule(opt: torch.optim.Optimizer, steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's own schedulers: linear warm-up from peak/warmup_steps to the peak over `warmup_steps` steps,
+    then cosine decay to 0 over the rest."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    if warmup_steps == 0:
+        return CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=0.0)
+    warm = LinearLR(opt, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=max(1, warmup_steps - 1))
+    cosine = CosineAnnealingLR(opt, T_max=max(1, steps - warmup_steps), eta_min=0.0)
+    return SequentialLR(opt, [warm, cosine], milestones=[warmup_steps])
 
 
 def check_settings(*, steps: int, lr: float, batch_size: int, warmup: float, alpha: float | None = None,
@@ -114,7 +127,7 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     n = len(data.input_ids)
     warmup_steps = max(1, round(warmup * steps)) if warmup > 0 else 0
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup_steps))
+    sched = lr_schedule(opt, steps, warmup_steps)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     losses: list[float] = []
