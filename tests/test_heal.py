@@ -187,6 +187,9 @@ def test_teacher_tokens_below_one_batch_fail_before_loading(tmp_path):
                         seq_len=32, batch_size=4)
     with pytest.raises(RecoveryError, match="give --teacher"):
         heal_checkpoint(str(tmp_path / "no-such-model"), str(tmp_path / "out"), text="teacher:1000", seq_len=32)
+    with pytest.raises(RecoveryError, match="give --teacher"):
+        heal_checkpoint(str(tmp_path / "no-such-model"), str(tmp_path / "out"), alpha=0.5)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_heal_distils_with_lora_on_teacher_text(tiny_checkpoint, tmp_path, capsys, isolated_cache):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from prunekit.errors import RecoveryError
 from prunekit.io.checkpoint import load_model, resolve_model_path
 from prunekit.io.outputs import prepare_output
 from prunekit.plans import PLAN_FILE, PruningPlan
@@ -26,6 +27,8 @@ def heal_checkpoint(model: str, out: str, *, text: str = "c4", samples: int = 64
     spec and the output are checked before loading; the teacher's vocabulary before any training."""
     check_settings(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, alpha=alpha, temperature=temperature,
                    teacher_topk=teacher_topk, lora=lora)
+    if teacher is None and (alpha not in (None, 1.0) or temperature != 1.0 or teacher_topk is not None):
+        raise RecoveryError("--alpha, --temperature and --teacher-topk shape the distillation loss; give --teacher")
     sources = parse_text_spec(text)
     check_text_spec(sources, samples=samples, seq_len=seq_len, batch_size=batch_size, has_teacher=teacher is not None)
     prepare_output(out, force)
