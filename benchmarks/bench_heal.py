@@ -1,0 +1,148 @@
+"""Recovery after Attention Drop on the built-in SmolLM2-135M: causal-LM fine-tuning vs distillation vs LoRA
+distillation, at EQUAL training tokens.
+
+The dense model is pruned with LLM-Drop (attention, --drop modules, scored on --calib-samples x 512 tokens
+of c4's calibration half), then each row heals a deep copy of the pruned model on the same training windows
+(c4's calibration half, --samples x --seq-len, --steps x --batch-size sequences seen) and is evaluated on
+held-out wiki windows (wiki's EVALUATION half; the training never reads it and nothing is tuned on it). The
+learning rates are fixed in advance (the project default 5e-5 for full fine-tuning, 10x that for LoRA, the
+usual ratio), not searched. Peak RSS is sampled during each row. Prints a table and writes JSON.
+
+    nice -n 10 .venv/bin/python benchmarks/bench_heal.py [--steps 16] [--batch-size 4] [--seq-len 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+
+from prunekit.adapters import get_adapter
+from prunekit.data import calibration_data, eval_windows
+from prunekit.drop import llm_drop
+from prunekit.evaluation.perplexity import perplexity as evaluate_perplexity
+from prunekit.io.checkpoint import load_model
+from prunekit.io.outputs import write_json
+from prunekit.recovery import recover
+from prunekit.surgery import count_parameters
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def ppl(model: nn.Module, windows: torch.Tensor) -> float:
+    return float(evaluate_perplexity(model, windows, progress=False)["perplexity"])
+
+
+def report(args: argparse.Namespace, plan: Any, train: Any, rows: list[dict[str, Any]], *, done: bool) -> None:
+    if done:
+        print(f"\n{'row':<34} {'ppl':>8} {'x dense':>8} {'tokens':>8} {'min':>6} {'RSS GiB':>8}")
+        for r in rows:
+            print(f"{r['row']:<34} {r['perplexity']:>8.2f} {r['ratio_to_dense']:>8.3f} {r.get('tokens_seen', ''):>8} "
+                  f"{r.get('minutes', ''):>6} {r.get('peak_rss_gib', ''):>8}")
+    out = {
+        "model": args.model, "dropped_attention": [d.layer for d in plan.dropped], "complete": done,
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "train_data": train.describe(), "eval": f"{args.eval} eval half, {args.windows} x {args.window_len}",
+        "rows": rows,
+        "machine": {"platform": platform.platform(), "cpus": psutil.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "load_average_1m": os.getloadavg()[0]},
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, args.json)
+    if done:
+        print(f"wrote {args.json}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--drop", type=int, default=8, help="attention modules dropped (default 8)")
+    p.add_argument("--calib-samples", type=int, default=16, help="LLM-Drop calibration sequences of 512 (default 16)")
+    p.add_argument("--text", default="c4", help="training text, its calibration half (default c4)")
+    p.add_argument("--samples", type=int, default=64, help="training windows (default 64)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per training window (default 512)")
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps per row (default 16)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--lr", type=float, default=5e-5, help="full fine-tuning peak lr (default 5e-5)")
+    p.add_argument("--lora-lr", type=float, default=5e-4, help="LoRA peak lr (default 5e-4)")
+    p.add_argument("--lora", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--eval", default="wiki", help="evaluation text, its held-out half (default wiki)")
+    p.add_argument("--windows", type=int, default=10, help="perplexity windows (default 10)")
+    p.add_argument("--window-len", type=int, default=1024, help="tokens per perplexity window (default 1024)")
+    p.add_argument("--json", default="benchmarks/results/heal.json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+
+    dense, tok = load_model(args.model)
+    dense.requires_grad_(False)
+    wins = eval_windows(tok, args.eval, args.windows, args.window_len)
+    train = calibration_data(tok, args.text, args.samples, args.seq_len)
+    t0 = time.perf_counter()
+    dense_ppl = ppl(dense, wins)
+    print(f"dense perplexity {dense_ppl:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    pruned = copy.deepcopy(dense)
+    pruned.requires_grad_(True)
+    plan = llm_drop(pruned, get_adapter(pruned), calibration_data(tok, "c4", args.calib_samples, 512),
+                    target="attn", n=args.drop, progress=False)
+    pruned_ppl = ppl(pruned, wins)
+    print(f"pruned perplexity {pruned_ppl:.2f} (dropped {[d.layer for d in plan.dropped]})", flush=True)
+
+    rows_spec = [
+        ("causal-LM fine-tuning", dict(lr=args.lr)),
+        ("distillation from dense", dict(lr=args.lr, teacher=dense)),
+        (f"LoRA r={args.lora} distillation", dict(lr=args.lora_lr, teacher=dense, lora=args.lora)),
+    ]
+    rows: list[dict[str, Any]] = [
+        {"row": "dense", "perplexity": dense_ppl, "ratio_to_dense": 1.0, "params": count_parameters(dense)},
+        {"row": f"attention drop {args.drop}, no healing", "perplexity": pruned_ppl,
+         "ratio_to_dense": pruned_ppl / dense_ppl, "params": count_parameters(pruned)},
+    ]
+    for name, kw in rows_spec:
+        student = copy.deepcopy(pruned)
+        t = time.perf_counter()
+        with PeakRSS() as mem:
+            rec = recover(student, train, steps=args.steps, batch_size=args.batch_size, progress=False, **kw)
+        minutes = (time.perf_counter() - t) / 60
+        val = ppl(student, wins)
+        rows.append({"row": name, "perplexity": val, "ratio_to_dense": val / dense_ppl,
+                     "params": count_parameters(student), "tokens_seen": rec["tokens_seen"],
+                     "minutes": round(minutes, 2), "peak_rss_gib": round(mem.peak / 2**30, 2),
+                     "lr": kw["lr"], "method": rec["method"], "loss_first": rec["loss_first"],
+                     "loss_last_10pct_mean": rec["loss_last_10pct_mean"]})
+        print(f"{name}: perplexity {val:.2f} in {minutes:.1f} min", flush=True)
+        report(args, plan, train, rows, done=False)  # a run cut short still leaves the rows it measured
+        del student
+
+    report(args, plan, train, rows, done=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Recovery fine-tuning ("healing"): a short causal-LM training run that lets a pruned model adapt to what
+was removed.
+
+Pruning changes what later layers receive; a few hundred steps of ordinary next-token training on general
+text recover part of the loss (LLM-Pruner, Sheared-LLaMA and Minitron all finish with such a phase). This
+module trains every parameter the pruned model still has with AdamW; the structure never changes (removed
+heads, channels and sub-layers stay removed, a heterogeneous model stays heterogeneous), so the result is
+saved and loaded exactly like the pruned checkpoint it came from.
+
+Data. `CalibrationData` windows (`data.calibration_data`), i.e. the FIRST half of a text's token stream;
+perplexity is measured on the second half, so training never sees evaluation tokens. Padding (mask 0) is
+excluded from the loss.
+
+Schedule. Linear warm-up over `warmup` of the steps, then cosine decay to zero; gradients clipped to
+`max_grad_norm`; the batches visit the samples in a seeded random order, epoch after epoch, so a run is
+reproducible (same seed, same data, same losses on the same machine).
+
+Loss. Without a teacher: the causal-LM loss (next-token cross-entropy). With a teacher (normally the dense
+model the student was pruned from): `alpha * CE + (1 - alpha) * T^2 KL(teacher || student)` at temperature T
+(`distill.kl_distill_loss`), the teacher in eval mode under no_grad, run on the same batch in the same step,
+so its logits exist for one batch at a time; alpha defaults to 0 (pure distillation).
+
+Memory. Full fine-tuning holds the weights, their gradients and AdamW's two moments: about 4x the model in
+the training dtype (float32 recommended), plus activations. `lora=R` trains rank-R LoRA matrices on the
+attention and MLP projections instead (`lora.py`, through peft) and merges them into the weights at the end,
+so the result has exactly the structure and tensor names it started with.
+
+Use it alone (`prunekit heal`), or between the shots of iterative width pruning:
+``width_prune(..., between_shots=lambda model, shot: recover(model, data, steps=20))``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.data import CalibrationData
+from prunekit.errors import RecoveryError
+from prunekit.recovery.distill import check_teacher, kl_distill_loss
+from prunekit.recovery.lora import add_lora, check_rank, merge_lora
+
+
+def _lr_factor(step: int, steps: int, warmup_steps: int) -> float:
+    """Multiplier of the peak learning rate before optimizer step `step` (0-based): the closed form of
+    `lr_schedule`, which the tests hold it to."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    done = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def lr_schedule(opt: torch.optim.Optimizer, steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's own schedulers: linear warm-up from peak/warmup_steps to the peak over `warmup_steps` steps,
+    then cosine decay to 0 over the rest."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    if warmup_steps == 0:
+        return CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=0.0)
+    warm = LinearLR(opt, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=max(1, warmup_steps - 1))
+    cosine = CosineAnnealingLR(opt, T_max=max(1, steps - warmup_steps), eta_min=0.0)
+    return SequentialLR(opt, [warm, cosine], milestones=[warmup_steps])
+
+
+def check_settings(*, steps: int, lr: float, batch_size: int, warmup: float, alpha: float | None = None,
+                   temperature: float = 1.0, teacher_topk: int | None = None, lora: int | None = None) -> None:
+    """`RecoveryError` for settings no model could train with."""
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise RecoveryError(f"alpha (the weight of the causal-LM loss) must be in [0, 1], got {alpha}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise RecoveryError(f"the distillation temperature must be a finite number > 0, got {temperature}")
+    if teacher_topk is not None and (isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int)
+                                     or teacher_topk < 1):
+        raise RecoveryError(f"teacher top-K must be a positive integer, got {teacher_topk!r}")
+    check_rank(lora)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise RecoveryError(f"steps must be a positive integer, got {steps!r}")
+    if not lr >= 0 or not math.isfinite(lr):
+        raise RecoveryError(f"the learning rate must be a finite number >= 0, got {lr}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise RecoveryError(f"batch size must be a positive integer, got {batch_size!r}")
+    if not 0 <= warmup < 1:
+        raise RecoveryError(f"warmup must be a fraction of the steps in [0, 1), got {warmup}")
+
+
+def method_name(teacher: bool, alpha: float, lora: int | None) -> str:
+    what = f"LoRA r={lora} (merged)" if lora else "full fine-tuning"
+    if not teacher:
+        loss = "causal LM loss"
+    elif alpha == 0:
+        loss = "distillation (KL to the teacher)"
+    else:
+        loss = f"{alpha:g} x causal LM + {1 - alpha:g} x distillation"
+    return f"{what}, AdamW, {loss}"
+
+
+def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 5e-5, batch_size: int = 4,
+            warmup: float = 0.1, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
+            teacher: nn.Module | None = None, alpha: float | None = None, temperature: float = 1.0,
+            teacher_topk: int | None = None, lora: int | None = None, lora_alpha: float | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Train `model` in place for `steps` optimizer steps on `data`; returns the record that goes into the
+    plan (`PruningPlan.recovery`): settings, data provenance and the loss of every step. The model is left
+    in eval mode with no gradients held (and, with `lora`, the LoRA updates merged into its weights).
+
+    `teacher`: distil from it (same vocabulary required); `alpha`: weight of the causal-LM loss in the mix
+    (default 0 with a teacher, 1 without); `temperature`, `teacher_topk`: see `distill.kl_distill_loss`."""
+    check_settings(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, alpha=alpha, temperature=temperature,
+                   teacher_topk=teacher_topk, lora=lora)
+    if alpha is None:
+        alpha = 0.0 if teacher is not None else 1.0
+    if teacher is None and alpha != 1.0:
+        raise RecoveryError(f"alpha={alpha} mixes in a distillation loss, which needs a teacher")
+    if teacher is not None:
+        check_teacher(model, teacher)
+        teacher.eval()
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    if not any(trainable.values()):
+        raise RecoveryError("the model has no trainable parameters")
+    net: nn.Module = add_lora(model, lora, alpha=lora_alpha) if lora else model
+    params = [p for p in net.parameters() if p.requires_grad]
+    device = params[0].device
+    n = len(data.input_ids)
+    warmup_steps = max(1, round(warmup * steps)) if warmup > 0 else 0
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = lr_schedule(opt, steps, warmup_steps)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    ce_losses: list[float] = []
+    kd_losses: list[float] = []
+    t0 = time.perf_counter()
+    seen = 0
+    net.train()
+    try:
+        bar = tqdm(range(steps), desc="recovery", disable=not progress, leave=False)
+        for _ in bar:
+            idx: list[int] = []
+            while len(idx) < min(batch_size, n):
+                if not order:
+                    order = torch.randperm(n, generator=gen).tolist()
+                idx.append(order.pop())
+            ids = data.input_ids[idx].to(device)
+            mask = data.attention_mask[idx].to(device)
+            labels = ids.masked_fill(mask == 0, -100) if alpha > 0 else None
+            out = net(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+            if teacher is None:
+                loss = out.loss
+            else:
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                kd = kl_distill_loss(out.logits, t_logits, mask, temperature=temperature, topk=teacher_topk)
+                del t_logits  # one batch of teacher logits at a time
+                loss = kd if alpha == 0 else alpha * out.loss + (1 - alpha) * kd
+                kd_losses.append(float(kd.detach()))
+                if alpha > 0:
+                    ce_losses.append(float(out.loss.detach()))
+            if not torch.isfinite(loss):
+                raise RecoveryError(f"the training loss became {loss.item()} at step {len(losses) + 1}; lower "
+                                    "the learning rate (or train in float32)")
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            seen += int(mask.sum())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
+    finally:
+        opt.zero_grad(set_to_none=True)
+        if lora:
+            merge_lora(net)  # the LoRA modules are swapped back for plain ones holding W + BA
+            for name, p in model.named_parameters():
+                p.requires_grad_(trainable.get(name, True))
+        model.eval()
+    tail = losses[-max(1, steps // 10):]
+    rec: dict[str, Any] = {
+        "method": method_name(teacher is not None, alpha, lora),
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "warmup_steps": warmup_steps,
+        "schedule": "linear warm-up, cosine decay to 0",
+        "weight_decay": weight_decay,
+        "max_grad_norm": max_grad_norm,
+        "seed": seed,
+        "loss": {"ce_weight": alpha, "kl_weight": 1 - alpha, "temperature": temperature if teacher else None,
+                 "teacher_topk": teacher_topk if teacher else None},
+        "lora": ({"rank": lora, "alpha": lora_alpha if lora_alpha is not None else 2 * lora, "dropout": 0.0,
+                  "targets": "q/k/v/o and gate/up/down projections of the layers that have them",
+                  "merged": True} if lora else None),
+        "data": data.describe(),
+        "tokens_seen": seen,
+        "loss_first": losses[0],
+        "loss_last_10pct_mean": sum(tail) / len(tail),
+        "losses": losses,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if kd_losses:
+        rec["kl_losses"] = kd_losses
+    if ce_losses:
+        rec["ce_losses"] = ce_losses
+    return rec
