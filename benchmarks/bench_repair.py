@@ -58,17 +58,18 @@ def main() -> None:
                      "relative_residuals": [s["relative_residual"] for s in rec["spans"]],
                      "check_loss": [rec["check_loss_unrepaired"], rec["check_loss"]], "repair_seconds": seconds})
         del pruned
+    out = {"model": a.model, "calibration": calib.describe(), "eval": {"text": a.text, "windows": a.windows,
+           "window_len": a.window_len}, "ridge": a.ridge, "rows": rows}
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"{a.model}: calibration {a.samples}x{a.seq_len} {a.calib}; perplexity on {a.windows}x{a.window_len} "
           f"held-out {a.text}; ridge {a.ridge}")
     print(f"{'model':20s} {'unrepaired':>11s} {'repaired':>9s} {'maps kept':>10s}")
     for r in rows:
         rep = r.get("perplexity_repaired")
+        rep_s = "-" if rep is None else f"{rep:.2f}"
         kept = f"{r['spans_applied']}/{r['spans']}" if "spans" in r else "-"
-        print(f"{r['model']:20s} {r['perplexity']:11.2f} {rep if rep is None else f'{rep:9.2f}':>9} {kept:>10s}")
-    out = {"model": a.model, "calibration": calib.describe(), "eval": {"text": a.text, "windows": a.windows,
-           "window_len": a.window_len}, "ridge": a.ridge, "rows": rows}
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"{r['model']:20s} {r['perplexity']:11.2f} {rep_s:>9s} {kept:>10s}")
     print(f"-> {a.json}")
 
 
