@@ -34,6 +34,7 @@ from prunekit.engine.runner import LayerRunner, Observer, TensorStore
 from prunekit.engine.sources import as_source
 from prunekit.errors import PlanError
 from prunekit.plans import PruningPlan
+from prunekit.width.importance import masked_rows
 
 SubLayer = tuple[int, str]  # (original layer index, "attn" | "mlp")
 REPAIRS: tuple[str, ...] = ("none", "linear")
@@ -73,11 +74,6 @@ def _before_after(part: str, h_in: torch.Tensor, h_mid: torch.Tensor,
     return (h_in, h_mid) if part == "attn" else (h_mid, h_out)
 
 
-def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
-    return flat if mask is None else flat[mask.reshape(-1).to(flat.device) != 0]
-
-
 class RepairStats(Observer):
     """C'C and C'(H - R) per span, from the dense model's pass (see the module docstring)."""
 
@@ -93,11 +89,11 @@ class RepairStats(Observer):
         for s, span in enumerate(self.spans):
             if span.carrier[0] == i:
                 before, after = _before_after(span.carrier[1], h_in, h_mid, h_out)
-                self.store.put(f"repair{s}-c-b{b}", _rows(after - before, mask))
-                self.store.put(f"repair{s}-r-b{b}", _rows(before, mask))
+                self.store.put(f"repair{s}-c-b{b}", masked_rows(after - before, mask))
+                self.store.put(f"repair{s}-r-b{b}", masked_rows(before, mask))
             if span.end[0] == i:
                 c = self.store.get(f"repair{s}-c-b{b}").to(self.cc[s].device)
-                d = _rows(_before_after(span.end[1], h_in, h_mid, h_out)[1], mask).to(c.device) - \
+                d = masked_rows(_before_after(span.end[1], h_in, h_mid, h_out)[1], mask).to(c.device) - \
                     self.store.get(f"repair{s}-r-b{b}").to(c.device)
                 self.cc[s] += c.T @ c
                 self.cd[s] += c.T @ d

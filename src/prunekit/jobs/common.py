@@ -18,8 +18,9 @@ from prunekit.drop.scorer import SimilarityScorer
 from prunekit.engine.memory import should_stream
 from prunekit.engine.sources import LayerSource, ResidentLayers
 from prunekit.engine.streamed import StreamedLayers
-from prunekit.errors import CheckpointError, StorageError
+from prunekit.errors import CheckpointError
 from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
+from prunekit.io.outputs import check_writable
 from prunekit.jobs.cache import (
     CachedScorer,
     CachedWidthCollector,
@@ -46,13 +47,7 @@ def writable_dir(path: str | Path | None, what: str) -> Path | None:
     if path is None:
         return None
     p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".prunekit-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise StorageError(f"{what} {p} cannot be written: {e.strerror or e}") from e
+    check_writable(p, what)
     return p
 
 
