@@ -181,6 +181,10 @@ def _bad_cases(ck: Path, text: Path, tmp: Path) -> dict[str, list]:
         "unknown option": ["drop", ck, "--targte", "attn", "--out", tmp / "o"],
         "export over a file": ["export", ck, "--format", "gguf", "--out", tmp / "a-file"],
         "export into a file's folder": ["export", ck, "--format", "nemotron-nas", "--out", tmp / "a-file" / "x"],
+        "compress budget > 1": ["compress", ck, "--budget", "params=1.5", *calib, "--out", tmp / "o"],
+        "compress unknown budget key": ["compress", ck, "--budget", "flops=0.5", *calib, "--out", tmp / "o"],
+        "compress impossible budget": ["compress", ck, "--budget", "params=0.05", *calib, "--out", tmp / "o"],
+        "compress budget without =": ["compress", ck, "--budget", "0.8", *calib, "--out", tmp / "o"],
     }
 
 
@@ -188,7 +192,8 @@ BAD = sorted([
     "unknown task", "missing --task-dir", "--batch-size 0", "--batch-size -1", "bench --context 0",
     "bench --repeats 0", "--device cuda:99", "--device gpu", "score --json DIR", "unwritable --json",
     "unwritable --out", "compare missing model", "no tokenizer", "no such path", "n too large", "keep ratio > 1",
-    "heal --steps 0", "bad dtype", "unknown option", "export over a file", "export into a file's folder"])
+    "heal --steps 0", "bad dtype", "unknown option", "export over a file", "export into a file's folder",
+    "compress budget > 1", "compress unknown budget key", "compress impossible budget", "compress budget without ="])
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prunekit.adapters import ModelAdapter
@@ -33,6 +32,7 @@ from prunekit.data import CalibrationData
 from prunekit.engine.runner import LayerRunner, Observer, TensorStore
 from prunekit.engine.sources import as_source
 from prunekit.errors import PlanError
+from prunekit.losses import mean_loss, split_check
 from prunekit.plans import PruningPlan
 from prunekit.width.importance import masked_rows
 
@@ -121,30 +121,6 @@ def _fold(proj: nn.Linear, t: torch.Tensor) -> None:
             proj.bias.copy_(proj.bias @ tt)
 
 
-@torch.no_grad()
-def _loss(model: nn.Module, calib: CalibrationData, batch_size: int) -> float:
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for ids, mask in calib.batches(batch_size):
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        keep = mask[:, 1:].reshape(-1) != 0
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        total += float(nll[keep].double().sum())
-        count += int(keep.sum())
-    return total / max(count, 1)
-
-
-def _split(calib: CalibrationData) -> tuple[CalibrationData, CalibrationData]:
-    n = len(calib.input_ids)
-    if n < 4:
-        raise PlanError(f"linear repair needs at least 4 calibration samples (3 to fit, 1 to check), got {n}")
-    k = n - max(1, n // 4)
-    part = [CalibrationData(calib.input_ids[a:b], calib.attention_mask[a:b], calib.source, calib.sha256)
-            for a, b in ((0, k), (k, n))]
-    return part[0], part[1]
-
-
 def check_repairable(adapter: ModelAdapter) -> None:
     if adapter.spec.output_norms:
         raise PlanError(f"linear repair folds a map into a sub-layer's output projection, but "
@@ -160,7 +136,7 @@ def linear_repair(dense: nn.Module, pruned: nn.Module, plan: PruningPlan, calib:
     dense_ad = source.adapter
     check_repairable(dense_ad)
     spans = removed_spans(plan, dense_ad.num_layers)
-    fit, check = _split(calib)
+    fit, check = split_check(calib, "linear repair")
     runner = LayerRunner(source, fit, batch_size=batch_size, progress=progress)
     stats = RepairStats(spans, dense_ad.hidden_size, runner.store)
     runner.run([stats], desc="repair statistics")
@@ -169,14 +145,14 @@ def linear_repair(dense: nn.Module, pruned: nn.Module, plan: PruningPlan, calib:
     attn, mlp = plan.drops_by_module()
     kept = [i for i in range(dense_ad.num_layers) if not (i in attn and i in mlp)]
     records = []
-    loss = baseline = _loss(pruned, check, batch_size)
+    loss = baseline = mean_loss(pruned, check, batch_size)
     for s, span in enumerate(spans):
         t, resid = fit_map(stats.cc[s], stats.cd[s], stats.dd[s], ridge)
         layer = pruned_ad.layers()[kept.index(span.carrier[0])]
         proj = pruned_ad.output_projection(layer, span.carrier[1])
         saved = (proj.weight.detach().clone(), None if proj.bias is None else proj.bias.detach().clone())
         _fold(proj, t)
-        after = _loss(pruned, check, batch_size)
+        after = mean_loss(pruned, check, batch_size)
         applied = after < loss
         if applied:
             loss = after

@@ -18,7 +18,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -39,17 +39,20 @@ from prunekit.surgery import apply_plan, apply_widths, mark_drops
 
 
 def save(model: nn.Module | LayerSource, tokenizer: Any, out: str | Path, plan: PruningPlan | None = None, *,
-         force: bool = False, progress: bool = True) -> Path:
+         force: bool = False, progress: bool = True, extras: Callable[[Path], None] | None = None) -> Path:
     """Write the pruned checkpoint (weights, config, tokenizer, plan) to `out`, all or nothing. A model in
     memory must already carry the plan (as `llm_drop` / `width_prune` / `apply_plan` leave it); a streamed
-    one is cut from its source files."""
+    one is cut from its source files. `extras(folder)` writes a job's own files (reports) into the folder
+    before it is renamed into place, so they are part of the all-or-nothing output."""
     if isinstance(model, StreamedLayers):
         if plan is None:
             raise CheckpointError("saving a streamed model needs the plan to apply to its source files")
+        if extras is not None:
+            raise CheckpointError("extra output files are not supported for streamed saves")
         return save_pruned_streamed(model.path, plan, out, force=force, dtype=model.dtype, tokenizer=tokenizer,
                                     progress=progress)
     module = model.model if isinstance(model, ResidentLayers) else model
-    return save_checkpoint(module, tokenizer, out, plan, force=force)
+    return save_checkpoint(module, tokenizer, out, plan, force=force, extras=extras)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Command line: `prunekit {score,drop,width,heal,eval,bench,compare,export,demo} ...` (also `python -m prunekit`).
+"""Command line: `prunekit {score,drop,width,compress,heal,eval,bench,compare,export,demo} ...` (also `python -m prunekit`).
 
 One parser with shared option groups (`options`), one module per family of commands, one handler
 convention (`cmd_<name>(args) -> int`, registered by each module's `register`), one output convention (one
@@ -16,11 +16,11 @@ import signal
 import sys
 from typing import Callable
 
-from prunekit.cli import demo, drop, evaluate, export, heal, width
+from prunekit.cli import compress, demo, drop, evaluate, export, heal, width
 from prunekit.cli.options import Parser
 from prunekit.errors import PrunekitError
 
-COMMANDS = (drop, width, heal, evaluate, export, demo)
+COMMANDS = (drop, width, compress, heal, evaluate, export, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prunekit.adapters import ModelAdapter
@@ -27,6 +26,7 @@ from prunekit.drop.choose import Target, candidates
 from prunekit.drop.similarity import SimilarityScores
 from prunekit.engine.runner import LayerRunner, Observer
 from prunekit.engine.sources import ResidentLayers
+from prunekit.losses import token_nll
 from prunekit.plans import DropTarget
 
 
@@ -46,12 +46,9 @@ class LossObserver(Observer):
         if i != self.last:
             return
         ids, m = self.batches[b]
-        logits = self.adapter.lm_head()(self.adapter.final_norm()(h_out))[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device),
-                              reduction="none")
-        keep = m[:, 1:].reshape(-1).to(nll.device) != 0
-        self.nll += float(nll[keep].double().sum())
-        self.tokens += int(keep.sum())
+        nll, n = token_nll(self.adapter.lm_head()(self.adapter.final_norm()(h_out)), ids, m)
+        self.nll += float(nll)
+        self.tokens += n
 
     @property
     def loss(self) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -175,13 +175,16 @@ def write_companions(folder: Path, tokenizer: Any, remote_base: str | None, plan
 
 
 def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, plan: PruningPlan | None = None, *,
-                    force: bool = False) -> Path:
-    """Write model + tokenizer + plan to `out`, all or nothing (temporary directory, then rename)."""
+                    force: bool = False, extras: Callable[[Path], None] | None = None) -> Path:
+    """Write model + tokenizer + plan (+ what `extras(folder)` writes) to `out`, all or nothing (temporary
+    directory, then rename)."""
     config_edit.drop_foreign_auto_map(model.config)
     with atomic_dir(out, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         heterogeneous = bool(getattr(model.config, "prunekit", None))
         write_companions(tmp, tokenizer, modeling_prunekit.stock_class(model).__name__ if heterogeneous else None,
                          plan)
+        if extras is not None:
+            extras(tmp)
         pause_point("saving")
     return Path(out)

@@ -1,0 +1,48 @@
+"""`prunekit compress`: the best model for a budget, depth and width searched together."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from prunekit.cli.options import add_calib, add_model, add_output, emit, positive_int, progress
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="search depth (attention/MLP/block drops) and width (MLP channels, KV groups) together for a "
+             "parameter or KV-cache budget and save the best model, with a Pareto table and plot",
+        description="Estimate from one forward+backward pass over calibration text how much the loss rises for "
+                    "every way of narrowing or removing each attention and MLP sub-layer (with a least-squares "
+                    "refit of what remains), spend the budget where it costs least, try several candidate "
+                    "families (mixed, depth only, width only, uniform width, and mixed in several rounds), score "
+                    "each by the loss on held-out calibration samples and save the best. Training-free; the "
+                    "model must fit in memory.",
+    )
+    add_model(p)
+    p.add_argument("--budget", required=True, metavar="KEY=FRACTION",
+                   help="what may remain of the dense model: params=0.8 (80%% of the parameters) or kv=0.5 (half "
+                        "the KV-cache bytes per token)")
+    p.add_argument("--rounds", type=positive_int, default=2,
+                   help="spend the budget in this many rounds, re-taking the statistics in between (default 2)")
+    p.add_argument("--multiple-of", type=positive_int, default=64, metavar="M",
+                   help="MLP widths stay multiples of M, which inference kernels run fast (default 64)")
+    add_calib(p)
+    add_output(p)
+    p.set_defaults(func=cmd_compress)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from prunekit.jobs.compress import compress_job
+
+    result = compress_job(str(args.model), args.out, budget=args.budget, rounds=args.rounds,
+                          multiple_of=args.multiple_of, calib=args.calib, samples=args.samples,
+                          seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                          force=args.force, progress=progress(args))
+    chosen = next(c for c in result.candidates if c["name"] == result.chosen)
+    return emit({"out": str(args.out), "method": "compress", "budget": args.budget, "chosen": result.chosen,
+                 "removed_params": chosen["removed_params"], "removed_kv": chosen["removed_kv"],
+                 "check_ppl": chosen["check_ppl"],
+                 "dropped": [f"{d.module}@{d.layer}" for d in result.plan.dropped],
+                 "narrowed_layers": sorted(result.plan.widths)})

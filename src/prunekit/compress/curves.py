@@ -1,0 +1,92 @@
+"""Error curves and refits: pure linear algebra over one sub-layer's statistics (`stats.SublayerStats`).
+
+A sub-layer's units (MLP channels or KV groups) are ordered by TransAct's activation norm, strongest first,
+and it may keep the first k of them. Whatever it keeps, its output projection is refitted by least squares
+to the output it had with all of them (ridge towards the current weights), and the loss increase is the
+Fisher-weighted residual tr(F R G R') (see `stats`). For every k at once, from one Cholesky factor:
+
+    with the columns in unit order, G = L L' and M = L' W' ([in, d]), the residual of keeping the first c
+    columns is the sum over rows j >= c of m_j F m_j'
+
+(X = Q L' with Q orthonormal, so Y = X W' = Q M, and regressing Y on the first c columns of X leaves exactly
+the components along q_c, q_{c+1}, ...). k = 0 is removing the sub-layer: the error is tr(F W G W').
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunekit.compress.stats import SublayerStats
+
+# Ridge of the refits and curves, relative to the mean diagonal of the Gram: enough to keep the factorisation
+# stable with near-dead channels, small next to any real channel's energy.
+RIDGE = 1e-3
+
+
+@dataclass
+class Curve:
+    """Keep options of one sub-layer: `ks[j]` units kept (descending, ks[0] = all alive) with Fisher-weighted
+    error `err[j]`; `order` lists the alive unit ids strongest first."""
+
+    order: list[int]
+    ks: list[int]
+    err: list[float]
+
+
+def unit_columns(units: list[int], cols_per_unit: int) -> torch.Tensor:
+    """Input columns of the output projection that `units` own, in that order (units are contiguous column
+    blocks: one channel, or the g * head_dim columns of a KV group's query heads)."""
+    idx = torch.tensor(units, dtype=torch.long)
+    return (idx.unsqueeze(1) * cols_per_unit + torch.arange(cols_per_unit)).reshape(-1)
+
+
+def unit_strength(gram: torch.Tensor, units: list[int], cols_per_unit: int) -> torch.Tensor:
+    """TransAct's score: the L2 norm over tokens of each unit's activation (sqrt of its Gram diagonal)."""
+    diag = torch.diagonal(gram)[unit_columns(units, cols_per_unit)].view(len(units), cols_per_unit)
+    return diag.sum(1).clamp_min(0).sqrt()
+
+
+def _ridge(st: SublayerStats, alive_cols: torch.Tensor, ridge: float) -> float:
+    """The ridge in Gram units: relative to the mean energy of the alive columns (the same for every k)."""
+    return ridge * float(torch.diagonal(st.gram)[alive_cols].mean().clamp_min(1e-30))
+
+
+def _ordered_gram(st: SublayerStats, cols: torch.Tensor, lam: float) -> torch.Tensor:
+    return st.gram[cols][:, cols] + lam * torch.eye(len(cols), dtype=st.gram.dtype)
+
+
+def keep_options(n: int, step: int) -> list[int]:
+    """Kept counts allowed for a sub-layer with n alive units: every multiple of `step` below n, n itself and
+    0 (removal), descending."""
+    return sorted({n, 0, *range(step, n, step)}, reverse=True)
+
+
+def error_curve(st: SublayerStats, weight: torch.Tensor, alive: list[int], cols_per_unit: int, step: int,
+                ridge: float = RIDGE) -> Curve:
+    """The sub-layer's `Curve`; `weight` is the output projection's current [d, in] weight."""
+    strength = unit_strength(st.gram, alive, cols_per_unit)
+    order = [alive[j] for j in torch.argsort(strength, descending=True, stable=True).tolist()]
+    cols = unit_columns(order, cols_per_unit)
+    chol = torch.linalg.cholesky(_ordered_gram(st, cols, _ridge(st, cols, ridge)))
+    m = chol.T @ weight.detach().to(torch.float64)[:, cols].T  # [in, d]
+    row_err = ((m @ st.fisher) * m).sum(1)
+    suffix = torch.flip(torch.cumsum(torch.flip(row_err, [0]), 0), [0]).tolist() + [0.0]
+    ks = keep_options(len(order), step)
+    return Curve(order, ks, [suffix[k * cols_per_unit] for k in ks])
+
+
+def refit(st: SublayerStats, weight: torch.Tensor, alive: list[int], kept: list[int], cols_per_unit: int,
+          ridge: float = RIDGE) -> torch.Tensor:
+    """A new full-size [d, in] weight that uses only `kept`'s columns (the rest zero), least-squares fitted to
+    the output the current weight gives with all `alive` units (ridge towards the current weights)."""
+    all_cols = unit_columns(alive, cols_per_unit)
+    keep_cols = unit_columns(kept, cols_per_unit)
+    w = weight.detach().to(torch.float64)
+    lam = _ridge(st, all_cols, ridge)
+    g = _ordered_gram(st, keep_cols, lam)
+    rhs = st.gram[keep_cols][:, all_cols] @ w[:, all_cols].T + lam * w[:, keep_cols].T  # [c, d]
+    new = torch.zeros_like(w)
+    new[:, keep_cols] = torch.linalg.solve(g, rhs).T
+    return new.to(weight.dtype)

@@ -1,0 +1,140 @@
+"""`compress`: the error curves are the refit's exact Fisher-weighted residuals, the allocation spends the
+budget, a zeroed-and-refitted candidate equals the physically pruned model, and the job saves a checkpoint
+that loads back with its Pareto table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import random_calib, tiny_model
+
+from prunekit.adapters import get_adapter
+from prunekit.compress.allocate import allocate, uniform_mlp
+from prunekit.compress.budget import Budget, SublayerCost, parse_budget, removal_target, removed, sublayer_costs
+from prunekit.compress.curves import RIDGE, Curve, error_curve, refit, unit_columns
+from prunekit.compress.search import _Model, compress, plan_for
+from prunekit.compress.stats import SublayerStats, collect_stats
+from prunekit.errors import PlanError
+from prunekit.plans import PruningPlan
+from prunekit.surgery import apply_plan
+from prunekit.surgery.structure import count_parameters
+
+
+def _random_stats(tokens: int, n_in: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n_in, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, n_in,
+                                                                                      dtype=torch.float64)
+    grad = torch.randn(tokens, d, generator=g, dtype=torch.float64)
+    w = torch.randn(d, n_in, generator=g, dtype=torch.float64)
+    return SublayerStats(x.T @ x, grad.T @ grad, tokens), w
+
+
+@pytest.mark.parametrize("cols_per_unit,step", [(1, 2), (4, 1)])
+def test_curve_is_the_fisher_weighted_residual_of_the_refit(cols_per_unit, step):
+    st, w = _random_stats(200, 24, 6)
+    alive = list(range(24 // cols_per_unit))
+    curve = error_curve(st, w, alive, cols_per_unit, step)
+    cols = unit_columns(alive, cols_per_unit)
+    greg = st.gram + RIDGE * float(torch.diagonal(st.gram[cols][:, cols]).mean()) * torch.eye(24, dtype=torch.float64)
+    for k, err in zip(curve.ks, curve.err):
+        new = refit(st, w, alive, curve.order[:k], cols_per_unit) if k else torch.zeros_like(w)
+        r = new - w
+        direct = float(torch.trace(st.fisher @ r @ greg @ r.T))
+        assert err == pytest.approx(direct, rel=1e-8, abs=1e-8)
+    assert curve.ks[0] == len(alive) and curve.err[0] == pytest.approx(0.0, abs=1e-6)
+    assert curve.err == sorted(curve.err)  # keeping fewer units never fits better
+    torch.testing.assert_close(refit(st, w, alive, alive, cols_per_unit), w)  # keeping all changes nothing
+
+
+def test_allocation_spends_the_budget_where_it_costs_least():
+    costs = {(0, "mlp"): SublayerCost(4, 10, 0, 1), (1, "mlp"): SublayerCost(4, 10, 0, 1),
+             (1, "attn"): SublayerCost(2, 20, 8, 1)}
+    curves = {(0, "mlp"): Curve([0, 1, 2, 3], [4, 2, 0], [0.0, 1.0, 50.0]),
+              (1, "mlp"): Curve([0, 1, 2, 3], [4, 2, 0], [0.0, 5.0, 6.0]),
+              (1, "attn"): Curve([0, 1], [2, 1, 0], [0.0, 100.0, 200.0])}
+    assert allocate(curves, costs, 20, "params") == {(0, "mlp"): 2}
+    # 41 = both halves of MLP 1 (cheap per parameter once dropped) plus half of MLP 0.
+    got = allocate(curves, costs, 41, "params")
+    assert got == {(1, "mlp"): 0, (0, "mlp"): 2}
+    assert removed(costs, got, "params") >= 41
+    assert all(k == 0 for k in allocate(curves, costs, 41, "params", "depth").values())
+    assert all(k > 0 for k in allocate(curves, costs, 30, "params", "width").values())
+    assert allocate(curves, costs, 8, "kv") == {(1, "attn"): 1}  # only attention holds KV
+    assert uniform_mlp(curves, costs, 40, "params") == {(0, "mlp"): 2, (1, "mlp"): 2}
+
+
+def test_budgets_parse_and_impossible_ones_fail_before_work():
+    assert parse_budget("params=0.8") == Budget("params", 0.8)
+    assert parse_budget("kv=0.5") == Budget("kv", 0.5)
+    for bad in ("params=1.2", "params=0", "flops=0.5", "params", "kv=half"):
+        with pytest.raises(PlanError):
+            parse_budget(bad)
+    model = tiny_model("llama")
+    with pytest.raises(PlanError, match="impossible"):
+        removal_target(model, sublayer_costs(get_adapter(model)), Budget("params", 0.01))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_zeroed_and_refitted_candidate_equals_the_physically_pruned_model(family):
+    model = tiny_model(family)
+    ad = get_adapter(model)
+    costs = sublayer_costs(ad)
+    m = _Model(model, ad, costs)
+    calib = random_calib(4, 16)
+    stats = collect_stats(model, ad, calib, progress=False)
+    curves = m.curves(stats, 16)
+    counts = {(0, "attn"): 0, (1, "mlp"): 48, (2, "attn"): 1, (3, "mlp"): 0, (3, "attn"): 0}
+    m.cut(stats, curves, counts, True)
+    n_before = count_parameters(model)
+    ids = calib.input_ids[:2]
+    with torch.no_grad():
+        zeroed = model(input_ids=ids).logits
+    drops, widths = plan_for(ad, {s: m.alive[s] for s in counts})
+    apply_plan(ad, PruningPlan(dropped=drops, widths=widths))
+    with torch.no_grad():
+        pruned = model(input_ids=ids).logits
+    torch.testing.assert_close(pruned, zeroed, rtol=1e-5, atol=1e-5)
+    assert n_before - count_parameters(model) == removed(costs, counts, "params")
+
+
+def test_compress_meets_the_budget_and_iterative_rounds_are_tried():
+    model = tiny_model("llama")
+    n0 = count_parameters(model)
+    result = compress(model, get_adapter(model), random_calib(8, 24), Budget("params", 0.8), rounds=2,
+                      multiple_of=16, progress=False)
+    assert count_parameters(model) <= 0.8 * n0
+    names = [c["name"] for c in result.candidates]
+    assert {"dense", "mixed", "mixed (no refit)", "depth", "width", "uniform-width", "mixed round 1/2",
+            "mixed x2 rounds"} <= set(names)
+    chosen = next(c for c in result.candidates if c["name"] == result.chosen)
+    assert chosen["check_loss"] == min(c["check_loss"] for c in result.candidates if c["at_budget"])
+    assert result.plan.method == "compress" and result.plan.options["budget"] == "params=0.8"
+
+
+def test_kv_budget_halves_the_kv_cache():
+    model = tiny_model("llama")
+    result = compress(model, get_adapter(model), random_calib(8, 24), Budget("kv", 0.5), rounds=1,
+                      multiple_of=16, progress=False)
+    chosen = next(c for c in result.candidates if c["name"] == result.chosen)
+    assert chosen["removed_kv"] >= 0.5
+
+
+def test_cli_compress_saves_a_checkpoint_that_loads_back_with_its_pareto_table(tiny_checkpoint, tmp_path, capsys):
+    from prunekit.cli import main
+    from prunekit.io.checkpoint import load_model
+
+    ck, text = tiny_checkpoint
+    out = tmp_path / "small"
+    assert main(["-q", "compress", str(ck), "--budget", "params=0.85", "--rounds", "2", "--multiple-of", "16",
+                 "--calib", str(text), "--samples", "8", "--seq-len", "24", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    pareto = json.loads((out / "pareto.json").read_text())
+    assert pareto["chosen"] == summary["chosen"] and (out / "pareto.png").stat().st_size > 0
+    assert sum(r["chosen"] for r in pareto["candidates"]) == 1
+    plan = PruningPlan.load(out / "prunekit_plan.json")
+    assert plan.method == "compress"
+    model, _ = load_model(out, tokenizer=False)
+    dense, _ = load_model(ck, tokenizer=False)
+    assert count_parameters(model) <= 0.85 * count_parameters(dense)
