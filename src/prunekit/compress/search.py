@@ -19,6 +19,7 @@ fit part per round, one forward on the check part per candidate; the allocation 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,6 +154,7 @@ def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bu
              source: str = "") -> CompressResult:
     """Search, apply the best candidate to `model` in place (physically), and return its plan and the table
     of every candidate tried."""
+    started = time.monotonic()
     costs = sublayer_costs(adapter)
     need = removal_target(model, costs, budget)
     fit, check = split_check(calib, "compress")
@@ -174,30 +176,44 @@ def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bu
                 "depth": lambda: allocate(curves, costs, need, budget.key, "depth"),
                 "width": lambda: allocate(curves, costs, need, budget.key, "width"),
                 "uniform-width": lambda: uniform_mlp(curves, costs, need, budget.key)}
-    for name, counts in tqdm(list(one_shot.items()), desc="compress candidates", disable=not progress,
+    for name, choose in tqdm(list(one_shot.items()), desc="compress candidates", disable=not progress,
                              leave=False):
-        chosen = counts()
+        chosen = choose()
         if not chosen:
             continue
+        # Without the refit, the check that refitting helps (a refit on too few tokens overfits).
         for fitted in (True, False) if name == "mixed" else (True,):
             m.cut(dense_stats, curves, chosen, fitted)
             score(name if fitted else f"{name} (no refit)", True)
             m.reset()
     if rounds > 1:
-        stats = dense_stats
-        for r in range(1, rounds + 1):
-            target = math.ceil(need * r / rounds)
-            step_curves = m.curves(stats, multiple_of)
-            m.cut(stats, step_curves, allocate(step_curves, costs, target - _spent(m, budget.key),
-                                               budget.key, "mixed"), True)
-            score(f"mixed x{rounds} rounds" if r == rounds else f"mixed round {r}/{rounds}", r == rounds)
-            if r < rounds:
-                stats = collect_stats(model, adapter, fit, batch_size=batch_size, progress=progress,
-                                      desc=f"compress statistics, round {r + 1}")
-        m.reset()
+        _rounds(m, model, adapter, fit, dense_stats, need, budget, rounds, multiple_of, batch_size, progress,
+                score)
     best = min((c for c in tried if c.at_budget), key=lambda c: c.check_loss)
     plan = _apply_best(m, best, budget, need, totals, tried, rounds, multiple_of, calib, source)
+    # Cost in forward-pass equivalents over the whole calibration set: a forward+backward is about 3 passes.
+    share = len(check.input_ids) / len(calib.input_ids)
+    plan.options["forward_passes"] = round(3 * rounds * (1 - share) + len(tried) * share, 2)
+    plan.options["seconds"] = round(time.monotonic() - started, 1)
+    plan.options["fit_tokens"], plan.options["check_tokens"] = fit.num_tokens, check.num_tokens
     return CompressResult(plan, [c.row(totals) for c in tried], best.name)
+
+
+def _rounds(m: _Model, model: nn.Module, adapter: ModelAdapter, fit: CalibrationData, stats: CompressStats,
+            need: int, budget: Budget, rounds: int, multiple_of: int, batch_size: int, progress: bool,
+            score: Any) -> None:
+    """`mixed` reached in `rounds` steps, the statistics re-taken on the partly pruned model in between; every
+    step is a candidate (the last one at the budget)."""
+    for r in range(1, rounds + 1):
+        target = math.ceil(need * r / rounds)
+        step_curves = m.curves(stats, multiple_of)
+        m.cut(stats, step_curves, allocate(step_curves, m.costs, target - _spent(m, budget.key), budget.key,
+                                           "mixed"), True)
+        score(f"mixed x{rounds} rounds" if r == rounds else f"mixed round {r}/{rounds}", r == rounds)
+        if r < rounds:
+            stats = collect_stats(model, adapter, fit, batch_size=batch_size, progress=progress,
+                                  desc=f"compress statistics, round {r + 1}")
+    m.reset()
 
 
 @torch.no_grad()
