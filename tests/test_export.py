@@ -315,6 +315,29 @@ def test_gguf_gemma3_refuses_what_the_graph_computes_differently(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_engine_costs_count_what_llamacpp_reads_and_computes(tmp_path):
+    from prunekit.export.costs import engine_costs
+
+    costs = {}
+    for name in ("dense", "per-layer-width"):
+        src = tiny_source("llama", PLANS[name])
+        out = export_source(src, tmp_path / f"{name}.gguf", format="gguf", quant="f32", progress=False)
+        costs[name] = c = engine_costs(out)
+        _, t = _read(out)
+        layer_matrices = sum(p.numel() for layer in src.adapter.layers() for p in layer.parameters() if p.ndim == 2)
+        standins = 3 * 32 * 64 if name == "per-layer-width" else 0  # layer 2's all-zero MLP is read and multiplied
+        assert c.matmul_params == layer_matrices + standins
+        assert c.output_params == len(src.tokenizer) * 64  # untied: the output matrix, once per token
+        # Untied: one embedding row is read per token, not the whole table.
+        assert c.decode_weight_bytes == c.tensor_bytes - int(t["token_embd.weight"].n_bytes) + 64 * 4
+        kv_heads = [s.n_head_kv for s in src.shapes]
+        assert c.kv_bytes_per_position == sum(kv_heads) * (16 + 16) * 2  # f16 K and V
+        assert c.attn_head_dims == sum(s.n_head for s in src.shapes) * (16 + 16)
+    dense = costs["dense"]
+    assert dense.decode_bytes(100) == dense.decode_weight_bytes + 100 * dense.kv_bytes_per_position
+    assert dense.prefill_flops(3) == 2 * (3 * dense.matmul_params + 6 * dense.attn_head_dims + dense.output_params)
+
+
 @pytest.mark.skipif(have_llama_cpp(), reason="checks the message shown when llama-cpp-python is missing")
 def test_quantized_gguf_without_binding_names_the_make_target(tmp_path):
     with pytest.raises(ExportError, match="make llamacpp"):
