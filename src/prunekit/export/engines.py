@@ -123,11 +123,14 @@ def llamacpp_nll(path: str | Path, windows: Sequence[Sequence[int]], *, threads:
     for w in windows:
         llm.reset()
         llm.eval(list(int(t) for t in w))
-        logits = np.asarray(llm.scores[: len(w) - 1], dtype=np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        logz = np.log(np.exp(logits).sum(axis=1))
         tgt = np.asarray(w[1:], dtype=np.int64)
-        total += float((logz - logits[np.arange(len(tgt)), tgt]).sum())
+        # In blocks of rows: a float64 copy of every position's logits is 2 GB at Gemma's 262k vocabulary.
+        for start in range(0, len(tgt), 64):
+            logits = np.asarray(llm.scores[start:min(start + 64, len(tgt))], dtype=np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            logz = np.log(np.exp(logits).sum(axis=1))
+            rows = np.arange(len(logits))
+            total += float((logz - logits[rows, tgt[start:start + len(logits)]]).sum())
         count += len(tgt)
     del llm
     return total / count
