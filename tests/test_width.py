@@ -532,6 +532,21 @@ def test_multiple_of_gives_multiples_and_the_target(mode):
     assert torch.equal(logits(again), logits(model))
 
 
+def test_per_layer_plan_that_ends_uniform_saves_a_stock_config(tmp_path):
+    """Per-layer shots differ between layers before the last one rounds every layer to 64 channels: the saved
+    config must not keep the loader (auto_map) an intermediate, heterogeneous shot pointed to."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    plan = width_prune(model, get_adapter(model), calib(), mlp_keep=0.5, mode="per-layer", shots=2, multiple_of=64,
+                       progress=False)
+    assert len({tuple(sorted(w.items())) for w in plan.history[0]["widths"].values()}) > 1  # shot 1: per layer
+    assert widths_of(model) == [(4, 2, 64)] * 4
+    cfg = json.loads((save_checkpoint(model, None, tmp_path / "ck", plan) / "config.json").read_text())
+    assert "auto_map" not in cfg and "prunekit" not in cfg
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()), logits(model))
+
+
 def test_multiple_of_errors():
     model = tiny_model("llama")
     before = state(model)
