@@ -87,8 +87,9 @@ def main() -> None:
             for shots in (1, a.shots):
                 model = copy.deepcopy(dense)
                 t = time.perf_counter()
+                # multiple_of=1: exact targets, as in the recorded results (per-layer widths are not rounded).
                 plan = width_prune(model, get_adapter(model), calib, mode=mode, shots=shots, scorer=a.scorer,
-                                   batch_size=a.batch_size, progress=False, **kw)  # type: ignore[arg-type]
+                                   multiple_of=1, batch_size=a.batch_size, progress=False, **kw)  # type: ignore[arg-type]
                 name = f"{label}, {mode}, {shots} shot{'s' if shots > 1 else ''}"
                 add(name, model, time.perf_counter() - t, method="transact", target=label, mode=mode, shots=shots,
                     options=plan.options)

@@ -2,7 +2,7 @@
 
 Fast tests build tiny models in-process and read the written files back (`gguf.GGUFReader`, safetensors);
 tests that run llama.cpp skip with a message when its Python binding is not installed (`make llamacpp`);
-tests on the real SmolLM2 are marked slow.
+tests on the real SmolLM2 and Gemma-3-270m are marked slow.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from prunekit.export import ExportError, export_checkpoint, export_source
 from prunekit.export.common import ExportSource, LayerShape, layer_shapes
 from prunekit.export.engines import have_llama_cpp, have_xllamacpp
 from prunekit.export.gguf import bpe_pre_name, permute_qk
+from prunekit.export.gguf_gemma3 import swa_period
+from prunekit.export.gguf_vocab import spm_scores
 from prunekit.plans import DropTarget, LayerWidth, PruningPlan
 from prunekit.surgery import apply_plan
 
@@ -41,6 +43,58 @@ def bpe_tokenizer(vocab_size: int = 320):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False)
     tok.train_from_iterator([SAMPLE_TEXT], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+SPM_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+BYTE_IDS = range(len(SPM_SPECIALS), len(SPM_SPECIALS) + 256)
+
+
+def spm_tokenizer(vocab_size: int = 320):
+    """A Gemma-style tokenizer.json: BPE with byte fallback, spaces as '▁' (no dummy prefix), <0xXX> byte
+    tokens, BOS added. Its merges list every split of every token into two tokens, ordered by the merged token,
+    which is how transformers writes the merges of a SentencePiece model."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    space = "\u2581"
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.normalizer = normalizers.Replace(" ", space)
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="never")
+    trainer_tok.train_from_iterator([SAMPLE_TEXT], trainer=trainers.BpeTrainer(vocab_size=vocab_size,
+                                                                              show_progress=False))
+    learned = trainer_tok.get_vocab()
+    vocab = {t: i for i, t in enumerate(SPM_SPECIALS + [f"<0x{b:02X}>" for b in range(256)])}
+    for t in sorted(learned, key=learned.get):
+        vocab.setdefault(t, len(vocab))
+    merges = [(t[:k], t[k:]) for t in sorted(learned, key=learned.get) for k in range(1, len(t))
+              if t[:k] in vocab and t[k:] in vocab]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", space)
+    tok.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def tiny_gemma_source(plan: PruningPlan | None = None, seed: int = 0) -> ExportSource:
+    """Tiny Gemma 3 (layers sliding, full, sliding, full; window 8) with the Gemma-style tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tok = spm_tokenizer()
+    cfg = tiny_config("gemma3_text")
+    cfg.vocab_size = len(tok)
+    cfg.query_pre_attn_scalar = cfg.head_dim  # llama.cpp's gemma3 graph scales by 1/sqrt(head_dim)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        # Byte tokens never win greedy decoding: llama-server withholds a token that ends inside a UTF-8 character.
+        model.get_input_embeddings().weight[BYTE_IDS.start:BYTE_IDS.stop] = 0
+    adapter = get_adapter(model)
+    if plan is not None:
+        apply_plan(adapter, plan)
+    return ExportSource(model, tok, adapter, layer_shapes(adapter))
 
 
 def tiny_source(family: str = "llama", plan: PruningPlan | None = None, seed: int = 0) -> ExportSource:
@@ -180,6 +234,110 @@ def test_gguf_errors_are_one_clear_line(tmp_path):
         bpe_pre_name({"type": "Whitespace"})
 
 
+# --- GGUF: Gemma 3 (SentencePiece-style vocabulary, 1 + w norms, sliding-window keys) ---------------------------
+
+GEMMA_PLANS: dict[str, PruningPlan | None] = {
+    "dense": None,
+    "uniform-width": PruningPlan(widths={i: LayerWidth(heads=[0, 2], kv_heads=[0, 1], channels=list(range(0, 128, 2)))
+                                         for i in range(4)}),
+    # Dropping layer 1 leaves sliding, sliding, full: still one period (3), so the stock graph expresses it.
+    "block-drop-periodic": PruningPlan(dropped=[DropTarget(1, "block")]),
+}
+
+
+def test_gguf_gemma3_keys_norms_and_tensors(tmp_path):
+    src = tiny_gemma_source()
+    out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f32", progress=False)
+    f, t = _read(out)
+    assert f["general.architecture"] == "gemma3"
+    assert (f["gemma3.block_count"], f["gemma3.attention.head_count"], f["gemma3.attention.head_count_kv"]) == (4, 4, 2)
+    assert f["gemma3.attention.key_length"] == f["gemma3.attention.value_length"] == 16
+    assert f["gemma3.attention.sliding_window"] == 8
+    assert f["gemma3.attention.sliding_window_pattern"] == 2  # sliding, full, sliding, full
+    rope = src.config.rope_parameters
+    assert f["gemma3.rope.freq_base"] == rope["full_attention"]["rope_theta"]
+    assert f["gemma3.rope.freq_base_swa"] == rope["sliding_attention"]["rope_theta"]
+    layer = src.adapter.layers()[1]
+    # llama.cpp multiplies by the stored norm weight; Hugging Face's Gemma norm by (1 + w).
+    for name, module in (("attn_norm", layer.input_layernorm), ("post_attention_norm", layer.post_attention_layernorm),
+                         ("ffn_norm", layer.pre_feedforward_layernorm), ("post_ffw_norm", layer.post_feedforward_layernorm),
+                         ("attn_q_norm", layer.self_attn.q_norm), ("attn_k_norm", layer.self_attn.k_norm)):
+        np.testing.assert_array_equal(_tensor(t[f"blk.1.{name}.weight"]), module.weight.detach().numpy() + 1)
+    np.testing.assert_array_equal(_tensor(t["output_norm.weight"]), src.adapter.final_norm().weight.detach().numpy() + 1)
+    # NEOX rope in both: Q/K unpermuted; the embedding unscaled (the graph multiplies by sqrt(hidden)).
+    np.testing.assert_array_equal(_tensor(t["blk.1.attn_q.weight"]), layer.self_attn.q_proj.weight.detach().numpy())
+    np.testing.assert_array_equal(_tensor(t["token_embd.weight"]), src.adapter.embed().weight.detach().numpy())
+    assert "output.weight" not in t  # tied
+
+
+def test_gguf_gemma3_sentencepiece_vocabulary(tmp_path):
+    src = tiny_gemma_source()
+    out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f16", progress=False)
+    f, _ = _read(out)
+    tok = src.tokenizer
+    assert (f["tokenizer.ggml.model"], f["tokenizer.ggml.pre"]) == ("llama", "default")
+    assert f["tokenizer.ggml.tokens"] == [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    types, scores = f["tokenizer.ggml.token_type"], f["tokenizer.ggml.scores"]
+    assert types[:4] == [3, 3, 3, 3]  # CONTROL
+    assert {types[i] for i in BYTE_IDS} == {6} and {scores[i] for i in BYTE_IDS} == {0.0}  # BYTE
+    assert set(types[BYTE_IDS.stop:]) == {1}  # NORMAL
+    assert f["tokenizer.ggml.add_space_prefix"] is False and f["tokenizer.ggml.add_bos_token"] is True
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"]) == (2, 1)
+    assert "tokenizer.ggml.merges" not in f
+
+
+def test_spm_scores_follow_the_first_merge():
+    vocab = {"a": 0, "b": 1, "c": 2, "ab": 3, "bc": 4, "abc": 5}
+    merges = [["a", "b"], ["b", "c"], ["ab", "c"], ["a", "bc"]]
+    # Merge results score by their first merge; "abc" (merges 2 and 3) by 2; characters after every merge.
+    assert spm_scores(vocab, merges) == {3: 0.0, 4: -1.0, 5: -2.0, 0: -4.0, 1: -5.0, 2: -6.0}
+    assert spm_scores(vocab, ["a b", "b c"])[3] == 0.0  # the older "a b" string form
+
+
+def test_gemma3_sliding_pattern_period():
+    S, F = "sliding_attention", "full_attention"
+    assert swa_period([S] * 5 + [F] + [S] * 5 + [F]) == 6
+    assert swa_period([S, S, F]) == 3 and swa_period([S, S]) == 3  # no full layer: every layer slides
+    with pytest.raises(ExportError, match="one period.*SSFSF"):
+        swa_period([S, S, F, S, F])
+
+
+def test_gguf_gemma3_refuses_what_the_graph_computes_differently(tmp_path):
+    # Block 0 dropped: full, sliding, full follows no period llama.cpp can express.
+    with pytest.raises(ExportError, match="one period.*FSF"):
+        export_source(tiny_gemma_source(PruningPlan(dropped=[DropTarget(0, "block")])), tmp_path / "a.gguf",
+                      format="gguf", progress=False)
+    src = tiny_gemma_source()
+    src.config.query_pre_attn_scalar = 256
+    src.config.final_logit_softcapping = 30.0
+    with pytest.raises(ExportError, match="final_logit_softcapping=30.0.*attention scale 0.0625 .llama.cpp uses 0.25"):
+        export_source(src, tmp_path / "b.gguf", format="gguf", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_engine_costs_count_what_llamacpp_reads_and_computes(tmp_path):
+    from prunekit.export.costs import engine_costs
+
+    costs = {}
+    for name in ("dense", "per-layer-width"):
+        src = tiny_source("llama", PLANS[name])
+        out = export_source(src, tmp_path / f"{name}.gguf", format="gguf", quant="f32", progress=False)
+        costs[name] = c = engine_costs(out)
+        _, t = _read(out)
+        layer_matrices = sum(p.numel() for layer in src.adapter.layers() for p in layer.parameters() if p.ndim == 2)
+        standins = 3 * 32 * 64 if name == "per-layer-width" else 0  # layer 2's all-zero MLP is read and multiplied
+        assert c.matmul_params == layer_matrices + standins
+        assert c.output_params == len(src.tokenizer) * 64  # untied: the output matrix, once per token
+        # Untied: one embedding row is read per token, not the whole table.
+        assert c.decode_weight_bytes == c.tensor_bytes - int(t["token_embd.weight"].n_bytes) + 64 * 4
+        kv_heads = [s.n_head_kv for s in src.shapes]
+        assert c.kv_bytes_per_position == sum(kv_heads) * (16 + 16) * 2  # f16 K and V
+        assert c.attn_head_dims == sum(s.n_head for s in src.shapes) * (16 + 16)
+    dense = costs["dense"]
+    assert dense.decode_bytes(100) == dense.decode_weight_bytes + 100 * dense.kv_bytes_per_position
+    assert dense.prefill_flops(3) == 2 * (3 * dense.matmul_params + 6 * dense.attn_head_dims + dense.output_params)
+
+
 @pytest.mark.skipif(have_llama_cpp(), reason="checks the message shown when llama-cpp-python is missing")
 def test_quantized_gguf_without_binding_names_the_make_target(tmp_path):
     with pytest.raises(ExportError, match="make llamacpp"):
@@ -237,6 +395,39 @@ def test_llamacpp_logprobs_match_transformers_tiny(tmp_path, name):
     for step, (tops, lp) in enumerate(zip(c.top_logprobs, hf_logps)):
         for tid, v in tops.items():
             assert abs(v - float(lp[tid])) < 2e-3, (name, step, tid, v, float(lp[tid]))
+
+
+@needs_xllamacpp
+@pytest.mark.parametrize("name", list(GEMMA_PLANS))
+def test_llamacpp_gemma3_logprobs_match_transformers_tiny(tmp_path, name):
+    """48 prompt tokens: past the sliding window (8), so window, per-layer-type rope bases and pattern all count."""
+    from prunekit.export.engines import xserver
+
+    src = tiny_gemma_source(GEMMA_PLANS[name])
+    out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f32", progress=False)
+    prompt = src.tokenizer(SAMPLE_TEXT)["input_ids"][:48]
+    assert len(prompt) == 48
+    hf_tokens, hf_logps = _hf_greedy(src.model, prompt, 8)
+    with xserver(out, n_ctx=256, threads=2) as s:
+        c = s.complete(prompt, 8, n_probs=5)
+    assert c.tokens == hf_tokens
+    for step, (tops, lp) in enumerate(zip(c.top_logprobs, hf_logps)):
+        for tid, v in tops.items():
+            # 3e-3, not 2e-3: ggml's GELU reads a float16 table.
+            assert abs(v - float(lp[tid])) < 3e-3, (name, step, tid, v, float(lp[tid]))
+
+
+@needs_llama_cpp
+def test_llamacpp_tokenizes_the_gemma_vocabulary_like_transformers(tmp_path):
+    from llama_cpp import Llama
+
+    src = tiny_gemma_source()
+    out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f16", progress=False)
+    llm = Llama(model_path=str(out), n_ctx=64, verbose=False, vocab_only=True)
+    for text in (SAMPLE_TEXT, "  two  spaces, caf\u00e9 \u2603 and unseen words: zygote quixotic"):
+        ids = src.tokenizer(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == ids, text
+        assert llm.detokenize(ids[1:]).decode() == text
 
 
 @needs_llama_cpp
@@ -319,6 +510,77 @@ def test_smollm2_gguf_perplexity_within_1pct(tmp_path, name):
     cpp_ppl = math.exp(llamacpp_nll(out, windows.tolist(), threads=2))
     print(f"{name}: perplexity transformers {hf_ppl:.4f} llama.cpp f16 {cpp_ppl:.4f}", flush=True)
     assert abs(cpp_ppl / hf_ppl - 1) < 0.01, (name, hf_ppl, cpp_ppl)
+
+
+# --- Gemma-3-270m (real weights): the same checks through the gemma3 graph ---------------------------------
+
+GEMMA_REAL_PLANS: dict[str, PruningPlan | None] = {
+    "dense": None,
+    "uniform-mlp-1536": PruningPlan(widths={i: LayerWidth(channels=list(range(1536))) for i in range(18)}),
+}
+
+
+def _gemma_source(plan: PruningPlan | None) -> ExportSource:
+    from prunekit.export.common import load_source
+
+    src = load_source("gemma3-270m")
+    if plan is not None:
+        apply_plan(src.adapter, plan)
+        src.shapes = layer_shapes(src.adapter)
+    return src
+
+
+@pytest.mark.slow
+@pytest.mark.real
+@needs_xllamacpp
+@pytest.mark.parametrize("name", list(GEMMA_REAL_PLANS))
+def test_gemma3_gguf_greedy_matches_transformers(tmp_path, name):
+    from prunekit.export.engines import xserver
+
+    src = _gemma_source(GEMMA_REAL_PLANS[name])
+    out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f16", progress=False)
+    with xserver(out, n_ctx=512, threads=2) as s:
+        for prompt in PROMPTS:
+            hf_tokens, _ = _hf_greedy(src.model, src.tokenizer(prompt)["input_ids"], 16)
+            # A text prompt: llama.cpp tokenizes it (adding BOS) and detokenizes its output itself.
+            assert s.complete(prompt, 16).text == src.tokenizer.decode(hf_tokens), (name, prompt)
+
+
+@pytest.mark.slow
+@pytest.mark.real
+@needs_llama_cpp
+@pytest.mark.parametrize("name", list(GEMMA_REAL_PLANS))
+def test_gemma3_gguf_perplexity_within_1pct(tmp_path, name):
+    """4 held-out Wikipedia windows of 1024 tokens: past the 512-token sliding window."""
+    from prunekit.data import eval_windows
+    from prunekit.evaluation.perplexity import perplexity
+    from prunekit.export.engines import llamacpp_nll
+
+    src = _gemma_source(GEMMA_REAL_PLANS[name])
+    windows = eval_windows(src.tokenizer, "wiki", 4, 1024)
+    hf_ppl = perplexity(src.model, windows, progress=False)["perplexity"]
+    out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f16", progress=False)
+    cpp_ppl = math.exp(llamacpp_nll(out, windows.tolist(), threads=2))
+    print(f"gemma3 {name}: perplexity transformers {hf_ppl:.4f} llama.cpp f16 {cpp_ppl:.4f}", flush=True)
+    assert abs(cpp_ppl / hf_ppl - 1) < 0.01, (name, hf_ppl, cpp_ppl)
+
+
+@pytest.mark.slow
+@pytest.mark.real
+@needs_llama_cpp
+def test_gemma3_gguf_tokenizes_text_like_transformers(tmp_path):
+    """The exported vocabulary, scores from the merges, against transformers on held-out text."""
+    from llama_cpp import Llama
+
+    from prunekit.data import read_documents
+
+    src = _gemma_source(None)
+    out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f16", progress=False)
+    llm = Llama(model_path=str(out), n_ctx=64, verbose=False, vocab_only=True)
+    docs = read_documents("wiki")[-100:]  # from the evaluation half
+    assert sum(len(d) for d in docs) > 20000
+    for doc in docs:
+        assert llm.tokenize(doc.encode(), add_bos=True, special=False) == src.tokenizer(doc)["input_ids"]
 
 
 # --- Nemotron-NAS: a loader written from the documented keys rebuilds the same model -------------------------

@@ -58,6 +58,15 @@ def wide_model(family: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def wide_mlp_model(intermediate_size: int, family: str = "llama") -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(family)
+    cfg.intermediate_size = intermediate_size
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
 @torch.no_grad()
 def lopsided(model: nn.Module, head_mode: str) -> nn.Module:
     """Give layer 0 two clearly weak units out of four, so that a per-layer plan that removes 4 of the 16
@@ -151,7 +160,8 @@ def test_planted_zero_channel_and_group_are_removed_first(scorer):
             rows = slice(dead_group[i] * ad.head_dim, (dead_group[i] + 1) * ad.head_dim)
             v.weight[rows].zero_()
             v.bias[rows].zero_()  # attention output of the group's query heads is then exactly 0
-    plan = width_prune(model, ad, calib(), mlp_keep=127, heads_keep=1, shots=1, scorer=scorer, progress=False)
+    plan = width_prune(model, ad, calib(), mlp_keep=127, heads_keep=1, shots=1, scorer=scorer, multiple_of=1,
+                       progress=False)
     for i in range(4):
         assert plan.widths[i].channels == [c for c in range(128) if c != dead_channel[i]]
         assert plan.widths[i].kv_heads == [1 - dead_group[i]]
@@ -216,7 +226,7 @@ def test_removing_equals_zeroing(family, mode, head_mode):
     pruned = copy.deepcopy(original)
     ad = get_adapter(pruned)
     plan = width_prune(pruned, ad, calib(pad=True), mlp_keep=0.5, heads_keep=heads_keep, mode=mode, shots=2,
-                       head_mode=head_mode, scorer=SCORER_FOR[head_mode], progress=False)
+                       head_mode=head_mode, scorer=SCORER_FOR[head_mode], multiple_of=1, progress=False)
     widths = widths_of(pruned)
     if mode == "per-layer":
         # The global ranking really gives layers different widths (the test would be vacuous otherwise).
@@ -246,7 +256,8 @@ def test_removing_equals_zeroing(family, mode, head_mode):
 def test_reapplying_the_plan_changes_nothing():
     model = wide_model("llama")
     ad = get_adapter(model)
-    plan = width_prune(model, ad, calib(), mlp_keep=0.5, heads_keep=2, mode="per-layer", shots=2, progress=False)
+    plan = width_prune(model, ad, calib(), mlp_keep=0.5, heads_keep=2, mode="per-layer", shots=2, multiple_of=1,
+                       progress=False)
     before = logits(model)
     apply_plan(ad, plan)
     assert torch.equal(logits(model), before)
@@ -277,7 +288,7 @@ def test_shots_reach_the_exact_targets():
     model = tiny_model("llama")
     ad = get_adapter(model)
     calls = []
-    plan = width_prune(model, ad, calib(), mlp_keep=0.25, heads_keep=1, shots=4,
+    plan = width_prune(model, ad, calib(), mlp_keep=0.25, heads_keep=1, shots=4, multiple_of=1,
                        between_shots=lambda m, s: calls.append((s, widths_of(m)[0])), progress=False)
     assert widths_of(model) == [(2, 1, 32)] * 4
     assert [h["shot"] for h in plan.history] == [1, 2, 3, 4]
@@ -296,7 +307,7 @@ def test_shots_reach_the_exact_targets():
 
     per_layer = tiny_model("llama")
     plan = width_prune(per_layer, get_adapter(per_layer), calib(), mlp_keep=40, mode="per-layer", shots=4,
-                       progress=False)
+                       multiple_of=1, progress=False)
     assert sum(w[2] for w in widths_of(per_layer)) == 160
     assert [sum(h["widths"][str(i)]["channels"] for i in range(4)) for h in plan.history] == \
         geometric_schedule(512, 160, 4)
@@ -314,7 +325,7 @@ def test_shots_reach_the_exact_targets():
     dict(heads_keep=3, head_mode="query-heads"),  # not a multiple of the 2 KV heads
     dict(heads_keep=0.75, head_mode="query-heads"),  # 3 of 4 query heads: same
     dict(heads_keep=1, head_mode="query-heads"),  # fewer query heads than KV heads
-    dict(mlp_keep=2, mode="per-layer", min_layer_keep=0.5),  # 8 channels in all, floors need 4 * 64
+    dict(mlp_keep=2, mode="per-layer", min_layer_keep=0.5, multiple_of=1),  # 8 channels in all, floors need 4 * 64
     dict(mlp_keep=0.5, shots=0),
     dict(mlp_keep=0.5, scorer="magic"),
     dict(mlp_keep=0.5, mode="global"),
@@ -337,7 +348,8 @@ def test_uniform_result_reloads_with_plain_transformers(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = tiny_model(family)
-    plan = width_prune(model, get_adapter(model), calib(), mlp_keep=0.75, heads_keep=1, shots=2, progress=False)
+    plan = width_prune(model, get_adapter(model), calib(), mlp_keep=0.75, heads_keep=1, shots=2, multiple_of=1,
+                       progress=False)
     out = save_checkpoint(model, None, tmp_path / "uniform", plan)
     cfg = json.loads((out / "config.json").read_text())
     assert "auto_map" not in cfg and "prunekit" not in cfg
@@ -354,7 +366,7 @@ def test_per_layer_result_reloads(family, tmp_path):
 
     model = lopsided(wide_model(family), "kv-groups")
     plan = width_prune(model, get_adapter(model), calib(), mlp_keep=0.5, heads_keep=0.75, mode="per-layer",
-                       shots=2, progress=False)
+                       shots=2, multiple_of=1, progress=False)
     assert len({w[2] for w in widths_of(model)}) > 1 and len({w[:2] for w in widths_of(model)}) > 1
     out = save_checkpoint(model, None, tmp_path / "per-layer", plan)
     cfg = json.loads((out / "config.json").read_text())
@@ -430,7 +442,7 @@ def test_width_and_depth_compose(family, tmp_path):
     original = lopsided(wide_model(family), "kv-groups")
     probe = copy.deepcopy(original)
     plan = width_prune(probe, get_adapter(probe), calib(), mlp_keep=0.5, heads_keep=0.75, mode="per-layer",
-                       shots=2, progress=False)
+                       shots=2, multiple_of=1, progress=False)
     plan.dropped = [DropTarget(1, "attn"), DropTarget(2, "block"), DropTarget(3, "mlp")]
     model = copy.deepcopy(original)
     ad = get_adapter(model)
@@ -530,6 +542,38 @@ def test_multiple_of_gives_multiples_and_the_target(mode):
     again = tiny_model("llama")
     apply_plan(get_adapter(again), plan)
     assert torch.equal(logits(again), logits(model))
+
+
+def test_mlp_widths_are_multiples_of_64_by_default():
+    """Engines serve multiples of 64 best (llama.cpp quantization blocks of 32/256, GPU tiles), so that is the
+    default everywhere: the Python API, the job and the CLI."""
+    import inspect
+
+    from prunekit.cli import build_parser
+    from prunekit.jobs import width_job
+
+    assert inspect.signature(width_prune).parameters["multiple_of"].default == 64
+    assert inspect.signature(width_job).parameters["multiple_of"].default == 64
+    assert build_parser().parse_args(["width", "m", "--mlp-keep", "0.5", "--out", "o"]).multiple_of == 64
+    model = wide_mlp_model(320)
+    # 0.7 * 320 = 224 channels, 3.5 blocks of 64: rounded (halves up) to 256.
+    plan = width_prune(model, get_adapter(model), calib(), mlp_keep=0.7, shots=2, progress=False)
+    assert [w for _, _, w in widths_of(model)] == [256] * 4 and plan.options["multiple_of"] == 64
+
+
+def test_per_layer_plan_that_ends_uniform_saves_a_stock_config(tmp_path):
+    """Per-layer shots differ between layers before the last one rounds every layer to 64 channels: the saved
+    config must not keep the loader (auto_map) an intermediate, heterogeneous shot pointed to."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    plan = width_prune(model, get_adapter(model), calib(), mlp_keep=0.5, mode="per-layer", shots=2, multiple_of=64,
+                       progress=False)
+    assert len({tuple(sorted(w.items())) for w in plan.history[0]["widths"].values()}) > 1  # shot 1: per layer
+    assert widths_of(model) == [(4, 2, 64)] * 4
+    cfg = json.loads((save_checkpoint(model, None, tmp_path / "ck", plan) / "config.json").read_text())
+    assert "auto_map" not in cfg and "prunekit" not in cfg
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()), logits(model))
 
 
 def test_multiple_of_errors():

@@ -124,7 +124,9 @@ def _width_row(dense: Any, tok: Any, cal: Any, eval_ids: Any, rows: list[dict[st
     per_channel = (3 if gate is not None else 2) * hidden * ad.num_layers
     keep = width - round(target_removed / per_channel)
     # width_prune narrows the model in place (it must, to re-score between shots) and returns the plan.
-    plan = width_prune(pruned, ad, cal, mlp_keep=keep, heads_keep=None, mode="uniform", shots=4, progress=progress)
+    # multiple_of=1: the row matches the attention drop's parameter count exactly, not a kernel-friendly width.
+    plan = width_prune(pruned, ad, cal, mlp_keep=keep, heads_keep=None, mode="uniform", shots=4, multiple_of=1,
+                       progress=progress)
     ckpt = save_checkpoint(pruned, tok, out_dir / f"transact-mlp{keep}", plan, force=True)
     ppl = perplexity(pruned, eval_ids, progress=progress)
     row = _row(f"TransAct MLP {keep}/{width} (4 shots)", ad, ppl, weight_bytes(ckpt), dense_params, dense_ppl)

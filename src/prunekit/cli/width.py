@@ -53,9 +53,11 @@ def register(sub: Any) -> None:
     p.add_argument("--min-layer-keep", type=float, default=0.1,
                    help="--per-layer floor: every layer keeps at least this fraction of its units, and at least one "
                         "(default 0.1)")
-    p.add_argument("--multiple-of", type=int, default=1, metavar="M",
-                   help="make every final MLP width a multiple of M (e.g. 64: faster matrix kernels); per-layer "
-                        "keeps the total within M/2 of the target (default 1: exact targets)")
+    p.add_argument("--multiple-of", type=int, default=64, metavar="M",
+                   help="make every final MLP width a multiple of M: llama.cpp quantizes in blocks of 32 (q8_0) or "
+                        "256 (k-quants) and matrix kernels tile by 64 or more, so other widths run slower or "
+                        "quantize worse; per-layer keeps the total within M/2 of the target (default 64; 1 for "
+                        "exact targets, 256 for k-quant GGUF exports)")
     add_calib(p)
     add_output(p)
     add_scale(p)

@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -56,7 +57,7 @@ class Completion:
 
 
 class XServer:
-    """One llama.cpp server in-process (xllamacpp); greedy, no prompt cache reuse between calls."""
+    """One llama.cpp server in-process (xllamacpp); greedy; no prompt cache reuse unless asked."""
 
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, threads: int | None = None, n_batch: int = 2048):
         import xllamacpp as xlc
@@ -76,9 +77,12 @@ class XServer:
         except RuntimeError as e:
             raise ExportError(f"llama.cpp (xllamacpp) could not load {path}: {e}") from e
 
-    def complete(self, prompt: Sequence[int] | str, n_predict: int, *, n_probs: int = 0) -> Completion:
+    def complete(self, prompt: Sequence[int] | str, n_predict: int, *, n_probs: int = 0,
+                 cache_prompt: bool = False) -> Completion:
+        """Greedy completion. `cache_prompt=True` reuses the KV cache of the previous call's common prefix (the
+        same prompt again: only its last token is evaluated, then decoding starts at the same positions)."""
         req: dict[str, Any] = {"prompt": prompt if isinstance(prompt, str) else [int(t) for t in prompt],
-                               "n_predict": n_predict, "temperature": 0.0, "top_k": 1, "cache_prompt": False,
+                               "n_predict": n_predict, "temperature": 0.0, "top_k": 1, "cache_prompt": cache_prompt,
                                "n_probs": n_probs, "ignore_eos": True, "return_tokens": True}
         r = self._server.handle_completions(req)
         if "error" in r:
@@ -119,14 +123,61 @@ def llamacpp_nll(path: str | Path, windows: Sequence[Sequence[int]], *, threads:
     for w in windows:
         llm.reset()
         llm.eval(list(int(t) for t in w))
-        logits = np.asarray(llm.scores[: len(w) - 1], dtype=np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        logz = np.log(np.exp(logits).sum(axis=1))
         tgt = np.asarray(w[1:], dtype=np.int64)
-        total += float((logz - logits[np.arange(len(tgt)), tgt]).sum())
+        # In blocks of rows: a float64 copy of every position's logits is 2 GB at Gemma's 262k vocabulary.
+        for start in range(0, len(tgt), 64):
+            logits = np.asarray(llm.scores[start:min(start + 64, len(tgt))], dtype=np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            logz = np.log(np.exp(logits).sum(axis=1))
+            rows = np.arange(len(logits))
+            total += float((logz - logits[rows, tgt[start:start + len(logits)]]).sum())
         count += len(tgt)
     del llm
     return total / count
+
+
+def _proc_status_bytes() -> dict[str, int]:
+    """Linux /proc/self/status memory lines (VmRSS, VmHWM, RssAnon, RssFile) in bytes."""
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def _serve_once(path: str, prompt: list[int], n_predict: int, n_ctx: int, threads: int, queue: Any) -> None:
+    before = _proc_status_bytes()
+    s = XServer(path, n_ctx=n_ctx, threads=threads)
+    s.complete(prompt, n_predict)
+    after = _proc_status_bytes()
+    s.close()
+    queue.put({"baseline_rss_bytes": before["VmRSS"], "peak_rss_bytes": after["VmHWM"],
+               "rss_anon_bytes": after.get("RssAnon", 0), "rss_file_bytes": after.get("RssFile", 0)})
+
+
+def serving_memory(path: str | Path, prompt: Sequence[int], n_predict: int, *, n_ctx: int,
+                   threads: int = 2) -> dict[str, int]:
+    """Peak resident memory of a fresh process that loads `path` in llama.cpp (xllamacpp) and completes
+    `prompt` once: the process's own peak, so nothing else measured before it counts. Weights are mmapped, so
+    they appear as file-backed resident pages (`rss_file_bytes`); the KV cache and compute buffers as
+    anonymous ones (`rss_anon_bytes`). Linux only (/proc)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a clean interpreter: no memory inherited from the caller
+    queue = ctx.Queue()
+    p = ctx.Process(target=_serve_once, args=(str(path), [int(t) for t in prompt], n_predict, n_ctx, threads, queue))
+    p.start()
+    while True:  # a child that dies (llama.cpp abort) never answers: poll instead of blocking forever
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not p.is_alive():
+                raise ExportError(f"measuring memory of {path} failed (exit code {p.exitcode})") from None
+    p.join()
+    return result
 
 
 def timed(fn: Any, *args: Any, **kw: Any) -> tuple[Any, float]:

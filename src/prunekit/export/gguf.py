@@ -4,7 +4,10 @@ Which llama.cpp architecture carries which result:
 - uniform Llama/Mistral -> `llama`, uniform Qwen2 -> `qwen2`, uniform Qwen3 -> `qwen3` (the stock graphs);
 - heterogeneous Llama/Mistral/Qwen2 (attention or MLP removed in some layers, per-layer head/KV/MLP widths)
   -> `deci`, llama.cpp's graph for NVIDIA's Nemotron-NAS models, which reads per-layer
-  `attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays (0 = sub-layer gone).
+  `attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays (0 = sub-layer gone);
+- uniform Gemma 3 -> `gemma3` (`gguf_gemma3.py`: 1 + w norms, sliding-window keys); a heterogeneous Gemma 3
+  has no llama.cpp graph and is refused.
+The tokenizer part is `gguf_vocab.py`.
 
 References read (written independently, cited for the conventions they fix):
 - llama.cpp `convert_hf_to_gguf.py` / `conversion/deci.py` (`DeciModel`): per-layer arrays, the Q/K row
@@ -18,9 +21,7 @@ References read (written independently, cited for the conventions they fix):
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +30,10 @@ import numpy as np
 import torch
 
 from prunekit.export.common import ExportError, ExportSource, LayerShape, to_numpy
+from prunekit.export.gguf_gemma3 import check_gemma3, gemma3_tensors, write_gemma3_keys
+from prunekit.export.gguf_vocab import bpe_pre_name, write_vocab
+
+__all__ = ["DIRECT_TYPES", "QUANT_TYPES", "bpe_pre_name", "gguf_arch", "permute_qk", "quantizer", "write_gguf"]
 
 # Output types written by this module directly; everything else goes through llama.cpp's quantizer.
 DIRECT_TYPES = ("f32", "f16")
@@ -62,8 +67,7 @@ def gguf_arch(src: ExportSource) -> str:
                 "no place for Gemma's extra pre/post norms, q/k norms, embedding scale or sliding-window layers; "
                 "export the uniform model or use the Hugging Face checkpoint"
             )
-        raise ExportError("GGUF export of Gemma 3 is not implemented yet (its SentencePiece vocabulary and "
-                          "(1 + w) norms need their own writer); use the Hugging Face checkpoint")
+        return "gemma3"
     if mt not in _FAMILIES:
         raise ExportError(f"GGUF export supports model types {', '.join(sorted(_FAMILIES))}; got {mt!r}")
     stock, _, deci_ok = _FAMILIES[mt]
@@ -125,88 +129,6 @@ def _write_rope(w: Any, cfg: Any, head_dim: int) -> np.ndarray | None:
                 out.append(1.0 / ((1 - smooth) / factor + smooth))
         return np.asarray(out, dtype=np.float32)
     raise ExportError(f"rope scaling type {kind!r} is not supported by the GGUF export (default, linear, llama3)")
-
-
-# --- tokenizer -----------------------------------------------------------------------------------------------
-
-# llama.cpp names of byte-level BPE pre-tokenizers (llama-vocab.cpp `tokenizer.ggml.pre`), recognised from the
-# structure of tokenizer.json's `pre_tokenizer` rather than by hashing sample text as convert_hf_to_gguf does.
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def bpe_pre_name(pre_tokenizer: dict[str, Any] | None) -> str:
-    """llama.cpp's pre-tokenizer name for a tokenizer.json `pre_tokenizer`, or one clear error."""
-    def is_bytelevel(p: dict[str, Any], regex: bool) -> bool:
-        return p.get("type") == "ByteLevel" and bool(p.get("use_regex", True)) == regex
-
-    p = pre_tokenizer or {}
-    if is_bytelevel(p, True):
-        return "gpt-2"
-    if p.get("type") == "Sequence":
-        parts = p.get("pretokenizers") or []
-        if len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits") \
-                and is_bytelevel(parts[1], True):
-            return "smollm"
-        if len(parts) == 2 and parts[0].get("type") == "Split" and is_bytelevel(parts[1], False):
-            pattern = (parts[0].get("pattern") or {}).get("Regex")
-            if pattern == _QWEN2_SPLIT:
-                return "qwen2"
-            if pattern == _LLAMA3_SPLIT:
-                return "llama-bpe"
-    raise ExportError(f"the tokenizer's pre-tokenizer {json.dumps(p)[:120]} has no llama.cpp equivalent prunekit "
-                      "knows (gpt-2, smollm, qwen2, llama-bpe)")
-
-
-def _write_vocab(w: Any, tokenizer: Any, vocab_size: int) -> None:
-    """Byte-level BPE vocabulary, merges, special tokens and chat template (what convert_hf_to_gguf's
-    `get_vocab_base` + `gguf.SpecialVocab` write for a tokenizer.json BPE model)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ExportError("GGUF export needs a fast (tokenizer.json) tokenizer in the checkpoint")
-    tj = json.loads(backend.to_str())
-    model = tj.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ExportError("GGUF export supports byte-level BPE tokenizers (GPT-2 style tokenizer.json); this one is "
-                          f"{model.get('type')!r} with decoder {(tj.get('decoder') or {}).get('type')!r}")
-    pre = bpe_pre_name(tj.get("pre_tokenizer"))
-
-    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
-    if max(reverse) >= vocab_size:
-        raise ExportError(f"the tokenizer has ids up to {max(reverse)} but the model's vocabulary is {vocab_size}")
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(vocab_size):
-        if i not in reverse:  # the embedding is larger than the tokenizer: padding rows, as convert_hf_to_gguf
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(reverse[i])
-            types.append(gguf.TokenType.NORMAL)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-
-    with tempfile.TemporaryDirectory(prefix="prunekit-tok-") as tmp:
-        # SpecialVocab reads merges, special ids and the chat template from tokenizer files on disk; writing them
-        # fresh works the same for a local directory, a built-in name or a hub id.
-        tokenizer.save_pretrained(tmp)
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
-        special.add_special_token.clear()  # set below from the tokenizer's behaviour, not its config flags
-        special.add_to_gguf(w, quiet=True)
-    # Whether the tokenizer adds BOS/EOS, observed rather than read from config flags (which transformers 5
-    # often omits; llama.cpp's default for BPE vocabularies would then add a BOS the HF tokenizer never adds).
-    ids = tokenizer("a")["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    w.add_add_bos_token(bool(ids) and bos is not None and ids[0] == bos)
-    w.add_add_eos_token(bool(ids) and eos is not None and ids[-1] == eos and len(ids) > 1)
 
 
 # --- tensors -------------------------------------------------------------------------------------------------
@@ -288,6 +210,8 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
     for i, s in enumerate(shapes):
         if s.has_attn and s.n_head % s.n_head_kv:
             raise ExportError(f"layer {i}: {s.n_head} query heads are not a multiple of {s.n_head_kv} KV heads")
+    if arch == "gemma3":
+        check_gemma3(src)
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_type(gguf.GGUFType.MODEL)
@@ -309,11 +233,13 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(int(cfg.vocab_size))
     rope_freqs = _write_rope(w, cfg, hd)
+    if arch == "gemma3":
+        write_gemma3_keys(w, src)
     file_type = gguf.LlamaFileType.ALL_F32 if ftype == "f32" else gguf.LlamaFileType.MOSTLY_F16
     w.add_file_type(file_type)
-    _write_vocab(w, src.tokenizer, int(cfg.vocab_size))
+    write_vocab(w, src.tokenizer, int(cfg.vocab_size))
 
-    tensors = _tensors(src, arch)
+    tensors = gemma3_tensors(src) if arch == "gemma3" else _tensors(src, arch)
     if rope_freqs is not None:
         tensors.append((_tensor_name(gguf.MODEL_TENSOR.ROPE_FREQS), torch.from_numpy(rope_freqs)))
     _check_arch_tensors(arch, [n for n, _ in tensors])

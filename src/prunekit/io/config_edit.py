@@ -44,14 +44,17 @@ def ensure_head_dim(config: Any) -> None:
 def set_structure(config: Any, structure: dict[str, Any] | None, base_class_name: str | None) -> None:
     """Record (or clear) a heterogeneous structure and point `auto_map` at the checkpoint's own loader.
 
-    A homogeneous result gets neither field, so its config stays stock and loads without remote code."""
+    A homogeneous result gets neither field, so its config stays stock and loads without remote code; that
+    includes a model that was heterogeneous earlier (a per-layer width plan whose intermediate shots differed
+    between layers and whose last shot rounds every layer to the same multiple)."""
     if structure:
         config.prunekit = structure
         config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_MODULE}.Prunekit{base_class_name}"}
         return
     if hasattr(config, "prunekit"):
         del config.prunekit
-    drop_foreign_auto_map(config)
+    if hasattr(config, "auto_map"):  # prunekit's own loader from an earlier state, or a source model's
+        del config.auto_map
 
 
 def drop_foreign_auto_map(config: Any) -> None:

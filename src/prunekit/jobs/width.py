@@ -15,7 +15,7 @@ from prunekit.width import check_width_options, width_prune
 def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = None,
               heads_keep: float | int | None = None, mode: str = "uniform", shots: int = 8,
               scorer: str = "activation", head_mode: str = "kv-groups", min_layer_keep: float = 0.1,
-              multiple_of: int = 1, calib: str | Path = "c4", samples: int = 16, seq_len: int = 512,
+              multiple_of: int = 64, calib: str | Path = "c4", samples: int = 16, seq_len: int = 512,
               batch_size: int = 4, dtype: str = "float32", device: str = "cpu", stream: bool | None = None,
               offload_dir: str | Path | None = None, use_cache: bool = True, force: bool = False,
               progress: bool = True) -> tuple[PruningPlan, bool] | None:

@@ -35,9 +35,12 @@ round(W * (T / W) ** (s / K)), and exactly T after the last). `uniform` schedule
 `per-layer` schedules the total. Between shots the partly pruned model is re-scored. A shot whose schedule
 removes nothing is skipped (no scoring, no `between_shots` call).
 
-Multiples. `multiple_of=m` (MLP channels only; heads are whole units already) makes every final MLP width a
-multiple of m, because matrix kernels run such shapes faster (tensor-core tiles on GPUs, vector widths on
-CPUs) and a 1399-wide layer can be slower than a 1408-wide one. Uniform: the per-layer target is rounded to
+Multiples. `multiple_of=m` (MLP channels only; heads are whole units already; default 64, 1 for exact
+targets) makes every final MLP width a multiple of m, because engines serve such shapes faster or at all:
+llama.cpp quantizes each row in blocks of 32 (q8_0, q4_0) or 256 (q4_k_m and the other k-quants), and the
+down projection's rows are as long as the MLP width, so an off-block width falls back to a bigger type (use
+256 for k-quant exports); vLLM's and llama.cpp's GPU matrix kernels tile by 64-128 and CPU kernels by vector
+width, so a 1399-wide layer can be slower than a 1408-wide one. Uniform: the per-layer target is rounded to
 the nearest multiple (never above the layer's width). Per-layer: the shot that reaches the final total
 rounds the ranking's counts with `round_counts` (each layer down to a multiple, then blocks of m back to
 the layers that lost most), so the total stays within m/2 of the target. Intermediate shots are not rounded.

@@ -44,7 +44,7 @@ def _describe_keep(keep: Keep | None) -> Any:
 def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
                 mlp_keep: Keep | None = None, heads_keep: Keep | None = None, mode: Mode = "uniform",
                 shots: int = 8, scorer: str = "activation", head_mode: HeadMode = "kv-groups",
-                min_layer_keep: float = 0.1, multiple_of: int = 1, batch_size: int = 4,
+                min_layer_keep: float = 0.1, multiple_of: int = 64, batch_size: int = 4,
                 between_shots: Callable[[nn.Module, int], None] | None = None,
                 progress: bool = True, collector: WidthCollector | None = None) -> PruningPlan:
     """Narrow `model` in place to the kept widths and return the plan (kept indices into the original layers).
