@@ -6,15 +6,18 @@ loaded once in an in-process llama.cpp server (xllamacpp, `--threads` threads). 
 variant at every context (the variant order rotates from round to round) so drift in a shared machine's load
 hits all variants alike: per context, one pass over all variants with the full prompt (a prefill and a decode
 sample each), then `--decode-repeats` passes that decode again from the cached prompt (more decode samples,
-seconds apart). Speed ratios are the median over passes of pruned/dense within the same pass. Beside them, from the GGUF files themselves (`prunekit.export.costs`):
+seconds apart). Speed ratios are the median over passes of pruned/dense within the same pass, with the
+quartiles of those per-pass ratios. Beside them, from the GGUF files themselves (`prunekit.export.costs`):
 - ideal decode ratio: bytes read per generated token, dense/pruned: weights + the f16 KV cache at the mean
   decode position (context + new_tokens / 2);
-- prefill FLOP ratio, dense/pruned: matrices per prompt token + causal attention + the output matrix once.
+- prefill FLOP ratio, dense/pruned: matrices per prompt token + causal attention + the output matrix once;
 - decode FLOP ratio (shown to explain misses): the same per-token FLOPs, attention over the context included.
-Memory: peak RSS of a fresh process that loads the model (n_ctx = largest context + new tokens, padded to 256; llama.cpp
-allocates and clears the whole KV cache at load) and completes one 512-token prompt (a full micro-batch, so
-the compute buffers are touched), minus that process's RSS before loading (`serving_memory`); beside it the
-weights (GGUF tensor bytes) and the KV cache at n_ctx.
+Memory: peak RSS of a fresh process that loads the model (n_ctx = largest context + new tokens, padded to
+256; llama.cpp allocates and clears the whole KV cache at load) and completes one 512-token prompt (a full
+micro-batch, so the compute buffers are touched), minus that process's RSS before loading
+(`serving_memory`); beside it the weights (GGUF tensor bytes) and the KV cache at n_ctx.
+On a machine shared with other jobs, `--threads 1` gives steadier ratios than two threads that wait on each
+other whenever one is descheduled (README: the recorded runs).
 
     PYTHONPATH=src python benchmarks/bench_engine.py [--model smollm2-135m] [--contexts 128,512,2048] \\
         [--new-tokens 32] [--rounds 4] [--decode-repeats 2] [--threads 2] [--quants f16,q8_0] \\
