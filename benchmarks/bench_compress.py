@@ -84,8 +84,9 @@ def run_model(a: argparse.Namespace, name: str, out: dict) -> None:
         width = ad.mlp_width(ad.layers()[0])
         m = copy.deepcopy(dense)
         mlp_keep = width - math.ceil(need / per_channel)
+        # Exact widths (multiple_of=1), as measured: the baseline removes the target, not a rounded one.
         prunekit.width_prune(m, prunekit.get_adapter(m), calib, mlp_keep=mlp_keep, shots=a.width_shots,
-                             progress=False)
+                             multiple_of=1, progress=False)
         rows["TransAct uniform MLP"] = {**measure(m), "mlp_keep": mlp_keep, "shots": a.width_shots}
         save(a, out)
         rows["compress"] = run_compress(dense, calib, Budget("params", keep), measure)
