@@ -12,7 +12,7 @@ i.e. LLM-Drop-like sub-layer drops chosen by the Fisher error), ``width`` (never
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 
 from prunekit.compress.budget import SublayerCost
 from prunekit.compress.curves import Curve
@@ -30,23 +30,13 @@ def _allowed(curve: Curve, family: str) -> list[int]:
     return list(curve.ks)
 
 
-def cost_fn(cost: SublayerCost, key: str, alive: int) -> Callable[[int], int]:
-    """Resource removed, relative to `alive` units, when keeping k."""
-    per = cost.params_per_unit if key == "params" else cost.kv_per_unit
-
-    def removed(k: int) -> int:
-        fixed = cost.fixed_params if key == "params" and k == 0 else 0
-        return (alive - k) * per + fixed
-    return removed
-
-
 def allocate(curves: dict[Sublayer, Curve], costs: dict[Sublayer, SublayerCost], need: int, key: str,
              family: str = "mixed") -> dict[Sublayer, int]:
     """Kept count per sub-layer (only those cut) removing at least `need` of `key` (or as close as the
     family allows); errors from the curves."""
     options = {s: _allowed(c, family) for s, c in curves.items()}
     err = {s: dict(zip(c.ks, c.err)) for s, c in curves.items()}
-    removed_by = {s: cost_fn(costs[s], key, c.ks[0]) for s, c in curves.items()}
+    removed_by = {s: partial(costs[s].removed, key, alive=c.ks[0]) for s, c in curves.items()}
     cur = {s: c.ks[0] for s, c in curves.items()}
     done = 0
     while done < need:
@@ -77,6 +67,6 @@ def uniform_mlp(curves: dict[Sublayer, Curve], costs: dict[Sublayer, SublayerCos
         return {}
     shared = sorted(set.intersection(*(set(c.ks) for c in mlps.values())), reverse=True)
     for k in shared:
-        if sum(cost_fn(costs[s], key, c.ks[0])(k) for s, c in mlps.items()) >= need:
+        if sum(costs[s].removed(key, k, c.ks[0]) for s, c in mlps.items()) >= need:
             return {s: k for s, c in mlps.items() if k != c.ks[0]}
     return {s: shared[-1] for s in mlps}

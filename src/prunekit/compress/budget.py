@@ -59,6 +59,12 @@ class SublayerCost:
     kv_per_unit: int  # KV-cache elements per token
     fixed_params: int
 
+    def removed(self, key: str, k: int, alive: int | None = None) -> int:
+        """`key` removed when `alive` units (default: all) become k; keeping none also removes the norms."""
+        per = self.params_per_unit if key == "params" else self.kv_per_unit
+        fixed = self.fixed_params if key == "params" and k == 0 else 0
+        return ((self.units if alive is None else alive) - k) * per + fixed
+
 
 def _numel(modules: list[nn.Module | None]) -> int:
     return sum(p.numel() for m in modules if m is not None for p in m.parameters())
@@ -108,9 +114,4 @@ def removal_target(model: nn.Module, costs: dict[tuple[int, str], SublayerCost],
 
 def removed(costs: dict[tuple[int, str], SublayerCost], kept: dict[tuple[int, str], int], key: str) -> int:
     """Resource removed when sub-layer `s` keeps `kept[s]` of its units (absent: all)."""
-    total = 0
-    for s, c in costs.items():
-        k = kept.get(s, c.units)
-        per = c.params_per_unit if key == "params" else c.kv_per_unit
-        total += (c.units - k) * per + (c.fixed_params if key == "params" and k == 0 else 0)
-    return total
+    return sum(c.removed(key, kept.get(s, c.units)) for s, c in costs.items())

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from prunekit.compress.stats import SublayerStats
+from prunekit.width.importance import SCORERS, unit_scores
 
 # Ridge of the refits and curves, relative to the mean diagonal of the Gram: enough to keep the factorisation
 # stable with near-dead channels, small next to any real channel's energy.
@@ -43,9 +44,10 @@ def unit_columns(units: list[int], cols_per_unit: int) -> torch.Tensor:
 
 
 def unit_strength(gram: torch.Tensor, units: list[int], cols_per_unit: int) -> torch.Tensor:
-    """TransAct's score: the L2 norm over tokens of each unit's activation (sqrt of its Gram diagonal)."""
-    diag = torch.diagonal(gram)[unit_columns(units, cols_per_unit)].view(len(units), cols_per_unit)
-    return diag.sum(1).clamp_min(0).sqrt()
+    """TransAct's score (`width.importance`'s activation scorer): the L2 norm over tokens of each unit's
+    activation, from the Gram's diagonal (the per-column sums of squares)."""
+    return unit_scores(SCORERS["activation"], torch.diagonal(gram),
+                       None, unit_columns(units, cols_per_unit).view(len(units), cols_per_unit))
 
 
 def _ridge(st: SublayerStats, alive_cols: torch.Tensor, ridge: float) -> float:
