@@ -380,41 +380,38 @@ def _hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[torch.
     return ids[len(prompt):], logps
 
 
-@needs_xllamacpp
-@pytest.mark.parametrize("name", list(PLANS))
-def test_llamacpp_logprobs_match_transformers_tiny(tmp_path, name):
+def _assert_top_logprobs_match(src, gguf, prompt, tol, name):
+    """llama.cpp's greedy tokens equal transformers', and its top-5 log-probs are within `tol` at each step."""
     from prunekit.export.engines import xserver
 
-    src = tiny_source("llama", PLANS[name])
-    out = export_source(src, tmp_path / "m.gguf", format="gguf", quant="f32", progress=False)
-    prompt = src.tokenizer(SAMPLE_TEXT[:80])["input_ids"]
     hf_tokens, hf_logps = _hf_greedy(src.model, prompt, 8)
-    with xserver(out, n_ctx=256, threads=2) as s:
+    with xserver(gguf, n_ctx=256, threads=2) as s:
         c = s.complete(prompt, 8, n_probs=5)
     assert c.tokens == hf_tokens
     for step, (tops, lp) in enumerate(zip(c.top_logprobs, hf_logps)):
         for tid, v in tops.items():
-            assert abs(v - float(lp[tid])) < 2e-3, (name, step, tid, v, float(lp[tid]))
+            assert abs(v - float(lp[tid])) < tol, (name, step, tid, v, float(lp[tid]))
+
+
+@needs_xllamacpp
+@pytest.mark.parametrize("name", list(PLANS))
+def test_llamacpp_logprobs_match_transformers_tiny(tmp_path, name):
+    src = tiny_source("llama", PLANS[name])
+    out = export_source(src, tmp_path / "m.gguf", format="gguf", quant="f32", progress=False)
+    prompt = src.tokenizer(SAMPLE_TEXT[:80])["input_ids"]
+    _assert_top_logprobs_match(src, out, prompt, 2e-3, name)
 
 
 @needs_xllamacpp
 @pytest.mark.parametrize("name", list(GEMMA_PLANS))
 def test_llamacpp_gemma3_logprobs_match_transformers_tiny(tmp_path, name):
     """48 prompt tokens: past the sliding window (8), so window, per-layer-type rope bases and pattern all count."""
-    from prunekit.export.engines import xserver
-
     src = tiny_gemma_source(GEMMA_PLANS[name])
     out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f32", progress=False)
     prompt = src.tokenizer(SAMPLE_TEXT)["input_ids"][:48]
     assert len(prompt) == 48
-    hf_tokens, hf_logps = _hf_greedy(src.model, prompt, 8)
-    with xserver(out, n_ctx=256, threads=2) as s:
-        c = s.complete(prompt, 8, n_probs=5)
-    assert c.tokens == hf_tokens
-    for step, (tops, lp) in enumerate(zip(c.top_logprobs, hf_logps)):
-        for tid, v in tops.items():
-            # 3e-3, not 2e-3: ggml's GELU reads a float16 table.
-            assert abs(v - float(lp[tid])) < 3e-3, (name, step, tid, v, float(lp[tid]))
+    # 3e-3, not 2e-3: ggml's GELU reads a float16 table.
+    _assert_top_logprobs_match(src, out, prompt, 3e-3, name)
 
 
 @needs_llama_cpp
