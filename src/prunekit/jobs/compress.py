@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunekit.compress import CompressResult, compress, parse_budget, write_pareto
-from prunekit.compress.budget import removal_target, sublayer_costs
+from prunekit.compress import Budget, CompressResult, compress, parse_budget, write_pareto
 from prunekit.engine.memory import should_stream
 from prunekit.errors import DistributedError, PlanError
 from prunekit.io.checkpoint import resolve_model_path
@@ -16,12 +15,14 @@ from prunekit.jobs.dist import DistEnv, check_device
 from prunekit.save import save
 
 
-def check_compress_options(budget: str, rounds: int, multiple_of: int) -> None:
-    parse_budget(budget)
+def check_compress_options(budget: str, rounds: int, multiple_of: int) -> Budget:
+    """The parsed budget, or one clear error for any bad option."""
+    parsed = parse_budget(budget)
     if rounds < 1:
         raise PlanError(f"--rounds must be at least 1, got {rounds}")
     if multiple_of < 1:
         raise PlanError(f"--multiple-of must be at least 1, got {multiple_of}")
+    return parsed
 
 
 def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, multiple_of: int = 64,
@@ -30,7 +31,7 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
                  progress: bool = True) -> CompressResult:
     """Load, search (`prunekit.compress`), save to `out`. The model must fit in memory (the statistics need
     a backward pass) and the job runs in one process."""
-    check_compress_options(budget, rounds, multiple_of)
+    b = check_compress_options(budget, rounds, multiple_of)
     env = DistEnv.from_env()
     if env.is_distributed:
         raise DistributedError("compress runs in one process (its statistics need a backward pass through the "
@@ -43,8 +44,7 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
     job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                    env=env, device=dev, stream=False)
     ad = job.source.adapter
-    b = parse_budget(budget)
-    removal_target(ad.model, sublayer_costs(ad), b)  # an impossible budget fails before the search
+    # `compress` checks the budget against the model (an impossible one fails) before any pass.
     result = compress(ad.model, ad, job.calib, b, rounds=rounds, multiple_of=multiple_of, batch_size=batch_size,
                       progress=progress, source=str(model))
     save(job.source, job.tokenizer, out, result.plan, force=force, progress=progress,
