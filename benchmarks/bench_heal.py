@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--text", default="c4", help="training text, its calibration half (default c4)")
     p.add_argument("--samples", type=int, default=64, help="training windows (default 64)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per training window (default 512)")
-    p.add_argument("--steps", type=int, default=16, help="optimizer steps per row (default 16)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per row (default 100, as `prunekit heal`)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--lr", type=float, default=5e-5, help="full fine-tuning peak lr (default 5e-5)")
     p.add_argument("--lora-lr", type=float, default=5e-4, help="LoRA peak lr (default 5e-4)")
@@ -96,8 +96,13 @@ def main() -> None:
     p.add_argument("--eval", default="wiki", help="evaluation text, its held-out half (default wiki)")
     p.add_argument("--windows", type=int, default=10, help="perplexity windows (default 10)")
     p.add_argument("--window-len", type=int, default=1024, help="tokens per perplexity window (default 1024)")
+    p.add_argument("--rows", default="distill,ce,lora",
+                   help="rows to train, in this order: distill, ce, lora (default all three)")
     p.add_argument("--json", default="benchmarks/results/heal.json")
     args = p.parse_args()
+    unknown = set(args.rows.split(",")) - {"distill", "ce", "lora"}
+    if unknown:
+        p.error(f"unknown rows {sorted(unknown)}; choose from distill, ce, lora")
     torch.manual_seed(0)
 
     dense, tok = load_model(args.model)
@@ -115,11 +120,12 @@ def main() -> None:
     pruned_ppl = ppl(pruned, wins)
     print(f"pruned perplexity {pruned_ppl:.2f} (dropped {[d.layer for d in plan.dropped]})", flush=True)
 
-    rows_spec = [
-        ("causal-LM fine-tuning", dict(lr=args.lr)),
-        ("distillation from dense", dict(lr=args.lr, teacher=dense)),
-        (f"LoRA r={args.lora} distillation", dict(lr=args.lora_lr, teacher=dense, lora=args.lora)),
-    ]
+    specs = {
+        "distill": ("distillation from dense", dict(lr=args.lr, teacher=dense)),
+        "ce": ("causal-LM fine-tuning", dict(lr=args.lr)),
+        "lora": (f"LoRA r={args.lora} distillation", dict(lr=args.lora_lr, teacher=dense, lora=args.lora)),
+    }
+    rows_spec = [specs[r] for r in args.rows.split(",")]
     rows: list[dict[str, Any]] = [
         {"row": "dense", "perplexity": dense_ppl, "ratio_to_dense": 1.0, "params": count_parameters(dense)},
         {"row": f"attention drop {args.drop}, no healing", "perplexity": pruned_ppl,

@@ -219,3 +219,109 @@ def test_cli_heal_distils_with_lora_on_teacher_text(tiny_checkpoint, tmp_path, c
     ca, cb = (json.loads((d / "config.json").read_text()) for d in (pruned, tmp_path / "healed"))
     assert ca.pop("architectures") == ["LlamaForCausalLM"] and cb.pop("architectures") == ["PrunekitLlamaForCausalLM"]
     assert ca == cb
+
+
+def test_cached_teacher_top_k_trains_like_the_live_teacher(isolated_cache):
+    """Running the teacher first and reading its top-K logits back from disk is the same loss, the same
+    steps and the same student as running it beside the student with teacher_topk=K."""
+    from prunekit.recovery.teacher_cache import teacher_logits_cache
+
+    teacher = tiny_model("llama")
+    data = random_calib(n=6, t=16)
+    cache = teacher_logits_cache(teacher, data, topk=8, batch_size=4)
+    again = teacher_logits_cache(teacher, data, topk=8, batch_size=4)
+    assert not cache.record["cached"] and again.record["cached"] and again.directory == cache.directory
+    live, offline = pruned_copy(teacher), pruned_copy(teacher)
+    kw = dict(steps=4, lr=1e-2, batch_size=2, progress=False, temperature=2.0)
+    rec_live = recover(live, data, teacher=teacher, teacher_topk=8, **kw)
+    rec_cached = recover(offline, data, teacher=cache, **kw)
+    # The teacher saw different batch compositions (cache: in order; live: shuffled): equal up to rounding.
+    torch.testing.assert_close(torch.tensor(rec_cached["losses"]), torch.tensor(rec_live["losses"]),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits(offline), logits(live), rtol=1e-4, atol=1e-5)
+    assert rec_cached["teacher_logits"]["topk"] == 8 and rec_cached["teacher_logits"]["cache"] == str(cache.directory)
+
+
+def test_cached_teacher_logits_of_another_vocabulary_or_data_are_refused(isolated_cache):
+    from prunekit.recovery.teacher_cache import teacher_logits_cache
+
+    teacher = tiny_model("llama")
+    cache = teacher_logits_cache(teacher, random_calib(n=4, t=16), topk=8)
+    with pytest.raises(RecoveryError, match="cover 4 windows"):
+        recover(pruned_copy(teacher), random_calib(n=6, t=16), teacher=cache, steps=1, progress=False)
+    cache.vocab += 1
+    with pytest.raises(RecoveryError, match="same tokenizer"):
+        recover(pruned_copy(teacher), random_calib(n=4, t=16), teacher=cache, steps=1, progress=False)
+
+
+def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
+    """State saved every 2 steps; a run stopped after step 4 and started again ends with the same weights and
+    the same losses as one that never stopped; a state from other settings is refused."""
+    teacher = tiny_model("llama")
+    data = random_calib(n=6, t=16)
+    kw = dict(steps=7, lr=1e-2, batch_size=2, progress=False, teacher=teacher, save_every=2)
+    whole = pruned_copy(teacher)
+    rec_whole = recover(whole, data, state_dir=tmp_path / "a", **kw)
+
+    class Stop(Exception):
+        pass
+
+    import prunekit.recovery.train as train
+    calls = {"n": 0}
+
+    def stop_at_second_save(name):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Stop
+
+    part = pruned_copy(teacher)
+    start = copy.deepcopy(part.state_dict())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "pause_point", stop_at_second_save)
+        with pytest.raises(Stop):
+            recover(part, data, state_dir=tmp_path / "b", **kw)
+    part.load_state_dict(start)  # a new process starts from the checkpoint on disk
+    rec = recover(part, data, state_dir=tmp_path / "b", **kw)
+    assert rec["resumed_at_step"] == 4 and rec["losses"] == rec_whole["losses"]
+    assert all(torch.equal(a, b) for a, b in zip(part.state_dict().values(), whole.state_dict().values()))
+    with pytest.raises(RecoveryError, match="other settings"):
+        recover(pruned_copy(teacher), data, state_dir=tmp_path / "b", **{**kw, "lr": 2e-2})
+
+
+def test_cli_heal_resumes_after_a_kill_and_the_teacher_cache_keeps_memory_apart(tiny_checkpoint, tmp_path):
+    """A real SIGKILL after a saved state: no output, the state kept; the same command finishes with the
+    same healed model as an uninterrupted run, and removes the state."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ck, text = tiny_checkpoint
+    env = {**os.environ, "PRUNEKIT_CACHE": str(tmp_path / "cache")}
+
+    def cmd(out):
+        return [sys.executable, "-m", "prunekit", "-q", "heal", str(ck), "--teacher", str(ck), "--teacher-cache",
+                "--text", str(text), "--samples", "4", "--seq-len", "24", "--batch-size", "2", "--steps", "5",
+                "--lr", "1e-2", "--save-every", "2", "--out", str(out)]
+
+    subprocess.run(cmd(tmp_path / "whole"), env=env, check=True, capture_output=True)
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen(cmd(tmp_path / "out"), env={**env, "PRUNEKIT_PAUSE_AT": "training",
+                                                        "PRUNEKIT_PAUSE_FILE": str(marker)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - t0 < 240
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.heal-state" / "training_state.pt").is_file()
+    subprocess.run(cmd(tmp_path / "out"), env=env, check=True, capture_output=True)
+    assert not (tmp_path / "out.heal-state").exists() and not (tmp_path / "whole.heal-state").exists()
+    a, _ = load_model(tmp_path / "whole", tokenizer=False)
+    b, _ = load_model(tmp_path / "out", tokenizer=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    rec = PruningPlan.load(tmp_path / "out" / PLAN_FILE).recovery[0]
+    assert rec["resumed_at_step"] == 2 and rec["teacher_logits"]["cached"]  # the killed run had filled the cache

@@ -33,6 +33,10 @@ def register(sub: Any) -> None:
                    help="distillation temperature T; the KL is scaled by T^2 (default 1)")
     g.add_argument("--teacher-topk", type=positive_int, default=None,
                    help="use only the teacher's top-K logits per position, renormalised (saves memory)")
+    g.add_argument("--teacher-cache", action="store_true",
+                   help="run the teacher alone first and keep its top-K logits on disk (K from --teacher-topk, "
+                        "default 64), so teacher and student never share memory (for teachers that do not fit "
+                        "beside the student)")
     g.add_argument("--gen-temperature", type=float, default=1.0,
                    help="sampling temperature of teacher:N text, 0 for greedy (default 1)")
     g.add_argument("--prompt-text", default="c4",
@@ -46,6 +50,9 @@ def register(sub: Any) -> None:
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up (default 0.1)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order (default 0)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="every N steps, keep resumable training state in OUT.heal-state/; running the same "
+                        "command again continues from it (default 0: never)")
     add_output(p)
     p.set_defaults(func=cmd_heal)
 
@@ -58,7 +65,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
                           weight_decay=args.weight_decay, seed=args.seed, teacher=args.teacher, alpha=args.alpha,
                           temperature=args.temperature, teacher_topk=args.teacher_topk, lora=args.lora,
                           gen_temperature=args.gen_temperature, prompt_text=args.prompt_text,
-                          use_cache=not args.no_cache, dtype=args.dtype, device=args.device, force=args.force,
+                          use_cache=not args.no_cache, teacher_cache=args.teacher_cache,
+                          save_every=args.save_every, dtype=args.dtype, device=args.device, force=args.force,
                           progress=progress(args))
     summary = {k: rec[k] for k in ("method", "steps", "lr", "tokens_seen", "loss_first", "loss_last_10pct_mean",
                                    "seconds")}

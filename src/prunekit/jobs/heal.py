@@ -3,15 +3,21 @@ fine-tuning or distillation, full or LoRA), save it with its plan and the run's 
 
 from __future__ import annotations
 
+import gc
+import shutil
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from prunekit.errors import RecoveryError
-from prunekit.io.checkpoint import load_model, resolve_model_path
+from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
 from prunekit.io.outputs import prepare_output
 from prunekit.plans import PLAN_FILE, PruningPlan
 from prunekit.recovery import check_settings, check_teacher, recover
+from prunekit.recovery.distill import check_tokenizers
 from prunekit.recovery.sources import check_text_spec, parse_text_spec, training_data
+from prunekit.recovery.teacher_cache import DEFAULT_TOPK, TeacherLogitsCache, teacher_logits_cache
 from prunekit.save import save
 
 
@@ -20,35 +26,61 @@ def heal_checkpoint(model: str, out: str, *, text: str = "c4", samples: int = 64
                     weight_decay: float = 0.0, seed: int = 0, teacher: str | None = None, alpha: float | None = None,
                     temperature: float = 1.0, teacher_topk: int | None = None, lora: int | None = None,
                     gen_temperature: float = 1.0, prompt_text: str = "c4", use_cache: bool = True,
-                    dtype: str = "float32", device: str = "cpu", force: bool = False,
-                    progress: bool = True) -> dict[str, Any]:
+                    teacher_cache: bool = False, save_every: int = 0, dtype: str = "float32", device: str = "cpu",
+                    force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Load a checkpoint, `recover` it (distilling from `teacher` when given), save it to `out` with its plan
     (if it has one) plus the run's record appended to `plan.recovery`. Returns the record. Settings, the text
-    spec and the output are checked before loading; the teacher's vocabulary before any training."""
+    spec and the output are checked before loading; the teacher's vocabulary before any training.
+
+    `teacher_cache`: run the teacher alone first and keep its top-K logits on disk (K = `teacher_topk`, 64 by
+    default), so teacher and student are never in memory together. `save_every`: keep resumable training
+    state in the sibling folder `state_dir(out)` every that many steps; the same command continues from it."""
     check_settings(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, alpha=alpha, temperature=temperature,
-                   teacher_topk=teacher_topk, lora=lora)
-    if teacher is None and (alpha not in (None, 1.0) or temperature != 1.0 or teacher_topk is not None):
-        raise RecoveryError("--alpha, --temperature and --teacher-topk shape the distillation loss; give --teacher")
+                   teacher_topk=teacher_topk, lora=lora, save_every=save_every)
+    if teacher is None and (alpha not in (None, 1.0) or temperature != 1.0 or teacher_topk is not None
+                            or teacher_cache):
+        raise RecoveryError("--alpha, --temperature, --teacher-topk and --teacher-cache shape the distillation; "
+                            "give --teacher")
     sources = parse_text_spec(text)
     check_text_spec(sources, samples=samples, seq_len=seq_len, batch_size=batch_size, has_teacher=teacher is not None)
     prepare_output(out, force)
-    net, tok = load_model(model, dtype=dtype, device=device)
-    teacher_net = None
-    if teacher is not None:
+    gen = dict(prompt_text=prompt_text, gen_temperature=gen_temperature, seed=seed, batch_size=batch_size,
+               use_cache=use_cache, progress=progress)
+    signal: nn.Module | TeacherLogitsCache | None = None
+    if teacher is not None and teacher_cache:
+        # The teacher runs alone and is released before the student is loaded: peak memory is the larger of
+        # the two, not their sum.
         teacher_net, teacher_tok = load_model(teacher, dtype=dtype, device=device)
-        teacher_net.requires_grad_(False)
-        check_teacher(net, teacher_net, tok, teacher_tok)
-    data, records = training_data(tok, sources, samples, seq_len, teacher=teacher_net, prompt_text=prompt_text,
-                                  gen_temperature=gen_temperature, seed=seed, batch_size=batch_size,
-                                  use_cache=use_cache, progress=progress)
+        check_tokenizers(load_tokenizer(resolve_model_path(model), model), teacher_tok)
+        data, records = training_data(teacher_tok, sources, samples, seq_len, teacher=teacher_net, **gen)
+        signal = teacher_logits_cache(teacher_net, data, teacher_topk or DEFAULT_TOPK, batch_size=batch_size,
+                                      use_cache=use_cache, progress=progress)
+        del teacher_net
+        gc.collect()
+        net, tok = load_model(model, dtype=dtype, device=device)
+    else:
+        net, tok = load_model(model, dtype=dtype, device=device)
+        if teacher is not None:
+            signal, teacher_tok = load_model(teacher, dtype=dtype, device=device)
+            signal.requires_grad_(False)
+            check_teacher(net, signal, tok, teacher_tok)
+        data, records = training_data(tok, sources, samples, seq_len, teacher=signal, **gen)
     plan_file = Path(resolve_model_path(model)) / PLAN_FILE
     plan = PruningPlan.load(plan_file) if plan_file.is_file() else PruningPlan(method="none")
     rec = recover(net, data, steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay,
-                  seed=seed, teacher=teacher_net, alpha=alpha, temperature=temperature, teacher_topk=teacher_topk,
-                  lora=lora, progress=progress)
+                  seed=seed, teacher=signal, alpha=alpha, temperature=temperature,
+                  teacher_topk=None if teacher_cache else teacher_topk, lora=lora,
+                  state_dir=state_dir(out), save_every=save_every, progress=progress)
     rec["source"] = str(model)
     rec["teacher"] = str(teacher) if teacher is not None else None
     rec["data_sources"] = records
     plan.recovery.append(rec)
     save(net, tok, out, plan, force=force)
+    shutil.rmtree(state_dir(out), ignore_errors=True)  # the run is complete: nothing left to resume
     return rec
+
+
+def state_dir(out: str | Path) -> Path:
+    """Where `--save-every` keeps resumable state: a sibling of the output folder."""
+    out = Path(out)
+    return out.with_name(out.name + ".heal-state")

@@ -7,7 +7,8 @@ the same batch in the same step), in float32 over the full vocabulary. `topk` ke
 largest logits per position and compares both distributions renormalised over those K token ids: the
 softmaxes and the KL then take K values per position instead of the vocabulary, and a student equal to its
 teacher still has loss 0. The student's mass outside the teacher's top K is not constrained by that term;
-mixing in some causal-LM loss (`alpha`) covers it.
+mixing in some causal-LM loss (`alpha`) covers it. The same top-K loss is computed from logits cached on
+disk (`teacher_cache.py`) when the teacher is run before the student instead of beside it.
 """
 
 from __future__ import annotations
@@ -23,17 +24,28 @@ from prunekit.errors import RecoveryError
 def kl_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
                     temperature: float = 1.0, topk: int | None = None) -> torch.Tensor:
     """Mean over positions with `mask == 1` of T^2 * KL(p_teacher/T || p_student/T); logits [B, T, V]."""
-    s = student_logits.float() / temperature
-    t = teacher_logits.float() / temperature
-    if topk is not None and topk < t.shape[-1]:
-        t, idx = t.topk(topk, dim=-1)
-        s = s.gather(-1, idx)  # both renormalised over the teacher's K most likely tokens
+    if topk is not None and topk < teacher_logits.shape[-1]:
+        values, indices = teacher_logits.float().topk(topk, dim=-1)
+        return kl_topk_loss(student_logits, values, indices, mask, temperature=temperature)
+    return _kl(student_logits.float() / temperature, teacher_logits.float() / temperature, mask) * temperature ** 2
+
+
+def kl_topk_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                 mask: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """`kl_distill_loss` from the teacher's K largest logits only (`values`, `indices` [B, T, K], as
+    `Tensor.topk` gives them, e.g. read back from a `TeacherLogitsCache`): both distributions renormalised
+    over those K token ids."""
+    s = student_logits.float().gather(-1, teacher_indices.long()) / temperature
+    return _kl(s, teacher_values.float() / temperature, mask) * temperature ** 2
+
+
+def _kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     log_p = F.log_softmax(t, dim=-1)
     log_q = F.log_softmax(s, dim=-1)
     # p * (log p - log q), summed over the vocabulary: 0 exactly where the distributions are equal.
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     m = mask.to(kl.dtype)
-    return (kl * m).sum() / m.sum().clamp_min(1) * temperature ** 2
+    return (kl * m).sum() / m.sum().clamp_min(1)
 
 
 def vocab_size(model: Any) -> int:
@@ -48,8 +60,12 @@ def check_teacher(student: Any, teacher: Any, student_tok: Any = None, teacher_t
     if sv != tv:
         raise RecoveryError(f"the teacher's vocabulary has {tv} tokens but the student's has {sv}; "
                             "distillation needs the same tokenizer")
-    if student_tok is None or teacher_tok is None:
-        return
+    if student_tok is not None and teacher_tok is not None:
+        check_tokenizers(student_tok, teacher_tok)
+
+
+def check_tokenizers(student_tok: Any, teacher_tok: Any) -> None:
+    """`RecoveryError` when two tokenizers map text or special tokens to different ids."""
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         raise RecoveryError("the teacher's tokenizer maps tokens to different ids than the student's; "
                             "distillation needs the same tokenizer")

@@ -18,12 +18,17 @@ reproducible (same seed, same data, same losses on the same machine).
 Loss. Without a teacher: the causal-LM loss (next-token cross-entropy). With a teacher (normally the dense
 model the student was pruned from): `alpha * CE + (1 - alpha) * T^2 KL(teacher || student)` at temperature T
 (`distill.kl_distill_loss`), the teacher in eval mode under no_grad, run on the same batch in the same step,
-so its logits exist for one batch at a time; alpha defaults to 0 (pure distillation).
+so its logits exist for one batch at a time; alpha defaults to 0 (pure distillation). When teacher and
+student do not fit together, the teacher runs first and its top-K logits are read back from disk
+(`teacher_cache.py`).
 
 Memory. Full fine-tuning holds the weights, their gradients and AdamW's two moments: about 4x the model in
 the training dtype (float32 recommended), plus activations. `lora=R` trains rank-R LoRA matrices on the
 attention and MLP projections instead (`lora.py`, through peft) and merges them into the weights at the end,
 so the result has exactly the structure and tensor names it started with.
+
+Long runs. With `state_dir` and `save_every`, the loop saves resumable state every `save_every` steps and a
+run started again with the same settings continues from it to the same result (`state.py`).
 
 Use it alone (`prunekit heal`), or between the shots of iterative width pruning:
 ``width_prune(..., between_shots=lambda model, shot: recover(model, data, steps=20))``.
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,8 +47,11 @@ from tqdm.auto import tqdm
 
 from prunekit.data import CalibrationData
 from prunekit.errors import RecoveryError
-from prunekit.recovery.distill import check_teacher, kl_distill_loss
+from prunekit.faults import pause_point
+from prunekit.recovery.distill import check_teacher, kl_distill_loss, kl_topk_loss, vocab_size
 from prunekit.recovery.lora import add_lora, check_rank, merge_lora
+from prunekit.recovery.state import load_state, restore_trainable, run_key, save_state, trainable_tensors
+from prunekit.recovery.teacher_cache import TeacherLogitsCache
 
 
 def _lr_factor(step: int, steps: int, warmup_steps: int) -> float:
@@ -67,8 +76,11 @@ def lr_schedule(opt: torch.optim.Optimizer, steps: int, warmup_steps: int) -> to
 
 
 def check_settings(*, steps: int, lr: float, batch_size: int, warmup: float, alpha: float | None = None,
-                   temperature: float = 1.0, teacher_topk: int | None = None, lora: int | None = None) -> None:
+                   temperature: float = 1.0, teacher_topk: int | None = None, lora: int | None = None,
+                   save_every: int = 0) -> None:
     """`RecoveryError` for settings no model could train with."""
+    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
+        raise RecoveryError(f"save-every must be a number of steps >= 0 (0: never), got {save_every!r}")
     if alpha is not None and not 0 <= alpha <= 1:
         raise RecoveryError(f"alpha (the weight of the causal-LM loss) must be in [0, 1], got {alpha}")
     if not temperature > 0 or not math.isfinite(temperature):
@@ -98,29 +110,40 @@ def method_name(teacher: bool, alpha: float, lora: int | None) -> str:
     return f"{what}, AdamW, {loss}"
 
 
+Teacher = nn.Module | TeacherLogitsCache
+
+
 def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 5e-5, batch_size: int = 4,
             warmup: float = 0.1, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
-            teacher: nn.Module | None = None, alpha: float | None = None, temperature: float = 1.0,
+            teacher: Teacher | None = None, alpha: float | None = None, temperature: float = 1.0,
             teacher_topk: int | None = None, lora: int | None = None, lora_alpha: float | None = None,
+            state_dir: str | Path | None = None, save_every: int = 0,
             progress: bool = True) -> dict[str, Any]:
     """Train `model` in place for `steps` optimizer steps on `data`; returns the record that goes into the
     plan (`PruningPlan.recovery`): settings, data provenance and the loss of every step. The model is left
     in eval mode with no gradients held (and, with `lora`, the LoRA updates merged into its weights).
 
-    `teacher`: distil from it (same vocabulary required); `alpha`: weight of the causal-LM loss in the mix
-    (default 0 with a teacher, 1 without); `temperature`, `teacher_topk`: see `distill.kl_distill_loss`."""
+    `teacher`: distil from it (same vocabulary required): a model run beside the student, or a
+    `TeacherLogitsCache` of its top-K logits computed beforehand; `alpha`: weight of the causal-LM loss in
+    the mix (default 0 with a teacher, 1 without); `temperature`, `teacher_topk`: see
+    `distill.kl_distill_loss`. `state_dir` + `save_every`: write resumable state there every `save_every`
+    steps and continue from a state found there (`state.py`)."""
     check_settings(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, alpha=alpha, temperature=temperature,
-                   teacher_topk=teacher_topk, lora=lora)
+                   teacher_topk=teacher_topk, lora=lora, save_every=save_every)
     if alpha is None:
         alpha = 0.0 if teacher is not None else 1.0
     if teacher is None and alpha != 1.0:
         raise RecoveryError(f"alpha={alpha} mixes in a distillation loss, which needs a teacher")
-    if teacher is not None:
-        check_teacher(model, teacher)
-        teacher.eval()
+    _check_teacher(model, teacher, data)
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     if not any(trainable.values()):
         raise RecoveryError("the model has no trainable parameters")
+    folder = Path(state_dir) if state_dir is not None and save_every > 0 else None
+    key = "" if folder is None else run_key(model, {
+        "steps": steps, "lr": lr, "batch_size": batch_size, "warmup": warmup, "weight_decay": weight_decay,
+        "max_grad_norm": max_grad_norm, "seed": seed, "alpha": alpha, "temperature": temperature,
+        "teacher_topk": teacher_topk, "lora": lora, "lora_alpha": lora_alpha, "save_every": save_every,
+        "data": data.sha256, "teacher": _teacher_identity(teacher)})
     net: nn.Module = add_lora(model, lora, alpha=lora_alpha) if lora else model
     params = [p for p in net.parameters() if p.requires_grad]
     device = params[0].device
@@ -129,21 +152,22 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = lr_schedule(opt, steps, warmup_steps)
     gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    losses: list[float] = []
-    ce_losses: list[float] = []
-    kd_losses: list[float] = []
-    t0 = time.perf_counter()
-    seen = 0
+    run = {"step": 0, "order": [], "losses": [], "ce_losses": [], "kl_losses": [], "seen": 0, "seconds": 0.0}
+    saved = load_state(folder, key) if folder is not None else None
+    if saved is not None:
+        restore_trainable(net, saved["params"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        gen.set_state(saved["generator"])
+        run = saved["run"]
+    resumed_at = run["step"]
+    t0 = time.perf_counter() - run["seconds"]
     net.train()
     try:
-        bar = tqdm(range(steps), desc="recovery", disable=not progress, leave=False)
+        bar = tqdm(range(run["step"], steps), desc="recovery", disable=not progress, leave=False,
+                   initial=run["step"], total=steps)
         for _ in bar:
-            idx: list[int] = []
-            while len(idx) < min(batch_size, n):
-                if not order:
-                    order = torch.randperm(n, generator=gen).tolist()
-                idx.append(order.pop())
+            idx = _next_rows(run["order"], n, batch_size, gen)
             ids = data.input_ids[idx].to(device)
             mask = data.attention_mask[idx].to(device)
             labels = ids.masked_fill(mask == 0, -100) if alpha > 0 else None
@@ -151,16 +175,13 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
             if teacher is None:
                 loss = out.loss
             else:
-                with torch.no_grad():
-                    t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                kd = kl_distill_loss(out.logits, t_logits, mask, temperature=temperature, topk=teacher_topk)
-                del t_logits  # one batch of teacher logits at a time
+                kd = _distill_loss(teacher, idx, ids, mask, out.logits, temperature, teacher_topk)
                 loss = kd if alpha == 0 else alpha * out.loss + (1 - alpha) * kd
-                kd_losses.append(float(kd.detach()))
+                run["kl_losses"].append(float(kd.detach()))
                 if alpha > 0:
-                    ce_losses.append(float(out.loss.detach()))
+                    run["ce_losses"].append(float(out.loss.detach()))
             if not torch.isfinite(loss):
-                raise RecoveryError(f"the training loss became {loss.item()} at step {len(losses) + 1}; lower "
+                raise RecoveryError(f"the training loss became {loss.item()} at step {run['step'] + 1}; lower "
                                     "the learning rate (or train in float32)")
             loss.backward()
             if max_grad_norm > 0:
@@ -168,9 +189,15 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            seen += int(mask.sum())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
+            run["losses"].append(float(loss.detach()))
+            run["seen"] += int(mask.sum())
+            run["step"] += 1
+            run["seconds"] = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{run['losses'][-1]:.3f}", tok_s=f"{run['seen'] / max(run['seconds'], 1e-9):.0f}")
+            if folder is not None and run["step"] % save_every == 0 and run["step"] < steps:
+                save_state(folder, {"key": key, "params": trainable_tensors(net), "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict(), "generator": gen.get_state(), "run": run})
+                pause_point("training")
     finally:
         opt.zero_grad(set_to_none=True)
         if lora:
@@ -178,6 +205,7 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
             for name, p in model.named_parameters():
                 p.requires_grad_(trainable.get(name, True))
         model.eval()
+    losses, seen = run["losses"], run["seen"]
     tail = losses[-max(1, steps // 10):]
     rec: dict[str, Any] = {
         "method": method_name(teacher is not None, alpha, lora),
@@ -199,10 +227,55 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
         "loss_first": losses[0],
         "loss_last_10pct_mean": sum(tail) / len(tail),
         "losses": losses,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(run["seconds"], 2),
     }
-    if kd_losses:
-        rec["kl_losses"] = kd_losses
-    if ce_losses:
-        rec["ce_losses"] = ce_losses
+    if isinstance(teacher, TeacherLogitsCache):
+        rec["teacher_logits"] = teacher.record
+    if resumed_at:
+        rec["resumed_at_step"] = resumed_at
+    if run["kl_losses"]:
+        rec["kl_losses"] = run["kl_losses"]
+    if run["ce_losses"]:
+        rec["ce_losses"] = run["ce_losses"]
     return rec
+
+
+def _check_teacher(model: nn.Module, teacher: Teacher | None, data: CalibrationData) -> None:
+    if isinstance(teacher, nn.Module):
+        check_teacher(model, teacher)
+        teacher.eval()
+    elif teacher is not None:
+        if teacher.vocab != vocab_size(model):
+            raise RecoveryError(f"the cached teacher logits are over {teacher.vocab} tokens but the student's "
+                                f"vocabulary has {vocab_size(model)}; distillation needs the same tokenizer")
+        if teacher.windows != len(data.input_ids):
+            raise RecoveryError(f"the cached teacher logits cover {teacher.windows} windows, the training data "
+                                f"has {len(data.input_ids)}")
+
+
+def _next_rows(order: list[int], n: int, batch_size: int, gen: torch.Generator) -> list[int]:
+    """The next batch's windows: a seeded random order, epoch after epoch (`order` is what is left of it)."""
+    idx: list[int] = []
+    while len(idx) < min(batch_size, n):
+        if not order:
+            order.extend(torch.randperm(n, generator=gen).tolist())
+        idx.append(order.pop())
+    return idx
+
+
+def _distill_loss(teacher: Teacher, idx: list[int], ids: torch.Tensor, mask: torch.Tensor,
+                  student_logits: torch.Tensor, temperature: float, topk: int | None) -> torch.Tensor:
+    if isinstance(teacher, TeacherLogitsCache):
+        values, indices = teacher.targets(idx)
+        return kl_topk_loss(student_logits, values.to(ids.device), indices.to(ids.device), mask,
+                            temperature=temperature)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return kl_distill_loss(student_logits, t_logits, mask, temperature=temperature, topk=topk)
+
+
+def _teacher_identity(teacher: Teacher | None) -> Any:
+    """What a resumable state records of the teacher: its logits cache's key, or its weights' checksum."""
+    if isinstance(teacher, TeacherLogitsCache):
+        return teacher.record["key"]  # teacher weights, data and K
+    return None if teacher is None else run_key(teacher, {})

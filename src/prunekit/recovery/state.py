@@ -1,0 +1,80 @@
+"""Resumable training state for long recovery runs (`--save-every`).
+
+Every `save_every` steps the loop writes what it needs to continue exactly where it was: the trainable
+tensors (every weight for full fine-tuning, the LoRA matrices otherwise), AdamW's moments, the scheduler,
+the batch-order generator and the rest of the current epoch's order, the losses so far and the tokens seen.
+A run started again with the same settings on the same model and data picks it up and finishes with the
+same weights and losses as an uninterrupted run; one with other settings is refused (its state would not
+mean anything), so a stale state can never leak into a different run.
+
+The file is written to a temporary sibling and renamed, so a kill while saving keeps the previous state.
+The job removes the state once the healed checkpoint is saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import RecoveryError
+
+STATE_FILE = "training_state.pt"
+
+
+def run_key(model: nn.Module, settings: dict[str, Any]) -> str:
+    """What a saved state belongs to: the settings and the starting weights (their shapes and a checksum)."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}{float(t.double().sum()):.12e}".encode())
+    return h.hexdigest()
+
+
+def save_state(folder: Path, state: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.tmp-{os.getpid()}-", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, folder / STATE_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_state(folder: Path, key: str) -> dict[str, Any] | None:
+    """The saved state of the run `key` in `folder`, None when there is none; `RecoveryError` when the state
+    there belongs to another run."""
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say so instead of a pickle traceback
+        raise RecoveryError(f"cannot read the training state {path}: {e}; remove it to start again") from e
+    if state.get("key") != key:
+        raise RecoveryError(f"{path} holds the state of a run with other settings, model or data; remove it to "
+                            "start again, or rerun with the settings it was written with")
+    return state
+
+
+def trainable_tensors(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(net: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(net.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    if missing or set(tensors) - set(params):
+        raise RecoveryError("the saved training state does not match the model's trainable tensors; remove it "
+                            "to start again")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
