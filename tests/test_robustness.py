@@ -177,6 +177,8 @@ def _bad_cases(ck: Path, text: Path, tmp: Path) -> dict[str, list]:
         "n too large": ["drop", ck, "--target", "attn", "--n", 4, *calib, "--out", tmp / "o"],
         "keep ratio > 1": ["width", ck, "--mlp-keep", 1.5, *calib, "--out", tmp / "o"],
         "heal --steps 0": ["heal", ck, "--steps", 0, "--out", tmp / "o"],
+        "heal --save-every -1": ["heal", ck, "--save-every", -1, "--out", tmp / "o"],
+        "heal --teacher-cache without --teacher": ["heal", ck, "--teacher-cache", "--out", tmp / "o"],
         "bad dtype": ["eval", ck, "--dtype", "float8", "--json", j],
         "unknown option": ["drop", ck, "--targte", "attn", "--out", tmp / "o"],
         "export over a file": ["export", ck, "--format", "gguf", "--out", tmp / "a-file"],
@@ -192,7 +194,7 @@ BAD = sorted([
     "unknown task", "missing --task-dir", "--batch-size 0", "--batch-size -1", "bench --context 0",
     "bench --repeats 0", "--device cuda:99", "--device gpu", "score --json DIR", "unwritable --json",
     "unwritable --out", "compare missing model", "no tokenizer", "no such path", "n too large", "keep ratio > 1",
-    "heal --steps 0", "bad dtype", "unknown option", "export over a file", "export into a file's folder",
+    "heal --steps 0", "heal --save-every -1", "heal --teacher-cache without --teacher", "bad dtype", "unknown option", "export over a file", "export into a file's folder",
     "compress budget > 1", "compress unknown budget key", "compress impossible budget", "compress budget without ="])
 
 
