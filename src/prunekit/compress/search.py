@@ -164,8 +164,14 @@ def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bu
 
     def score(name: str, at_budget: bool) -> Candidate:
         c = Candidate(name, {s: list(a) for s, a in m.alive.items() if len(a) < costs[s].units},
-                      _spent(m, "params"), _spent(m, "kv"), mean_loss(model, check, batch_size), at_budget,
-                      m.snapshot())
+                      _spent(m, "params"), _spent(m, "kv"), mean_loss(model, check, batch_size), at_budget)
+        # Only the best candidate at the budget keeps its edited projections (one model's worth of them,
+        # not one per candidate): it is the one that will be cut.
+        best = min((t for t in tried if t.at_budget), key=lambda t: t.check_loss, default=None)
+        if at_budget and (best is None or c.check_loss < best.check_loss):
+            c.weights = m.snapshot()
+            if best is not None:
+                best.weights = {}
         tried.append(c)
         return c
 
