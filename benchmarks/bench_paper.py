@@ -111,7 +111,7 @@ def measure(row: Row, a: argparse.Namespace, windows: torch.Tensor) -> dict[str,
     ppl = perplexity(model, windows, progress=False)
     t1 = time.perf_counter()
     zs = evaluate_tasks(model, tok, TASKS, limit=a.limit, batch_size=a.eval_batch_size, seed=a.seed,
-                        bootstrap_iters=a.bootstrap_iters)
+                        bootstrap_iters=a.bootstrap_iters, samples=True)
     return {
         "name": row.name,
         "label": row.label,
@@ -125,7 +125,39 @@ def measure(row: Row, a: argparse.Namespace, windows: torch.Tensor) -> dict[str,
         "prune_s": prune_s,
         "tasks_s": time.perf_counter() - t1,
         "data_hashes": zs["data_hashes"],
+        # Each question's score under the task's average metric, by doc id: rows evaluated on the same
+        # questions are then compared PAIRED (`paired`), a much smaller standard error than two independent
+        # averages' when only a subset of each task is run.
+        "per_doc": {t: {str(d["doc_id"]): d[AVERAGE_METRIC[t]] for d in zs["samples"][t]} for t in PAPER_TASKS},
     }
+
+
+def paired(row: dict[str, Any], dense: dict[str, Any]) -> dict[str, float] | None:
+    """The row's average minus dense's over the questions both answered, with the paired standard error
+    (mean of the seven tasks' mean differences; se = sqrt(sum_t var_t / n_t) / 7), and the ratio of averages."""
+    if "per_doc" not in row or "per_doc" not in dense:
+        return None
+    means, var = [], 0.0
+    for t in PAPER_TASKS:
+        common = sorted(set(row["per_doc"][t]) & set(dense["per_doc"][t]))
+        if len(common) < 2:
+            return None
+        d = torch.tensor([row["per_doc"][t][k] - dense["per_doc"][t][k] for k in common], dtype=torch.float64)
+        means.append(float(d.mean()))
+        var += float(d.var(unbiased=True)) / len(common)
+    diff = sum(means) / len(means)
+    return {"difference": diff, "stderr": var ** 0.5 / len(means),
+            "ratio": row["average"]["value"] / dense["average"]["value"]}
+
+
+def paired_table(rows: list[dict[str, Any]], dense: dict[str, Any]) -> str:
+    lines = ["| model | avg | avg / dense | avg - dense (paired) |", "|---|---|---|---|"]
+    for r in rows:
+        p = paired(r, dense) if r is not dense else None
+        cell = "-" if p is None else f"{p['difference']:+.3f} ± {p['stderr']:.3f}"
+        ratio = "-" if r is dense else f"{r['average']['value'] / dense['average']['value']:.3f}"
+        lines.append(f"| {r['label']} | {r['average']['value']:.3f} | {ratio} | {cell} |")
+    return "\n".join(lines)
 
 
 def _f(x: float | None, fmt: str) -> str:
@@ -200,12 +232,19 @@ def main() -> None:
               f"avg {r['average']['value']:.3f} ± {r['average']['stderr']:.3f}  [{time.perf_counter() - t0:.0f}s]",
               flush=True)
         order = [n for n in known if n in done]  # keep the table's row order whatever was run first
+        if "dense" in done:
+            for n in order:
+                if n != "dense":
+                    done[n]["paired_vs_dense"] = paired(done[n], done["dense"])
         write_json(out, {**meta, "rows": [done[n] for n in order]})
 
     rows = [done[n] for n in known if n in done]
     dense = done.get("dense")
     print()
     print(markdown(rows, dense["params"] if dense else None))
+    if dense:
+        print()
+        print(paired_table(rows, dense))
 
 
 if __name__ == "__main__":

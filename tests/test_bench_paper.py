@@ -44,3 +44,16 @@ def test_markdown_table(tmp_path):
     out = tmp_path / "r" / "paper.json"
     bench.write_json(out, {"rows": [1]})
     assert json.loads(out.read_text()) == {"rows": [1]} and [p.name for p in out.parent.iterdir()] == ["paper.json"]
+
+
+def test_paired_difference_uses_the_common_questions_and_their_paired_stderr():
+    bench = _bench()
+    dense, pruned = _row("dense", 1000, 0.5), _row("attn-drop-8", 950, 0.25)
+    # Every task: dense right on questions 0-3, the pruned model right on 0-1 only (question 9: dense only).
+    dense["per_doc"] = {t: {**{str(i): 1.0 for i in range(4)}, "9": 1.0} for t in PAPER_TASKS}
+    pruned["per_doc"] = {t: {"0": 1.0, "1": 1.0, "2": 0.0, "3": 0.0} for t in PAPER_TASKS}
+    p = bench.paired(pruned, dense)
+    # differences 0, 0, -1, -1 per task: mean -0.5, variance 1/3, se = sqrt(7 * (1/3) / 4) / 7
+    assert p["difference"] == -0.5 and abs(p["stderr"] - (7 / 12) ** 0.5 / 7) < 1e-12 and p["ratio"] == 0.5
+    assert bench.paired(_row("old", 950, 0.4), dense) is None  # rows measured before per-doc scores were kept
+    assert "-0.500 ± 0.109" in bench.paired_table([dense, pruned], dense)
