@@ -325,3 +325,4 @@ def test_cli_heal_resumes_after_a_kill_and_the_teacher_cache_keeps_memory_apart(
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     rec = PruningPlan.load(tmp_path / "out" / PLAN_FILE).recovery[0]
     assert rec["resumed_at_step"] == 2 and rec["teacher_logits"]["cached"]  # the killed run had filled the cache
+    assert rec["loss"]["teacher_topk"] == 64  # the cache's default K

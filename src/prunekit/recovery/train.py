@@ -218,7 +218,8 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
         "max_grad_norm": max_grad_norm,
         "seed": seed,
         "loss": {"ce_weight": alpha, "kl_weight": 1 - alpha, "temperature": temperature if teacher else None,
-                 "teacher_topk": teacher_topk if teacher else None},
+                 "teacher_topk": (teacher.topk if isinstance(teacher, TeacherLogitsCache)
+                                  else teacher_topk if teacher else None)},
         "lora": ({"rank": lora, "alpha": lora_alpha if lora_alpha is not None else 2 * lora, "dropout": 0.0,
                   "targets": "q/k/v/o and gate/up/down projections of the layers that have them",
                   "merged": True} if lora else None),
