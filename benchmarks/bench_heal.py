@@ -17,7 +17,6 @@ import argparse
 import copy
 import os
 import platform
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,31 +28,12 @@ from torch import nn
 from prunekit.adapters import get_adapter
 from prunekit.data import calibration_data, eval_windows
 from prunekit.drop import llm_drop
+from prunekit.evaluation.bench import PeakRSS
 from prunekit.evaluation.perplexity import perplexity as evaluate_perplexity
 from prunekit.io.checkpoint import load_model
 from prunekit.io.outputs import write_json
 from prunekit.recovery import recover
 from prunekit.surgery import count_parameters
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
-
-    def __enter__(self) -> "PeakRSS":
-        self.proc = psutil.Process()
-        self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
 
 
 def ppl(model: nn.Module, windows: torch.Tensor) -> float:

@@ -37,6 +37,7 @@ from torch import nn
 from prunekit.adapters import get_adapter
 from prunekit.data import CalibrationData, calibration_data, eval_windows
 from prunekit.drop import llm_drop
+from prunekit.evaluation.bench import PeakRSS
 from prunekit.evaluation.perplexity import kv_bytes_per_token, perplexity
 from prunekit.evaluation.zeroshot import AVERAGE_METRIC, PAPER_TASKS, evaluate_tasks
 from prunekit.io.checkpoint import load_model
@@ -102,6 +103,12 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def measure(row: Row, a: argparse.Namespace, windows: torch.Tensor) -> dict[str, Any]:
+    with PeakRSS() as mem:
+        r = _measure(row, a, windows)
+    return {**r, "peak_rss_gib": round(mem.peak / 2**30, 2)}
+
+
+def _measure(row: Row, a: argparse.Namespace, windows: torch.Tensor) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, tok = load_model(a.model)  # a fresh copy per row: pruning is in place
     calib = calibration_data(tok, a.calib, a.samples, a.seq_len)

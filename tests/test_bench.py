@@ -176,3 +176,16 @@ def test_invalid_arguments(llama):
         benchmark(llama, contexts=(0,), progress=False)
     with pytest.raises(ValueError):
         benchmark(llama, contexts=(8,), repeats=0, progress=False)
+
+
+def test_peak_rss_of_a_block_sees_memory_that_was_freed_before_it_ended():
+    import time
+
+    from prunekit.evaluation.bench import PeakRSS
+
+    with PeakRSS() as mem:
+        start = mem.peak
+        x = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, touched
+        time.sleep(0.3)  # several samples while it is alive
+        del x
+    assert mem.peak - start > 200 * 2**20

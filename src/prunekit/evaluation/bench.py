@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -162,6 +163,29 @@ def peak_rss_bytes() -> int | None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 50 ms by a thread. Unlike
+    `peak_rss_bytes` (the whole life of the process), it measures one block: one row of a benchmark."""
+
+    def __enter__(self) -> PeakRSS:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # --------------------------------------------------------------------------------------------- timing
