@@ -142,7 +142,7 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     key = "" if folder is None else run_key(model, {
         "steps": steps, "lr": lr, "batch_size": batch_size, "warmup": warmup, "weight_decay": weight_decay,
         "max_grad_norm": max_grad_norm, "seed": seed, "alpha": alpha, "temperature": temperature,
-        "teacher_topk": teacher_topk, "lora": lora, "lora_alpha": lora_alpha, "save_every": save_every,
+        "teacher_topk": teacher_topk, "lora": lora, "lora_alpha": lora_alpha,
         "data": data.sha256, "teacher": _teacher_identity(teacher)})
     net: nn.Module = add_lora(model, lora, alpha=lora_alpha) if lora else model
     params = [p for p in net.parameters() if p.requires_grad]
