@@ -69,7 +69,7 @@ def test_loss_criterion_is_refused_where_it_cannot_run(tiny_checkpoint, tmp_path
     with pytest.raises(PlanError, match="consecutive"):
         llm_drop(model, get_adapter(model), random_calib(), target="block", n=2, consecutive=True, criterion="loss")
     with pytest.raises(PlanError, match="unknown criterion"):
-        llm_drop(model, get_adapter(model), random_calib(), target="attn", n=1, criterion="kl")
+        llm_drop(model, get_adapter(model), random_calib(), target="attn", n=1, criterion="entropy")
     ck, text = tiny_checkpoint
     assert main(["-q", "drop", str(ck), "--target", "joint", "--n", "2", "--criterion", "loss", "--calib", str(text),
                  "--samples", "4", "--seq-len", "24", "--out", str(tmp_path / "l")]) == 0
@@ -77,3 +77,48 @@ def test_loss_criterion_is_refused_where_it_cannot_run(tiny_checkpoint, tmp_path
                  "--calib", str(text), "--out", str(tmp_path / "never")]) == 2
     assert not (tmp_path / "never").exists()
     assert score_model  # the cosine scores still go into every plan
+
+
+def full_kl(model, dense, calib) -> float:
+    """Mean over the real tokens of KL(dense || model) over dense's top KL_TOPK tokens, from two full forwards."""
+    from prunekit.drop.loss import KL_TOPK
+    from prunekit.losses import kl_distill_loss
+
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in calib.batches(4):
+            a = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            b = dense(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            k = int(mask.sum())
+            total += float(kl_distill_loss(a, b, mask, topk=KL_TOPK)) * k
+            n += k
+    return total / n
+
+
+@pytest.mark.parametrize("d", [DropTarget(2, "attn"), DropTarget(3, "block")])
+def test_kl_trial_equals_the_kl_of_a_full_forward_without_the_module(d):
+    model = tiny_model("llama")  # vocabulary 256 = KL_TOPK: the top-K KL is the full KL here
+    data = random_calib(n=6, t=16, seed=4, pad_last=3)
+    search = LossSearch(model, get_adapter(model), data, criterion="kl", progress=False)
+    assert search._loss(0) == 0.0 and search._loss(0) == 0.0  # the dense model against itself: exactly 0
+    trial = search.trial(d)
+    ref = copy.deepcopy(model)
+    mark_drops(get_adapter(ref), [d])
+    assert trial > 0 and abs(trial - full_kl(ref, model, data)) < 1e-6
+
+
+def test_kl_criterion_picks_the_least_kl_and_records_it(tiny_checkpoint, tmp_path, isolated_cache):
+    import json
+
+    from prunekit.cli import main
+
+    model = tiny_model("llama")
+    plan = llm_drop(model, get_adapter(model), random_calib(n=6, t=16, seed=5), target="attn", n=2, criterion="kl",
+                    prefilter=None, progress=False)
+    first = plan.history[0]
+    assert first["trials"][f"{first['module']}@{first['layer']}"] == min(first["trials"].values())
+    assert plan.options["criterion"] == "kl" and plan.options["kl_topk"] == 256 and len(plan.dropped) == 2
+    ck, text = tiny_checkpoint
+    assert main(["-q", "drop", str(ck), "--target", "attn", "--n", "1", "--criterion", "kl", "--calib", str(text),
+                 "--samples", "4", "--seq-len", "24", "--out", str(tmp_path / "k")]) == 0
+    assert json.loads((tmp_path / "k" / "prunekit_plan.json").read_text())["options"]["criterion"] == "kl"

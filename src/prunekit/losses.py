@@ -1,5 +1,12 @@
-"""The masked next-token loss, written once: what loss-guided dropping, linear repair and `compress` compare
-candidates by, on calibration tokens (padding excluded)."""
+"""The masked next-token loss and the KL divergence to a reference model's next-token distributions, written
+once: what loss-guided dropping, linear repair and `compress` compare candidates by, on calibration tokens
+(padding excluded), and what distillation trains on.
+
+The KL is KL(teacher || student) between next-token distributions softened by a temperature T, scaled by
+T^2 so that its gradient has the same size for any T (Hinton et al., 2015), averaged over the real
+(unpadded) positions. `topk` keeps only the teacher's K largest logits per position and compares both
+distributions renormalised over those K token ids: a student equal to its teacher still has loss 0, and the
+reference costs K values per position to keep instead of the vocabulary."""
 
 from __future__ import annotations
 
@@ -47,3 +54,30 @@ def split_check(calib: CalibrationData, what: str) -> tuple[CalibrationData, Cal
     part = [CalibrationData(calib.input_ids[a:b], calib.attention_mask[a:b], calib.source, calib.sha256)
             for a, b in ((0, k), (k, n))]
     return part[0], part[1]
+
+
+def kl_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
+                    temperature: float = 1.0, topk: int | None = None) -> torch.Tensor:
+    """Mean over positions with `mask == 1` of T^2 * KL(p_teacher/T || p_student/T); logits [B, T, V]."""
+    if topk is not None and topk < teacher_logits.shape[-1]:
+        values, indices = teacher_logits.float().topk(topk, dim=-1)
+        return kl_topk_loss(student_logits, values, indices, mask, temperature=temperature)
+    return _kl(student_logits.float() / temperature, teacher_logits.float() / temperature, mask) * temperature ** 2
+
+
+def kl_topk_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                 mask: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """`kl_distill_loss` from the teacher's K largest logits only (`values`, `indices` [B, T, K], as
+    `Tensor.topk` gives them, e.g. read back from a `TeacherLogitsCache`): both distributions renormalised
+    over those K token ids."""
+    s = student_logits.float().gather(-1, teacher_indices.long()) / temperature
+    return _kl(s, teacher_values.float() / temperature, mask) * temperature ** 2
+
+
+def _kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    log_p = F.log_softmax(t, dim=-1)
+    log_q = F.log_softmax(s, dim=-1)
+    # p * (log p - log q), summed over the vocabulary: 0 exactly where the distributions are equal.
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1)

@@ -41,12 +41,13 @@ def register(sub: Any) -> None:
                    help="Block Drop of the best consecutive run of n blocks (by cos(h_i, h_{i+n}))")
     p.add_argument("--iterative", action="store_true",
                    help="drop one module at a time and re-score the layers after it (default: one-shot)")
-    p.add_argument("--criterion", choices=("cosine", "loss"), default="cosine",
+    p.add_argument("--criterion", choices=("cosine", "loss", "kl"), default="cosine",
                    help="cosine: LLM-Drop, the most redundant modules by cosine similarity (default); loss: module by "
                         "module, the one whose removal raises the calibration loss least, among the --prefilter "
-                        "most redundant by cosine (in memory)")
+                        "most redundant by cosine (in memory); kl: the same, by the KL divergence from the dense "
+                        "model's next-token distributions")
     p.add_argument("--prefilter", type=positive_int, default=8,
-                   help="--criterion loss: candidates tried per step, the most redundant by cosine (default 8)")
+                   help="--criterion loss/kl: candidates tried per step, the most redundant by cosine (default 8)")
     p.add_argument("--repair", choices=("none", "linear"), default="none",
                    help="linear: fold a training-free linear map into the projection before each removed span, "
                         "estimated on the calibration text and kept only where it lowers the loss on held-out "

@@ -14,14 +14,14 @@ from torch import nn
 from prunekit.adapters import ModelAdapter
 from prunekit.data import CalibrationData
 from prunekit.drop.choose import TARGETS, Target, available_modules, candidates, check_n, plan_drops
-from prunekit.drop.loss import LossSearch
+from prunekit.drop.loss import KL_TOPK, LossSearch
 from prunekit.drop.scorer import SimilarityScorer
 from prunekit.drop.similarity import SimilarityScores
 from prunekit.errors import PlanError
 from prunekit.plans import DropTarget, PruningPlan, normalize_drops
 from prunekit.surgery import apply_plan, mark_drops
 
-CRITERIA: tuple[str, ...] = ("cosine", "loss")
+CRITERIA: tuple[str, ...] = ("cosine", "loss", "kl")
 
 
 def model_info(adapter: ModelAdapter, source: str | None = None) -> dict[str, Any]:
@@ -55,14 +55,16 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
     `SimilarityScorer`): the layer-streamed, cached and data-parallel scorers plug in here; default: an
     in-memory `SimilarityScorer` over `model`.
 
-    `criterion="loss"`: choose module by module by the measured calibration loss (`drop.loss`), among the
+    `criterion="loss"` / `"kl"`: choose module by module by the measured calibration loss, or the KL
+    divergence from the dense model's next-token distributions (`drop.loss`), among the
     `prefilter` most redundant modules by cosine at each step (None: all); the model must be in memory."""
     if criterion not in CRITERIA:
         raise PlanError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if criterion == "loss" and consecutive:
-        raise PlanError("--consecutive picks one run of blocks by cosine; it cannot be combined with --criterion loss")
-    if criterion == "loss" and any(p.is_meta for p in model.parameters()):
-        raise PlanError("--criterion loss needs the model in memory; run without --stream")
+    if criterion != "cosine" and consecutive:
+        raise PlanError(f"--consecutive picks one run of blocks by cosine; it cannot be combined with --criterion "
+                        f"{criterion}")
+    if criterion != "cosine" and any(p.is_meta for p in model.parameters()):
+        raise PlanError(f"--criterion {criterion} needs the model in memory; run without --stream")
     if target not in TARGETS:
         raise PlanError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     L = adapter.num_layers
@@ -78,11 +80,13 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
     scores = scorer.score()
     history: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
-    if criterion == "loss":
-        search = LossSearch(model, adapter, calib, batch_size=batch_size, progress=progress)
+    if criterion != "cosine":
+        search = LossSearch(model, adapter, calib, batch_size=batch_size, criterion=criterion, progress=progress)
         dropped, history = search.run(scores, target, n, prefilter=prefilter)
         dropped = normalize_drops(dropped)
-        extra = {"criterion": "loss", "prefilter": prefilter, "forward_passes": round(search.passes, 2)}
+        extra = {"criterion": criterion, "prefilter": prefilter, "forward_passes": round(search.passes, 2)}
+        if criterion == "kl":
+            extra["kl_topk"] = KL_TOPK
     elif not iterative:
         dropped = plan_drops(scores, target, n, consecutive=consecutive)
     else:

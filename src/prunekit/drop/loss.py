@@ -1,5 +1,9 @@
 """Loss-guided choice of what to drop (BlockPruner / FinerCut style): module by module, greedily, the one
-whose removal raises the causal-LM loss on the calibration tokens least.
+whose removal raises the causal-LM loss on the calibration tokens least (`criterion="loss"`), or the one that
+moves the model's next-token distributions least from the dense model's (`criterion="kl"`: KL(dense ||
+pruned) over the dense model's 256 most likely tokens per position, kept from the first pass: 2 KB per
+token). The loss rewards whatever lowers the loss on the calibration text, even a change that predicts it
+better than the dense model did; the KL asks to stay close to the model the user has.
 
 Incremental. Removing a module in layer i changes nothing before layer i, so a trial re-runs layers i.. from
 the inputs the runner remembered; trials go from the deepest candidate up, so the states a trial overwrote
@@ -26,17 +30,25 @@ from prunekit.drop.choose import Target, candidates
 from prunekit.drop.similarity import SimilarityScores
 from prunekit.engine.runner import LayerRunner, Observer
 from prunekit.engine.sources import ResidentLayers
-from prunekit.losses import token_nll
+from prunekit.losses import kl_topk_loss, token_nll
 from prunekit.plans import DropTarget
+
+KL_TOPK = 256  # the dense model's most likely tokens kept per position for the KL criterion
 
 
 class LossObserver(Observer):
-    """Causal-LM loss summed over the calibration tokens, from the last layer's output (final norm + LM head),
-    padding excluded."""
+    """From the last layer's output (final norm + LM head), padding excluded: the causal-LM loss summed over
+    the calibration tokens, or, given `reference` (the dense model's top-K logits per batch), the KL
+    divergence from the dense model's next-token distributions. `keep_topk` records this pass's own top-K
+    logits: the reference, on the dense pass."""
 
-    def __init__(self, adapter: ModelAdapter, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, adapter: ModelAdapter, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+                 reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None, keep_topk: int = 0):
         self.adapter = adapter
         self.batches = batches
+        self.reference = reference
+        self.keep_topk = keep_topk
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.last = adapter.num_layers - 1
         self.nll = 0.0
         self.tokens = 0
@@ -46,7 +58,16 @@ class LossObserver(Observer):
         if i != self.last:
             return
         ids, m = self.batches[b]
-        nll, n = token_nll(self.adapter.lm_head()(self.adapter.final_norm()(h_out)), ids, m)
+        logits = self.adapter.lm_head()(self.adapter.final_norm()(h_out))
+        if self.keep_topk:
+            self.kept[b] = logits.float().topk(min(self.keep_topk, logits.shape[-1]), dim=-1)
+        if self.reference is None:
+            nll, n = token_nll(logits, ids, m)
+        else:
+            m = torch.ones_like(ids) if m is None else m.to(logits.device)
+            values, indices = self.reference[b]
+            n = int(m.sum())
+            nll = kl_topk_loss(logits, values, indices, m) * n
         self.nll += float(nll)
         self.tokens += n
 
@@ -63,17 +84,26 @@ class LossSearch:
     """Greedy loss-guided dropping over a model in memory (the runner remembers every layer's inputs)."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, batch_size: int = 4,
-                 progress: bool = True):
+                 criterion: str = "loss", progress: bool = True):
         self.adapter = adapter
+        self.criterion = criterion
+        self.reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.runner = LayerRunner(ResidentLayers(model, adapter), calib, batch_size=batch_size,
                                   remember_inputs=True, state_budget_bytes=1 << 62, progress=False)
         self.progress = progress
         self.passes = 0.0  # forward-pass equivalents spent (layers run / L)
 
     def _loss(self, start: int) -> float:
-        obs = LossObserver(self.adapter, self.runner.batches)
-        begin = self.runner.run([obs], start_layer=start, desc="loss")
+        """The criterion on the current model, re-running layers `start`.. The first call (the dense model)
+        also keeps the KL criterion's reference."""
+        first = self.criterion == "kl" and self.reference is None
+        obs = LossObserver(self.adapter, self.runner.batches, reference=self.reference,
+                           keep_topk=KL_TOPK if first else 0)
+        begin = self.runner.run([obs], start_layer=start, desc=self.criterion)
         self.passes += (self.adapter.num_layers - begin) / self.adapter.num_layers
+        if first:
+            self.reference = [obs.kept[b] for b in range(len(self.runner.batches))]
+            return 0.0  # the dense model against itself
         return obs.loss
 
     def trial(self, d: DropTarget) -> float:

@@ -31,8 +31,8 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
         raise PlanError("--repair linear needs the model in memory; run without --stream")
     if criterion not in CRITERIA:
         raise PlanError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if criterion == "loss" and stream:
-        raise PlanError("--criterion loss needs the model in memory; run without --stream")
+    if criterion != "cosine" and stream:
+        raise PlanError(f"--criterion {criterion} needs the model in memory; run without --stream")
     prepare_output(out, force)  # fail before any expensive work
     with scoring_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                      device=device, stream=stream, offload_dir=offload_dir, use_cache=use_cache,
