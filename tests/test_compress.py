@@ -113,6 +113,22 @@ def test_compress_meets_the_budget_and_iterative_rounds_are_tried():
     assert result.plan.method == "compress" and result.plan.options["budget"] == "params=0.8"
 
 
+def test_kl_criterion_chooses_the_candidate_closest_to_the_dense_model():
+    from prunekit.errors import PlanError
+
+    model = tiny_model("llama")
+    result = compress(model, get_adapter(model), random_calib(8, 24), Budget("params", 0.8), rounds=1,
+                      multiple_of=16, criterion="kl", progress=False)
+    rows = {c["name"]: c for c in result.candidates}
+    assert rows["dense"]["check_kl"] == 0.0  # the dense model against itself, exactly
+    at_budget = [c for c in result.candidates if c["at_budget"]]
+    assert rows[result.chosen]["check_kl"] == min(c["check_kl"] for c in at_budget) > 0
+    assert result.plan.options["criterion"] == "kl" and result.plan.options["kl_topk"] == 256
+    with pytest.raises(PlanError, match="unknown criterion"):
+        compress(tiny_model("llama"), get_adapter(model), random_calib(8, 24), Budget("params", 0.8),
+                 criterion="ce")
+
+
 def test_kv_budget_halves_the_kv_cache():
     model = tiny_model("llama")
     result = compress(model, get_adapter(model), random_calib(8, 24), Budget("kv", 0.5), rounds=1,

@@ -34,14 +34,44 @@ def token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None
 @torch.no_grad()
 def mean_loss(model: nn.Module, calib: CalibrationData, batch_size: int) -> float:
     """Mean next-token NLL of `model` over `calib`."""
-    total, count = 0.0, 0
+    return mean_loss_and_kl(model, calib, batch_size)[0]
+
+
+Reference = list[tuple[torch.Tensor, torch.Tensor]]
+KL_TOPK = 256  # a reference model's most likely tokens kept per position for KL criteria: 3 KB per token
+
+
+@torch.no_grad()
+def topk_reference(model: nn.Module, calib: CalibrationData, batch_size: int, k: int) -> Reference:
+    """`model`'s K largest logits (values, token ids) at every position of `calib`, batch by batch: what
+    `mean_loss_and_kl` measures KL divergences from."""
     device = next(model.parameters()).device
+    out = []
     for ids, mask in calib.batches(batch_size):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        out.append(logits.float().topk(min(k, logits.shape[-1]), dim=-1))
+    return out
+
+
+@torch.no_grad()
+def mean_loss_and_kl(model: nn.Module, calib: CalibrationData, batch_size: int,
+                     reference: Reference | None = None) -> tuple[float, float | None]:
+    """Mean next-token NLL of `model` over `calib` and, given a `topk_reference` of another model over the
+    same batches, the mean top-K KL(reference || model) over the real tokens, from the same forward pass."""
+    total, count, kl, kl_count = 0.0, 0, 0.0, 0
+    device = next(model.parameters()).device
+    for b, (ids, mask) in enumerate(calib.batches(batch_size)):
         ids, mask = ids.to(device), mask.to(device)
-        nll, n = token_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        nll, n = token_nll(logits, ids, mask)
         total += float(nll)
         count += n
-    return total / max(count, 1)
+        if reference is not None:
+            values, indices = reference[b]
+            real = int(mask.sum())
+            kl += float(kl_topk_loss(logits, values, indices, mask)) * real
+            kl_count += real
+    return total / max(count, 1), (kl / max(kl_count, 1) if reference is not None else None)
 
 
 def split_check(calib: CalibrationData, what: str) -> tuple[CalibrationData, CalibrationData]:

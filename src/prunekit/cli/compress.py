@@ -28,6 +28,9 @@ def register(sub: Any) -> None:
                    help="spend the budget in this many rounds, re-taking the statistics in between (default 2)")
     p.add_argument("--multiple-of", type=positive_int, default=64, metavar="M",
                    help="MLP widths stay multiples of M, which inference kernels run fast (default 64)")
+    p.add_argument("--criterion", choices=("loss", "kl"), default="loss",
+                   help="choose among the candidates by the loss on held-out calibration samples (default), or by "
+                        "the KL divergence there from the dense model's next-token distributions")
     add_calib(p)
     add_output(p)
     p.set_defaults(func=cmd_compress)
@@ -38,7 +41,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     result = compress_job(str(args.model), args.out, budget=args.budget, rounds=args.rounds,
                           multiple_of=args.multiple_of, calib=args.calib, samples=args.samples,
-                          seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                          seq_len=args.seq_len, batch_size=args.batch_size, criterion=args.criterion,
+                          dtype=args.dtype, device=args.device,
                           force=args.force, progress=progress(args))
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)
     return emit({"out": str(args.out), "method": "compress", "budget": args.budget, "chosen": result.chosen,

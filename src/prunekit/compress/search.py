@@ -33,10 +33,18 @@ from prunekit.compress.budget import Budget, SublayerCost, dense_total, removal_
 from prunekit.compress.curves import Curve, error_curve, refit, unit_columns
 from prunekit.compress.stats import CompressStats, Sublayer, collect_stats
 from prunekit.data import CalibrationData
-from prunekit.losses import mean_loss, split_check
+from prunekit.errors import PlanError
+from prunekit.losses import KL_TOPK, mean_loss_and_kl, split_check, topk_reference
 from prunekit.plans import DropTarget, LayerWidth, PruningPlan, normalize_drops
 from prunekit.surgery import apply_plan
 from prunekit.surgery.structure import count_parameters
+
+CRITERIA = ("loss", "kl")
+
+
+def check_criterion(criterion: str) -> None:
+    if criterion not in CRITERIA:
+        raise PlanError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
 
 
 @dataclass
@@ -49,13 +57,20 @@ class Candidate:
     removed_kv: int
     check_loss: float
     at_budget: bool
+    check_kl: float | None = None  # KL from the dense model, with criterion="kl"
     weights: dict[Sublayer, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    @property
+    def value(self) -> float:
+        """What candidates are chosen by: the held-out loss, or the KL from the dense model."""
+        return self.check_loss if self.check_kl is None else self.check_kl
+
     def row(self, totals: dict[str, int]) -> dict[str, Any]:
-        return {"name": self.name, "removed_params": self.removed_params / totals["params"],
-                "removed_kv": self.removed_kv / totals["kv"] if totals["kv"] else 0.0,
-                "check_loss": self.check_loss, "check_ppl": math.exp(min(self.check_loss, 700.0)),
-                "at_budget": self.at_budget}
+        row = {"name": self.name, "removed_params": self.removed_params / totals["params"],
+               "removed_kv": self.removed_kv / totals["kv"] if totals["kv"] else 0.0,
+               "check_loss": self.check_loss, "check_ppl": math.exp(min(self.check_loss, 700.0)),
+               "at_budget": self.at_budget}
+        return row if self.check_kl is None else {**row, "check_kl": self.check_kl}
 
 
 class _Model:
@@ -150,10 +165,13 @@ def _spent(m: _Model, key: str) -> int:
 
 
 def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, budget: Budget, *,
-             rounds: int = 2, multiple_of: int = 64, batch_size: int = 4, progress: bool = True,
-             source: str = "") -> CompressResult:
+             rounds: int = 2, multiple_of: int = 64, batch_size: int = 4, criterion: str = "loss",
+             progress: bool = True, source: str = "") -> CompressResult:
     """Search, apply the best candidate to `model` in place (physically), and return its plan and the table
-    of every candidate tried."""
+    of every candidate tried. `criterion`: candidates are chosen by their loss on the held-out calibration
+    samples ("loss"), or by the KL divergence there from the dense model's next-token distributions ("kl",
+    over the dense model's top `KL_TOPK` tokens)."""
+    check_criterion(criterion)
     started = time.monotonic()
     costs = sublayer_costs(adapter)
     need = removal_target(model, costs, budget)
@@ -161,14 +179,16 @@ def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bu
     totals = {"params": count_parameters(model), "kv": dense_total(model, costs, "kv")}
     m = _Model(model, adapter, costs)
     tried: list[Candidate] = []
+    reference = topk_reference(model, check, batch_size, KL_TOPK) if criterion == "kl" else None
 
     def score(name: str, at_budget: bool) -> Candidate:
+        loss, kl = mean_loss_and_kl(model, check, batch_size, reference)
         c = Candidate(name, {s: list(a) for s, a in m.alive.items() if len(a) < costs[s].units},
-                      _spent(m, "params"), _spent(m, "kv"), mean_loss(model, check, batch_size), at_budget)
+                      _spent(m, "params"), _spent(m, "kv"), loss, at_budget, kl)
         # Only the best candidate at the budget keeps its edited projections (one model's worth of them,
         # not one per candidate): it is the one that will be cut.
-        best = min((t for t in tried if t.at_budget), key=lambda t: t.check_loss, default=None)
-        if at_budget and (best is None or c.check_loss < best.check_loss):
+        best = min((t for t in tried if t.at_budget), key=lambda t: t.value, default=None)
+        if at_budget and (best is None or c.value < best.value):
             c.weights = m.snapshot()
             if best is not None:
                 best.weights = {}
@@ -195,8 +215,11 @@ def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bu
     if rounds > 1:
         _rounds(m, model, adapter, fit, dense_stats, need, budget, rounds, multiple_of, batch_size, progress,
                 score)
-    best = min((c for c in tried if c.at_budget), key=lambda c: c.check_loss)
+    best = min((c for c in tried if c.at_budget), key=lambda c: c.value)
     plan = _apply_best(m, best, budget, need, totals, tried, rounds, multiple_of, calib, source)
+    plan.options["criterion"] = criterion
+    if criterion == "kl":
+        plan.options["kl_topk"] = KL_TOPK
     # Cost in forward-pass equivalents over the whole calibration set: a forward+backward is about 3 passes.
     share = len(check.input_ids) / len(calib.input_ids)
     plan.options["forward_passes"] = round(3 * rounds * (1 - share) + len(tried) * share, 2)
@@ -233,7 +256,7 @@ def _apply_best(m: _Model, best: Candidate, budget: Budget, need: int, totals: d
     drops, widths = plan_for(m.adapter, best.kept)
     plan = PruningPlan(dropped=drops, widths=widths, method="compress")
     plan.options = {"budget": budget.describe(), "rounds": rounds, "multiple_of": multiple_of,
-                    "criterion": "loss", "chosen": best.name, "removal_target": need}
+                    "chosen": best.name, "removal_target": need}
     plan.history = [c.row(totals) for c in tried]
     plan.calibration = calib.describe()
     plan.model = {"source": source}

@@ -1,7 +1,7 @@
 """Loss-guided choice of what to drop (BlockPruner / FinerCut style): module by module, greedily, the one
 whose removal raises the causal-LM loss on the calibration tokens least (`criterion="loss"`), or the one that
 moves the model's next-token distributions least from the dense model's (`criterion="kl"`: KL(dense ||
-pruned) over the dense model's 256 most likely tokens per position, kept from the first pass: 2 KB per
+pruned) over the dense model's 256 most likely tokens per position, kept from the first pass: 3 KB per
 token). The loss rewards whatever lowers the loss on the calibration text, even a change that predicts it
 better than the dense model did; the KL asks to stay close to the model the user has.
 
@@ -30,10 +30,8 @@ from prunekit.drop.choose import Target, candidates
 from prunekit.drop.similarity import SimilarityScores
 from prunekit.engine.runner import LayerRunner, Observer
 from prunekit.engine.sources import ResidentLayers
-from prunekit.losses import kl_topk_loss, token_nll
+from prunekit.losses import KL_TOPK, kl_topk_loss, token_nll
 from prunekit.plans import DropTarget
-
-KL_TOPK = 256  # the dense model's most likely tokens kept per position for the KL criterion
 
 
 class LossObserver(Observer):

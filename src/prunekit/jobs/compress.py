@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prunekit.compress import Budget, CompressResult, compress, parse_budget, write_pareto
+from prunekit.compress.search import check_criterion
 from prunekit.engine.memory import should_stream
 from prunekit.errors import DistributedError, PlanError
 from prunekit.io.checkpoint import resolve_model_path
@@ -27,11 +28,12 @@ def check_compress_options(budget: str, rounds: int, multiple_of: int) -> Budget
 
 def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, multiple_of: int = 64,
                  calib: str | Path = "c4", samples: int = 16, seq_len: int = 512, batch_size: int = 4,
-                 dtype: str = "float32", device: str = "cpu", force: bool = False,
+                 criterion: str = "loss", dtype: str = "float32", device: str = "cpu", force: bool = False,
                  progress: bool = True) -> CompressResult:
     """Load, search (`prunekit.compress`), save to `out`. The model must fit in memory (the statistics need
     a backward pass) and the job runs in one process."""
     b = check_compress_options(budget, rounds, multiple_of)
+    check_criterion(criterion)
     env = DistEnv.from_env()
     if env.is_distributed:
         raise DistributedError("compress runs in one process (its statistics need a backward pass through the "
@@ -46,7 +48,7 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
     ad = job.source.adapter
     # `compress` checks the budget against the model (an impossible one fails) before any pass.
     result = compress(ad.model, ad, job.calib, b, rounds=rounds, multiple_of=multiple_of, batch_size=batch_size,
-                      progress=progress, source=str(model))
+                      criterion=criterion, progress=progress, source=str(model))
     save(job.source, job.tokenizer, out, result.plan, force=force, progress=progress,
          extras=lambda folder: write_pareto(result, folder))
     return result
