@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from prunekit.data import CalibrationData
 from prunekit.io.assets import cache_dir
+from prunekit.losses import topk_reference
 from prunekit.recovery.distill import vocab_size
 from prunekit.recovery.sources import fingerprint
 
@@ -95,24 +96,17 @@ def teacher_logits_cache(teacher: nn.Module, data: CalibrationData, topk: int = 
     return TeacherLogitsCache(final, topk, meta["vocab"], meta["windows"], record)
 
 
-@torch.no_grad()
 def _write_shards(teacher: nn.Module, data: CalibrationData, topk: int, folder: Path, *, batch_size: int,
                   progress: bool) -> None:
     from safetensors.torch import save_file
 
     teacher.eval()
-    device = next(teacher.parameters()).device
     n = len(data.input_ids)
     starts = range(0, n, SHARD_WINDOWS)
     for k, start in enumerate(tqdm(starts, desc="teacher logits", disable=not progress, leave=False)):
         stop = min(start + SHARD_WINDOWS, n)
-        values, indices = [], []
-        for b in range(start, stop, batch_size):
-            e = min(b + batch_size, stop)
-            logits = teacher(input_ids=data.input_ids[b:e].to(device),
-                             attention_mask=data.attention_mask[b:e].to(device), use_cache=False).logits
-            v, i = logits.float().topk(min(topk, logits.shape[-1]), dim=-1)
-            values.append(v.cpu())
-            indices.append(i.to(torch.int32).cpu())
-        save_file({"values": torch.cat(values).contiguous(), "indices": torch.cat(indices).contiguous()},
+        part = CalibrationData(data.input_ids[start:stop], data.attention_mask[start:stop], data.source, data.sha256)
+        top = topk_reference(teacher, part, batch_size, topk)
+        save_file({"values": torch.cat([v.cpu() for v, _ in top]).contiguous(),
+                   "indices": torch.cat([i.to(torch.int32).cpu() for _, i in top]).contiguous()},
                   str(folder / f"shard-{k:05d}.safetensors"))
