@@ -44,8 +44,8 @@ def heal_checkpoint(model: str, out: str, *, text: str = "c4", samples: int = 64
     sources = parse_text_spec(text)
     check_text_spec(sources, samples=samples, seq_len=seq_len, batch_size=batch_size, has_teacher=teacher is not None)
     prepare_output(out, force)
-    gen = dict(prompt_text=prompt_text, gen_temperature=gen_temperature, seed=seed, batch_size=batch_size,
-               use_cache=use_cache, progress=progress)
+    gen = dict(prompt_text=prompt_text, gen_temperature=gen_temperature, seed=seed, use_cache=use_cache,
+               progress=progress)
     signal: nn.Module | TeacherLogitsCache | None = None
     if teacher is not None and teacher_cache:
         # The teacher runs alone and is released before the student is loaded: peak memory is the larger of
