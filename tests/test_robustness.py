@@ -40,8 +40,11 @@ def _cli(tmp: Path, argv: list[str], *, pause: str | None = None) -> subprocess.
     env = {**os.environ, "PRUNEKIT_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
     if pause:
         env.update(PRUNEKIT_PAUSE_AT=pause, PRUNEKIT_PAUSE_FILE=str(tmp / "paused"))
+    # A test run started in the background (`make test &`) inherits an IGNORED SIGINT, and Python then never
+    # installs its KeyboardInterrupt handler; the child gets the default disposition like a foreground run.
     return subprocess.Popen([sys.executable, "-m", "prunekit", "-q", *map(str, argv)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_pause(tmp: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
