@@ -458,10 +458,11 @@ def _smollm2_variants():
     }
 
 
-def _smollm2_source(plan: PruningPlan | None) -> ExportSource:
+def _real_source(model: str, plan: PruningPlan | None) -> ExportSource:
+    """A built-in model with real weights, pruned by `plan` (None: dense), ready to export."""
     from prunekit.export.common import load_source
 
-    src = load_source("smollm2-135m")
+    src = load_source(model)
     if plan is not None:
         apply_plan(src.adapter, plan)
         src.shapes = layer_shapes(src.adapter)
@@ -471,23 +472,40 @@ def _smollm2_source(plan: PruningPlan | None) -> ExportSource:
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 
+def _check_greedy_text(src: ExportSource, out, name: str) -> None:
+    """llama.cpp's greedy continuation of each text prompt equals transformers'. Text in, text out: llama.cpp
+    tokenizes the prompt itself (adding BOS) and detokenizes its output, so this also checks the exported
+    vocabulary both ways."""
+    from prunekit.export.engines import xserver
+
+    with xserver(out, n_ctx=512, threads=2) as s:
+        for prompt in PROMPTS:
+            hf_tokens, _ = _hf_greedy(src.model, src.tokenizer(prompt)["input_ids"], 16)
+            assert s.complete(prompt, 16).text == src.tokenizer.decode(hf_tokens), (name, prompt)
+
+
+def _check_perplexity_within_1pct(src: ExportSource, out, window_len: int, name: str) -> None:
+    """Perplexity on 4 held-out Wikipedia windows (the eval split), llama.cpp's full logits through
+    llama-cpp-python against transformers: within 1%."""
+    from prunekit.data import eval_windows
+    from prunekit.evaluation.perplexity import perplexity
+    from prunekit.export.engines import llamacpp_nll
+
+    windows = eval_windows(src.tokenizer, "wiki", 4, window_len)
+    hf_ppl = perplexity(src.model, windows, progress=False)["perplexity"]
+    cpp_ppl = math.exp(llamacpp_nll(out, windows.tolist(), threads=2))
+    print(f"{name}: perplexity transformers {hf_ppl:.4f} llama.cpp f16 {cpp_ppl:.4f}", flush=True)
+    assert abs(cpp_ppl / hf_ppl - 1) < 0.01, (name, hf_ppl, cpp_ppl)
+
+
 @pytest.mark.slow
 @pytest.mark.real
 @needs_xllamacpp
 @pytest.mark.parametrize("name", list(_smollm2_variants()))
 def test_smollm2_gguf_greedy_matches_transformers(tmp_path, name):
-    from prunekit.export.engines import xserver
-
-    src = _smollm2_source(_smollm2_variants()[name])
-    out = export_source(src, tmp_path / "m.gguf", format="gguf", quant="f16", progress=False)
-    with xserver(out, n_ctx=512, threads=2) as s:
-        for prompt in PROMPTS:
-            ids = src.tokenizer(prompt)["input_ids"]
-            hf_tokens, _ = _hf_greedy(src.model, ids, 16)
-            # Text prompt: llama.cpp tokenizes it itself and detokenizes its output, so this also checks the
-            # exported vocabulary both ways.
-            got = s.complete(prompt, 16).text
-            assert got == src.tokenizer.decode(hf_tokens), (name, prompt)
+    src = _real_source("smollm2-135m", _smollm2_variants()[name])
+    _check_greedy_text(src, export_source(src, tmp_path / "m.gguf", format="gguf", quant="f16", progress=False),
+                       name)
 
 
 @pytest.mark.slow
@@ -495,18 +513,9 @@ def test_smollm2_gguf_greedy_matches_transformers(tmp_path, name):
 @needs_llama_cpp
 @pytest.mark.parametrize("name", list(_smollm2_variants()))
 def test_smollm2_gguf_perplexity_within_1pct(tmp_path, name):
-    """Held-out Wikipedia windows (the eval split); llama.cpp's full logits through llama-cpp-python."""
-    from prunekit.data import eval_windows
-    from prunekit.evaluation.perplexity import perplexity
-    from prunekit.export.engines import llamacpp_nll
-
-    src = _smollm2_source(_smollm2_variants()[name])
-    windows = eval_windows(src.tokenizer, "wiki", 4, 512)
-    hf_ppl = perplexity(src.model, windows, progress=False)["perplexity"]
+    src = _real_source("smollm2-135m", _smollm2_variants()[name])
     out = export_source(src, tmp_path / "m.gguf", format="gguf", quant="f16", progress=False)
-    cpp_ppl = math.exp(llamacpp_nll(out, windows.tolist(), threads=2))
-    print(f"{name}: perplexity transformers {hf_ppl:.4f} llama.cpp f16 {cpp_ppl:.4f}", flush=True)
-    assert abs(cpp_ppl / hf_ppl - 1) < 0.01, (name, hf_ppl, cpp_ppl)
+    _check_perplexity_within_1pct(src, out, 512, name)
 
 
 # --- Gemma-3-270m (real weights): the same checks through the gemma3 graph ---------------------------------
@@ -517,30 +526,14 @@ GEMMA_REAL_PLANS: dict[str, PruningPlan | None] = {
 }
 
 
-def _gemma_source(plan: PruningPlan | None) -> ExportSource:
-    from prunekit.export.common import load_source
-
-    src = load_source("gemma3-270m")
-    if plan is not None:
-        apply_plan(src.adapter, plan)
-        src.shapes = layer_shapes(src.adapter)
-    return src
-
-
 @pytest.mark.slow
 @pytest.mark.real
 @needs_xllamacpp
 @pytest.mark.parametrize("name", list(GEMMA_REAL_PLANS))
 def test_gemma3_gguf_greedy_matches_transformers(tmp_path, name):
-    from prunekit.export.engines import xserver
-
-    src = _gemma_source(GEMMA_REAL_PLANS[name])
-    out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f16", progress=False)
-    with xserver(out, n_ctx=512, threads=2) as s:
-        for prompt in PROMPTS:
-            hf_tokens, _ = _hf_greedy(src.model, src.tokenizer(prompt)["input_ids"], 16)
-            # A text prompt: llama.cpp tokenizes it (adding BOS) and detokenizes its output itself.
-            assert s.complete(prompt, 16).text == src.tokenizer.decode(hf_tokens), (name, prompt)
+    src = _real_source("gemma3-270m", GEMMA_REAL_PLANS[name])
+    _check_greedy_text(src, export_source(src, tmp_path / "g.gguf", format="gguf", quant="f16", progress=False),
+                       name)
 
 
 @pytest.mark.slow
@@ -548,18 +541,10 @@ def test_gemma3_gguf_greedy_matches_transformers(tmp_path, name):
 @needs_llama_cpp
 @pytest.mark.parametrize("name", list(GEMMA_REAL_PLANS))
 def test_gemma3_gguf_perplexity_within_1pct(tmp_path, name):
-    """4 held-out Wikipedia windows of 1024 tokens: past the 512-token sliding window."""
-    from prunekit.data import eval_windows
-    from prunekit.evaluation.perplexity import perplexity
-    from prunekit.export.engines import llamacpp_nll
-
-    src = _gemma_source(GEMMA_REAL_PLANS[name])
-    windows = eval_windows(src.tokenizer, "wiki", 4, 1024)
-    hf_ppl = perplexity(src.model, windows, progress=False)["perplexity"]
+    """Windows of 1024 tokens: past the 512-token sliding window."""
+    src = _real_source("gemma3-270m", GEMMA_REAL_PLANS[name])
     out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f16", progress=False)
-    cpp_ppl = math.exp(llamacpp_nll(out, windows.tolist(), threads=2))
-    print(f"gemma3 {name}: perplexity transformers {hf_ppl:.4f} llama.cpp f16 {cpp_ppl:.4f}", flush=True)
-    assert abs(cpp_ppl / hf_ppl - 1) < 0.01, (name, hf_ppl, cpp_ppl)
+    _check_perplexity_within_1pct(src, out, 1024, f"gemma3 {name}")
 
 
 @pytest.mark.slow
@@ -571,7 +556,7 @@ def test_gemma3_gguf_tokenizes_text_like_transformers(tmp_path):
 
     from prunekit.data import read_documents
 
-    src = _gemma_source(None)
+    src = _real_source("gemma3-270m", None)
     out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f16", progress=False)
     llm = Llama(model_path=str(out), n_ctx=64, verbose=False, vocab_only=True)
     docs = read_documents("wiki")[-100:]  # from the evaluation half
