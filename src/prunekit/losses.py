@@ -41,16 +41,27 @@ Reference = list[tuple[torch.Tensor, torch.Tensor]]
 KL_TOPK = 256  # a reference model's most likely tokens kept per position for KL criteria: 3 KB per token
 
 
+def top_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values in float32, token ids) of the K largest logits at every position: a KL reference."""
+    return logits.float().topk(min(k, logits.shape[-1]), dim=-1)
+
+
+def token_kl(logits: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor],
+             mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """`token_nll`'s twin for the KL criteria: (top-K KL(reference || logits) summed over the real positions,
+    positions counted), `reference` being `top_logits` of the reference model on the same batch."""
+    m = torch.ones(logits.shape[:2], dtype=torch.long, device=logits.device) if mask is None else mask.to(logits.device)
+    n = int(m.sum())
+    return kl_topk_loss(logits, *reference, m) * n, n
+
+
 @torch.no_grad()
 def topk_reference(model: nn.Module, calib: CalibrationData, batch_size: int, k: int) -> Reference:
     """`model`'s K largest logits (values, token ids) at every position of `calib`, batch by batch: what
     `mean_loss_and_kl` measures KL divergences from."""
     device = next(model.parameters()).device
-    out = []
-    for ids, mask in calib.batches(batch_size):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        out.append(logits.float().topk(min(k, logits.shape[-1]), dim=-1))
-    return out
+    return [top_logits(model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits, k)
+            for ids, mask in calib.batches(batch_size)]
 
 
 @torch.no_grad()
@@ -67,9 +78,8 @@ def mean_loss_and_kl(model: nn.Module, calib: CalibrationData, batch_size: int,
         total += float(nll)
         count += n
         if reference is not None:
-            values, indices = reference[b]
-            real = int(mask.sum())
-            kl += float(kl_topk_loss(logits, values, indices, mask)) * real
+            kl_sum, real = token_kl(logits, reference[b], mask)
+            kl += float(kl_sum)
             kl_count += real
     return total / max(count, 1), (kl / max(kl_count, 1) if reference is not None else None)
 
@@ -90,8 +100,7 @@ def kl_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     temperature: float = 1.0, topk: int | None = None) -> torch.Tensor:
     """Mean over positions with `mask == 1` of T^2 * KL(p_teacher/T || p_student/T); logits [B, T, V]."""
     if topk is not None and topk < teacher_logits.shape[-1]:
-        values, indices = teacher_logits.float().topk(topk, dim=-1)
-        return kl_topk_loss(student_logits, values, indices, mask, temperature=temperature)
+        return kl_topk_loss(student_logits, *top_logits(teacher_logits, topk), mask, temperature=temperature)
     return _kl(student_logits.float() / temperature, teacher_logits.float() / temperature, mask) * temperature ** 2
 
 

@@ -30,7 +30,7 @@ from prunekit.drop.choose import Target, candidates
 from prunekit.drop.similarity import SimilarityScores
 from prunekit.engine.runner import LayerRunner, Observer
 from prunekit.engine.sources import ResidentLayers
-from prunekit.losses import KL_TOPK, kl_topk_loss, token_nll
+from prunekit.losses import KL_TOPK, token_kl, token_nll, top_logits
 from prunekit.plans import DropTarget
 
 
@@ -58,14 +58,8 @@ class LossObserver(Observer):
         ids, m = self.batches[b]
         logits = self.adapter.lm_head()(self.adapter.final_norm()(h_out))
         if self.keep_topk:
-            self.kept[b] = logits.float().topk(min(self.keep_topk, logits.shape[-1]), dim=-1)
-        if self.reference is None:
-            nll, n = token_nll(logits, ids, m)
-        else:
-            m = torch.ones_like(ids) if m is None else m.to(logits.device)
-            values, indices = self.reference[b]
-            n = int(m.sum())
-            nll = kl_topk_loss(logits, values, indices, m) * n
+            self.kept[b] = top_logits(logits, self.keep_topk)
+        nll, n = token_nll(logits, ids, m) if self.reference is None else token_kl(logits, self.reference[b], m)
         self.nll += float(nll)
         self.tokens += n
 
