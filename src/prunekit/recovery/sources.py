@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from torch import nn
 from prunekit.data import CalibrationData, token_hash, token_stream, windows
 from prunekit.errors import DataError, RecoveryError
 from prunekit.io.assets import cache_dir
+from prunekit.io.outputs import atomic_file
 
 TEACHER = "teacher"
 # Sequences sampled together: each generation step reads every weight for one token per sequence, so a
@@ -180,15 +179,8 @@ def teacher_text(teacher: nn.Module, tokenizer: Any, n_tokens: int, seq_len: int
 def _save_atomic(ids: torch.Tensor, path: Path) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"input_ids": ids.contiguous()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, force=True) as tmp:
+        save_file({"input_ids": ids.contiguous()}, str(tmp))
 
 
 def training_data(tokenizer: Any, spec: str | list[TextSource], samples: int, seq_len: int, *,

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import RecoveryError
+from prunekit.io.outputs import atomic_file
 
 STATE_FILE = "training_state.pt"
 
@@ -38,15 +37,8 @@ def run_key(model: nn.Module, settings: dict[str, Any]) -> str:
 
 
 def save_state(folder: Path, state: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.tmp-{os.getpid()}-", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_file(folder / STATE_FILE, force=True) as tmp:  # a kill while saving keeps the previous state
         torch.save(state, tmp)
-        os.replace(tmp, folder / STATE_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_state(folder: Path, key: str) -> dict[str, Any] | None:

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ from tqdm.auto import tqdm
 
 from prunekit.data import CalibrationData
 from prunekit.io.assets import cache_dir
+from prunekit.io.outputs import atomic_dir
 from prunekit.losses import topk_reference
 from prunekit.recovery.distill import vocab_size
 from prunekit.recovery.sources import fingerprint
@@ -61,7 +59,11 @@ class TeacherLogitsCache:
         return torch.stack(values), torch.stack(indices).long()
 
     def _shard(self, k: int) -> Path:
-        return self.directory / f"shard-{k:05d}.safetensors"
+        return shard_path(self.directory, k)
+
+
+def shard_path(folder: Path, k: int) -> Path:
+    return folder / f"shard-{k:05d}.safetensors"
 
 
 def cache_key(teacher: nn.Module, data: CalibrationData, topk: int) -> str:
@@ -81,17 +83,9 @@ def teacher_logits_cache(teacher: nn.Module, data: CalibrationData, topk: int = 
             "seq_len": int(data.input_ids.shape[1]), "data_sha256": data.sha256, "shard_windows": SHARD_WINDOWS}
     cached = use_cache and (final / "meta.json").is_file()
     if not cached:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{os.getpid()}-", dir=root))
-        try:
+        with atomic_dir(final, force=True) as tmp:  # --no-cache over an existing one replaces it
             _write_shards(teacher, data, topk, tmp, batch_size=batch_size, progress=progress)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if final.exists():  # --no-cache over an existing one: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     record = {**meta, "cache": str(final), "cached": cached}
     return TeacherLogitsCache(final, topk, meta["vocab"], meta["windows"], record)
 
@@ -109,4 +103,4 @@ def _write_shards(teacher: nn.Module, data: CalibrationData, topk: int, folder: 
         top = topk_reference(teacher, part, batch_size, topk)
         save_file({"values": torch.cat([v.cpu() for v, _ in top]).contiguous(),
                    "indices": torch.cat([i.to(torch.int32).cpu() for _, i in top]).contiguous()},
-                  str(folder / f"shard-{k:05d}.safetensors"))
+                  str(shard_path(folder, k)))
