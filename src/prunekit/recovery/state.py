@@ -57,12 +57,20 @@ def load_state(folder: Path, key: str) -> dict[str, Any] | None:
     return state
 
 
-def trainable_tensors(net: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+def capture(key: str, net: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
+            run: dict[str, Any]) -> dict[str, Any]:
+    """Everything the loop needs to continue: the trainable tensors (every weight, or the LoRA matrices),
+    AdamW's moments, the scheduler, the batch-order generator and `run` (step, remaining order, losses)."""
+    return {"key": key, "params": {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
+            "run": run}
 
 
-def restore_trainable(net: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def restore(state: dict[str, Any], net: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+            gen: torch.Generator) -> dict[str, Any]:
+    """Put a `capture`d state back into the loop's objects; returns its `run`."""
     params = dict(net.named_parameters())
+    tensors = state["params"]
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
     if missing or set(tensors) - set(params):
         raise RecoveryError("the saved training state does not match the model's trainable tensors; remove it "
@@ -70,3 +78,7 @@ def restore_trainable(net: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    return state["run"]

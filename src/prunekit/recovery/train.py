@@ -50,7 +50,7 @@ from prunekit.errors import RecoveryError
 from prunekit.faults import pause_point
 from prunekit.recovery.distill import check_teacher, kl_distill_loss, kl_topk_loss, vocab_size
 from prunekit.recovery.lora import add_lora, check_rank, merge_lora
-from prunekit.recovery.state import load_state, restore_trainable, run_key, save_state, trainable_tensors
+from prunekit.recovery.state import capture, load_state, restore, run_key, save_state
 from prunekit.recovery.teacher_cache import TeacherLogitsCache
 
 
@@ -155,11 +155,7 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     run = {"step": 0, "order": [], "losses": [], "ce_losses": [], "kl_losses": [], "seen": 0, "seconds": 0.0}
     saved = load_state(folder, key) if folder is not None else None
     if saved is not None:
-        restore_trainable(net, saved["params"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        gen.set_state(saved["generator"])
-        run = saved["run"]
+        run = restore(saved, net, opt, sched, gen)
     resumed_at = run["step"]
     t0 = time.perf_counter() - run["seconds"]
     net.train()
@@ -195,8 +191,7 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
             run["seconds"] = time.perf_counter() - t0
             bar.set_postfix(loss=f"{run['losses'][-1]:.3f}", tok_s=f"{run['seen'] / max(run['seconds'], 1e-9):.0f}")
             if folder is not None and run["step"] % save_every == 0 and run["step"] < steps:
-                save_state(folder, {"key": key, "params": trainable_tensors(net), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "generator": gen.get_state(), "run": run})
+                save_state(folder, capture(key, net, opt, sched, gen, run))
                 pause_point("training")
     finally:
         opt.zero_grad(set_to_none=True)
