@@ -56,9 +56,8 @@ def main() -> None:
     wanted = a.criteria.split(",")
     if set(wanted) - set(CRITERIA):
         p.error(f"criteria are {', '.join(CRITERIA)}")
-    _, tok = load_model(a.model)
+    dense, tok = load_model(a.model)
     windows = eval_windows(tok, "wiki", a.windows, 1024)
-    dense, _ = load_model(a.model)
     rows: list[dict[str, Any]] = [{"criterion": "dense", "dropped": [], "forward_passes": 0, "choose_seconds": 0,
                                    "wiki_perplexity": perplexity(dense, windows, progress=False)["perplexity"]}]
     del dense
