@@ -40,7 +40,7 @@ from prunekit.drop import llm_drop
 from prunekit.evaluation.bench import PeakRSS
 from prunekit.evaluation.perplexity import kv_bytes_per_token, perplexity
 from prunekit.evaluation.zeroshot import AVERAGE_METRIC, PAPER_TASKS, evaluate_tasks
-from prunekit.io.checkpoint import load_model
+from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
 from prunekit.plans import PruningPlan
 from prunekit.surgery import apply_plan, count_parameters
 from prunekit.width import width_prune
@@ -221,7 +221,7 @@ def main() -> None:
     if previous and previous.get("settings") == settings:
         done = {r["name"]: r for r in previous.get("rows", [])}
 
-    _, tok = load_model(a.model)
+    tok = load_tokenizer(resolve_model_path(a.model), a.model)  # the weights are loaded per row
     windows = eval_windows(tok, a.eval, a.windows, a.window_len)
     import lm_eval
 
