@@ -3,8 +3,9 @@ distillation, at EQUAL training tokens.
 
 The dense model is pruned with LLM-Drop (attention, --drop modules, scored on --calib-samples x 512 tokens
 of c4's calibration half), then each row heals a deep copy of the pruned model on the same training windows
-(c4's calibration half, --samples x --seq-len, --steps x --batch-size sequences seen) and is evaluated on
-held-out wiki windows (wiki's EVALUATION half; the training never reads it and nothing is tuned on it). The
+(`prunekit heal`'s default text `mix`: the calibration halves of every built-in text, weighted by size; as
+many windows as the run reads, so each is read once) and is evaluated on held-out windows of wiki and of c4
+(each text's EVALUATION half; the training never reads it and nothing is tuned on it). The
 learning rates are fixed in advance (the project default 5e-5 for full fine-tuning, 10x that for LoRA, the
 usual ratio), not searched. Peak RSS is sampled during each row. Prints a table and writes JSON.
 
@@ -33,6 +34,7 @@ from prunekit.evaluation.perplexity import perplexity as evaluate_perplexity
 from prunekit.io.checkpoint import load_model
 from prunekit.io.outputs import write_json
 from prunekit.recovery import recover
+from prunekit.recovery.sources import training_data
 from prunekit.surgery import count_parameters
 
 
@@ -40,16 +42,27 @@ def ppl(model: nn.Module, windows: torch.Tensor) -> float:
     return float(evaluate_perplexity(model, windows, progress=False)["perplexity"])
 
 
-def report(args: argparse.Namespace, plan: Any, train: Any, rows: list[dict[str, Any]], *, done: bool) -> None:
+def second(model: nn.Module, windows: torch.Tensor, dense: float) -> dict[str, float]:
+    """The second evaluation text's perplexity and ratio: a check that a row did not just learn the first's
+    domain from its calibration half."""
+    val = ppl(model, windows)
+    return {"perplexity_2": val, "ratio_to_dense_2": val / dense}
+
+
+def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[str, Any]], rows: list[dict[str, Any]], *, done: bool) -> None:
     if done:
-        print(f"\n{'row':<34} {'ppl':>8} {'x dense':>8} {'tokens':>8} {'min':>6} {'RSS GiB':>8}")
+        print(f"\n{'row':<34} {args.eval:>8} {'x dense':>8} {args.eval2:>8} {'x dense':>8} {'tokens':>8} {'min':>6} "
+              f"{'RSS GiB':>8}")
         for r in rows:
-            print(f"{r['row']:<34} {r['perplexity']:>8.2f} {r['ratio_to_dense']:>8.3f} {r.get('tokens_seen', ''):>8} "
+            print(f"{r['row']:<34} {r['perplexity']:>8.2f} {r['ratio_to_dense']:>8.3f} {r['perplexity_2']:>8.2f} "
+                  f"{r['ratio_to_dense_2']:>8.3f} {r.get('tokens_seen', ''):>8} "
                   f"{r.get('minutes', ''):>6} {r.get('peak_rss_gib', ''):>8}")
     out = {
         "model": args.model, "dropped_attention": [d.layer for d in plan.dropped], "complete": done,
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
-        "train_data": train.describe(), "eval": f"{args.eval} eval half, {args.windows} x {args.window_len}",
+        "train_data": {**train.describe(), "sources": sources},
+        "eval": f"{args.eval} eval half, {args.windows} x {args.window_len}",
+        "eval_2": f"{args.eval2} eval half, {args.windows} x {args.window_len}",
         "rows": rows,
         "machine": {"platform": platform.platform(), "cpus": psutil.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "load_average_1m": os.getloadavg()[0]},
@@ -65,8 +78,10 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--drop", type=int, default=8, help="attention modules dropped (default 8)")
     p.add_argument("--calib-samples", type=int, default=16, help="LLM-Drop calibration sequences of 512 (default 16)")
-    p.add_argument("--text", default="c4", help="training text, its calibration half (default c4)")
-    p.add_argument("--samples", type=int, default=64, help="training windows (default 64)")
+    p.add_argument("--text", default="mix",
+                   help="training text spec as `prunekit heal --text`, calibration halves only (default mix)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="training windows (default steps x batch size, as `prunekit heal`: each read once)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per training window (default 512)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per row (default 100, as `prunekit heal`)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
@@ -74,6 +89,7 @@ def main() -> None:
     p.add_argument("--lora-lr", type=float, default=5e-4, help="LoRA peak lr (default 5e-4)")
     p.add_argument("--lora", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--eval", default="wiki", help="evaluation text, its held-out half (default wiki)")
+    p.add_argument("--eval2", default="c4", help="second evaluation text, its held-out half (default c4)")
     p.add_argument("--windows", type=int, default=10, help="perplexity windows (default 10)")
     p.add_argument("--window-len", type=int, default=1024, help="tokens per perplexity window (default 1024)")
     p.add_argument("--rows", default="distill,ce,lora",
@@ -88,7 +104,9 @@ def main() -> None:
     dense, tok = load_model(args.model)
     dense.requires_grad_(False)
     wins = eval_windows(tok, args.eval, args.windows, args.window_len)
-    train = calibration_data(tok, args.text, args.samples, args.seq_len)
+    wins2 = eval_windows(tok, args.eval2, args.windows, args.window_len)
+    train, sources = training_data(tok, args.text, args.samples or args.steps * args.batch_size, args.seq_len)
+    dense_ppl2 = ppl(dense, wins2)
     t0 = time.perf_counter()
     dense_ppl = ppl(dense, wins)
     print(f"dense perplexity {dense_ppl:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -107,9 +125,11 @@ def main() -> None:
     }
     rows_spec = [specs[r] for r in args.rows.split(",")]
     rows: list[dict[str, Any]] = [
-        {"row": "dense", "perplexity": dense_ppl, "ratio_to_dense": 1.0, "params": count_parameters(dense)},
+        {"row": "dense", "perplexity": dense_ppl, "ratio_to_dense": 1.0, "params": count_parameters(dense),
+         "perplexity_2": dense_ppl2, "ratio_to_dense_2": 1.0},
         {"row": f"attention drop {args.drop}, no healing", "perplexity": pruned_ppl,
-         "ratio_to_dense": pruned_ppl / dense_ppl, "params": count_parameters(pruned)},
+         "ratio_to_dense": pruned_ppl / dense_ppl, "params": count_parameters(pruned),
+         **second(pruned, wins2, dense_ppl2)},
     ]
     for name, kw in rows_spec:
         student = copy.deepcopy(pruned)
@@ -119,15 +139,16 @@ def main() -> None:
         minutes = (time.perf_counter() - t) / 60
         val = ppl(student, wins)
         rows.append({"row": name, "perplexity": val, "ratio_to_dense": val / dense_ppl,
+                     **second(student, wins2, dense_ppl2),
                      "params": count_parameters(student), "tokens_seen": rec["tokens_seen"],
                      "minutes": round(minutes, 2), "peak_rss_gib": round(mem.peak / 2**30, 2),
                      "lr": kw["lr"], "method": rec["method"], "loss_first": rec["loss_first"],
                      "loss_last_10pct_mean": rec["loss_last_10pct_mean"]})
         print(f"{name}: perplexity {val:.2f} in {minutes:.1f} min", flush=True)
-        report(args, plan, train, rows, done=False)  # a run cut short still leaves the rows it measured
+        report(args, plan, train, sources, rows, done=False)  # a run cut short still leaves the rows it measured
         del student
 
-    report(args, plan, train, rows, done=True)
+    report(args, plan, train, sources, rows, done=True)
 
 
 if __name__ == "__main__":

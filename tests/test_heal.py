@@ -122,13 +122,41 @@ def test_text_spec_mixes_by_weight():
             parse_text_spec(bad)
 
 
+def test_mix_is_every_builtin_text_weighted_by_size_and_a_repeated_text_is_merged():
+    from prunekit.io.assets import BUILTIN_CORPORA, builtin_corpus_path
+
+    sizes = {c: builtin_corpus_path(c).stat().st_size for c in BUILTIN_CORPORA}
+    mix = parse_text_spec("mix")
+    assert [s.name for s in mix] == list(BUILTIN_CORPORA)
+    assert [s.weight for s in mix] == pytest.approx([sizes[c] / sum(sizes.values()) for c in BUILTIN_CORPORA])
+    half = {s.name: s.weight for s in parse_text_spec("mix:0.5,c4:0.5,teacher:512")}
+    assert half["c4"] == pytest.approx(0.5 + 0.5 * sizes["c4"] / sum(sizes.values()))
+    assert sum(w for n, w in half.items() if n != "teacher") == pytest.approx(1.0) and len(half) == len(sizes) + 1
+
+
+def test_default_samples_read_each_window_once_and_fit_what_the_text_holds(tiny_checkpoint):
+    from prunekit.data import token_stream
+    from prunekit.recovery.sources import default_samples
+
+    assert default_samples(parse_text_spec("c4"), steps=100, batch_size=4, seq_len=512) == 400
+    assert default_samples(parse_text_spec("c4,teacher:51200"), steps=100, batch_size=4, seq_len=512) == 300
+    assert default_samples(parse_text_spec("mix"), steps=1, batch_size=2, seq_len=512) == 6  # one per text
+    _, text = tiny_checkpoint
+    tok = tiny_tokenizer()
+    holds = len(token_stream(tok, text, "calib")) // 16
+    with pytest.raises(DataError, match="were asked for"):
+        training_data(tok, str(text), holds + 5, 16)
+    data, records = training_data(tok, str(text), holds + 5, 16, fit=True)
+    assert data.input_ids.shape == (holds, 16) and records[0]["samples"] == holds
+
+
 def test_training_data_uses_only_calibration_halves(tiny_checkpoint):
     from prunekit.data import token_stream
 
     _, text = tiny_checkpoint
     tok = tiny_tokenizer()
-    data, records = training_data(tok, f"{text}:3,{text}:1", 8, 16)
-    assert [r["samples"] for r in records] == [6, 2] and data.input_ids.shape == (8, 16)
+    data, records = training_data(tok, f"{text}:3,{text}:1", 8, 16)  # one text named twice: merged
+    assert [(r["samples"], r["weight"]) for r in records] == [(8, 4.0)] and data.input_ids.shape == (8, 16)
     calib = token_stream(tok, text, "calib").tolist()
     joined = ",".join(map(str, calib))
     assert all(",".join(map(str, row.tolist())) in joined for row in data.input_ids)
@@ -326,3 +354,13 @@ def test_cli_heal_resumes_after_a_kill_and_the_teacher_cache_keeps_memory_apart(
     rec = PruningPlan.load(tmp_path / "out" / PLAN_FILE).recovery[0]
     assert rec["resumed_at_step"] == 2 and rec["teacher_logits"]["cached"]  # the killed run had filled the cache
     assert rec["loss"]["teacher_topk"] == 64  # the cache's default K
+
+
+def test_cli_heal_without_samples_reads_each_window_once(tiny_checkpoint, tmp_path, capsys):
+    from prunekit.cli import main
+
+    ck, text = tiny_checkpoint
+    assert main(["-q", "heal", str(ck), "--text", str(text), "--seq-len", "24", "--batch-size", "2", "--steps", "3",
+                 "--out", str(tmp_path / "healed")]) == 0
+    rec = PruningPlan.load(tmp_path / "healed" / PLAN_FILE).recovery[0]
+    assert [r["samples"] for r in rec["data_sources"]] == [6] and rec["tokens_seen"] == 3 * 2 * 24

@@ -19,10 +19,10 @@ def register(sub: Any) -> None:
                     "saved with the original plan plus a record of the run (recipe, data hashes, every loss).",
     )
     add_model(p, help="pruned checkpoint directory (any local HF checkpoint, built-in name or hub id also works)")
-    add_calib(p, flag="--text", samples=64, what="training", text_help=(
+    add_calib(p, flag="--text", default="mix", samples=None, what="training", text_help=(
         "training text: SOURCE[:WEIGHT],... mixed by weight (e.g. c4:0.7,wiki:0.3; the --samples windows are shared "
-        "by weight), and teacher:N for N tokens sampled from --teacher; only the first half of each text is used "
-        "(default c4)"))
+        "by weight), mix for every built-in text weighted by size, and teacher:N for N tokens sampled from "
+        "--teacher; only the first half of each text is used (default mix)"))
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher", default=None,
                    help="teacher model (normally the dense model MODEL was pruned from): distil from it; it must "

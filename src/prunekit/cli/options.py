@@ -78,12 +78,14 @@ def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
 
 
-def add_calib(p: argparse.ArgumentParser, *, flag: str = "--calib", default: str = "c4", samples: int = 16,
+def add_calib(p: argparse.ArgumentParser, *, flag: str = "--calib", default: str = "c4", samples: int | None = 16,
               what: str = "calibration", text_help: str | None = None) -> None:
+    """Text options; `samples=None` leaves the number of sequences to the job (heal: as many as it reads)."""
     p.add_argument(flag, default=default,
                    help=text_help or f"{what} text: {TEXT_HELP} (default {default}; its first half is used)")
     p.add_argument("--samples", type=positive_int, default=samples,
-                   help=f"number of {what} sequences (default {samples})")
+                   help=f"number of {what} sequences (default "
+                        f"{samples if samples is not None else 'steps x batch size: each read once'})")
     p.add_argument("--seq-len", type=positive_int, default=512, help=f"tokens per {what} sequence (default 512)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per forward pass (default 4)")
 

@@ -16,12 +16,12 @@ from prunekit.io.outputs import prepare_output
 from prunekit.plans import PLAN_FILE, PruningPlan
 from prunekit.recovery import check_settings, check_teacher, recover
 from prunekit.recovery.distill import check_tokenizers
-from prunekit.recovery.sources import check_text_spec, parse_text_spec, training_data
+from prunekit.recovery.sources import check_text_spec, default_samples, parse_text_spec, training_data
 from prunekit.recovery.teacher_cache import DEFAULT_TOPK, TeacherLogitsCache, teacher_logits_cache
 from prunekit.save import save
 
 
-def heal_checkpoint(model: str, out: str, *, text: str = "c4", samples: int = 64, seq_len: int = 512,
+def heal_checkpoint(model: str, out: str, *, text: str = "mix", samples: int | None = None, seq_len: int = 512,
                     batch_size: int = 4, steps: int = 100, lr: float = 5e-5, warmup: float = 0.1,
                     weight_decay: float = 0.0, seed: int = 0, teacher: str | None = None, alpha: float | None = None,
                     temperature: float = 1.0, teacher_topk: int | None = None, lora: int | None = None,
@@ -33,7 +33,8 @@ def heal_checkpoint(model: str, out: str, *, text: str = "c4", samples: int = 64
     spec and the output are checked before loading; the teacher's vocabulary before any training.
 
     `teacher_cache`: run the teacher alone first and keep its top-K logits on disk (K = `teacher_topk`, 64 by
-    default), so teacher and student are never in memory together. `save_every`: keep resumable training
+    default), so teacher and student are never in memory together. `samples=None`: as many text windows as
+    the run reads, so none is read twice (`default_samples`). `save_every`: keep resumable training
     state in the sibling folder `state_dir(out)` every that many steps; the same command continues from it."""
     check_settings(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, alpha=alpha, temperature=temperature,
                    teacher_topk=teacher_topk, lora=lora, save_every=save_every)
@@ -42,6 +43,9 @@ def heal_checkpoint(model: str, out: str, *, text: str = "c4", samples: int = 64
         raise RecoveryError("--alpha, --temperature, --teacher-topk and --teacher-cache shape the distillation; "
                             "give --teacher")
     sources = parse_text_spec(text)
+    fit = samples is None  # the default is capped at what the texts hold; a --samples the user gave is not
+    if samples is None:
+        samples = default_samples(sources, steps=steps, batch_size=batch_size, seq_len=seq_len)
     check_text_spec(sources, samples=samples, seq_len=seq_len, batch_size=batch_size, has_teacher=teacher is not None)
     prepare_output(out, force)
     gen = dict(prompt_text=prompt_text, gen_temperature=gen_temperature, seed=seed, use_cache=use_cache,
@@ -52,7 +56,7 @@ def heal_checkpoint(model: str, out: str, *, text: str = "c4", samples: int = 64
         # the two, not their sum.
         teacher_net, teacher_tok = load_model(teacher, dtype=dtype, device=device)
         check_tokenizers(load_tokenizer(resolve_model_path(model), model), teacher_tok)
-        data, records = training_data(teacher_tok, sources, samples, seq_len, teacher=teacher_net, **gen)
+        data, records = training_data(teacher_tok, sources, samples, seq_len, fit=fit, teacher=teacher_net, **gen)
         signal = teacher_logits_cache(teacher_net, data, teacher_topk or DEFAULT_TOPK, batch_size=batch_size,
                                       use_cache=use_cache, progress=progress)
         del teacher_net
@@ -64,7 +68,7 @@ def heal_checkpoint(model: str, out: str, *, text: str = "c4", samples: int = 64
             signal, teacher_tok = load_model(teacher, dtype=dtype, device=device)
             signal.requires_grad_(False)
             check_teacher(net, signal, tok, teacher_tok)
-        data, records = training_data(tok, sources, samples, seq_len, teacher=signal, **gen)
+        data, records = training_data(tok, sources, samples, seq_len, fit=fit, teacher=signal, **gen)
     plan_file = Path(resolve_model_path(model)) / PLAN_FILE
     plan = PruningPlan.load(plan_file) if plan_file.is_file() else PruningPlan(method="none")
     rec = recover(net, data, steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay,
