@@ -36,6 +36,7 @@ from prunekit.io.outputs import write_json
 from prunekit.recovery import recover
 from prunekit.recovery.sources import training_data
 from prunekit.surgery import count_parameters
+from prunekit.width import width_prune
 
 
 def ppl(model: nn.Module, windows: torch.Tensor) -> float:
@@ -51,14 +52,16 @@ def second(model: nn.Module, windows: torch.Tensor, dense: float) -> dict[str, f
 
 def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[str, Any]], rows: list[dict[str, Any]], *, done: bool) -> None:
     if done:
-        print(f"\n{'row':<34} {args.eval:>8} {'x dense':>8} {args.eval2:>8} {'x dense':>8} {'tokens':>8} {'min':>6} "
+        print(f"\n{'row':<44} {args.eval:>8} {'x dense':>8} {args.eval2:>8} {'x dense':>8} {'tokens':>8} {'min':>6} "
               f"{'RSS GiB':>8}")
         for r in rows:
-            print(f"{r['row']:<34} {r['perplexity']:>8.2f} {r['ratio_to_dense']:>8.3f} {r['perplexity_2']:>8.2f} "
+            print(f"{r['row']:<44} {r['perplexity']:>8.2f} {r['ratio_to_dense']:>8.3f} {r['perplexity_2']:>8.2f} "
                   f"{r['ratio_to_dense_2']:>8.3f} {r.get('tokens_seen', ''):>8} "
                   f"{r.get('minutes', ''):>6} {r.get('peak_rss_gib', ''):>8}")
     out = {
-        "model": args.model, "dropped_attention": [d.layer for d in plan.dropped], "complete": done,
+        "model": args.model, "pruning": plan.method, "dropped_attention": [d.layer for d in plan.dropped],
+        "mlp_widths": {str(k): len(w.channels) for k, w in plan.widths.items() if w.channels is not None},
+        "complete": done,
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "train_data": {**train.describe(), "sources": sources},
         "eval": f"{args.eval} eval half, {args.windows} x {args.window_len}",
@@ -76,7 +79,11 @@ def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[s
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--prune", choices=("attn", "mlp"), default="attn",
+                   help="attn: LLM-Drop of --drop attention modules; mlp: TransAct per-layer MLP width keeping "
+                        "--mlp-keep of the channels in 8 shots (default attn)")
     p.add_argument("--drop", type=int, default=8, help="attention modules dropped (default 8)")
+    p.add_argument("--mlp-keep", type=float, default=0.5, help="MLP channels kept with --prune mlp (default 0.5)")
     p.add_argument("--calib-samples", type=int, default=16, help="LLM-Drop calibration sequences of 512 (default 16)")
     p.add_argument("--text", default="mix",
                    help="training text spec as `prunekit heal --text`, calibration halves only (default mix)")
@@ -113,10 +120,16 @@ def main() -> None:
 
     pruned = copy.deepcopy(dense)
     pruned.requires_grad_(True)
-    plan = llm_drop(pruned, get_adapter(pruned), calibration_data(tok, "c4", args.calib_samples, 512),
-                    target="attn", n=args.drop, progress=False)
+    calib = calibration_data(tok, "c4", args.calib_samples, 512)
+    if args.prune == "attn":
+        plan = llm_drop(pruned, get_adapter(pruned), calib, target="attn", n=args.drop, progress=False)
+        what = f"attention drop {args.drop}"
+    else:
+        plan = width_prune(pruned, get_adapter(pruned), calib, mlp_keep=args.mlp_keep, mode="per-layer", shots=8,
+                           progress=False)
+        what = f"MLP keep {args.mlp_keep:g} per-layer, 8 shots"
     pruned_ppl = ppl(pruned, wins)
-    print(f"pruned perplexity {pruned_ppl:.2f} (dropped {[d.layer for d in plan.dropped]})", flush=True)
+    print(f"pruned perplexity {pruned_ppl:.2f} ({what})", flush=True)
 
     specs = {
         "distill": ("distillation from dense", dict(lr=args.lr, teacher=dense)),
@@ -127,7 +140,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = [
         {"row": "dense", "perplexity": dense_ppl, "ratio_to_dense": 1.0, "params": count_parameters(dense),
          "perplexity_2": dense_ppl2, "ratio_to_dense_2": 1.0},
-        {"row": f"attention drop {args.drop}, no healing", "perplexity": pruned_ppl,
+        {"row": f"{what}, no healing", "perplexity": pruned_ppl,
          "ratio_to_dense": pruned_ppl / dense_ppl, "params": count_parameters(pruned),
          **second(pruned, wins2, dense_ppl2)},
     ]
