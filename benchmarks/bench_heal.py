@@ -34,7 +34,7 @@ from prunekit.evaluation.perplexity import perplexity as evaluate_perplexity
 from prunekit.io.checkpoint import load_model
 from prunekit.io.outputs import write_json
 from prunekit.recovery import recover
-from prunekit.recovery.sources import training_data
+from prunekit.recovery.sources import default_samples, parse_text_spec, training_data
 from prunekit.surgery import count_parameters
 from prunekit.width import width_prune
 
@@ -50,7 +50,8 @@ def second(model: nn.Module, windows: torch.Tensor, dense: float) -> dict[str, f
     return {"perplexity_2": val, "ratio_to_dense_2": val / dense}
 
 
-def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[str, Any]], rows: list[dict[str, Any]], *, done: bool) -> None:
+def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[str, Any]],
+           rows: list[dict[str, Any]], *, done: bool) -> None:
     if done:
         print(f"\n{'row':<44} {args.eval:>8} {'x dense':>8} {args.eval2:>8} {'x dense':>8} {'tokens':>8} {'min':>6} "
               f"{'RSS GiB':>8}")
@@ -112,7 +113,10 @@ def main() -> None:
     dense.requires_grad_(False)
     wins = eval_windows(tok, args.eval, args.windows, args.window_len)
     wins2 = eval_windows(tok, args.eval2, args.windows, args.window_len)
-    train, sources = training_data(tok, args.text, args.samples or args.steps * args.batch_size, args.seq_len)
+    # Without --samples, exactly `prunekit heal`'s default: as many windows as the run reads, capped at the text.
+    spec = parse_text_spec(args.text)
+    samples = args.samples or default_samples(spec, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len)
+    train, sources = training_data(tok, spec, samples, args.seq_len, fit=args.samples is None)
     dense_ppl2 = ppl(dense, wins2)
     t0 = time.perf_counter()
     dense_ppl = ppl(dense, wins)

@@ -1,8 +1,9 @@
 """Training text for recovery: several sources mixed by weight, and text sampled from the teacher.
 
 Syntax (`--text`): comma-separated sources, each `SOURCE[:WEIGHT]`, e.g. `c4:0.7,wiki:0.3`; weights default
-to 1 and are normalised; `mix` stands for every built-in text, weighted by file size; `--samples` windows are shared out by weight (largest remainder, every listed
-source gets at least one). `teacher:N` is N tokens written by the teacher itself: N // seq_len windows of
+to 1 and are normalised; `mix` stands for every built-in text, weighted by file size, and a text named twice
+is one source with the summed weight; `--samples` windows are shared out by weight (largest remainder, every
+listed source gets at least one). `teacher:N` is N tokens written by the teacher itself: N // seq_len windows of
 `seq_len` tokens, each a `prompt_len`-token prompt cut from the CALIBRATION half of the prompt text and the
 teacher's continuation, sampled at temperature `gen_temperature` (0 means greedy) with a seeded generator;
 they come on top of the `--samples` windows of the other sources. Every text source contributes windows
