@@ -1,13 +1,16 @@
-"""Recovery after Attention Drop on the built-in SmolLM2-135M: causal-LM fine-tuning vs distillation vs LoRA
-distillation, at EQUAL training tokens.
+"""Recovery after pruning the built-in SmolLM2-135M: causal-LM fine-tuning vs distillation vs LoRA
+distillation vs distillation on text the teacher wrote, at EQUAL training tokens.
 
-The dense model is pruned with LLM-Drop (attention, --drop modules, scored on --calib-samples x 512 tokens
+The dense model is pruned (--prune: LLM-Drop of --drop attention modules, TransAct MLP width, or
+`prunekit compress --budget params=0.8` with its defaults; each calibrated on --calib-samples x 512 tokens
 of c4's calibration half), then each row heals a deep copy of the pruned model on the same training windows
 (`prunekit heal`'s default text `mix`: the calibration halves of every built-in text, weighted by size; as
 many windows as the run reads, so each is read once) and is evaluated on held-out windows of wiki and of c4
 (each text's EVALUATION half; the training never reads it and nothing is tuned on it). The
 learning rates are fixed in advance (the project default 5e-5 for full fine-tuning, 10x that for LoRA, the
-usual ratio), not searched. Peak RSS is sampled during each row. Prints a table and writes JSON.
+usual ratio), not searched. The `teacher` row distils on `teacher:N` text instead (N = the text rows'
+windows x --seq-len, prompts from c4's calibration half, sampled at temperature 1), so it reads exactly as
+many tokens, each once when the text rows do. Peak RSS is sampled during each row. Prints a table and writes JSON.
 
     nice -n 10 .venv/bin/python benchmarks/bench_heal.py [--steps 16] [--batch-size 4] [--seq-len 512]
 """
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import get_adapter
+from prunekit.compress import compress, parse_budget
 from prunekit.data import calibration_data, eval_windows
 from prunekit.drop import llm_drop
 from prunekit.evaluation.bench import PeakRSS
@@ -34,7 +38,7 @@ from prunekit.evaluation.perplexity import perplexity as evaluate_perplexity
 from prunekit.io.checkpoint import load_model
 from prunekit.io.outputs import write_json
 from prunekit.recovery import recover
-from prunekit.recovery.sources import default_samples, parse_text_spec, training_data
+from prunekit.recovery.sources import TextSource, default_samples, parse_text_spec, training_data
 from prunekit.surgery import count_parameters
 from prunekit.width import width_prune
 
@@ -51,7 +55,7 @@ def second(model: nn.Module, windows: torch.Tensor, dense: float) -> dict[str, f
 
 
 def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[str, Any]],
-           rows: list[dict[str, Any]], *, done: bool) -> None:
+           rows: list[dict[str, Any]], *, done: bool, teacher_data: list[dict[str, Any]] | None = None) -> None:
     if done:
         print(f"\n{'row':<44} {args.eval:>8} {'x dense':>8} {args.eval2:>8} {'x dense':>8} {'tokens':>8} {'min':>6} "
               f"{'RSS GiB':>8}")
@@ -60,11 +64,13 @@ def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[s
                   f"{r['ratio_to_dense_2']:>8.3f} {r.get('tokens_seen', ''):>8} "
                   f"{r.get('minutes', ''):>6} {r.get('peak_rss_gib', ''):>8}")
     out = {
-        "model": args.model, "pruning": plan.method, "dropped_attention": [d.layer for d in plan.dropped],
+        "model": args.model, "pruning": plan.method,
+        "dropped": [f"{d.module}@{d.layer}" for d in plan.dropped],
         "mlp_widths": {str(k): len(w.channels) for k, w in plan.widths.items() if w.channels is not None},
         "complete": done,
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "train_data": {**train.describe(), "sources": sources},
+        "teacher_data": teacher_data,
         "eval": f"{args.eval} eval half, {args.windows} x {args.window_len}",
         "eval_2": f"{args.eval2} eval half, {args.windows} x {args.window_len}",
         "rows": rows,
@@ -80,9 +86,10 @@ def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[s
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--prune", choices=("attn", "mlp"), default="attn",
+    p.add_argument("--prune", choices=("attn", "mlp", "compress"), default="attn",
                    help="attn: LLM-Drop of --drop attention modules; mlp: TransAct per-layer MLP width keeping "
-                        "--mlp-keep of the channels in 8 shots (default attn)")
+                        "--mlp-keep of the channels in 8 shots; compress: `prunekit compress --budget "
+                        "params=0.8`'s defaults (default attn)")
     p.add_argument("--drop", type=int, default=8, help="attention modules dropped (default 8)")
     p.add_argument("--mlp-keep", type=float, default=0.5, help="MLP channels kept with --prune mlp (default 0.5)")
     p.add_argument("--calib-samples", type=int, default=16, help="LLM-Drop calibration sequences of 512 (default 16)")
@@ -101,12 +108,12 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=10, help="perplexity windows (default 10)")
     p.add_argument("--window-len", type=int, default=1024, help="tokens per perplexity window (default 1024)")
     p.add_argument("--rows", default="distill,ce,lora",
-                   help="rows to train, in this order: distill, ce, lora (default all three)")
+                   help="rows to train, in this order: distill, ce, lora, teacher (default distill,ce,lora)")
     p.add_argument("--json", default="benchmarks/results/heal.json")
     args = p.parse_args()
-    unknown = set(args.rows.split(",")) - {"distill", "ce", "lora"}
+    unknown = set(args.rows.split(",")) - {"distill", "ce", "lora", "teacher"}
     if unknown:
-        p.error(f"unknown rows {sorted(unknown)}; choose from distill, ce, lora")
+        p.error(f"unknown rows {sorted(unknown)}; choose from distill, ce, lora, teacher")
     torch.manual_seed(0)
 
     dense, tok = load_model(args.model)
@@ -128,19 +135,34 @@ def main() -> None:
     if args.prune == "attn":
         plan = llm_drop(pruned, get_adapter(pruned), calib, target="attn", n=args.drop, progress=False)
         what = f"attention drop {args.drop}"
-    else:
+    elif args.prune == "mlp":
         plan = width_prune(pruned, get_adapter(pruned), calib, mlp_keep=args.mlp_keep, mode="per-layer", shots=8,
                            progress=False)
         what = f"MLP keep {args.mlp_keep:g} per-layer, 8 shots"
+    else:  # exactly `prunekit compress MODEL --budget params=0.8`: its defaults, its calibration (c4, 16 x 512)
+        plan = compress(pruned, get_adapter(pruned), calib, parse_budget("params=0.8"), progress=False,
+                        source=args.model).plan
+        what = "compress params=0.8"
     pruned_ppl = ppl(pruned, wins)
     print(f"pruned perplexity {pruned_ppl:.2f} ({what})", flush=True)
 
+    n_train = int(train.input_ids.shape[0])
     specs = {
         "distill": ("distillation from dense", dict(lr=args.lr, teacher=dense)),
         "ce": ("causal-LM fine-tuning", dict(lr=args.lr)),
         "lora": (f"LoRA r={args.lora} distillation", dict(lr=args.lora_lr, teacher=dense, lora=args.lora)),
+        "teacher": (f"distillation on teacher:{n_train * args.seq_len}", dict(lr=args.lr, teacher=dense)),
     }
-    rows_spec = [specs[r] for r in args.rows.split(",")]
+    teacher_train, teacher_data = None, None
+    if "teacher" in args.rows.split(","):
+        # As many windows as the text rows read; generated once and cached (`prunekit heal --text teacher:N`).
+        t = time.perf_counter()
+        teacher_train, teacher_data = training_data(
+            tok, [TextSource("teacher", teacher_tokens=n_train * args.seq_len)], n_train, args.seq_len,
+            teacher=dense, progress=True)
+        print(f"teacher text: {int(teacher_train.input_ids.shape[0])} windows in {time.perf_counter() - t:.0f}s",
+              flush=True)
+    rows_spec = [(r, *specs[r]) for r in args.rows.split(",")]
     rows: list[dict[str, Any]] = [
         {"row": "dense", "perplexity": dense_ppl, "ratio_to_dense": 1.0, "params": count_parameters(dense),
          "perplexity_2": dense_ppl2, "ratio_to_dense_2": 1.0},
@@ -148,11 +170,12 @@ def main() -> None:
          "ratio_to_dense": pruned_ppl / dense_ppl, "params": count_parameters(pruned),
          **second(pruned, wins2, dense_ppl2)},
     ]
-    for name, kw in rows_spec:
+    for key, name, kw in rows_spec:
         student = copy.deepcopy(pruned)
         t = time.perf_counter()
         with PeakRSS() as mem:
-            rec = recover(student, train, steps=args.steps, batch_size=args.batch_size, progress=False, **kw)
+            data = teacher_train if key == "teacher" else train
+            rec = recover(student, data, steps=args.steps, batch_size=args.batch_size, progress=False, **kw)
         minutes = (time.perf_counter() - t) / 60
         val = ppl(student, wins)
         rows.append({"row": name, "perplexity": val, "ratio_to_dense": val / dense_ppl,
@@ -162,10 +185,11 @@ def main() -> None:
                      "lr": kw["lr"], "method": rec["method"], "loss_first": rec["loss_first"],
                      "loss_last_10pct_mean": rec["loss_last_10pct_mean"]})
         print(f"{name}: perplexity {val:.2f} in {minutes:.1f} min", flush=True)
-        report(args, plan, train, sources, rows, done=False)  # a run cut short still leaves the rows it measured
+        # a run cut short still leaves the rows it measured
+        report(args, plan, train, sources, rows, done=False, teacher_data=teacher_data)
         del student
 
-    report(args, plan, train, sources, rows, done=True)
+    report(args, plan, train, sources, rows, done=True, teacher_data=teacher_data)
 
 
 if __name__ == "__main__":
