@@ -6,7 +6,8 @@ The dense model is pruned (--prune: LLM-Drop of --drop attention modules, TransA
 of c4's calibration half), then each row heals a deep copy of the pruned model on the same training windows
 (`prunekit heal`'s default text `mix`: the calibration halves of every built-in text, weighted by size; as
 many windows as the run reads, so each is read once) and is evaluated on held-out windows of wiki and of c4
-(each text's EVALUATION half; the training never reads it and nothing is tuned on it). The
+(each text's EVALUATION half; the training never reads it and nothing is tuned on it), and on LAMBADA's
+passages (novels, in no built-in text, so outside every training mix). The
 learning rates are fixed in advance (the project default 5e-5 for full fine-tuning, 10x that for LoRA, the
 usual ratio), not searched. The `teacher` row distils on `teacher:N` text instead (N = the text rows'
 windows x --seq-len, prompts from c4's calibration half, sampled at temperature 1), so it reads exactly as
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import time
@@ -32,9 +34,11 @@ from torch import nn
 from prunekit.adapters import get_adapter
 from prunekit.compress import compress, parse_budget
 from prunekit.data import calibration_data, eval_windows
+from prunekit.data import windows as cut_windows
 from prunekit.drop import llm_drop
 from prunekit.evaluation.bench import PeakRSS
 from prunekit.evaluation.perplexity import perplexity as evaluate_perplexity
+from prunekit.evaluation.task_data import prepare_paper_task
 from prunekit.io.checkpoint import load_model
 from prunekit.io.outputs import write_json
 from prunekit.recovery import recover
@@ -54,14 +58,30 @@ def second(model: nn.Module, windows: torch.Tensor, dense: float) -> dict[str, f
     return {"perplexity_2": val, "ratio_to_dense_2": val / dense}
 
 
+def lambada_windows(tokenizer: Any, n: int, length: int) -> torch.Tensor:
+    """`n` consecutive windows of LAMBADA's passages (lambada_openai test, BookCorpus novels), joined by blank
+    lines: text from outside every built-in text, so outside the training mix, for a check of whether a row
+    learnt its training texts rather than the model's behaviour."""
+    with prepare_paper_task("lambada").open() as f:
+        text = "\n\n".join(json.loads(line)["text"] for line in f)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return cut_windows(ids, n, length, spread=False, what="LAMBADA's passages")
+
+
+def third(model: nn.Module, windows: torch.Tensor, dense: float) -> dict[str, float]:
+    val = ppl(model, windows)
+    return {"perplexity_3": val, "ratio_to_dense_3": val / dense}
+
+
 def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[str, Any]],
            rows: list[dict[str, Any]], *, done: bool, teacher_data: list[dict[str, Any]] | None = None) -> None:
     if done:
-        print(f"\n{'row':<44} {args.eval:>8} {'x dense':>8} {args.eval2:>8} {'x dense':>8} {'tokens':>8} {'min':>6} "
-              f"{'RSS GiB':>8}")
+        print(f"\n{'row':<44} {args.eval:>8} {'x dense':>8} {args.eval2:>8} {'x dense':>8} {'LAMBADA':>8} "
+              f"{'x dense':>8} {'tokens':>8} {'min':>6} {'RSS GiB':>8}")
         for r in rows:
             print(f"{r['row']:<44} {r['perplexity']:>8.2f} {r['ratio_to_dense']:>8.3f} {r['perplexity_2']:>8.2f} "
-                  f"{r['ratio_to_dense_2']:>8.3f} {r.get('tokens_seen', ''):>8} "
+                  f"{r['ratio_to_dense_2']:>8.3f} {r['perplexity_3']:>8.2f} {r['ratio_to_dense_3']:>8.3f} "
+                  f"{r.get('tokens_seen', ''):>8} "
                   f"{r.get('minutes', ''):>6} {r.get('peak_rss_gib', ''):>8}")
     out = {
         "model": args.model, "pruning": plan.method,
@@ -73,6 +93,7 @@ def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[s
         "teacher_data": teacher_data,
         "eval": f"{args.eval} eval half, {args.windows} x {args.window_len}",
         "eval_2": f"{args.eval2} eval half, {args.windows} x {args.window_len}",
+        "eval_3": f"LAMBADA (lambada_openai test passages, joined), first {args.windows} x {args.window_len}",
         "rows": rows,
         "machine": {"platform": platform.platform(), "cpus": psutil.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "load_average_1m": os.getloadavg()[0]},
@@ -120,11 +141,13 @@ def main() -> None:
     dense.requires_grad_(False)
     wins = eval_windows(tok, args.eval, args.windows, args.window_len)
     wins2 = eval_windows(tok, args.eval2, args.windows, args.window_len)
+    wins3 = lambada_windows(tok, args.windows, args.window_len)
     # Without --samples, exactly `prunekit heal`'s default: as many windows as the run reads, capped at the text.
     spec = parse_text_spec(args.text)
     samples = args.samples or default_samples(spec, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len)
     train, sources = training_data(tok, spec, samples, args.seq_len, fit=args.samples is None)
     dense_ppl2 = ppl(dense, wins2)
+    dense_ppl3 = ppl(dense, wins3)
     t0 = time.perf_counter()
     dense_ppl = ppl(dense, wins)
     print(f"dense perplexity {dense_ppl:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -165,10 +188,10 @@ def main() -> None:
     rows_spec = [(r, *specs[r]) for r in args.rows.split(",")]
     rows: list[dict[str, Any]] = [
         {"row": "dense", "perplexity": dense_ppl, "ratio_to_dense": 1.0, "params": count_parameters(dense),
-         "perplexity_2": dense_ppl2, "ratio_to_dense_2": 1.0},
+         "perplexity_2": dense_ppl2, "ratio_to_dense_2": 1.0, "perplexity_3": dense_ppl3, "ratio_to_dense_3": 1.0},
         {"row": f"{what}, no healing", "perplexity": pruned_ppl,
          "ratio_to_dense": pruned_ppl / dense_ppl, "params": count_parameters(pruned),
-         **second(pruned, wins2, dense_ppl2)},
+         **second(pruned, wins2, dense_ppl2), **third(pruned, wins3, dense_ppl3)},
     ]
     for key, name, kw in rows_spec:
         student = copy.deepcopy(pruned)
@@ -179,7 +202,7 @@ def main() -> None:
         minutes = (time.perf_counter() - t) / 60
         val = ppl(student, wins)
         rows.append({"row": name, "perplexity": val, "ratio_to_dense": val / dense_ppl,
-                     **second(student, wins2, dense_ppl2),
+                     **second(student, wins2, dense_ppl2), **third(student, wins3, dense_ppl3),
                      "params": count_parameters(student), "tokens_seen": rec["tokens_seen"],
                      "minutes": round(minutes, 2), "peak_rss_gib": round(mem.peak / 2**30, 2),
                      "lr": kw["lr"], "method": rec["method"], "loss_first": rec["loss_first"],
