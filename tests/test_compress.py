@@ -154,3 +154,35 @@ def test_cli_compress_saves_a_checkpoint_that_loads_back_with_its_pareto_table(t
     model, _ = load_model(out, tokenizer=False)
     dense, _ = load_model(ck, tokenizer=False)
     assert count_parameters(model) <= 0.85 * count_parameters(dense)
+
+
+def test_two_processes_choose_the_single_process_model(tiny_checkpoint, tmp_path):
+    """Under torchrun each rank passes its share of the batches (the held-out part's one batch leaves rank 1
+    none) and the sums are all-reduced: the same candidates score the same, the same model is chosen, and
+    its refitted weights differ only by the order of the float64 additions."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from prunekit.jobs.compress import compress_job
+
+    ck, text = tiny_checkpoint
+    opts = ["--budget", "params=0.85", "--multiple-of", "16", "--calib", str(text), "--samples", "8",
+            "--seq-len", "24"]
+    single = compress_job(str(ck), tmp_path / "single", budget="params=0.85", multiple_of=16, calib=text,
+                          samples=8, seq_len=24, progress=False)
+    env = {**os.environ, "PRUNEKIT_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "prunekit", "-q", "compress", str(ck), *opts, "--out", str(tmp_path / "dp")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = PruningPlan.load(tmp_path / "dp" / "prunekit_plan.json")
+    assert single is not None and got.to_json()["dropped"] == single.plan.to_json()["dropped"]
+    assert got.to_json()["widths"] == single.plan.to_json()["widths"]
+    assert got.options["chosen"] == single.plan.options["chosen"]
+    for g, r in zip(got.history, single.plan.history, strict=True):
+        assert g["name"] == r["name"] and abs(g["check_loss"] - r["check_loss"]) <= 1e-9 * abs(r["check_loss"])
+    a, b = load_file(str(tmp_path / "single" / "model.safetensors")), load_file(str(tmp_path / "dp" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)

@@ -44,6 +44,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                           seq_len=args.seq_len, batch_size=args.batch_size, criterion=args.criterion,
                           dtype=args.dtype, device=args.device,
                           force=args.force, progress=progress(args))
+    if result is None:  # not rank 0 of a torchrun job
+        return 0
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)
     return emit({"out": str(args.out), "method": "compress", "budget": args.budget, "chosen": result.chosen,
                  "removed_params": chosen["removed_params"], "removed_kv": chosen["removed_kv"],

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from prunekit.compress.curves import Curve, error_curve, refit, unit_columns
 from prunekit.compress.stats import CompressStats, Sublayer, collect_stats
 from prunekit.data import CalibrationData
 from prunekit.errors import PlanError
-from prunekit.losses import KL_TOPK, mean_loss_and_kl, split_check, topk_reference
+from prunekit.losses import KL_TOPK, loss_and_kl_sums, means, split_check, topk_reference
 from prunekit.plans import DropTarget, LayerWidth, PruningPlan, normalize_drops
 from prunekit.surgery import apply_plan
 from prunekit.surgery.structure import count_parameters
@@ -45,6 +45,26 @@ CRITERIA = ("loss", "kl")
 def check_criterion(criterion: str) -> None:
     if criterion not in CRITERIA:
         raise PlanError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+
+
+class Sums(Protocol):
+    """How `compress` shares its passes out: `shard` gives this process's part of some calibration data and
+    `total` turns this process's float64 sums into the sums over all processes. Everything else (curves,
+    allocation, the choice) is arithmetic on those totals, so every process makes the same choices."""
+
+    def shard(self, calib: CalibrationData) -> CalibrationData: ...
+
+    def total(self, values: torch.Tensor) -> torch.Tensor: ...
+
+
+class OneProcess:
+    """`Sums` in a single process: all the data, sums as they are."""
+
+    def shard(self, calib: CalibrationData) -> CalibrationData:
+        return calib
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        return values
 
 
 @dataclass
@@ -166,23 +186,31 @@ def _spent(m: _Model, key: str) -> int:
 
 def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, budget: Budget, *,
              rounds: int = 2, multiple_of: int = 64, batch_size: int = 4, criterion: str = "loss",
-             progress: bool = True, source: str = "") -> CompressResult:
+             progress: bool = True, source: str = "", sums: Sums | None = None) -> CompressResult:
     """Search, apply the best candidate to `model` in place (physically), and return its plan and the table
     of every candidate tried. `criterion`: candidates are chosen by their loss on the held-out calibration
     samples ("loss"), or by the KL divergence there from the dense model's next-token distributions ("kl",
-    over the dense model's top `KL_TOPK` tokens)."""
+    over the dense model's top `KL_TOPK` tokens). `sums`: data parallel (`jobs.dist.AllReduceSums` under
+    torchrun); every process returns the same result."""
     check_criterion(criterion)
     started = time.monotonic()
     costs = sublayer_costs(adapter)
     need = removal_target(model, costs, budget)
     fit, check = split_check(calib, "compress")
+    sums = sums or OneProcess()
+    my_fit, my_check = sums.shard(fit), sums.shard(check)
     totals = {"params": count_parameters(model), "kv": dense_total(model, costs, "kv")}
     m = _Model(model, adapter, costs)
     tried: list[Candidate] = []
-    reference = topk_reference(model, check, batch_size, KL_TOPK) if criterion == "kl" else None
+    reference = topk_reference(model, my_check, batch_size, KL_TOPK) if criterion == "kl" else None
+
+    def collect(desc: str) -> CompressStats:
+        return collect_stats(model, adapter, my_fit, batch_size=batch_size, progress=progress, desc=desc,
+                             total=sums.total)
 
     def score(name: str, at_budget: bool) -> Candidate:
-        loss, kl = mean_loss_and_kl(model, check, batch_size, reference)
+        loss, kl = means(sums.total(loss_and_kl_sums(model, my_check, batch_size, reference)),
+                         reference is not None)
         c = Candidate(name, {s: list(a) for s, a in m.alive.items() if len(a) < costs[s].units},
                       _spent(m, "params"), _spent(m, "kv"), loss, at_budget, kl)
         # Only the best candidate at the budget keeps its edited projections (one model's worth of them,
@@ -196,7 +224,7 @@ def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bu
         return c
 
     score("dense", False)
-    dense_stats = collect_stats(model, adapter, fit, batch_size=batch_size, progress=progress)
+    dense_stats = collect("compress statistics")
     curves = m.curves(dense_stats, multiple_of)
     one_shot = {"mixed": lambda: allocate(curves, costs, need, budget.key, "mixed"),
                 "depth": lambda: allocate(curves, costs, need, budget.key, "depth"),
@@ -213,8 +241,7 @@ def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bu
             score(name if fitted else f"{name} (no refit)", True)
             m.reset()
     if rounds > 1:
-        _rounds(m, model, adapter, fit, dense_stats, need, budget, rounds, multiple_of, batch_size, progress,
-                score)
+        _rounds(m, collect, dense_stats, need, budget, rounds, multiple_of, score)
     best = min((c for c in tried if c.at_budget), key=lambda c: c.value)
     plan = _apply_best(m, best, budget, need, totals, tried, rounds, multiple_of, calib, source)
     plan.options["criterion"] = criterion
@@ -228,9 +255,8 @@ def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bu
     return CompressResult(plan, [c.row(totals) for c in tried], best.name)
 
 
-def _rounds(m: _Model, model: nn.Module, adapter: ModelAdapter, fit: CalibrationData, stats: CompressStats,
-            need: int, budget: Budget, rounds: int, multiple_of: int, batch_size: int, progress: bool,
-            score: Any) -> None:
+def _rounds(m: _Model, collect: Any, stats: CompressStats, need: int, budget: Budget, rounds: int,
+            multiple_of: int, score: Any) -> None:
     """`mixed` reached in `rounds` steps, the statistics re-taken on the partly pruned model in between; every
     step is a candidate (the last one at the budget)."""
     for r in range(1, rounds + 1):
@@ -240,8 +266,7 @@ def _rounds(m: _Model, model: nn.Module, adapter: ModelAdapter, fit: Calibration
                                            "mixed"), True)
         score(f"mixed x{rounds} rounds" if r == rounds else f"mixed round {r}/{rounds}", r == rounds)
         if r < rounds:
-            stats = collect_stats(model, adapter, fit, batch_size=batch_size, progress=progress,
-                                  desc=f"compress statistics, round {r + 1}")
+            stats = collect(f"compress statistics, round {r + 1}")
     m.reset()
 
 

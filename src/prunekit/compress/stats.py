@@ -19,7 +19,7 @@ dtype, then accumulated), and padding tokens are excluded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,14 +103,21 @@ def _grad_from_embeddings(adapter: ModelAdapter) -> Iterator[None]:
         handle.remove()
 
 
+def _same(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
 def collect_stats(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, batch_size: int = 4,
-                  progress: bool = True, desc: str = "compress statistics") -> CompressStats:
-    """Gram and Fisher of every present sub-layer of `model` (see the module docstring)."""
+                  progress: bool = True, desc: str = "compress statistics",
+                  total: Callable[[torch.Tensor], torch.Tensor] = _same) -> CompressStats:
+    """Gram and Fisher of every present sub-layer of `model` (see the module docstring). `total` turns this
+    process's float64 sums into the sums over every process (under torchrun each rank passes its own share
+    of the batches and an all-reduce); in one process it is the identity."""
     stats = CompressStats()
     hooks = _Hooks(adapter, stats)
     device = next(model.parameters()).device
     flags = [p.requires_grad for p in model.parameters()]
-    total, count = 0.0, 0
+    nll_sum, count = 0.0, 0
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -123,11 +130,24 @@ def collect_stats(model: nn.Module, adapter: ModelAdapter, calib: CalibrationDat
                 if not torch.isfinite(nll):
                     raise ActivationOverflowError("the calibration loss is not finite; use --dtype float32")
                 nll.backward()
-                total += float(nll.detach())
+                nll_sum += float(nll.detach())
                 count += n
     finally:
         hooks.remove()
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
-    stats.loss, stats.tokens = total / max(count, 1), count
+    return _summed(stats, total(torch.tensor([nll_sum, count], dtype=torch.float64)), total)
+
+
+def _summed(stats: CompressStats, loss: torch.Tensor, total: Callable[[torch.Tensor], torch.Tensor]) -> CompressStats:
+    """`stats` with every sum replaced by `total` of it; sub-layers in sorted order, the same on every rank,
+    so that collective calls pair up."""
+    keys = sorted(stats.layers)
+    for key in keys:
+        st = stats.layers[key]
+        st.gram, st.fisher = total(st.gram), total(st.fisher)
+    tokens = total(torch.tensor([stats.layers[k].tokens for k in keys], dtype=torch.float64))
+    for key, n in zip(keys, tokens.tolist()):
+        stats.layers[key].tokens = int(n)
+    stats.loss, stats.tokens = float(loss[0]) / max(float(loss[1]), 1.0), int(loss[1])
     return stats

@@ -94,11 +94,13 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[DistEnv]:
         dist.destroy_process_group()
 
 
-def shard_calibration(calib: CalibrationData, batch_size: int, env: DistEnv) -> CalibrationData:
+def shard_calibration(calib: CalibrationData, batch_size: int, env: DistEnv, *,
+                      allow_empty: bool = False) -> CalibrationData:
     """This rank's batches: b = rank, rank + N, ... of `calib.batches(batch_size)`, as a `CalibrationData`
-    whose own batches (same batch size) are exactly those batches."""
+    whose own batches (same batch size) are exactly those batches. `allow_empty`: a rank may get none (its
+    sums are then zero) instead of the error."""
     n_batches = -(-len(calib.input_ids) // batch_size)
-    if n_batches < env.world_size:
+    if n_batches < env.world_size and not allow_empty:
         raise DataError(f"{env.world_size} processes need at least {env.world_size} calibration batches, but "
                         f"{len(calib.input_ids)} samples make {n_batches} batches of {batch_size}; lower "
                         "--batch-size or raise --samples")
@@ -106,7 +108,7 @@ def shard_calibration(calib: CalibrationData, batch_size: int, env: DistEnv) -> 
         return calib
     rows = [r for b in range(env.rank, n_batches, env.world_size)
             for r in range(b * batch_size, min((b + 1) * batch_size, len(calib.input_ids)))]
-    idx = torch.tensor(rows)
+    idx = torch.tensor(rows, dtype=torch.long)
     ids = calib.input_ids[idx]
     return CalibrationData(ids, calib.attention_mask[idx], calib.source, token_hash(ids))
 
@@ -123,6 +125,25 @@ def all_reduce_accumulator(acc: SimilarityAccumulator, device: torch.device) -> 
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         getattr(out, name).copy_(t.cpu())
     return out
+
+
+class AllReduceSums:
+    """`compress`'s data parallel `Sums`: each rank takes its whole batches of every calibration part (a short
+    held-out part may leave a rank none) and the float64 sums are all-reduced, so every rank searches on
+    the same totals and chooses the same model."""
+
+    def __init__(self, env: DistEnv, device: torch.device, batch_size: int):
+        self.env = env
+        self.comm = device if device.type == "cuda" else torch.device("cpu")
+        self.batch_size = batch_size
+
+    def shard(self, calib: CalibrationData) -> CalibrationData:
+        return shard_calibration(calib, self.batch_size, self.env, allow_empty=True)
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        t = values.detach().to(self.comm, torch.float64).clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu()
 
 
 class AllReduceScorer:
