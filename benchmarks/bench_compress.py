@@ -89,7 +89,7 @@ def run_model(a: argparse.Namespace, name: str, out: dict) -> None:
                              multiple_of=1, progress=False)
         rows["TransAct uniform MLP"] = {**measure(m), "mlp_keep": mlp_keep, "shots": a.width_shots}
         save(a, out)
-        rows["compress"] = run_compress(dense, calib, Budget("params", keep), measure)
+        rows["compress"] = run_compress(dense, calib, Budget("params", keep), measure, a.criterion)
         rate(rows, 1 - keep)
         save(a, out)
     if a.kv:
@@ -100,15 +100,15 @@ def run_model(a: argparse.Namespace, name: str, out: dict) -> None:
         m = copy.deepcopy(dense)
         prunekit.apply_plan(prunekit.get_adapter(m), plan)
         rows["LLM-Drop attn"] = {**measure(m), "removed_kv": len(plan.dropped) / ad.num_layers}
-        rows["compress"] = run_compress(dense, calib, Budget("kv", a.kv), measure)
+        rows["compress"] = run_compress(dense, calib, Budget("kv", a.kv), measure, a.criterion)
         rows["compress"]["vs_best_baseline"] = rows["compress"]["ppl"] / rows["LLM-Drop attn"]["ppl"]
         save(a, out)
 
 
-def run_compress(dense: Any, calib: Any, budget: Budget, measure: Any) -> dict[str, Any]:
+def run_compress(dense: Any, calib: Any, budget: Budget, measure: Any, criterion: str) -> dict[str, Any]:
     m = copy.deepcopy(dense)
     t0 = time.time()
-    result = compress(m, prunekit.get_adapter(m), calib, budget, progress=False)
+    result = compress(m, prunekit.get_adapter(m), calib, budget, criterion=criterion, progress=False)
     seconds = time.time() - t0
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)
     return {**measure(m), "seconds": seconds, "chosen": result.chosen, "removed_kv": chosen["removed_kv"],
@@ -173,6 +173,8 @@ def main() -> None:
     p.add_argument("--windows", default="smollm2-135m=10,gemma3-270m=4",
                    help="held-out windows of 1024 tokens per model (Gemma's 262k vocabulary makes it ~4x slower)")
     p.add_argument("--width-shots", type=int, default=4)
+    p.add_argument("--criterion", choices=("loss", "kl"), default="loss",
+                   help="compress's --criterion (default loss, as the command)")
     p.add_argument("--json", default="benchmarks/results/compress.json")
     p.add_argument("--merge", default=None, metavar="A.json,B.json",
                    help="only merge per-model result files into --json and print the table")
@@ -182,7 +184,7 @@ def main() -> None:
         return
     a.budgets = [float(b) for b in a.budgets.split(",")]
     a.windows_for = {k: int(v) for k, v in (x.split("=") for x in a.windows.split(","))}
-    out: dict[str, Any] = {"calibration": "c4 calib half, 16 x 512 (compress defaults)",
+    out: dict[str, Any] = {"calibration": "c4 calib half, 16 x 512 (compress defaults)", "criterion": a.criterion,
                            "eval": "wiki eval half", "models": {}}
     for name in a.models.split(","):
         a.windows_for.setdefault(name, 4)
