@@ -51,11 +51,11 @@ def ppl(model: nn.Module, windows: torch.Tensor) -> float:
     return float(evaluate_perplexity(model, windows, progress=False)["perplexity"])
 
 
-def second(model: nn.Module, windows: torch.Tensor, dense: float) -> dict[str, float]:
-    """The second evaluation text's perplexity and ratio: a check that a row did not just learn the first's
-    domain from its calibration half."""
+def other_text(model: nn.Module, windows: torch.Tensor, dense: float, k: int) -> dict[str, float]:
+    """The k-th evaluation text's perplexity and ratio to dense (keys `perplexity_k`, `ratio_to_dense_k`): a
+    check that a row did not just learn the first text's domain from its calibration half."""
     val = ppl(model, windows)
-    return {"perplexity_2": val, "ratio_to_dense_2": val / dense}
+    return {f"perplexity_{k}": val, f"ratio_to_dense_{k}": val / dense}
 
 
 def lambada_windows(tokenizer: Any, n: int, length: int) -> torch.Tensor:
@@ -66,11 +66,6 @@ def lambada_windows(tokenizer: Any, n: int, length: int) -> torch.Tensor:
         text = "\n\n".join(json.loads(line)["text"] for line in f)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
     return cut_windows(ids, n, length, spread=False, what="LAMBADA's passages")
-
-
-def third(model: nn.Module, windows: torch.Tensor, dense: float) -> dict[str, float]:
-    val = ppl(model, windows)
-    return {"perplexity_3": val, "ratio_to_dense_3": val / dense}
 
 
 def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[str, Any]],
@@ -191,7 +186,7 @@ def main() -> None:
          "perplexity_2": dense_ppl2, "ratio_to_dense_2": 1.0, "perplexity_3": dense_ppl3, "ratio_to_dense_3": 1.0},
         {"row": f"{what}, no healing", "perplexity": pruned_ppl,
          "ratio_to_dense": pruned_ppl / dense_ppl, "params": count_parameters(pruned),
-         **second(pruned, wins2, dense_ppl2), **third(pruned, wins3, dense_ppl3)},
+         **other_text(pruned, wins2, dense_ppl2, 2), **other_text(pruned, wins3, dense_ppl3, 3)},
     ]
     for key, name, kw in rows_spec:
         student = copy.deepcopy(pruned)
@@ -202,7 +197,7 @@ def main() -> None:
         minutes = (time.perf_counter() - t) / 60
         val = ppl(student, wins)
         rows.append({"row": name, "perplexity": val, "ratio_to_dense": val / dense_ppl,
-                     **second(student, wins2, dense_ppl2), **third(student, wins3, dense_ppl3),
+                     **other_text(student, wins2, dense_ppl2, 2), **other_text(student, wins3, dense_ppl3, 3),
                      "params": count_parameters(student), "tokens_seen": rec["tokens_seen"],
                      "minutes": round(minutes, 2), "peak_rss_gib": round(mem.peak / 2**30, 2),
                      "lr": kw["lr"], "method": rec["method"], "loss_first": rec["loss_first"],

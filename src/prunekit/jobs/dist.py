@@ -113,17 +113,22 @@ def shard_calibration(calib: CalibrationData, batch_size: int, env: DistEnv, *,
     return CalibrationData(ids, calib.attention_mask[idx], calib.source, token_hash(ids))
 
 
+def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The float64 sum of `values` over all ranks, on the CPU (`values` itself is left as this rank's). The
+    collective runs on `device` when it is a GPU (nccl), else on the CPU (gloo)."""
+    comm = device if device.type == "cuda" else torch.device("cpu")
+    t = values.detach().to(comm, torch.float64).clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
 def all_reduce_accumulator(acc: SimilarityAccumulator, device: torch.device) -> SimilarityAccumulator:
     """A new accumulator holding the sums over all ranks (`acc` itself is left as this rank's)."""
     out = SimilarityAccumulator(acc.num_layers, acc.pair is not None)
-    comm = device if device.type == "cuda" else torch.device("cpu")
     for name in ("block", "attn", "mlp", "tokens", "pair"):
         mine = getattr(acc, name)
-        if mine is None:
-            continue
-        t = mine.detach().to(comm, torch.float64).clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        getattr(out, name).copy_(t.cpu())
+        if mine is not None:
+            getattr(out, name).copy_(all_reduce_sum(mine, device))
     return out
 
 
@@ -134,16 +139,14 @@ class AllReduceSums:
 
     def __init__(self, env: DistEnv, device: torch.device, batch_size: int):
         self.env = env
-        self.comm = device if device.type == "cuda" else torch.device("cpu")
+        self.device = device
         self.batch_size = batch_size
 
     def shard(self, calib: CalibrationData) -> CalibrationData:
         return shard_calibration(calib, self.batch_size, self.env, allow_empty=True)
 
     def total(self, values: torch.Tensor) -> torch.Tensor:
-        t = values.detach().to(self.comm, torch.float64).clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.cpu()
+        return all_reduce_sum(values, self.device)
 
 
 class AllReduceScorer:
@@ -174,17 +177,12 @@ class AllReduceCollector:
     def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring",
                 widths: Any = None) -> dict[int, Any]:
         stats = self.inner.collect(attn=attn, mlp=mlp, desc=desc, widths=widths)
-        comm = self.device if self.device.type == "cuda" else torch.device("cpu")
         # Same layers and parts on every rank (same model), so the collectives pair up in this order.
         for i in sorted(stats):
             for part in ("attn", "mlp"):
                 acc = getattr(stats[i], part)
                 if acc is None:
                     continue
-                t = acc.sums.detach().to(comm, torch.float64).clone()
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                n = torch.tensor([acc.tokens], dtype=torch.float64, device=comm)
-                dist.all_reduce(n, op=dist.ReduceOp.SUM)
-                acc.sums.copy_(t.to(acc.sums.device))
-                acc.tokens = int(n.item())
+                acc.sums.copy_(all_reduce_sum(acc.sums, self.device))
+                acc.tokens = int(all_reduce_sum(torch.tensor([acc.tokens]), self.device).item())
         return stats
