@@ -76,6 +76,23 @@ def test_budgets_parse_and_impossible_ones_fail_before_work():
         removal_target(model, sublayer_costs(get_adapter(model)), Budget("params", 0.01))
 
 
+def test_statistics_do_not_depend_on_how_many_sequences_share_a_backward_pass():
+    """`collect_stats` runs one sequence per backward pass to bound the logits' memory; that must give the
+    same sums as whole batches (padding excluded either way)."""
+    model = tiny_model("qwen2")
+    ad = get_adapter(model)
+    calib = random_calib(6, 16, pad_last=5)
+    one, four = (collect_stats(model, ad, calib, batch_size=b, progress=False) for b in (1, 4))
+    assert one.tokens == four.tokens == 6 * 15 - 5
+    assert one.loss == pytest.approx(four.loss, rel=1e-9)
+    for key, st in one.layers.items():
+        other = four.layers[key]
+        assert st.tokens == other.tokens
+        for a, b in ((st.gram, other.gram), (st.fisher, other.fisher)):
+            # Each batch's product is taken in float32: equal up to its rounding, on the matrix's scale.
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
 def test_zeroed_and_refitted_candidate_equals_the_physically_pruned_model(family):
     model = tiny_model(family)

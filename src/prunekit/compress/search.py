@@ -205,8 +205,7 @@ def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bu
     reference = topk_reference(model, my_check, batch_size, KL_TOPK) if criterion == "kl" else None
 
     def collect(desc: str) -> CompressStats:
-        return collect_stats(model, adapter, my_fit, batch_size=batch_size, progress=progress, desc=desc,
-                             total=sums.total)
+        return collect_stats(model, adapter, my_fit, progress=progress, desc=desc, total=sums.total)
 
     def score(name: str, at_budget: bool) -> Candidate:
         loss, kl = means(sums.total(loss_and_kl_sums(model, my_check, batch_size, reference)),
