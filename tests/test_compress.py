@@ -173,6 +173,32 @@ def test_cli_compress_saves_a_checkpoint_that_loads_back_with_its_pareto_table(t
     assert count_parameters(model) <= 0.85 * count_parameters(dense)
 
 
+def test_memory_estimate_counts_the_statistics_exactly():
+    from prunekit.compress.search import memory_estimate
+
+    model = tiny_model("gemma3_text")
+    ad = get_adapter(model)
+    stats = collect_stats(model, ad, random_calib(2, 16), progress=False)
+    held = sum(t.numel() * t.element_size() for st in stats.layers.values() for t in (st.gram, st.fisher))
+    assert memory_estimate(ad, 4, 16)["stats"] == held
+    dense = _Model(model, ad, sublayer_costs(ad)).dense
+    assert memory_estimate(ad, 4, 16)["weights"] == 2 * sum(w.numel() * w.element_size() for w in dense.values())
+
+
+def test_compress_that_would_not_fit_is_one_error_before_any_work(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from prunekit.cli import main
+    from prunekit.jobs import compress as job
+
+    ck, text = tiny_checkpoint
+    argv = ["-q", "compress", str(ck), "--budget", "params=0.85", "--calib", str(text), "--samples", "8",
+            "--seq-len", "24", "--out", str(tmp_path / "small")]
+    monkeypatch.setattr(job, "available_memory_bytes", lambda: 1000)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compress needs about" in err[0] and "float64 statistics" in err[0]
+    assert not (tmp_path / "small").exists()
+
+
 def test_two_processes_choose_the_single_process_model(tiny_checkpoint, tmp_path):
     """Under torchrun each rank passes its share of the batches (the held-out part's one batch leaves rank 1
     none) and the sums are all-reduced: the same candidates score the same, the same model is chosen, and

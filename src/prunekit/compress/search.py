@@ -67,6 +67,24 @@ class OneProcess:
         return values
 
 
+def memory_estimate(adapter: ModelAdapter, batch_size: int, seq_len: int) -> dict[str, int]:
+    """Bytes the search holds beside the model's weights, from shapes alone (`adapter` may be a meta-device
+    skeleton): `stats`, a float64 input Gram [in, in] and output Fisher [d, d] per sub-layer, always on the
+    host (at 1.5B parameters, 28 MLPs 8960 wide, the Grams alone are 18 GB); `weights`, two copies of every
+    output projection (the dense weights a candidate is reset to, the best candidate's refitted ones); and
+    `logits`, a scoring batch's float32 logits about three times over (logits, log-softmax, the float copy)."""
+    stats = weights = 0
+    itemsize = adapter.dtype().itemsize
+    for layer in adapter.layers():
+        for part, present in (("attn", adapter.has_attention(layer)), ("mlp", adapter.has_mlp(layer))):
+            if present:
+                proj = adapter.output_projection(layer, part)
+                stats += 8 * (proj.in_features ** 2 + proj.out_features ** 2)
+                weights += 2 * itemsize * proj.in_features * proj.out_features
+    vocab = adapter.lm_head().out_features
+    return {"stats": stats, "weights": weights, "logits": 3 * 4 * batch_size * seq_len * vocab}
+
+
 @dataclass
 class Candidate:
     """One model tried: kept units per cut sub-layer (ORIGINAL unit ids) and how it scored."""
@@ -265,6 +283,9 @@ def _rounds(m: _Model, collect: Any, stats: CompressStats, need: int, budget: Bu
                                            "mixed"), True)
         score(f"mixed x{rounds} rounds" if r == rounds else f"mixed round {r}/{rounds}", r == rounds)
         if r < rounds:
+            # Emptied, not just replaced: the caller's reference would otherwise keep two sets of Grams alive
+            # while the next ones are taken (`memory_estimate` counts one).
+            stats.layers.clear()
             stats = collect(f"compress statistics, round {r + 1}")
     m.reset()
 

@@ -32,8 +32,11 @@ def device_free_bytes(device: torch.device) -> int:
     return available_memory_bytes()
 
 
+STREAM_HEADROOM = 1.3  # loaded weights x this: loading copies, activations, the Python process
+
+
 def should_stream(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-                  *, headroom: float = 1.3) -> bool:
+                  *, headroom: float = STREAM_HEADROOM) -> bool:
     """Whether the checkpoint would not fit: its weights in `dtype`, times `headroom` (loading copies,
     activations, the Python process), exceed the free memory of `device`. A non-local model (hub id) is
     never streamed (streaming reads local safetensors files)."""

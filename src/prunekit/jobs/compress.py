@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from prunekit.adapters import get_adapter
 from prunekit.compress import Budget, CompressResult, compress, parse_budget, write_pareto
-from prunekit.compress.search import check_criterion
-from prunekit.engine.memory import should_stream
+from prunekit.compress.search import check_criterion, memory_estimate
+from prunekit.engine.memory import STREAM_HEADROOM, available_memory_bytes, device_free_bytes
 from prunekit.errors import PlanError
-from prunekit.io.checkpoint import resolve_model_path
+from prunekit.io.checkpoint import build_skeleton, parse_dtype, resolve_model_path
+from prunekit.io.files import CheckpointFiles
 from prunekit.io.outputs import prepare_output
 from prunekit.jobs.common import distributed, load_job
 from prunekit.jobs.dist import AllReduceSums, DistEnv, resolve_device
@@ -27,6 +31,29 @@ def check_compress_options(budget: str, rounds: int, multiple_of: int) -> Budget
     return parsed
 
 
+def check_compress_memory(model: str | Path, dtype: str, device: torch.device, batch_size: int,
+                          seq_len: int) -> None:
+    """One clear error, before any work, when the model in memory (a backward pass needs the whole graph, so
+    no streaming) plus what the search holds (`memory_estimate`) would not fit in free memory. A model that
+    is not a local checkpoint (a hub id) is not checked."""
+    local = Path(resolve_model_path(model))
+    if not local.is_dir() or not list(local.glob("*.safetensors")):
+        return
+    weights = CheckpointFiles(local).numel_bytes(parse_dtype(dtype))
+    est = memory_estimate(get_adapter(build_skeleton(local, dtype)), batch_size, seq_len)
+    on_device = int(weights * STREAM_HEADROOM) + est["weights"] + est["logits"]
+    host = est["stats"] + (on_device if device.type == "cpu" else 0)
+    for need, free, where in ((host, available_memory_bytes(), "memory"),
+                              (on_device, device_free_bytes(device), f"{device} memory")):
+        if need > free:
+            gib = 2 ** 30
+            raise PlanError(
+                f"compress needs about {need / gib:.1f} GiB of {where} ({weights / gib:.1f} GiB of weights, "
+                f"{est['stats'] / gib:.1f} GiB of float64 statistics, {est['logits'] / gib:.1f} GiB of logits) but "
+                f"{free / gib:.1f} GiB is free; it cannot stream (a backward pass needs the whole model): use a "
+                "machine with more memory, or a smaller --batch-size or --dtype")
+
+
 def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, multiple_of: int = 64,
                  calib: str | Path = "c4", samples: int = 16, seq_len: int = 512, batch_size: int = 4,
                  criterion: str = "loss", dtype: str = "float32", device: str = "cpu", force: bool = False,
@@ -36,9 +63,7 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
     rank 0, None on the other ranks of a torchrun job."""
     b = check_compress_options(budget, rounds, multiple_of)
     check_criterion(criterion)
-    if should_stream(resolve_model_path(model), dtype, resolve_device(device, DistEnv.from_env())):
-        raise PlanError("compress needs the model in memory (a backward pass), but it would not fit in free "
-                        "memory; use a smaller --dtype or a machine with more memory")
+    check_compress_memory(model, dtype, resolve_device(device, DistEnv.from_env()), batch_size, seq_len)
     prepare_output(out, force)  # fail before any expensive work
     with distributed(device, None) as (env, dev):
         job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
