@@ -27,6 +27,7 @@ import prunekit
 from prunekit.compress import Budget, compress
 from prunekit.compress.budget import removal_target, removed, sublayer_costs
 from prunekit.drop import plan_from_scores
+from prunekit.evaluation.bench import PeakRSS
 from prunekit.surgery.structure import count_parameters
 
 DROP_TARGETS = ("attn", "mlp", "block", "joint")
@@ -108,10 +109,12 @@ def run_model(a: argparse.Namespace, name: str, out: dict) -> None:
 def run_compress(dense: Any, calib: Any, budget: Budget, measure: Any, criterion: str) -> dict[str, Any]:
     m = copy.deepcopy(dense)
     t0 = time.time()
-    result = compress(m, prunekit.get_adapter(m), calib, budget, criterion=criterion, progress=False)
+    with PeakRSS() as mem:  # the whole process: the dense model and its copy included
+        result = compress(m, prunekit.get_adapter(m), calib, budget, criterion=criterion, progress=False)
     seconds = time.time() - t0
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)
-    return {**measure(m), "seconds": seconds, "chosen": result.chosen, "removed_kv": chosen["removed_kv"],
+    return {**measure(m), "seconds": seconds, "peak_rss_gib": round(mem.peak / 2**30, 2),
+            "chosen": result.chosen, "removed_kv": chosen["removed_kv"],
             "dropped": [f"{d.module}@{d.layer}" for d in result.plan.dropped],
             "widths": {str(i): {k: len(v) for k, v in w.to_json().items()} for i, w in result.plan.widths.items()},
             "candidates": result.candidates}
@@ -182,7 +185,7 @@ def main() -> None:
     if a.merge:
         table(merge(a.merge.split(","), a.json))
         return
-    a.budgets = [float(b) for b in a.budgets.split(",")]
+    a.budgets = [float(b) for b in a.budgets.split(",") if b.strip()]  # "" for the kv row alone
     a.windows_for = {k: int(v) for k, v in (x.split("=") for x in a.windows.split(","))}
     out: dict[str, Any] = {"calibration": "c4 calib half, 16 x 512 (compress defaults)", "criterion": a.criterion,
                            "eval": "wiki eval half", "models": {}}
