@@ -19,8 +19,10 @@ fit part per round, one forward on the check part per candidate; the allocation 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -31,8 +33,9 @@ from prunekit.adapters import ModelAdapter
 from prunekit.compress.allocate import allocate, uniform_mlp
 from prunekit.compress.budget import Budget, SublayerCost, dense_total, removal_target, removed, sublayer_costs
 from prunekit.compress.curves import Curve, error_curve, refit, unit_columns
-from prunekit.compress.stats import CompressStats, Sublayer, collect_stats
+from prunekit.compress.stats import CompressStats, Sublayer, collect_stats, output_projections
 from prunekit.data import CalibrationData
+from prunekit.engine.memory import available_memory_bytes
 from prunekit.errors import PlanError
 from prunekit.losses import KL_TOPK, loss_and_kl_sums, means, split_check, topk_reference
 from prunekit.plans import DropTarget, LayerWidth, PruningPlan, normalize_drops
@@ -69,20 +72,22 @@ class OneProcess:
 
 def memory_estimate(adapter: ModelAdapter, batch_size: int, seq_len: int) -> dict[str, int]:
     """Bytes the search holds beside the model's weights, from shapes alone (`adapter` may be a meta-device
-    skeleton): `stats`, a float64 input Gram [in, in] and output Fisher [d, d] per sub-layer, always on the
-    host (at 1.5B parameters, 28 MLPs 8960 wide, the Grams alone are 18 GB); `weights`, two copies of every
-    output projection (the dense weights a candidate is reset to, the best candidate's refitted ones); and
-    `logits`, a scoring batch's float32 logits about three times over (logits, log-softmax, the float copy)."""
-    stats = weights = 0
+    skeleton). On the host: `grams`, a float64 input Gram [in, in] per sub-layer (at 1.5B parameters, 28
+    MLPs 8960 wide, 18 GiB; beyond `compress`'s `gram_budget_bytes` they wait on disk, so the least needed
+    is the `largest_gram`), and `fishers`, a float64 [d, d] per sub-layer. Beside the weights: `weights`,
+    two copies of every output projection (the dense weights a candidate is reset to, the best candidate's
+    refitted ones), and `logits`, a scoring batch's float32 logits about three times over (logits,
+    log-softmax, the float copy)."""
+    out = dict.fromkeys(("grams", "largest_gram", "fishers", "weights", "logits"), 0)
     itemsize = adapter.dtype().itemsize
-    for layer in adapter.layers():
-        for part, present in (("attn", adapter.has_attention(layer)), ("mlp", adapter.has_mlp(layer))):
-            if present:
-                proj = adapter.output_projection(layer, part)
-                stats += 8 * (proj.in_features ** 2 + proj.out_features ** 2)
-                weights += 2 * itemsize * proj.in_features * proj.out_features
-    vocab = adapter.lm_head().out_features
-    return {"stats": stats, "weights": weights, "logits": 3 * 4 * batch_size * seq_len * vocab}
+    for proj in output_projections(adapter).values():
+        gram = 8 * proj.in_features ** 2
+        out["grams"] += gram
+        out["largest_gram"] = max(out["largest_gram"], gram)
+        out["fishers"] += 8 * proj.out_features ** 2
+        out["weights"] += 2 * itemsize * proj.in_features * proj.out_features
+    out["logits"] = 3 * 4 * batch_size * seq_len * adapter.lm_head().out_features
+    return out
 
 
 @dataclass
@@ -132,7 +137,7 @@ class _Model:
         return (nh // nkv) * self.adapter.head_dim
 
     def curves(self, stats: CompressStats, step: int) -> dict[Sublayer, Curve]:
-        return {s: error_curve(stats.layers[s], self._proj(s).weight, alive, self.cols_per_unit(s),
+        return {s: error_curve(stats.layer(s), self._proj(s).weight, alive, self.cols_per_unit(s),
                                step if s[1] == "mlp" else 1)
                 for s, alive in self.alive.items() if alive}
 
@@ -145,7 +150,7 @@ class _Model:
             proj = self._proj(s)
             keep = curves[s].order[:k]
             if fit and k:
-                new = refit(stats.layers[s], proj.weight, self.alive[s], keep, self.cols_per_unit(s))
+                new = refit(stats.layer(s), proj.weight, self.alive[s], keep, self.cols_per_unit(s))
             else:
                 new = proj.weight.detach().clone()
                 gone = sorted(set(self.alive[s]) - set(keep))
@@ -204,26 +209,46 @@ def _spent(m: _Model, key: str) -> int:
 
 def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, budget: Budget, *,
              rounds: int = 2, multiple_of: int = 64, batch_size: int = 4, criterion: str = "loss",
-             progress: bool = True, source: str = "", sums: Sums | None = None) -> CompressResult:
+             progress: bool = True, source: str = "", sums: Sums | None = None,
+             gram_budget_bytes: int | None = None) -> CompressResult:
     """Search, apply the best candidate to `model` in place (physically), and return its plan and the table
     of every candidate tried. `criterion`: candidates are chosen by their loss on the held-out calibration
     samples ("loss"), or by the KL divergence there from the dense model's next-token distributions ("kl",
     over the dense model's top `KL_TOPK` tokens). `sums`: data parallel (`jobs.dist.AllReduceSums` under
-    torchrun); every process returns the same result."""
+    torchrun); every process returns the same result. `gram_budget_bytes`: memory for the input Grams at
+    once (default a quarter of the memory free when the search starts); beyond it they wait on disk in a
+    temporary directory (`stats.collect_stats`)."""
     check_criterion(criterion)
+    with tempfile.TemporaryDirectory(prefix="prunekit-compress-") as spill:
+        return _search(model, adapter, calib, budget, rounds, multiple_of, batch_size, criterion, progress,
+                       source, sums or OneProcess(), gram_budget_bytes, Path(spill))
+
+
+def _gram_budget(sums: Sums, given: int | None) -> int:
+    """`given`, or a quarter of the memory free now; the mean over processes, so that every rank forms the same
+    Gram groups (and so makes the same collective calls)."""
+    mine = given if given is not None else available_memory_bytes() // 4
+    both = sums.total(torch.tensor([float(mine), 1.0], dtype=torch.float64))
+    return int(both[0] / both[1])
+
+
+def _search(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, budget: Budget, rounds: int,
+            multiple_of: int, batch_size: int, criterion: str, progress: bool, source: str, sums: Sums,
+            gram_budget_bytes: int | None, spill: Path) -> CompressResult:
     started = time.monotonic()
     costs = sublayer_costs(adapter)
     need = removal_target(model, costs, budget)
     fit, check = split_check(calib, "compress")
-    sums = sums or OneProcess()
     my_fit, my_check = sums.shard(fit), sums.shard(check)
+    gram_budget = _gram_budget(sums, gram_budget_bytes)
     totals = {"params": count_parameters(model), "kv": dense_total(model, costs, "kv")}
     m = _Model(model, adapter, costs)
     tried: list[Candidate] = []
     reference = topk_reference(model, my_check, batch_size, KL_TOPK) if criterion == "kl" else None
 
     def collect(desc: str) -> CompressStats:
-        return collect_stats(model, adapter, my_fit, progress=progress, desc=desc, total=sums.total)
+        return collect_stats(model, adapter, my_fit, progress=progress, desc=desc, total=sums.total,
+                             gram_budget_bytes=gram_budget, spill_dir=Path(tempfile.mkdtemp(dir=spill)))
 
     def score(name: str, at_budget: bool) -> Candidate:
         loss, kl = means(sums.total(loss_and_kl_sums(model, my_check, batch_size, reference)),
@@ -284,8 +309,8 @@ def _rounds(m: _Model, collect: Any, stats: CompressStats, need: int, budget: Bu
         score(f"mixed x{rounds} rounds" if r == rounds else f"mixed round {r}/{rounds}", r == rounds)
         if r < rounds:
             # Emptied, not just replaced: the caller's reference would otherwise keep two sets of Grams alive
-            # while the next ones are taken (`memory_estimate` counts one).
-            stats.layers.clear()
+            # (or on disk) while the next ones are taken.
+            stats.release()
             stats = collect(f"compress statistics, round {r + 1}")
     m.reset()
 

@@ -42,14 +42,15 @@ def check_compress_memory(model: str | Path, dtype: str, device: torch.device, b
     weights = CheckpointFiles(local).numel_bytes(parse_dtype(dtype))
     est = memory_estimate(get_adapter(build_skeleton(local, dtype)), batch_size, seq_len)
     on_device = int(weights * STREAM_HEADROOM) + est["weights"] + est["logits"]
-    host = est["stats"] + (on_device if device.type == "cpu" else 0)
+    stats = est["fishers"] + est["largest_gram"]  # the other Grams can wait on disk
+    host = stats + (on_device if device.type == "cpu" else 0)
     for need, free, where in ((host, available_memory_bytes(), "memory"),
                               (on_device, device_free_bytes(device), f"{device} memory")):
         if need > free:
             gib = 2 ** 30
             raise PlanError(
-                f"compress needs about {need / gib:.1f} GiB of {where} ({weights / gib:.1f} GiB of weights, "
-                f"{est['stats'] / gib:.1f} GiB of float64 statistics, {est['logits'] / gib:.1f} GiB of logits) but "
+                f"compress needs at least {need / gib:.1f} GiB of {where} ({weights / gib:.1f} GiB of weights, "
+                f"{stats / gib:.1f} GiB of float64 statistics, {est['logits'] / gib:.1f} GiB of logits) but "
                 f"{free / gib:.1f} GiB is free; it cannot stream (a backward pass needs the whole model): use a "
                 "machine with more memory, or a smaller --batch-size or --dtype")
 
