@@ -125,6 +125,7 @@ def test_compress_with_grams_on_disk_chooses_the_same_model():
         m.load_state_dict(model.state_dict())
         results.append(compress(m, get_adapter(m), random_calib(8, 24), Budget("params", 0.8), rounds=2,
                                 multiple_of=16, progress=False, gram_budget_bytes=gram_budget))
+    assert results[0].plan.options["gram_groups"] == 1 < results[1].plan.options["gram_groups"]
     assert results[0].chosen == results[1].chosen
     assert results[0].plan.to_json()["widths"] == results[1].plan.to_json()["widths"]
     for a, b in zip(results[0].candidates, results[1].candidates):

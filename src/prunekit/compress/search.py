@@ -13,7 +13,8 @@
    are points of the quality-vs-budget curve too.
 
 Costs, in forward-pass equivalents over the calibration tokens: one forward+backward (about 3 passes) on the
-fit part per round, one forward on the check part per candidate; the allocation itself is arithmetic.
+fit part per round (plus one forward per further group when the Grams are spilled to disk), one forward on
+the check part per candidate; the allocation itself is arithmetic.
 """
 
 from __future__ import annotations
@@ -267,6 +268,7 @@ def _search(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bud
 
     score("dense", False)
     dense_stats = collect("compress statistics")
+    gram_groups = dense_stats.gram_groups  # the same in every round: it depends on shapes and the budget
     curves = m.curves(dense_stats, multiple_of)
     one_shot = {"mixed": lambda: allocate(curves, costs, need, budget.key, "mixed"),
                 "depth": lambda: allocate(curves, costs, need, budget.key, "depth"),
@@ -291,7 +293,10 @@ def _search(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bud
         plan.options["kl_topk"] = KL_TOPK
     # Cost in forward-pass equivalents over the whole calibration set: a forward+backward is about 3 passes.
     share = len(check.input_ids) / len(calib.input_ids)
-    plan.options["forward_passes"] = round(3 * rounds * (1 - share) + len(tried) * share, 2)
+    # Grams spilled to disk in groups cost one more forward per further group and round.
+    fit_passes = 3 + gram_groups - 1
+    plan.options["forward_passes"] = round(fit_passes * rounds * (1 - share) + len(tried) * share, 2)
+    plan.options["gram_groups"] = gram_groups
     plan.options["seconds"] = round(time.monotonic() - started, 1)
     plan.options["fit_tokens"], plan.options["check_tokens"] = fit.num_tokens, check.num_tokens
     return CompressResult(plan, [c.row(totals) for c in tried], best.name)

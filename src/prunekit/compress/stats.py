@@ -52,6 +52,7 @@ class CompressStats:
     layers: dict[Sublayer, SublayerStats] = field(default_factory=dict)
     loss: float = 0.0  # mean calibration NLL of the model the statistics were taken on
     tokens: int = 0
+    gram_groups: int = 1  # passes the Grams took (more than one when they were spilled to disk)
 
     def layer(self, key: Sublayer) -> SublayerStats:
         """`layers[key]` with its Gram in memory: read from disk for this one use when it was spilled."""
@@ -180,6 +181,7 @@ def collect_stats(model: nn.Module, adapter: ModelAdapter, calib: CalibrationDat
     if len(groups) > 1 and spill_dir is None:
         raise ValueError("the Grams need more than gram_budget_bytes: give a spill_dir to write them to")
     spill = spill_dir if len(groups) > 1 else None
+    stats.gram_groups = len(groups)
     loss = _pass(model, adapter, calib, stats, projections, groups[0], True, batch_size, progress, desc)
     _total_grams(stats, groups[0], total, spill)
     for g, group in enumerate(groups[1:], start=2):
