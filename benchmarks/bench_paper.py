@@ -7,8 +7,9 @@ acc for boolq/winogrande: prunekit.evaluation.zeroshot.AVERAGE_METRIC) with its 
 bytes per token. Calibration is on c4 (its calibration half); nothing is tuned on the evaluation data.
 
 Rows (``--rows``, default all): dense; attention drop 4/8/12; MLP drop 4; block drop 4 one-shot and
-iterative; joint drop 8; TransAct MLP 75%; TransAct query heads 2/3 (per KV group). Each row reloads the
-model from the converted checkpoint and applies the library's own plan (``drop.llm_drop`` / ``width.width_prune``, then ``surgery.apply_plan``).
+iterative; joint drop 8; TransAct MLP 75%; TransAct query heads 2/3 (per KV group); compress params=0.9.
+Each row reloads the model from the converted checkpoint and applies the library's own plan
+(``drop.llm_drop`` / ``width.width_prune`` / ``compress``, then ``surgery.apply_plan``).
 
 Results are written to ``--json`` (default ``benchmarks/results/paper.json``) after every row, atomically. A
 rerun with the same settings keeps the rows already measured and only runs the missing ones, so an interrupted
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import get_adapter
+from prunekit.compress import Budget, compress
 from prunekit.data import CalibrationData, calibration_data, eval_windows
 from prunekit.drop import llm_drop
 from prunekit.evaluation.bench import PeakRSS
@@ -84,6 +86,14 @@ def _transact_query_heads(keep: float) -> Prune:
     return prune
 
 
+def _compress(keep: float) -> Prune:
+    """`prunekit compress --budget params=KEEP` with its defaults, on this row's calibration data."""
+    def prune(model: nn.Module, calib: CalibrationData, a: argparse.Namespace) -> PruningPlan:
+        return compress(model, get_adapter(model), calib, Budget("params", keep), batch_size=a.batch_size,
+                        progress=False).plan
+    return prune
+
+
 ROWS: list[Row] = [
     Row("dense", "dense", lambda model, calib, a: None),
     Row("attn-drop-4", "attention drop 4", _drop("attn", 4)),
@@ -95,6 +105,7 @@ ROWS: list[Row] = [
     Row("joint-drop-8", "joint drop 8", _drop("joint", 8)),
     Row("transact-mlp-75", "TransAct MLP 75%", _transact_mlp(0.75)),
     Row("transact-heads-67", "TransAct query heads 2/3", _transact_query_heads(2 / 3)),
+    Row("compress-90", "compress params=0.9", _compress(0.9)),
 ]
 
 
@@ -139,6 +150,8 @@ def _measure(row: Row, a: argparse.Namespace, windows: torch.Tensor) -> dict[str
         "tasks": {t: zs["tasks"][t] for t in PAPER_TASKS},
         "average": zs["average"],
         "dropped": plan.to_json()["dropped"] if plan is not None else [],
+        "widths": {str(i): {k: len(v) for k, v in w.to_json().items()} for i, w in plan.widths.items()}
+        if plan is not None else {},  # units kept per layer (width rows and compress)
         "prune_s": prune_s,
         "tasks_s": time.perf_counter() - t1,
         "data_hashes": zs["data_hashes"],

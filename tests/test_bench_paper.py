@@ -30,7 +30,7 @@ def _row(name: str, params: int, value: float) -> dict:
 def test_rows_cover_the_issue():
     names = [r.name for r in _bench().ROWS]
     assert names == ["dense", "attn-drop-4", "attn-drop-8", "attn-drop-12", "mlp-drop-4", "block-drop-4",
-                     "block-drop-4-iter", "joint-drop-8", "transact-mlp-75"]
+                     "block-drop-4-iter", "joint-drop-8", "transact-mlp-75", "transact-heads-67", "compress-90"]
 
 
 def test_markdown_table(tmp_path):
