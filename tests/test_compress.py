@@ -169,6 +169,33 @@ def test_compress_meets_the_budget_and_iterative_rounds_are_tried():
     assert result.plan.method == "compress" and result.plan.options["budget"] == "params=0.8"
 
 
+def test_llm_drop_plans_are_candidates_scored_as_the_physically_dropped_model():
+    import copy
+
+    from prunekit.drop.llm_drop import plan_from_scores, score_model
+    from prunekit.losses import mean_loss, split_check
+
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    calib = random_calib(8, 24)
+    n0 = count_parameters(model)
+    need = removal_target(model, sublayer_costs(get_adapter(model)), Budget("params", 0.8))
+    result = compress(model, get_adapter(model), calib, Budget("params", 0.8), rounds=1, multiple_of=16,
+                      progress=False)
+    rows = {c["name"]: c for c in result.candidates}
+    assert {"LLM-Drop attn", "LLM-Drop mlp", "LLM-Drop block", "LLM-Drop joint"} <= set(rows)
+    fit, check = split_check(calib, "compress")
+    scores = score_model(dense, get_adapter(dense), fit, pairwise=False, progress=False)
+    for n in range(1, 5):  # the fewest blocks that reach the budget, as compress takes them
+        dropped = copy.deepcopy(dense)
+        apply_plan(get_adapter(dropped), plan_from_scores(scores, get_adapter(dense), fit, target="block", n=n))
+        if n0 - count_parameters(dropped) >= need:
+            break
+    row = rows["LLM-Drop block"]
+    assert row["at_budget"] and row["removed_params"] == pytest.approx(1 - count_parameters(dropped) / n0)
+    assert row["check_loss"] == pytest.approx(mean_loss(dropped, check, 4), rel=1e-6)
+
+
 def test_kl_criterion_chooses_the_candidate_closest_to_the_dense_model():
     from prunekit.errors import PlanError
 
