@@ -325,9 +325,8 @@ def _llm_drop_candidates(model: nn.Module, adapter: ModelAdapter, fit: Calibrati
                 drops = plan_drops(scores, target, n)  # type: ignore[arg-type]
             except PlanError:
                 break  # more than the model has of this kind
-            counts = {(d.layer, part): 0 for d in drops
-                      for part in (("attn", "mlp") if d.module == "block" else (d.module,))}
-            counts = {s: 0 for s in counts if s in costs}
+            attn, mlp = PruningPlan(dropped=drops).drops_by_module()
+            counts = {s: 0 for s in [*((i, "attn") for i in attn), *((i, "mlp") for i in mlp)] if s in costs}
             if removed(costs, counts, key) >= need:
                 out[f"LLM-Drop {target}"] = counts
                 break

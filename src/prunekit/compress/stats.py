@@ -207,9 +207,10 @@ def _pass(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, stats
             for ids, mask in tqdm(calib.batches(batch_size), desc=desc, disable=not progress, leave=False):
                 ids, mask = ids.to(device), mask.to(device)
                 hooks.mask = mask
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                if not backward:
+                if not backward:  # the Grams only need the decoder layers: no LM head over the vocabulary
+                    adapter.base_model()(input_ids=ids, attention_mask=mask, use_cache=False)
                     continue
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 nll, n = token_nll(logits, ids, mask)
                 if not torch.isfinite(nll):
                     raise ActivationOverflowError("the calibration loss is not finite; use --dtype float32")

@@ -35,13 +35,19 @@ def device_free_bytes(device: torch.device) -> int:
 STREAM_HEADROOM = 1.3  # loaded weights x this: loading copies, activations, the Python process
 
 
+def checkpoint_bytes(path: str | Path, dtype: str | torch.dtype = "float32") -> int | None:
+    """Bytes of a local checkpoint's weights once loaded in `dtype`; None for a model that is not a local
+    safetensors checkpoint (a hub id), whose size is not known before loading."""
+    local = Path(resolve_model_path(path))
+    if not local.is_dir() or not list(local.glob("*.safetensors")):
+        return None
+    return CheckpointFiles(local).numel_bytes(parse_dtype(dtype))
+
+
 def should_stream(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
                   *, headroom: float = STREAM_HEADROOM) -> bool:
     """Whether the checkpoint would not fit: its weights in `dtype`, times `headroom` (loading copies,
     activations, the Python process), exceed the free memory of `device`. A non-local model (hub id) is
     never streamed (streaming reads local safetensors files)."""
-    local = Path(resolve_model_path(path))
-    if not local.is_dir() or not list(local.glob("*.safetensors")):
-        return False
-    need = CheckpointFiles(local).numel_bytes(parse_dtype(dtype))
-    return need * headroom > device_free_bytes(torch.device(device))
+    need = checkpoint_bytes(path, dtype)
+    return need is not None and need * headroom > device_free_bytes(torch.device(device))

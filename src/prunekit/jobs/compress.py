@@ -11,10 +11,9 @@ import torch
 from prunekit.adapters import get_adapter
 from prunekit.compress import Budget, CompressResult, compress, parse_budget, write_pareto
 from prunekit.compress.search import check_criterion, memory_estimate
-from prunekit.engine.memory import STREAM_HEADROOM, available_memory_bytes, device_free_bytes
+from prunekit.engine.memory import STREAM_HEADROOM, available_memory_bytes, checkpoint_bytes, device_free_bytes
 from prunekit.errors import PlanError
-from prunekit.io.checkpoint import build_skeleton, parse_dtype, resolve_model_path
-from prunekit.io.files import CheckpointFiles
+from prunekit.io.checkpoint import build_skeleton, resolve_model_path
 from prunekit.io.outputs import prepare_output
 from prunekit.jobs.common import distributed, load_job
 from prunekit.jobs.dist import AllReduceSums, DistEnv, resolve_device
@@ -36,11 +35,10 @@ def check_compress_memory(model: str | Path, dtype: str, device: torch.device, b
     """One clear error, before any work, when the model in memory (a backward pass needs the whole graph, so
     no streaming) plus what the search holds (`memory_estimate`) would not fit in free memory. A model that
     is not a local checkpoint (a hub id) is not checked."""
-    local = Path(resolve_model_path(model))
-    if not local.is_dir() or not list(local.glob("*.safetensors")):
+    weights = checkpoint_bytes(model, dtype)
+    if weights is None:
         return
-    weights = CheckpointFiles(local).numel_bytes(parse_dtype(dtype))
-    est = memory_estimate(get_adapter(build_skeleton(local, dtype)), batch_size, seq_len)
+    est = memory_estimate(get_adapter(build_skeleton(resolve_model_path(model), dtype)), batch_size, seq_len)
     on_device = int(weights * STREAM_HEADROOM) + est["weights"] + est["logits"]
     stats = est["fishers"] + est["largest_gram"]  # the other Grams can wait on disk
     host = stats + (on_device if device.type == "cpu" else 0)
