@@ -16,6 +16,7 @@ from prunekit.compress.budget import Budget, SublayerCost, parse_budget, removal
 from prunekit.compress.curves import RIDGE, Curve, error_curve, refit, unit_columns
 from prunekit.compress.search import _Model, compress, plan_for
 from prunekit.compress.stats import SublayerStats, collect_stats
+from prunekit.engine.sources import ResidentLayers
 from prunekit.errors import PlanError
 from prunekit.plans import PruningPlan
 from prunekit.surgery import apply_plan
@@ -76,45 +77,76 @@ def test_budgets_parse_and_impossible_ones_fail_before_work():
         removal_target(model, sublayer_costs(get_adapter(model)), Budget("params", 0.01))
 
 
-def test_statistics_do_not_depend_on_how_many_sequences_share_a_backward_pass():
-    """`collect_stats` runs one sequence per backward pass to bound the logits' memory; that must give the
-    same sums as whole batches (padding excluded either way)."""
-    model = tiny_model("qwen2")
+def _reference_stats(model, ad, calib):
+    """Grams, Fishers and the loss from one whole-graph forward and backward (autograd over the full model,
+    hooks on the output projections): what the layer-by-layer backward sweep must reproduce."""
+    from prunekit.compress.stats import output_projections
+    from prunekit.losses import token_nll
+    from prunekit.width.importance import masked_rows
+
+    grams, fishers, handles = {}, {}, []
+    ids, mask = calib.input_ids, calib.attention_mask
+    for key, proj in output_projections(ad).items():
+        grams[key] = torch.zeros(proj.in_features, proj.in_features, dtype=torch.float64)
+        fishers[key] = torch.zeros(proj.out_features, proj.out_features, dtype=torch.float64)
+
+        def hook(module, args, out, key=key):
+            rows = masked_rows(args[0].detach(), mask).double()
+            grams[key] += rows.T @ rows
+
+            def grad_hook(g, key=key):
+                rows = masked_rows(g, mask).double()
+                fishers[key] += rows.T @ rows
+            out.register_hook(grad_hook)
+        handles.append(proj.register_forward_hook(hook))
+    model.zero_grad()
+    nll, n = token_nll(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+    nll.backward()
+    for h in handles:
+        h.remove()
+    return grams, fishers, float(nll.detach()) / n, n
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_layer_by_layer_backward_gives_the_whole_graph_statistics(family):
+    """`collect_stats` runs the layers forward, then re-runs them top-down with autograd one at a time
+    (`LayerRunner.backward`): the same Grams, Fishers and loss as autograd over the whole model, padding
+    excluded, at any batch size."""
+    model = tiny_model(family)
+    if family == "gemma3_text":  # the soft-capped logits of Gemma 2/3 must be the model's own
+        model.config.final_logit_softcapping = 5.0
     ad = get_adapter(model)
     calib = random_calib(6, 16, pad_last=5)
-    one, four = (collect_stats(model, ad, calib, batch_size=b, progress=False) for b in (1, 4))
-    assert one.tokens == four.tokens == 6 * 15 - 5
-    assert one.loss == pytest.approx(four.loss, rel=1e-9)
-    for key, st in one.layers.items():
-        other = four.layers[key]
-        assert st.tokens == other.tokens
-        for a, b in ((st.gram, other.gram), (st.fisher, other.fisher)):
-            # Each batch's product is taken in float32: equal up to its rounding, on the matrix's scale.
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+    grams, fishers, loss, tokens = _reference_stats(model, ad, calib)
+    for batch_size in (1, 4):
+        st = collect_stats(model, calib, adapter=ad, batch_size=batch_size, progress=False)
+        assert st.tokens == tokens == 6 * 15 - 5 and st.loss == pytest.approx(loss, rel=1e-6)
+        assert sorted(st.layers) == sorted(grams)
+        for key, sub in st.layers.items():
+            assert sub.tokens == 6 * 16 - 5
+            for got, want in ((sub.gram, grams[key]), (sub.fisher, fishers[key])):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
-def test_grams_taken_in_groups_and_spilled_to_disk_equal_one_pass(tmp_path):
-    """Over a Gram budget, each group of Grams has its own forward pass and waits on disk: the same sums."""
-    from prunekit.compress.stats import gram_groups
-
+def test_grams_spilled_to_disk_layer_by_layer_equal_those_in_memory(tmp_path):
+    """Over a Gram budget, each layer's Grams are written to disk once summed: the same sums."""
     model = tiny_model("llama")
     ad = get_adapter(model)
     calib = random_calib(4, 16, pad_last=3)
-    whole = collect_stats(model, ad, calib, progress=False)
-    parts = collect_stats(model, ad, calib, progress=False, gram_budget_bytes=1, spill_dir=tmp_path)
-    assert len(gram_groups({k: st.gram.shape[0] for k, st in whole.layers.items()}, 1)) == len(whole.layers)
+    whole = collect_stats(model, calib, adapter=ad, progress=False)
+    parts = collect_stats(model, calib, adapter=ad, progress=False, gram_budget_bytes=1, spill_dir=tmp_path)
+    assert not whole.grams_on_disk and parts.grams_on_disk
     assert parts.loss == whole.loss and parts.tokens == whole.tokens
     for key, st in whole.layers.items():
         spilled = parts.layers[key]
         assert spilled.gram is None and spilled.gram_file is not None and spilled.gram_file.is_file()
         loaded = parts.layer(key)
         assert loaded.tokens == st.tokens
-        torch.testing.assert_close(loaded.gram, st.gram, rtol=1e-12, atol=1e-12 * float(st.gram.abs().max()))
-        assert torch.equal(loaded.fisher, st.fisher)
+        assert torch.equal(loaded.gram, st.gram) and torch.equal(loaded.fisher, st.fisher)
     parts.release()
     assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="spill_dir"):
-        collect_stats(model, ad, calib, progress=False, gram_budget_bytes=1)
+        collect_stats(model, calib, adapter=ad, progress=False, gram_budget_bytes=1)
 
 
 def test_compress_with_grams_on_disk_chooses_the_same_model():
@@ -125,7 +157,7 @@ def test_compress_with_grams_on_disk_chooses_the_same_model():
         m.load_state_dict(model.state_dict())
         results.append(compress(m, get_adapter(m), random_calib(8, 24), Budget("params", 0.8), rounds=2,
                                 multiple_of=16, progress=False, gram_budget_bytes=gram_budget))
-    assert results[0].plan.options["gram_groups"] == 1 < results[1].plan.options["gram_groups"]
+    assert not results[0].plan.options["grams_on_disk"] and results[1].plan.options["grams_on_disk"]
     assert results[0].chosen == results[1].chosen
     assert results[0].plan.to_json()["widths"] == results[1].plan.to_json()["widths"]
     for a, b in zip(results[0].candidates, results[1].candidates):
@@ -137,9 +169,9 @@ def test_zeroed_and_refitted_candidate_equals_the_physically_pruned_model(family
     model = tiny_model(family)
     ad = get_adapter(model)
     costs = sublayer_costs(ad)
-    m = _Model(model, ad, costs)
+    m = _Model(ResidentLayers(model, ad), costs)
     calib = random_calib(4, 16)
-    stats = collect_stats(model, ad, calib, progress=False)
+    stats = collect_stats(model, calib, adapter=ad, progress=False)
     curves = m.curves(stats, 16)
     counts = {(0, "attn"): 0, (1, "mlp"): 48, (2, "attn"): 1, (3, "mlp"): 0, (3, "attn"): 0}
     m.cut(stats, curves, counts, True)
@@ -244,13 +276,16 @@ def test_memory_estimate_counts_the_statistics_exactly():
 
     model = tiny_model("gemma3_text")
     ad = get_adapter(model)
-    stats = collect_stats(model, ad, random_calib(2, 16), progress=False)
+    stats = collect_stats(model, random_calib(2, 16), adapter=ad, progress=False)
     held = sum(t.numel() * t.element_size() for st in stats.layers.values() for t in (st.gram, st.fisher))
-    est = memory_estimate(ad, 4, 16)
+    est = memory_estimate(ad, 8, 16)
     assert est["grams"] + est["fishers"] == held
     assert est["largest_gram"] == max(st.gram.numel() * 8 for st in stats.layers.values())
-    dense = _Model(model, ad, sublayer_costs(ad)).dense
-    assert memory_estimate(ad, 4, 16)["weights"] == 2 * sum(w.numel() * w.element_size() for w in dense.values())
+    m = _Model(ResidentLayers(model, ad), sublayer_costs(ad))
+    projections = [m.weight(s) for s in m.costs]
+    assert est["weights"] == 2 * sum(w.numel() * w.element_size() for w in projections)
+    assert est["states"] == 6 * 16 * ad.hidden_size * ad.num_layers * 4  # the fit part: 6 of 8 samples
+    assert est["layer"] == max(sum(p.numel() * 4 for p in layer.parameters()) for layer in ad.layers())
 
 
 def test_compress_that_would_not_fit_is_one_error_before_any_work(tiny_checkpoint, tmp_path, monkeypatch, capsys):
@@ -297,3 +332,64 @@ def test_two_processes_choose_the_single_process_model(tiny_checkpoint, tmp_path
         assert g["name"] == r["name"] and abs(g["check_loss"] - r["check_loss"]) <= 1e-9 * abs(r["check_loss"])
     a, b = load_file(str(tmp_path / "single" / "model.safetensors")), load_file(str(tmp_path / "dp" / "model.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+
+
+def test_streamed_compress_equals_the_in_memory_one(tiny_checkpoint, tmp_path):
+    """`--stream`: one layer at a time, forward and backward, the candidates' edits kept beside the files and
+    the checkpoint written from them: the same candidates score the same, the same model is chosen, and the
+    saved checkpoint (with its Pareto table) gives the in-memory one's logits."""
+    from prunekit.io.checkpoint import load_model
+    from prunekit.jobs.compress import compress_job
+
+    ck, text = tiny_checkpoint
+    opts = dict(budget="params=0.85", multiple_of=16, calib=text, samples=8, seq_len=24, progress=False)
+    resident = compress_job(str(ck), tmp_path / "resident", stream=False, **opts)
+    streamed = compress_job(str(ck), tmp_path / "streamed", stream=True, offload_dir=tmp_path / "offload", **opts)
+    assert resident is not None and streamed is not None
+    assert streamed.chosen == resident.chosen and streamed.plan.to_json()["widths"] == resident.plan.to_json()["widths"]
+    assert streamed.plan.to_json()["dropped"] == resident.plan.to_json()["dropped"]
+    for a, b in zip(streamed.candidates, resident.candidates, strict=True):
+        assert a["name"] == b["name"] and a["check_loss"] == pytest.approx(b["check_loss"], rel=1e-6)
+    assert (tmp_path / "streamed" / "pareto.json").is_file() and (tmp_path / "streamed" / "pareto.png").is_file()
+    assert not list((tmp_path / "offload").iterdir())  # the spilled states and Grams are gone
+    ids = random_calib(2, 16).input_ids
+    with torch.no_grad():
+        want = load_model(tmp_path / "resident", tokenizer=False)[0](input_ids=ids).logits
+        got = load_model(tmp_path / "streamed", tokenizer=False)[0](input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_streamed_edits_are_read_reverted_and_saved_cut_by_the_plan(tiny_checkpoint, tmp_path):
+    """A streamed source's written tensors stand in for the files' values when a layer is read and when the
+    checkpoint is saved (cut by the plan like the rest), and `revert` undoes what was not committed: the
+    saved checkpoint equals, tensor for tensor, the in-memory model edited and cut the same way."""
+    from safetensors.torch import load_file
+
+    from prunekit.engine.streamed import StreamedLayers
+    from prunekit.io.checkpoint import load_model, load_tokenizer
+    from prunekit.plans import LayerWidth
+    from prunekit.save import save
+
+    ck, _ = tiny_checkpoint
+    src = StreamedLayers(ck)
+    name = _Model(src, sublayer_costs(src.adapter)).names[(1, "mlp")] + ".weight"
+    width = src.adapter.mlp_width(src.adapter.layers()[1])
+    edited = torch.randn_like(src.read(name))
+    src.write(name, edited)
+    src.commit()
+    src.write(name, torch.zeros_like(edited))
+    with src.layer(1) as layer:
+        assert torch.equal(src.adapter.output_projection(layer, "mlp").weight, torch.zeros_like(edited))
+    src.revert()
+    assert torch.equal(src.read(name), edited)
+    plan = PruningPlan(widths={1: LayerWidth(channels=list(range(0, width, 2)))})
+    save(src, load_tokenizer(ck), tmp_path / "streamed", plan, progress=False)
+
+    model, _ = load_model(ck, tokenizer=False)
+    with torch.no_grad():
+        model.get_parameter(name).copy_(edited)
+    apply_plan(get_adapter(model), plan)
+    want = model.state_dict()
+    got = load_file(str(tmp_path / "streamed" / "model.safetensors"))
+    assert got[name].shape == (edited.shape[0], width // 2)
+    assert all(torch.equal(got[k], want[k]) for k in got)

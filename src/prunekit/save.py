@@ -47,10 +47,8 @@ def save(model: nn.Module | LayerSource, tokenizer: Any, out: str | Path, plan: 
     if isinstance(model, StreamedLayers):
         if plan is None:
             raise CheckpointError("saving a streamed model needs the plan to apply to its source files")
-        if extras is not None:
-            raise CheckpointError("extra output files are not supported for streamed saves")
         return save_pruned_streamed(model.path, plan, out, force=force, dtype=model.dtype, tokenizer=tokenizer,
-                                    progress=progress)
+                                    progress=progress, overrides=model.overrides, extras=extras)
     module = model.model if isinstance(model, ResidentLayers) else model
     return save_checkpoint(module, tokenizer, out, plan, force=force, extras=extras)
 
@@ -116,10 +114,14 @@ class _LayerValues:
 
 def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *, force: bool = False,
                          dtype: str | torch.dtype | None = None, tokenizer: Any = None,
-                         max_shard_bytes: int = 1 << 30, progress: bool = True) -> Path:
+                         max_shard_bytes: int = 1 << 30, progress: bool = True,
+                         overrides: dict[str, torch.Tensor] | None = None,
+                         extras: Callable[[Path], None] | None = None) -> Path:
     """Write the pruned checkpoint of `plan` applied to the local checkpoint `src`, never holding more than
     one layer in memory (see the module docstring). `dtype`: of the written weights (None keeps the source
-    checkpoint's). `tokenizer`: saved alongside; None loads the source's own."""
+    checkpoint's). `tokenizer`: saved alongside; None loads the source's own. `overrides`: layer tensors (by
+    state-dict name, at the source's full shape) written in place of the files' values, cut by the plan like
+    them (`compress`'s refitted projections). `extras`: as in `save`."""
     src_dir = Path(resolve_model_path(src))
     prepare_output(out, force)
     if dtype is None:
@@ -129,7 +131,9 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
     original = {id(layer): i for i, layer in enumerate(ad.layers())}
     structure = apply_plan(ad, plan)
     keep = [original[id(layer)] for layer in ad.layers()]
-    values = _LayerValues(StreamedLayers(src_dir, dtype=dtype), plan, keep)
+    values_source = StreamedLayers(src_dir, dtype=dtype)
+    values_source.overrides = dict(overrides or {})
+    values = _LayerValues(values_source, plan, keep)
     names = _saved_names(pruned.model)
     meta_sd = pruned.model.state_dict()
     shards = _plan_shards([(n, meta_sd[n].numel() * meta_sd[n].element_size()) for n in names], max_shard_bytes)
@@ -158,6 +162,8 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _save_configs(pruned.model, tmp)
         write_companions(tmp, tokenizer, stock_class(pruned.model).__name__ if structure else None, plan)
+        if extras is not None:
+            extras(tmp)
         pause_point("saving")
     return Path(out)
 

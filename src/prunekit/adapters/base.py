@@ -151,6 +151,14 @@ class ModelAdapter:
     def lm_head(self) -> nn.Module:
         return _get(self.model, self.spec.lm_head)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's next-token logits from the last decoder layer's output `h`, as its own forward computes
+        them: final norm, LM head, and the tanh soft-capping some families apply (Gemma 2/3's
+        `final_logit_softcapping`)."""
+        out = self.lm_head()(self.final_norm()(h))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return out if not cap else torch.tanh(out / cap) * cap
+
     def attn(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.spec.attn)
 

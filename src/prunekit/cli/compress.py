@@ -17,8 +17,8 @@ def register(sub: Any) -> None:
                     "every way of narrowing or removing each attention and MLP sub-layer (with a least-squares "
                     "refit of what remains), spend the budget where it costs least, try several candidate "
                     "families (mixed, depth only, width only, uniform width, and mixed in several rounds), score "
-                    "each by the loss on held-out calibration samples and save the best. Training-free; the "
-                    "model must fit in memory.",
+                    "each by the loss on held-out calibration samples and save the best. Training-free; a model "
+                    "that does not fit in memory is streamed one layer at a time (the backward pass too).",
     )
     add_model(p)
     p.add_argument("--budget", required=True, metavar="KEY=FRACTION",
@@ -31,6 +31,12 @@ def register(sub: Any) -> None:
     p.add_argument("--criterion", choices=("loss", "kl"), default="loss",
                    help="choose among the candidates by the loss on held-out calibration samples (default), or by "
                         "the KL divergence there from the dense model's next-token distributions")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="load one decoder layer at a time from the safetensors files, forward and backward "
+                        "(--no-stream: whole model in memory; default: stream only when it would not fit)")
+    p.add_argument("--offload-dir", default=None,
+                   help="directory for the input Grams that do not fit in memory and a streamed run's hidden "
+                        "states (default: the system's temporary directory); removed when done")
     add_calib(p)
     add_output(p)
     p.set_defaults(func=cmd_compress)
@@ -42,8 +48,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result = compress_job(str(args.model), args.out, budget=args.budget, rounds=args.rounds,
                           multiple_of=args.multiple_of, calib=args.calib, samples=args.samples,
                           seq_len=args.seq_len, batch_size=args.batch_size, criterion=args.criterion,
-                          dtype=args.dtype, device=args.device,
-                          force=args.force, progress=progress(args))
+                          dtype=args.dtype, device=args.device, stream=args.stream,
+                          offload_dir=args.offload_dir, force=args.force, progress=progress(args))
     if result is None:  # not rank 0 of a torchrun job
         return 0
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)

@@ -38,10 +38,13 @@ from prunekit.compress.curves import Curve, error_curve, refit, unit_columns
 from prunekit.compress.stats import CompressStats, Sublayer, collect_stats, output_projections
 from prunekit.data import CalibrationData
 from prunekit.drop.choose import TARGETS, plan_drops
-from prunekit.drop.llm_drop import score_model
+from prunekit.drop.scorer import SimilarityScorer
+from prunekit.engine.head import LossObserver
 from prunekit.engine.memory import available_memory_bytes
+from prunekit.engine.runner import LayerRunner
+from prunekit.engine.sources import LayerSource, as_source
 from prunekit.errors import PlanError
-from prunekit.losses import KL_TOPK, loss_and_kl_sums, means, split_check, topk_reference
+from prunekit.losses import KL_TOPK, Reference, means, split_check
 from prunekit.plans import DropTarget, LayerWidth, PruningPlan, normalize_drops
 from prunekit.surgery import apply_plan
 from prunekit.surgery.structure import count_parameters
@@ -74,15 +77,17 @@ class OneProcess:
         return values
 
 
-def memory_estimate(adapter: ModelAdapter, batch_size: int, seq_len: int) -> dict[str, int]:
+def memory_estimate(adapter: ModelAdapter, samples: int, seq_len: int) -> dict[str, int]:
     """Bytes the search holds beside the model's weights, from shapes alone (`adapter` may be a meta-device
-    skeleton). On the host: `grams`, a float64 input Gram [in, in] per sub-layer (at 1.5B parameters, 28
-    MLPs 8960 wide, 18 GiB; beyond `compress`'s `gram_budget_bytes` they wait on disk, so the least needed
-    is the `largest_gram`), and `fishers`, a float64 [d, d] per sub-layer. Beside the weights: `weights`,
-    two copies of every output projection (the dense weights a candidate is reset to, the best candidate's
-    refitted ones), and `logits`, a scoring batch's float32 logits about three times over (logits,
-    log-softmax, the float copy)."""
-    out = dict.fromkeys(("grams", "largest_gram", "fishers", "weights", "logits"), 0)
+    skeleton), for `samples` calibration sequences of `seq_len` tokens. `grams`: a float64 input Gram
+    [in, in] per sub-layer (at 1.5B parameters, 28 MLPs 8960 wide, 18 GiB; beyond `compress`'s
+    `gram_budget_bytes` each layer's wait on disk, so the least needed is the `largest_gram`); `fishers`: a
+    float64 [d, d] per sub-layer; `weights`: two copies of every output projection (the candidate's edits,
+    the best candidate's refitted ones); `logits`: one sequence's float32 logits about three times over
+    (logits, log-softmax, a gradient or float copy); `states`: every layer's input for the fit part of the
+    calibration data (kept in RAM for a resident model, on disk for a streamed one); `layer`: the largest
+    decoder layer's weights and `head`: the final norm's and LM head's (what a streamed model holds)."""
+    out = dict.fromkeys(("grams", "largest_gram", "fishers", "weights", "logits", "states", "layer", "head"), 0)
     itemsize = adapter.dtype().itemsize
     for proj in output_projections(adapter).values():
         gram = 8 * proj.in_features ** 2
@@ -90,8 +95,16 @@ def memory_estimate(adapter: ModelAdapter, batch_size: int, seq_len: int) -> dic
         out["largest_gram"] = max(out["largest_gram"], gram)
         out["fishers"] += 8 * proj.out_features ** 2
         out["weights"] += 2 * itemsize * proj.in_features * proj.out_features
-    out["logits"] = 3 * 4 * batch_size * seq_len * adapter.lm_head().out_features
+    out["logits"] = 3 * 4 * seq_len * adapter.lm_head().out_features
+    fit_samples = samples - max(1, samples // 4)  # `split_check`
+    out["states"] = fit_samples * seq_len * adapter.hidden_size * adapter.num_layers * itemsize
+    out["layer"] = max((_bytes(layer) for layer in adapter.layers()), default=0)
+    out["head"] = _bytes(adapter.lm_head()) + _bytes(adapter.final_norm())
     return out
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 @dataclass
@@ -121,18 +134,21 @@ class Candidate:
 
 
 class _Model:
-    """The full-size model under search: which units are alive, and edits as (zeroed + refitted) output
-    projections that `reset` undoes."""
+    """The full-size model under search (resident or streamed): which units are alive, and edits as zeroed and
+    refitted output projections, written through the source (`LayerSource.write`) and undone by `reset`."""
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, costs: dict[Sublayer, SublayerCost]):
-        self.model, self.adapter, self.costs = model, adapter, costs
-        self.dense = {s: self._proj(s).weight.detach().clone() for s in costs}
-        self.dense_bias = {s: None if self._proj(s).bias is None else self._proj(s).bias.detach().clone()
-                           for s in costs}
+    def __init__(self, source: LayerSource, costs: dict[Sublayer, SublayerCost]):
+        self.source, self.adapter, self.costs = source, source.adapter, costs
+        names = {id(module): name for name, module in self.adapter.model.named_modules()}
+        self.names = {s: names[id(self._proj(s))] for s in costs}
         self.alive: dict[Sublayer, list[int]] = {s: list(range(c.units)) for s, c in costs.items()}
 
     def _proj(self, s: Sublayer) -> nn.Linear:
         return self.adapter.output_projection(self.adapter.layers()[s[0]], s[1])
+
+    def weight(self, s: Sublayer) -> torch.Tensor:
+        """The output projection's weight as it is now (edits included)."""
+        return self.source.read(self.names[s] + ".weight")
 
     def cols_per_unit(self, s: Sublayer) -> int:
         if s[1] == "mlp":
@@ -141,7 +157,7 @@ class _Model:
         return (nh // nkv) * self.adapter.head_dim
 
     def curves(self, stats: CompressStats, step: int) -> dict[Sublayer, Curve]:
-        return {s: error_curve(stats.layer(s), self._proj(s).weight, alive, self.cols_per_unit(s),
+        return {s: error_curve(stats.layer(s), self.weight(s), alive, self.cols_per_unit(s),
                                step if s[1] == "mlp" else 1)
                 for s, alive in self.alive.items() if alive}
 
@@ -151,34 +167,54 @@ class _Model:
         """Keep the strongest `counts[s]` alive units of each sub-layer, refitting its projection (`fit`) or
         just zeroing what goes."""
         for s, k in counts.items():
-            proj = self._proj(s)
             keep = curves[s].order[:k]
             if fit and k:
-                new = refit(stats.layer(s), proj.weight, self.alive[s], keep, self.cols_per_unit(s))
+                new = refit(stats.layer(s), self.weight(s), self.alive[s], keep, self.cols_per_unit(s))
             else:
-                new = proj.weight.detach().clone()
+                new = self.weight(s).clone()
                 gone = sorted(set(self.alive[s]) - set(keep))
                 if gone:
                     new[:, unit_columns(gone, self.cols_per_unit(s))] = 0
-            proj.weight.copy_(new)
-            if k == 0 and proj.bias is not None:
-                proj.bias.zero_()  # a removed sub-layer adds nothing
+            self.write(s, new, removed=k == 0)
             self.alive[s] = sorted(keep)
 
-    @torch.no_grad()
+    def write(self, s: Sublayer, weight: torch.Tensor, removed: bool) -> None:
+        self.source.write(self.names[s] + ".weight", weight)
+        if removed and self._proj(s).bias is not None:  # a removed sub-layer adds nothing
+            bias = self.names[s] + ".bias"
+            self.source.write(bias, torch.zeros_like(self.source.read(bias)))
+
     def reset(self) -> None:
-        for s, w in self.dense.items():
-            self._proj(s).weight.copy_(w)
-            if self.dense_bias[s] is not None:
-                self._proj(s).bias.copy_(self.dense_bias[s])
+        self.source.revert()
         self.alive = {s: list(range(c.units)) for s, c in self.costs.items()}
 
     def snapshot(self) -> dict[Sublayer, torch.Tensor]:
-        return {s: self._proj(s).weight.detach().clone() for s, a in self.alive.items()
-                if len(a) < self.costs[s].units}
+        return {s: self.weight(s).clone() for s, a in self.alive.items() if len(a) < self.costs[s].units}
 
     def kept_counts(self) -> dict[Sublayer, int]:
         return {s: len(a) for s, a in self.alive.items()}
+
+
+class _Scorer:
+    """The held-out check of a candidate: the check part through the one runner (layer-0 inputs remembered, so
+    a candidate costs one pass of the layers), mean NLL and KL summed over processes. With the KL criterion
+    the dense model's top-K logits are taken first (build it before any edit)."""
+
+    def __init__(self, source: LayerSource, check: CalibrationData, batch_size: int, kl: bool, sums: Sums,
+                 work_dir: Path | None):
+        self.source, self.sums = source, sums
+        self.runner = LayerRunner(source, check, batch_size=batch_size, work_dir=work_dir, progress=False)
+        self.reference: Reference | None = None
+        if kl:
+            obs = LossObserver(source, self.runner.batches, keep_topk=KL_TOPK)
+            self.runner.run([obs])
+            self.reference = [obs.kept[b] for b in range(len(self.runner.batches))]
+
+    def __call__(self) -> tuple[float, float | None]:
+        self.runner.invalidate_from(0)
+        obs = LossObserver(self.source, self.runner.batches, reference=self.reference)
+        self.runner.run([obs])
+        return means(self.sums.total(obs.sums), self.reference is not None)
 
 
 def plan_for(adapter: ModelAdapter, kept: dict[Sublayer, list[int]]) -> tuple[list[DropTarget], dict[int, LayerWidth]]:
@@ -211,52 +247,66 @@ def _spent(m: _Model, key: str) -> int:
     return removed(m.costs, m.kept_counts(), key)
 
 
-def compress(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, budget: Budget, *,
-             rounds: int = 2, multiple_of: int = 64, batch_size: int = 4, criterion: str = "loss",
-             progress: bool = True, source: str = "", sums: Sums | None = None,
-             gram_budget_bytes: int | None = None) -> CompressResult:
-    """Search, apply the best candidate to `model` in place (physically), and return its plan and the table
-    of every candidate tried. `criterion`: candidates are chosen by their loss on the held-out calibration
-    samples ("loss"), or by the KL divergence there from the dense model's next-token distributions ("kl",
-    over the dense model's top `KL_TOPK` tokens). `sums`: data parallel (`jobs.dist.AllReduceSums` under
-    torchrun); every process returns the same result. `gram_budget_bytes`: memory for the input Grams at
-    once (default a quarter of the memory free when the search starts); beyond it they wait on disk in a
-    temporary directory (`stats.collect_stats`)."""
+def compress(model: nn.Module | LayerSource, adapter: ModelAdapter | None, calib: CalibrationData,
+             budget: Budget, *, rounds: int = 2, multiple_of: int = 64, batch_size: int = 4,
+             criterion: str = "loss", progress: bool = True, source: str = "", sums: Sums | None = None,
+             gram_budget_bytes: int | None = None, work_dir: str | Path | None = None) -> CompressResult:
+    """Search, apply the best candidate and return its plan and the table of every candidate tried. `model`: a
+    model in memory (cut in place, physically) or any layer source (a streamed one keeps the refitted
+    weights as overrides and its skeleton is cut; `prunekit.save` writes the checkpoint from its files).
+    `criterion`: candidates are chosen by their loss on the held-out calibration samples ("loss"), or by the
+    KL divergence there from the dense model's next-token distributions ("kl", over the dense model's top
+    `KL_TOPK` tokens). `sums`: data parallel (`jobs.dist.AllReduceSums` under torchrun); every process
+    returns the same result. `gram_budget_bytes`: memory for all the input Grams at once (default a quarter
+    of the memory free when the search starts); beyond it each layer's wait on disk. `work_dir`: where the
+    temporary directory for spilled Grams (and a streamed model's calibration hidden states) goes (default
+    the system's)."""
     check_criterion(criterion)
-    with tempfile.TemporaryDirectory(prefix="prunekit-compress-") as spill:
-        return _search(model, adapter, calib, budget, rounds, multiple_of, batch_size, criterion, progress,
-                       source, sums or OneProcess(), gram_budget_bytes, Path(spill))
+    src = as_source(model, adapter)
+    with tempfile.TemporaryDirectory(prefix="prunekit-compress-", dir=work_dir) as spill:
+        return _search(src, calib, budget, rounds, multiple_of, batch_size, criterion, progress, source,
+                       sums or OneProcess(), gram_budget_bytes, Path(spill))
 
 
 def _gram_budget(sums: Sums, given: int | None) -> int:
-    """`given`, or a quarter of the memory free now; the mean over processes, so that every rank forms the same
-    Gram groups (and so makes the same collective calls)."""
+    """`given`, or a quarter of the memory free now; the mean over processes, so that every rank makes the
+    same choice of spilling (and so the same collective calls)."""
     mine = given if given is not None else available_memory_bytes() // 4
     both = sums.total(torch.tensor([float(mine), 1.0], dtype=torch.float64))
     return int(both[0] / both[1])
 
 
-def _search(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, budget: Budget, rounds: int,
-            multiple_of: int, batch_size: int, criterion: str, progress: bool, source: str, sums: Sums,
+def _search(src: LayerSource, calib: CalibrationData, budget: Budget, rounds: int, multiple_of: int,
+            batch_size: int, criterion: str, progress: bool, source: str, sums: Sums,
             gram_budget_bytes: int | None, spill: Path) -> CompressResult:
     started = time.monotonic()
+    adapter, model = src.adapter, src.adapter.model
     costs = sublayer_costs(adapter)
     need = removal_target(model, costs, budget)
     fit, check = split_check(calib, "compress")
     my_fit, my_check = sums.shard(fit), sums.shard(check)
     gram_budget = _gram_budget(sums, gram_budget_bytes)
     totals = {"params": count_parameters(model), "kv": dense_total(model, costs, "kv")}
-    m = _Model(model, adapter, costs)
+    m = _Model(src, costs)
     tried: list[Candidate] = []
-    reference = topk_reference(model, my_check, batch_size, KL_TOPK) if criterion == "kl" else None
+
+    def states() -> Path | None:
+        """Where a pass's hidden states wait: on disk for a streamed model, in RAM for a resident one."""
+        return Path(tempfile.mkdtemp(dir=spill)) if src.resumable else None
+
+    scorer = _Scorer(src, my_check, batch_size, criterion == "kl", sums, states())
+    grams_on_disk = False
 
     def collect(desc: str) -> CompressStats:
-        return collect_stats(model, adapter, my_fit, progress=progress, desc=desc, total=sums.total,
-                             gram_budget_bytes=gram_budget, spill_dir=Path(tempfile.mkdtemp(dir=spill)))
+        nonlocal grams_on_disk
+        stats = collect_stats(src, my_fit, batch_size=batch_size, progress=progress, desc=desc, total=sums.total,
+                              gram_budget_bytes=gram_budget, spill_dir=Path(tempfile.mkdtemp(dir=spill)),
+                              work_dir=states())
+        grams_on_disk = stats.grams_on_disk
+        return stats
 
     def score(name: str, at_budget: bool) -> Candidate:
-        loss, kl = means(sums.total(loss_and_kl_sums(model, my_check, batch_size, reference)),
-                         reference is not None)
+        loss, kl = scorer()
         c = Candidate(name, {s: list(a) for s, a in m.alive.items() if len(a) < costs[s].units},
                       _spent(m, "params"), _spent(m, "kv"), loss, at_budget, kl)
         # Only the best candidate at the budget keeps its edited projections (one model's worth of them,
@@ -271,7 +321,6 @@ def _search(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bud
 
     score("dense", False)
     dense_stats = collect("compress statistics")
-    gram_groups = dense_stats.gram_groups  # the same in every round: it depends on shapes and the budget
     curves = m.curves(dense_stats, multiple_of)
     one_shot = {"mixed": lambda: allocate(curves, costs, need, budget.key, "mixed"),
                 "depth": lambda: allocate(curves, costs, need, budget.key, "depth"),
@@ -289,7 +338,7 @@ def _search(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bud
             m.reset()
     # LLM-Drop's own one-shot plans as candidates too, so that the held-out check can pick them where the
     # Fisher estimate misjudges whole drops (Gemma-3-270m at kv=0.5: 1.36x LLM-Drop's perplexity without).
-    for name, drops in _llm_drop_candidates(model, adapter, fit, costs, need, budget.key, batch_size).items():
+    for name, drops in _llm_drop_candidates(src, fit, costs, need, budget.key, batch_size, states()).items():
         m.cut(dense_stats, curves, drops, False)
         score(name, True)
         m.reset()
@@ -300,24 +349,24 @@ def _search(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, bud
     plan.options["criterion"] = criterion
     if criterion == "kl":
         plan.options["kl_topk"] = KL_TOPK
-    # Cost in forward-pass equivalents over the whole calibration set: a forward+backward is about 3 passes.
+    # Cost in forward-pass equivalents over the whole calibration set: the statistics are a forward, a re-run
+    # and a backward (about 4 passes) on the fit part per round, the LLM-Drop candidates' cosine scoring one
+    # forward over it, and every candidate one forward over the check part.
     share = len(check.input_ids) / len(calib.input_ids)
-    # Grams spilled to disk in groups cost one more forward per further group and round.
-    fit_passes = 3 + gram_groups - 1
-    # ... and the LLM-Drop candidates' cosine scoring one forward over the fit part.
-    plan.options["forward_passes"] = round((fit_passes * rounds + 1) * (1 - share) + len(tried) * share, 2)
-    plan.options["gram_groups"] = gram_groups
+    plan.options["forward_passes"] = round((4 * rounds + 1) * (1 - share) + len(tried) * share, 2)
+    plan.options["grams_on_disk"] = grams_on_disk
     plan.options["seconds"] = round(time.monotonic() - started, 1)
     plan.options["fit_tokens"], plan.options["check_tokens"] = fit.num_tokens, check.num_tokens
     return CompressResult(plan, [c.row(totals) for c in tried], best.name)
 
 
-def _llm_drop_candidates(model: nn.Module, adapter: ModelAdapter, fit: CalibrationData,
-                         costs: dict[Sublayer, SublayerCost], need: int, key: str,
-                         batch_size: int) -> dict[str, dict[Sublayer, int]]:
+def _llm_drop_candidates(src: LayerSource, fit: CalibrationData, costs: dict[Sublayer, SublayerCost], need: int,
+                         key: str, batch_size: int, work_dir: Path | None) -> dict[str, dict[Sublayer, int]]:
     """For each LLM-Drop target, the fewest cosine-ranked drops that remove at least `need`, as kept counts (0:
     dropped). Scored on the whole fit part in every process (not a shard), so that all ranks agree."""
-    scores = score_model(model, adapter, fit, batch_size=batch_size, pairwise=False, progress=False)
+    adapter = src.adapter
+    scores = SimilarityScorer(src, fit, batch_size=batch_size, pairwise=False, rescore=False, work_dir=work_dir,
+                              progress=False).score()
     out: dict[str, dict[Sublayer, int]] = {}
     for target in TARGETS:
         for n in range(1, 2 * adapter.num_layers + 1):
@@ -351,14 +400,14 @@ def _rounds(m: _Model, collect: Any, stats: CompressStats, need: int, budget: Bu
     m.reset()
 
 
-@torch.no_grad()
 def _apply_best(m: _Model, best: Candidate, budget: Budget, need: int, totals: dict[str, int],
                 tried: list[Candidate], rounds: int, multiple_of: int, calib: CalibrationData,
                 source: str) -> PruningPlan:
+    """The best candidate's weights written and kept, and its plan applied: a resident model is cut
+    physically, a streamed one's skeleton is (its overrides are cut to the kept units when read or saved)."""
     for s, w in best.weights.items():
-        m._proj(s).weight.copy_(w)
-        if not best.kept.get(s) and m._proj(s).bias is not None:
-            m._proj(s).bias.zero_()
+        m.write(s, w, removed=not best.kept.get(s))
+    m.source.commit()
     drops, widths = plan_for(m.adapter, best.kept)
     plan = PruningPlan(dropped=drops, widths=widths, method="compress")
     plan.options = {"budget": budget.describe(), "rounds": rounds, "multiple_of": multiple_of,
@@ -367,4 +416,5 @@ def _apply_best(m: _Model, best: Candidate, budget: Budget, need: int, totals: d
     plan.calibration = calib.describe()
     plan.model = {"source": source}
     apply_plan(m.adapter, plan)
+    m.source.set_widths(plan.widths)
     return plan

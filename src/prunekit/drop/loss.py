@@ -28,44 +28,11 @@ from prunekit.adapters import ModelAdapter
 from prunekit.data import CalibrationData
 from prunekit.drop.choose import Target, candidates
 from prunekit.drop.similarity import SimilarityScores
-from prunekit.engine.runner import LayerRunner, Observer
+from prunekit.engine.head import LossObserver
+from prunekit.engine.runner import LayerRunner
 from prunekit.engine.sources import ResidentLayers
-from prunekit.losses import KL_TOPK, token_kl, token_nll, top_logits
+from prunekit.losses import KL_TOPK
 from prunekit.plans import DropTarget
-
-
-class LossObserver(Observer):
-    """From the last layer's output (final norm + LM head), padding excluded: the causal-LM loss summed over
-    the calibration tokens, or, given `reference` (the dense model's top-K logits per batch), the KL
-    divergence from the dense model's next-token distributions. `keep_topk` records this pass's own top-K
-    logits: the reference, on the dense pass."""
-
-    def __init__(self, adapter: ModelAdapter, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
-                 reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None, keep_topk: int = 0):
-        self.adapter = adapter
-        self.batches = batches
-        self.reference = reference
-        self.keep_topk = keep_topk
-        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.last = adapter.num_layers - 1
-        self.nll = 0.0
-        self.tokens = 0
-
-    def observe(self, i: int, b: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
-                mask: torch.Tensor | None) -> None:
-        if i != self.last:
-            return
-        ids, m = self.batches[b]
-        logits = self.adapter.lm_head()(self.adapter.final_norm()(h_out))
-        if self.keep_topk:
-            self.kept[b] = top_logits(logits, self.keep_topk)
-        nll, n = token_nll(logits, ids, m) if self.reference is None else token_kl(logits, self.reference[b], m)
-        self.nll += float(nll)
-        self.tokens += n
-
-    @property
-    def loss(self) -> float:
-        return self.nll / max(self.tokens, 1)
 
 
 def _parts(d: DropTarget) -> list[str]:
@@ -89,7 +56,7 @@ class LossSearch:
         """The criterion on the current model, re-running layers `start`.. The first call (the dense model)
         also keeps the KL criterion's reference."""
         first = self.criterion == "kl" and self.reference is None
-        obs = LossObserver(self.adapter, self.runner.batches, reference=self.reference,
+        obs = LossObserver(self.runner.source, self.runner.batches, reference=self.reference,
                            keep_topk=KL_TOPK if first else 0)
         begin = self.runner.run([obs], start_layer=start, desc=self.criterion)
         self.passes += (self.adapter.num_layers - begin) / self.adapter.num_layers

@@ -10,6 +10,10 @@ Observers (`Observer`) are told about every (layer, batch): the layer's input, t
 its attention and MLP sub-layers (the input of the adapter's `mid_residual` module), and its output. The
 LLM-Drop similarity sums and the TransAct width statistics are observers; nothing else knows the order.
 
+Gradients. `backward` carries a loss's gradient (taken at the last layer's output during a `run`, see
+`engine.head`) down the layers, re-running each from its remembered input with autograd on: one layer's
+graph at a time, so it works on streamed layers too (`compress` takes its Fishers this way).
+
 Re-runs. After a change at layer j (iterative dropping), `run(start_layer=j)` re-runs layers j.. from the
 remembered inputs of the nearest kept layer at or below j. Which layer inputs are kept is bounded by
 `state_budget_bytes` (every k-th layer); layer 0's input is always kept, so a re-run never re-embeds.
@@ -42,6 +46,9 @@ class Observer:
 
     def begin_layer(self, i: int, layer: nn.Module) -> None:
         pass
+
+    def begin_batch(self, i: int, b: int, mask: torch.Tensor | None) -> None:
+        """Before batch `b` goes through layer `i` (module hooks learn which tokens are padding here)."""
 
     def observe(self, i: int, b: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
                 mask: torch.Tensor | None) -> None:
@@ -206,9 +213,10 @@ class LayerRunner:
                 for b, (_, mask) in enumerate(self.batches):
                     args, kwargs = calls.get(b)[i]
                     h_in = store.get(state_key(i, b), src.device)
-                    out = layer(h_in, *args, **kwargs)
-                    h_out = out[0] if isinstance(out, (tuple, list)) else out
                     mask_dev = mask.to(src.device)
+                    for obs in observers:
+                        obs.begin_batch(i, b, mask_dev)
+                    h_out = _output(layer(h_in, *args, **kwargs))
                     for obs in observers:
                         obs.observe(i, b, h_in, mid["h"], h_out, mask_dev)
                     store.put(state_key(i + 1, b), h_out)
@@ -216,6 +224,51 @@ class LayerRunner:
                     obs.end_layer(i, layer)
             finally:
                 handle.remove()
+
+    def backward(self, top: dict[int, torch.Tensor], observers: Sequence[Observer], *,
+                 desc: str = "backward") -> dict[int, torch.Tensor]:
+        """Carry gradients down the layers: `top[b]` is the gradient of some loss with respect to the last
+        layer's output for batch `b` (`engine.head.LossGradient` gives it during `run`); returns the gradients
+        with respect to layer 0's input. Each layer is re-run from its remembered input with autograd on and
+        differentiated with respect to that input only (no weight gets a gradient), one layer and one batch at
+        a time, so memory holds one layer's graph. Observers see the re-run forward (module hooks registered
+        in `begin_layer`, which may register tensor hooks on outputs to see their gradients) and
+        `observe(i, b, h_in, h_in, h_out, mask)` after each batch's backward. Needs every layer's input
+        remembered by the last `run` (`remember_inputs` with a budget for all of them)."""
+        n_layers = self.source.adapter.num_layers
+        if any(i not in self.valid for i in range(n_layers)):
+            raise ValueError("backward needs every layer's input remembered: a runner with remember_inputs and a "
+                             "state budget for all of them, after a run")
+        grads = dict(top)
+        calls = _CallCache(self.source, self.batches, self.calls_budget_bytes)
+        for i in tqdm(reversed(range(n_layers)), total=n_layers, desc=desc, disable=not self.progress,
+                      leave=False):
+            grads = self._backward_layer(i, grads, observers, calls)
+            pause_point("scoring")
+        return grads
+
+    def _backward_layer(self, i: int, grads: dict[int, torch.Tensor], observers: Sequence[Observer],
+                        calls: "_CallCache") -> dict[int, torch.Tensor]:
+        src = self.source
+        out: dict[int, torch.Tensor] = {}
+        with src.layer(i) as layer:
+            for obs in observers:
+                obs.begin_layer(i, layer)
+            for b, (_, mask) in enumerate(self.batches):
+                args, kwargs = calls.get(b)[i]
+                # detach: a stored state must not itself start requiring gradients.
+                h_in = self.store.get(state_key(i, b), src.device).detach().requires_grad_(True)
+                mask_dev = mask.to(src.device)
+                for obs in observers:
+                    obs.begin_batch(i, b, mask_dev)
+                with torch.enable_grad():
+                    h_out = _output(layer(h_in, *args, **kwargs))
+                    (out[b],) = torch.autograd.grad(h_out, h_in, grad_outputs=grads[b].to(h_out.device))
+                for obs in observers:
+                    obs.observe(i, b, h_in.detach(), h_in.detach(), h_out.detach(), mask_dev)
+            for obs in observers:
+                obs.end_layer(i, layer)
+        return out
 
     def _embed_all(self) -> None:
         """Layer-0 inputs of every batch, computed by the model's own forward with the embedding loaded."""
@@ -226,6 +279,11 @@ class LayerRunner:
                 check_finite(h0, "the embedding")
                 self.store.put(state_key(0, b), h0)
         self.valid.add(0)
+
+
+def _output(out: Any) -> torch.Tensor:
+    """A decoder layer's hidden states (some return a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class _CallCache:

@@ -2,7 +2,11 @@
 
 A `LayerSource` gives the runner three things for a model: the layer-0 input (the embedding output) of a
 calibration batch, the arguments the model passes to each decoder layer for that batch (masks, rotary
-embeddings, positions: everything but the hidden states), and decoder layer `i` with its weights. Two
+embeddings, positions: everything but the hidden states), and decoder layer `i` with its weights; and, for
+what is computed from the last layer's output, the final norm and LM head (`head`). Weight edits that are
+tried and undone (`compress`'s refitted projections) go through `write` / `revert`: a resident model's
+parameters are overwritten (the originals kept), a streamed model's are kept aside and used instead of the
+files' values whenever a layer is read, and when its checkpoint is saved. Two
 sources exist: `ResidentLayers` (a model in memory: layers are simply there) and
 `prunekit.engine.streamed.StreamedLayers` (a meta-device skeleton whose layers are read one at a time from
 the safetensors files and released after use). Everything that computes over layers is written once, as
@@ -52,6 +56,22 @@ class LayerSource(Protocol):
 
     def set_widths(self, widths: Mapping[int, LayerWidth]) -> None:
         """The widths (kept ORIGINAL indices) the model has been narrowed to so far."""
+
+    def head(self) -> Any:
+        """Context manager during which the final norm and LM head have their weights
+        (`adapter.logits` may be called)."""
+
+    def read(self, name: str) -> torch.Tensor:
+        """The current value of the model tensor `name` (a state-dict name), edits included."""
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        """Replace the value of tensor `name` (same shape) for every later use, until `revert`."""
+
+    def revert(self) -> None:
+        """Undo every `write` since the last `commit`."""
+
+    def commit(self) -> None:
+        """Keep what was written: `revert` no longer undoes it."""
 
 
 class _CallRecorder(nn.Module):
@@ -122,6 +142,7 @@ class ResidentLayers:
         self.adapter = adapter if adapter is not None else get_adapter(model)
         self.device = self.adapter.device()
         self.dtype = self.adapter.dtype()
+        self._originals: dict[str, torch.Tensor] = {}
 
     @contextmanager
     def embedding(self) -> Iterator[None]:
@@ -137,6 +158,29 @@ class ResidentLayers:
 
     def set_widths(self, widths: Mapping[int, LayerWidth]) -> None:
         pass
+
+    @contextmanager
+    def head(self) -> Iterator[None]:
+        yield
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.model.get_parameter(name).detach()
+
+    @torch.no_grad()
+    def write(self, name: str, value: torch.Tensor) -> None:
+        param = self.model.get_parameter(name)
+        if name not in self._originals:  # the first edit keeps what `revert` restores
+            self._originals[name] = param.detach().clone()
+        param.copy_(value)
+
+    @torch.no_grad()
+    def revert(self) -> None:
+        for name, value in self._originals.items():
+            self.model.get_parameter(name).copy_(value)
+        self._originals.clear()
+
+    def commit(self) -> None:
+        self._originals.clear()
 
 
 def as_source(model: nn.Module | LayerSource, adapter: ModelAdapter | None = None) -> LayerSource:

@@ -65,6 +65,9 @@ class StreamedLayers:
                 "follow the model's module names (re-save it with this transformers version)")
         self._aux_ready = False
         self.widths: dict[int, LayerWidth] = {}
+        # Edited tensors (state-dict name -> value at the checkpoint's full shape), read instead of the files.
+        self.overrides: dict[str, torch.Tensor] = {}
+        self._committed: dict[str, torch.Tensor] = {}
 
     # --- materialisation ---------------------------------------------------------------------------------
     def source_name(self, name: str) -> str:
@@ -85,11 +88,12 @@ class StreamedLayers:
         `slices`: {tensor name relative to `module`: (dim, kept indices)} cut from the stored tensors first,
         for a module the skeleton has narrowed."""
         wanted = module.state_dict(keep_vars=True)
-        sources = {k: self.source_name(prefix + k) for k in wanted}
+        edited = {k for k in wanted if prefix + k in self.overrides}
+        sources = {k: self.source_name(prefix + k) for k in wanted if k not in edited}
         loaded = self.files.load(set(sources.values()), self.device)
         sd: dict[str, torch.Tensor] = {}
         for k, meta in wanted.items():
-            t = loaded[sources[k]]
+            t = self.overrides[prefix + k].to(self.device) if k in edited else loaded[sources[k]]
             if slices and k in slices:
                 dim, idx = slices[k]
                 t = t.index_select(dim, idx.to(t.device))
@@ -136,6 +140,36 @@ class StreamedLayers:
 
     def set_widths(self, widths: Mapping[int, LayerWidth]) -> None:
         self.widths = dict(widths)
+
+    @contextmanager
+    def head(self) -> Iterator[None]:
+        norm, head = self.adapter.final_norm(), self.adapter.lm_head()
+        self.materialise(norm, self.adapter.spec.final_norm + ".")
+        self.materialise(head, self.adapter.spec.lm_head + ".")
+        try:
+            yield
+        finally:
+            self.release(norm)
+            self.release(head)
+            if self._aliases:  # as in `embedding`: loading untied a tied LM head
+                self.model.tie_weights()
+
+    def read(self, name: str) -> torch.Tensor:
+        if name in self.overrides:
+            return self.overrides[name]
+        meta = self.model.get_parameter(name)
+        t = self.files.load([self.source_name(name)], self.device)[self.source_name(name)]
+        return t.to(meta.dtype) if t.is_floating_point() else t
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        self.overrides[name] = value.detach().to("cpu", copy=True)
+
+    def revert(self) -> None:
+        self.overrides = dict(self._committed)
+
+    def commit(self) -> None:
+        # The overrides stay, and `prunekit.save` writes them in place of the files' values.
+        self._committed = dict(self.overrides)
 
     def capture(self, ids: torch.Tensor, mask: torch.Tensor, *,
                 embed: bool = False) -> tuple[torch.Tensor | None, dict[int, LayerCall]]:

@@ -1,6 +1,7 @@
 """The `compress` job: search depth and width together for a budget, save the best checkpoint with its plan
-and the table and plot of every candidate tried (`pareto.json`, `pareto.png`), all or nothing. In one process
-or data parallel under torchrun (each rank passes its share of the calibration batches; rank 0 saves)."""
+and the table and plot of every candidate tried (`pareto.json`, `pareto.png`), all or nothing. On a model in
+memory or layer-streamed, in one process or data parallel under torchrun (each rank passes its share of the
+calibration batches; rank 0 saves)."""
 
 from __future__ import annotations
 
@@ -30,49 +31,64 @@ def check_compress_options(budget: str, rounds: int, multiple_of: int) -> Budget
     return parsed
 
 
-def check_compress_memory(model: str | Path, dtype: str, device: torch.device, batch_size: int,
-                          seq_len: int) -> None:
-    """One clear error, before any work, when the model in memory (a backward pass needs the whole graph, so
-    no streaming) plus what the search holds (`memory_estimate`) would not fit in free memory. A model that
-    is not a local checkpoint (a hub id) is not checked."""
+def compress_memory(model: str | Path, dtype: str, device: torch.device, samples: int, seq_len: int,
+                    stream: bool | None) -> bool:
+    """Whether to stream the model (`stream`, or when None: only when it would not fit in memory), after
+    checking that what that way needs (`memory_estimate`) fits: one clear error before any work if not. A
+    model that is not a local checkpoint (a hub id) is not checked, and is loaded into memory."""
     weights = checkpoint_bytes(model, dtype)
     if weights is None:
-        return
-    est = memory_estimate(get_adapter(build_skeleton(resolve_model_path(model), dtype)), batch_size, seq_len)
-    on_device = int(weights * STREAM_HEADROOM) + est["weights"] + est["logits"]
+        return bool(stream)  # `load_job` says that streaming needs a local checkpoint
+    est = memory_estimate(get_adapter(build_skeleton(resolve_model_path(model), dtype)), samples, seq_len)
     stats = est["fishers"] + est["largest_gram"]  # the other Grams can wait on disk
-    host = stats + (on_device if device.type == "cpu" else 0)
-    for need, free, where in ((host, available_memory_bytes(), "memory"),
-                              (on_device, device_free_bytes(device), f"{device} memory")):
-        if need > free:
-            gib = 2 ** 30
-            raise PlanError(
-                f"compress needs at least {need / gib:.1f} GiB of {where} ({weights / gib:.1f} GiB of weights, "
-                f"{stats / gib:.1f} GiB of float64 statistics, {est['logits'] / gib:.1f} GiB of logits) but "
-                f"{free / gib:.1f} GiB is free; it cannot stream (a backward pass needs the whole model): use a "
-                "machine with more memory, or a smaller --batch-size or --dtype")
+
+    def needs(streamed: bool) -> tuple[int, int]:
+        """(host bytes, device bytes)."""
+        held = est["layer"] + est["head"] if streamed else int(weights * STREAM_HEADROOM)
+        on_device = held + est["weights"] + est["logits"]
+        host = stats + (0 if streamed else est["states"]) + (on_device if device.type == "cpu" else 0)
+        return host, on_device
+
+    def fits(streamed: bool) -> bool:
+        host, on_device = needs(streamed)
+        return host <= available_memory_bytes() and on_device <= device_free_bytes(device)
+
+    streamed = stream if stream is not None else not fits(False)
+    if not fits(streamed):
+        host, on_device = needs(streamed)
+        need, free, where = ((host, available_memory_bytes(), "memory") if host > available_memory_bytes()
+                             else (on_device, device_free_bytes(device), f"{device} memory"))
+        gib = 2 ** 30
+        held = "one layer" if streamed else f"{weights / gib:.1f} GiB of weights"
+        raise PlanError(
+            f"compress needs at least {need / gib:.1f} GiB of {where} ({held}{', streamed' if streamed else ''}, "
+            f"{stats / gib:.1f} GiB of float64 statistics, {est['logits'] / gib:.1f} GiB of logits) but "
+            f"{free / gib:.1f} GiB is free; use a machine with more memory"
+            f"{'' if streamed else ', --stream'}, or fewer --samples or a smaller --seq-len or --dtype")
+    return streamed
 
 
 def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, multiple_of: int = 64,
                  calib: str | Path = "c4", samples: int = 16, seq_len: int = 512, batch_size: int = 4,
-                 criterion: str = "loss", dtype: str = "float32", device: str = "cpu", force: bool = False,
+                 criterion: str = "loss", dtype: str = "float32", device: str = "cpu", stream: bool | None = None,
+                 offload_dir: str | Path | None = None, force: bool = False,
                  progress: bool = True) -> CompressResult | None:
-    """Load, search (`prunekit.compress`), save to `out`. The model must fit in memory (the statistics need
-    a backward pass through the whole graph, which a layer-streamed model cannot give). Returns the result on
-    rank 0, None on the other ranks of a torchrun job."""
+    """Load (in memory, or layer-streamed: `stream`, default only when it would not fit), search
+    (`prunekit.compress`), save to `out`. `offload_dir`: where spilled Grams and a streamed run's hidden
+    states go (default the system's temporary directory). Returns the result on rank 0, None on the other
+    ranks of a torchrun job."""
     b = check_compress_options(budget, rounds, multiple_of)
     check_criterion(criterion)
-    check_compress_memory(model, dtype, resolve_device(device, DistEnv.from_env()), batch_size, seq_len)
+    streamed = compress_memory(model, dtype, resolve_device(device, DistEnv.from_env()), samples, seq_len, stream)
     prepare_output(out, force)  # fail before any expensive work
-    with distributed(device, None) as (env, dev):
+    with distributed(device, offload_dir) as (env, dev):
         job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
-                       env=env, device=dev, stream=False)
-        ad = job.source.adapter
+                       env=env, device=dev, stream=streamed)
         sums = AllReduceSums(env, dev, batch_size) if env.is_distributed else None
         # `compress` checks the budget against the model (an impossible one fails) before any pass.
-        result = compress(ad.model, ad, job.calib, b, rounds=rounds, multiple_of=multiple_of,
+        result = compress(job.source, None, job.calib, b, rounds=rounds, multiple_of=multiple_of,
                           batch_size=batch_size, criterion=criterion, progress=progress and env.is_main,
-                          source=str(model), sums=sums)
+                          source=str(model), sums=sums, work_dir=offload_dir)
         if env.is_main:
             save(job.source, job.tokenizer, out, result.plan, force=force, progress=progress,
                  extras=lambda folder: write_pareto(result, folder))

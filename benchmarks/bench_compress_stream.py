@@ -1,0 +1,101 @@
+"""`prunekit compress --stream` against the same command in memory (issue: compress "works with --stream like
+the other jobs"). Each run is a separate process, exactly `prunekit compress MODEL --budget B` (default
+calibration: c4's calibration half, 16 x 512 tokens) with `--no-stream` or `--stream`, so that its own peak RSS
+and wall time are measured. Then both checkpoints are loaded and compared: the chosen candidate and plan, every
+candidate's held-out check loss, the largest logit difference on a held-out window, and wiki perplexity on the
+evaluation half (never seen in calibration). The runs are sequential, one round each: the time ratio is
+indicative (this 2-core machine is noisy), the peak RSS and the equalities are not.
+
+    .venv/bin/python benchmarks/bench_compress_stream.py [--model smollm2-135m] [--budget params=0.8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODES = ("memory", "stream")
+
+
+def child(a: argparse.Namespace) -> None:
+    """One compress run in this process; its time and peak RSS to `a.out`/run.json (outside the checkpoint)."""
+    from prunekit.jobs.compress import compress_job
+
+    t0 = time.time()
+    result = compress_job(a.model, Path(a.out) / "model", budget=a.budget, stream=a.child == "stream",
+                          progress=False)
+    assert result is not None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    (Path(a.out) / "run.json").write_text(json.dumps({
+        "seconds": round(time.time() - t0, 1), "peak_rss_gib": round(peak / 2**30, 2), "chosen": result.chosen,
+        "candidates": result.candidates, "plan": result.plan.to_json()}))
+
+
+def compare(a: argparse.Namespace, runs: dict[str, dict[str, Any]], work: Path) -> dict[str, Any]:
+    import prunekit
+
+    models = {m: prunekit.load_model(work / m / "model")[0] for m in MODES}
+    tok = prunekit.load_model(work / "memory" / "model")[1]
+    windows = prunekit.eval_windows(tok, "wiki", a.windows, 1024)
+    with torch.no_grad():
+        logits = {m: models[m](input_ids=windows[:1]).logits for m in MODES}
+    mem, st = runs["memory"], runs["stream"]
+    loss_gap = max(abs(x["check_loss"] - y["check_loss"]) / abs(y["check_loss"])
+                   for x, y in zip(st["candidates"], mem["candidates"], strict=True))
+    return {
+        "same_chosen": st["chosen"] == mem["chosen"],
+        "same_plan": (st["plan"]["dropped"], st["plan"]["widths"]) == (mem["plan"]["dropped"], mem["plan"]["widths"]),
+        "max_rel_check_loss_gap": loss_gap,
+        "max_abs_logit_diff": float((logits["stream"] - logits["memory"]).abs().max()),
+        "wiki_ppl": {m: prunekit.perplexity(models[m], windows, progress=False)["perplexity"] for m in MODES},
+        "eval_windows": [a.windows, 1024],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--budget", default="params=0.8")
+    p.add_argument("--windows", type=int, default=10, help="held-out wiki windows of 1024 tokens")
+    p.add_argument("--json", default="benchmarks/results/compress_stream.json")
+    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        child(a)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-compress-stream-") as tmp:
+        work = Path(tmp)
+        runs = {}
+        for mode in MODES:
+            subprocess.run([sys.executable, __file__, "--model", a.model, "--budget", a.budget, "--child", mode,
+                            "--out", str(work / mode)], check=True)
+            runs[mode] = json.loads((work / mode / "run.json").read_text())
+            print(f"{mode}: {runs[mode]['seconds']:.0f} s, peak RSS {runs[mode]['peak_rss_gib']} GiB, "
+                  f"chosen {runs[mode]['chosen']}", flush=True)
+        out = {"model": a.model, "budget": a.budget,
+               "runs": {m: {k: v for k, v in r.items() if k != "candidates"} for m, r in runs.items()},
+               **compare(a, runs, work)}
+    out["stream_over_memory_seconds"] = out["runs"]["stream"]["seconds"] / out["runs"]["memory"]["seconds"]
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\n{a.model} compress --budget {a.budget}")
+    print(f"{'mode':8s} {'seconds':>8s} {'peak RSS GiB':>13s} {'wiki ppl':>9s}  chosen")
+    for m in MODES:
+        r = out["runs"][m]
+        print(f"{m:8s} {r['seconds']:8.0f} {r['peak_rss_gib']:13.2f} {out['wiki_ppl'][m]:9.2f}  {r['chosen']}")
+    print(f"same plan: {out['same_plan']}; max relative check-loss gap {out['max_rel_check_loss_gap']:.2e}; "
+          f"max |logit diff| {out['max_abs_logit_diff']:.2e}\n-> {a.json}")
+
+
+if __name__ == "__main__":
+    main()
