@@ -73,7 +73,7 @@ def test_loss_criterion_is_refused_where_it_cannot_run(tiny_checkpoint, tmp_path
     ck, text = tiny_checkpoint
     assert main(["-q", "drop", str(ck), "--target", "joint", "--n", "2", "--criterion", "loss", "--calib", str(text),
                  "--samples", "4", "--seq-len", "24", "--out", str(tmp_path / "l")]) == 0
-    assert main(["-q", "drop", str(ck), "--target", "attn", "--n", "1", "--criterion", "loss", "--stream",
+    assert main(["-q", "drop", str(ck), "--target", "attn", "--n", "1", "--criterion", "ce",
                  "--calib", str(text), "--out", str(tmp_path / "never")]) == 2
     assert not (tmp_path / "never").exists()
     assert score_model  # the cosine scores still go into every plan
@@ -122,3 +122,26 @@ def test_kl_criterion_picks_the_least_kl_and_records_it(tiny_checkpoint, tmp_pat
     assert main(["-q", "drop", str(ck), "--target", "attn", "--n", "1", "--criterion", "kl", "--calib", str(text),
                  "--samples", "4", "--seq-len", "24", "--out", str(tmp_path / "k")]) == 0
     assert json.loads((tmp_path / "k" / "prunekit_plan.json").read_text())["options"]["criterion"] == "kl"
+
+
+@pytest.mark.parametrize("criterion", ["loss", "kl"])
+def test_streamed_loss_search_equals_the_in_memory_one(tiny_checkpoint, tmp_path, isolated_cache, criterion):
+    """`drop --criterion loss|kl --stream`: trials on the meta skeleton, layers read one at a time, the head
+    read for each pass; the same drops and the same trial losses as in memory."""
+    import json
+
+    from prunekit.jobs.drop import drop_job
+
+    ck, text = tiny_checkpoint
+    opts = dict(target="joint", n=3, calib=text, samples=4, seq_len=24, criterion=criterion, prefilter=None,
+                progress=False)
+    memory = drop_job(str(ck), tmp_path / "memory", stream=False, **opts)
+    streamed = drop_job(str(ck), tmp_path / "streamed", stream=True, offload_dir=tmp_path / "off", **opts)
+    assert memory is not None and streamed is not None
+    assert streamed.to_json()["dropped"] == memory.to_json()["dropped"]
+    for a, b in zip(streamed.history, memory.history, strict=True):
+        assert a["trials"].keys() == b["trials"].keys()
+        assert all(abs(a["trials"][k] - b["trials"][k]) <= 1e-6 * max(1.0, abs(b["trials"][k])) for k in a["trials"])
+    assert not list((tmp_path / "off").glob("prunekit-loss-*"))
+    saved = json.loads((tmp_path / "streamed" / "prunekit_plan.json").read_text())
+    assert saved["options"]["criterion"] == criterion

@@ -44,7 +44,7 @@ def register(sub: Any) -> None:
     p.add_argument("--criterion", choices=("cosine", "loss", "kl"), default="cosine",
                    help="cosine: LLM-Drop, the most redundant modules by cosine similarity (default); loss: module by "
                         "module, the one whose removal raises the calibration loss least, among the --prefilter "
-                        "most redundant by cosine (in memory); kl: the same, by the KL divergence from the dense "
+                        "most redundant by cosine (in memory or streamed); kl: the same, by the KL divergence from the dense "
                         "model's next-token distributions")
     p.add_argument("--prefilter", type=positive_int, default=8,
                    help="--criterion loss/kl: candidates tried per step, the most redundant by cosine (default 8)")

@@ -7,6 +7,7 @@ inputs the runner remembered.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
@@ -17,6 +18,7 @@ from prunekit.drop.choose import TARGETS, Target, available_modules, candidates,
 from prunekit.drop.loss import KL_TOPK, LossSearch
 from prunekit.drop.scorer import SimilarityScorer
 from prunekit.drop.similarity import SimilarityScores
+from prunekit.engine.sources import LayerSource
 from prunekit.errors import PlanError
 from prunekit.plans import DropTarget, PruningPlan, normalize_drops
 from prunekit.surgery import apply_plan, mark_drops
@@ -47,7 +49,8 @@ def score_model(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
 def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, target: Target, n: int,
              consecutive: bool = False, iterative: bool = False, batch_size: int = 4, progress: bool = True,
              source: str | None = None, make_scorer: Callable[[bool, bool], Any] | None = None,
-             criterion: str = "cosine", prefilter: int | None = 8) -> PruningPlan:
+             criterion: str = "cosine", prefilter: int | None = 8, layers: LayerSource | None = None,
+             work_dir: Path | None = None) -> PruningPlan:
     """Choose what to drop and drop it: `model` is pruned in place (`surgery.apply_plan`) when this returns,
     and the returned plan rebuilds the same model from a fresh copy of the original.
 
@@ -57,14 +60,16 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
 
     `criterion="loss"` / `"kl"`: choose module by module by the measured calibration loss, or the KL
     divergence from the dense model's next-token distributions (`drop.loss`), among the
-    `prefilter` most redundant modules by cosine at each step (None: all); the model must be in memory."""
+    `prefilter` most redundant modules by cosine at each step (None: all). `layers`: the layer source the
+    search runs over (a streamed model's; default the model in memory), `work_dir`: where it keeps every
+    layer's calibration inputs (default RAM)."""
     if criterion not in CRITERIA:
         raise PlanError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if criterion != "cosine" and consecutive:
         raise PlanError(f"--consecutive picks one run of blocks by cosine; it cannot be combined with --criterion "
                         f"{criterion}")
-    if criterion != "cosine" and any(p.is_meta for p in model.parameters()):
-        raise PlanError(f"--criterion {criterion} needs the model in memory; run without --stream")
+    if criterion != "cosine" and layers is None and any(p.is_meta for p in model.parameters()):
+        raise PlanError(f"--criterion {criterion} on a streamed model needs its layer source (layers=)")
     if target not in TARGETS:
         raise PlanError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     L = adapter.num_layers
@@ -81,7 +86,8 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
     history: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
     if criterion != "cosine":
-        search = LossSearch(model, adapter, calib, batch_size=batch_size, criterion=criterion, progress=progress)
+        search = LossSearch(layers if layers is not None else model, adapter, calib, batch_size=batch_size,
+                            criterion=criterion, progress=progress, work_dir=work_dir)
         dropped, history = search.run(scores, target, n, prefilter=prefilter)
         dropped = normalize_drops(dropped)
         extra = {"criterion": criterion, "prefilter": prefilter, "forward_passes": round(search.passes, 2)}

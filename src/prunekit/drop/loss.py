@@ -19,6 +19,7 @@ candidate (about n * C/2 passes for C candidates).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from prunekit.drop.choose import Target, candidates
 from prunekit.drop.similarity import SimilarityScores
 from prunekit.engine.head import LossObserver
 from prunekit.engine.runner import LayerRunner
-from prunekit.engine.sources import ResidentLayers
+from prunekit.engine.sources import LayerSource, as_source
 from prunekit.losses import KL_TOPK
 from prunekit.plans import DropTarget
 
@@ -40,14 +41,18 @@ def _parts(d: DropTarget) -> list[str]:
 
 
 class LossSearch:
-    """Greedy loss-guided dropping over a model in memory (the runner remembers every layer's inputs)."""
+    """Greedy loss-guided dropping over a model in memory or any layer source (the runner remembers every
+    layer's inputs: in RAM, or in `work_dir`). A streamed model's trials replace modules of its skeleton,
+    so a layer read while a module is removed reads only the tensors of what remains."""
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, batch_size: int = 4,
-                 criterion: str = "loss", progress: bool = True):
-        self.adapter = adapter
+    def __init__(self, model: nn.Module | LayerSource, adapter: ModelAdapter | None, calib: CalibrationData, *,
+                 batch_size: int = 4, criterion: str = "loss", progress: bool = True,
+                 work_dir: Path | None = None):
+        source = as_source(model, adapter)
+        self.adapter = source.adapter
         self.criterion = criterion
         self.reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.runner = LayerRunner(ResidentLayers(model, adapter), calib, batch_size=batch_size,
+        self.runner = LayerRunner(source, calib, batch_size=batch_size, work_dir=work_dir,
                                   remember_inputs=True, state_budget_bytes=1 << 62, progress=False)
         self.progress = progress
         self.passes = 0.0  # forward-pass equivalents spent (layers run / L)

@@ -3,6 +3,9 @@ or data-parallel."""
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prunekit.drop import CRITERIA, llm_drop
@@ -31,8 +34,6 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
         raise PlanError("--repair linear needs the model in memory; run without --stream")
     if criterion not in CRITERIA:
         raise PlanError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if criterion != "cosine" and stream:
-        raise PlanError(f"--criterion {criterion} needs the model in memory; run without --stream")
     prepare_output(out, force)  # fail before any expensive work
     with scoring_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                      device=device, stream=stream, offload_dir=offload_dir, use_cache=use_cache,
@@ -42,10 +43,11 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
             if not isinstance(job.source, ResidentLayers):
                 raise PlanError("--repair linear needs the model in memory, but it would not fit; run without it")
             check_repairable(ad)
-        plan = llm_drop(ad.model, ad, job.calib, target=target, n=n,  # type: ignore[arg-type]
-                        consecutive=consecutive, iterative=iterative, batch_size=batch_size,
-                        progress=progress, source=str(model), make_scorer=factory, criterion=criterion,
-                        prefilter=prefilter)
+        with _loss_states(job.streamed and criterion != "cosine", offload_dir) as work:
+            plan = llm_drop(ad.model, ad, job.calib, target=target, n=n,  # type: ignore[arg-type]
+                            consecutive=consecutive, iterative=iterative, batch_size=batch_size,
+                            progress=progress, source=str(model), make_scorer=factory, criterion=criterion,
+                            prefilter=prefilter, layers=job.source, work_dir=work)
     if repair == "linear" and job.env.is_main:
         dense, _ = load_model(model, dtype=dtype, device=job.device, tokenizer=False)
         plan.repair = linear_repair(dense, ad.model, plan, job.calib, batch_size=batch_size, progress=progress)
@@ -54,3 +56,14 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
     if job.env.is_main:
         save(job.source, job.tokenizer, out, plan, force=force, progress=progress)
     return plan if job.env.is_main else None
+
+
+@contextmanager
+def _loss_states(streamed: bool, offload_dir: str | Path | None) -> Iterator[Path | None]:
+    """Where a loss-guided search keeps every layer's calibration inputs: a temporary folder in `offload_dir`
+    for a streamed model given one (removed afterwards), else RAM (None)."""
+    if not streamed or offload_dir is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="prunekit-loss-", dir=offload_dir) as tmp:
+        yield Path(tmp)
