@@ -393,3 +393,29 @@ def test_streamed_edits_are_read_reverted_and_saved_cut_by_the_plan(tiny_checkpo
     got = load_file(str(tmp_path / "streamed" / "model.safetensors"))
     assert got[name].shape == (edited.shape[0], width // 2)
     assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_compress_streams_by_itself_only_when_the_model_in_memory_would_not_fit(tiny_checkpoint, monkeypatch):
+    """Default (no --stream flag): in memory when weights plus the search fit; streamed when only one layer's
+    weights beside the search fit; --no-stream then is one clear error naming --stream."""
+    from prunekit.compress.search import memory_estimate
+    from prunekit.engine.memory import STREAM_HEADROOM, checkpoint_bytes
+    from prunekit.io.checkpoint import build_skeleton
+    from prunekit.jobs import compress as job
+
+    ck, _ = tiny_checkpoint
+    cpu = torch.device("cpu")
+    est = memory_estimate(get_adapter(build_skeleton(ck, "float32")), 8, 24)
+    common = est["fishers"] + est["largest_gram"] + est["weights"] + est["logits"]
+    in_memory = common + est["states"] + int(checkpoint_bytes(ck) * STREAM_HEADROOM)
+    streamed = common + est["layer"] + est["head"]
+    assert streamed < in_memory
+    for free, expected in ((in_memory, False), (in_memory - 1, True), (streamed, True)):
+        monkeypatch.setattr(job, "available_memory_bytes", lambda free=free: free)
+        assert job.compress_memory(ck, "float32", cpu, 8, 24, None) is expected
+    monkeypatch.setattr(job, "available_memory_bytes", lambda: in_memory - 1)
+    with pytest.raises(PlanError, match="--stream"):
+        job.compress_memory(ck, "float32", cpu, 8, 24, False)
+    monkeypatch.setattr(job, "available_memory_bytes", lambda: streamed - 1)
+    with pytest.raises(PlanError, match="one layer, streamed"):
+        job.compress_memory(ck, "float32", cpu, 8, 24, None)
