@@ -1,8 +1,8 @@
 """`compress` against the single-method baselines at the same removed parameters (issue: at 10% and 20% removed,
 compress reaches at most 0.7x the perplexity of the best baseline, on SmolLM2 and Gemma-3-270m, no training).
 
-Everything is calibrated on the first half of c4 (16 x 512 tokens, compress's defaults) and measured on held-out
-wiki windows (its second half, never seen in calibration). Baselines, one-shot from one LLM-Drop scoring pass:
+Everything is calibrated on the first half of c4 (`--samples` x 512 tokens, default compress's own default) and
+measured on held-out wiki windows (its second half, never seen in calibration). Baselines, one-shot from one LLM-Drop scoring pass:
 LLM-Drop by cosine for attention, MLP, block and joint drops with n chosen so that the removed parameters are
 as close as possible to the target, and TransAct uniform MLP width (activation norms, `--width-shots` shots)
 removing at least the target. `compress` runs exactly as `prunekit compress MODEL --budget params=B` (default
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import prunekit
-from prunekit.compress import Budget, compress
+from prunekit.compress import DEFAULT_SAMPLES, Budget, compress
 from prunekit.compress.budget import removal_target, removed, sublayer_costs
 from prunekit.drop import plan_from_scores
 from prunekit.evaluation.bench import PeakRSS
@@ -61,7 +61,7 @@ def run_model(a: argparse.Namespace, name: str, out: dict) -> None:
     ad = prunekit.get_adapter(dense)
     costs = sublayer_costs(ad)
     total = count_parameters(dense)
-    calib = prunekit.calibration_data(tok, "c4", 16, 512)
+    calib = prunekit.calibration_data(tok, "c4", a.samples, 512)
     windows = prunekit.eval_windows(tok, "wiki", a.windows_for[name], 1024)
     res: dict[str, Any] = {"dense_ppl": ppl(dense, windows), "eval_windows": [a.windows_for[name], 1024],
                            "params": total, "budgets": {}}
@@ -176,6 +176,8 @@ def main() -> None:
     p.add_argument("--windows", default="smollm2-135m=10,gemma3-270m=4",
                    help="held-out windows of 1024 tokens per model (Gemma's 262k vocabulary makes it ~4x slower)")
     p.add_argument("--width-shots", type=int, default=4)
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                   help=f"calibration sequences of 512 tokens for every method (default {DEFAULT_SAMPLES}, compress's)")
     p.add_argument("--criterion", choices=("loss", "kl"), default="loss",
                    help="compress's --criterion (default loss, as the command)")
     p.add_argument("--json", default="benchmarks/results/compress.json")
@@ -187,7 +189,7 @@ def main() -> None:
         return
     a.budgets = [float(b) for b in a.budgets.split(",") if b.strip()]  # "" for the kv row alone
     a.windows_for = {k: int(v) for k, v in (x.split("=") for x in a.windows.split(","))}
-    out: dict[str, Any] = {"calibration": "c4 calib half, 16 x 512 (compress defaults)", "criterion": a.criterion,
+    out: dict[str, Any] = {"calibration": f"c4 calib half, {a.samples} x 512", "criterion": a.criterion,
                            "eval": "wiki eval half", "models": {}}
     for name in a.models.split(","):
         a.windows_for.setdefault(name, 4)

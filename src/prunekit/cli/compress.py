@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from prunekit.cli.options import add_calib, add_model, add_output, emit, positive_int, progress
+from prunekit.compress import DEFAULT_SAMPLES
 
 
 def register(sub: Any) -> None:
@@ -37,7 +38,7 @@ def register(sub: Any) -> None:
     p.add_argument("--offload-dir", default=None,
                    help="directory for the input Grams that do not fit in memory and a streamed run's hidden "
                         "states (default: the system's temporary directory); removed when done")
-    add_calib(p)
+    add_calib(p, samples=DEFAULT_SAMPLES)
     add_output(p)
     p.set_defaults(func=cmd_compress)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from prunekit.adapters import get_adapter
-from prunekit.compress import Budget, CompressResult, compress, parse_budget, write_pareto
+from prunekit.compress import DEFAULT_SAMPLES, Budget, CompressResult, compress, parse_budget, write_pareto
 from prunekit.compress.search import check_criterion, memory_estimate
 from prunekit.engine.memory import STREAM_HEADROOM, available_memory_bytes, checkpoint_bytes, device_free_bytes
 from prunekit.errors import PlanError
@@ -69,7 +69,7 @@ def compress_memory(model: str | Path, dtype: str, device: torch.device, samples
 
 
 def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, multiple_of: int = 64,
-                 calib: str | Path = "c4", samples: int = 16, seq_len: int = 512, batch_size: int = 4,
+                 calib: str | Path = "c4", samples: int = DEFAULT_SAMPLES, seq_len: int = 512, batch_size: int = 4,
                  criterion: str = "loss", dtype: str = "float32", device: str = "cpu", stream: bool | None = None,
                  offload_dir: str | Path | None = None, force: bool = False,
                  progress: bool = True) -> CompressResult | None:
