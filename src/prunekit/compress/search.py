@@ -24,6 +24,7 @@ forward on the check part per candidate; the allocation itself is arithmetic.
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from prunekit.adapters import ModelAdapter
 from prunekit.compress.allocate import allocate, uniform_mlp
 from prunekit.compress.budget import Budget, SublayerCost, dense_total, removal_target, removed, sublayer_costs
 from prunekit.compress.curves import Curve, error_curve, refit, unit_columns
-from prunekit.compress.stats import CompressStats, Sublayer, collect_stats, output_projections
+from prunekit.compress.stats import CompressStats, Sublayer, collect_stats, grams_bytes, output_projections
 from prunekit.data import CalibrationData
 from prunekit.drop.choose import TARGETS, plan_drops
 from prunekit.drop.scorer import SimilarityScorer
@@ -304,15 +305,16 @@ def _search(src: LayerSource, calib: CalibrationData, budget: Budget, rounds: in
         return Path(tempfile.mkdtemp(dir=spill)) if src.resumable else None
 
     scorer = _Scorer(src, my_check, batch_size, criterion == "kl", sums, states())
-    grams_on_disk = False
 
     def collect(desc: str) -> CompressStats:
-        nonlocal grams_on_disk
-        stats = collect_stats(src, my_fit, batch_size=batch_size, progress=progress, desc=desc, total=sums.total,
-                              gram_budget_bytes=gram_budget, spill_dir=Path(tempfile.mkdtemp(dir=spill)),
-                              work_dir=states())
-        grams_on_disk = stats.grams_on_disk
-        return stats
+        work = states()
+        try:
+            return collect_stats(src, my_fit, batch_size=batch_size, progress=progress, desc=desc,
+                                 total=sums.total, gram_budget_bytes=gram_budget,
+                                 spill_dir=Path(tempfile.mkdtemp(dir=spill)), work_dir=work)
+        finally:  # the remembered layer inputs are not needed once the statistics are summed
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
 
     def score(name: str, at_budget: bool) -> Candidate:
         loss, kl = scorer()
@@ -363,7 +365,7 @@ def _search(src: LayerSource, calib: CalibrationData, budget: Budget, rounds: in
     # forward over it, and every candidate one forward over the check part.
     share = len(check.input_ids) / len(calib.input_ids)
     plan.options["forward_passes"] = round((4 * rounds + 1) * (1 - share) + len(tried) * share, 2)
-    plan.options["grams_on_disk"] = grams_on_disk
+    plan.options["grams_on_disk"] = grams_bytes(adapter) > gram_budget  # as `collect_stats` decides
     plan.options["seconds"] = round(time.monotonic() - started, 1)
     plan.options["fit_tokens"], plan.options["check_tokens"] = fit.num_tokens, check.num_tokens
     return CompressResult(plan, [c.row(totals) for c in tried], best.name)
@@ -374,8 +376,10 @@ def _llm_drop_candidates(src: LayerSource, fit: CalibrationData, costs: dict[Sub
     """For each LLM-Drop target, the fewest cosine-ranked drops that remove at least `need`, as kept counts (0:
     dropped). Scored on the whole fit part in every process (not a shard), so that all ranks agree."""
     adapter = src.adapter
-    scores = SimilarityScorer(src, fit, batch_size=batch_size, pairwise=False, rescore=False, work_dir=work_dir,
-                              progress=False).score()
+    scorer = SimilarityScorer(src, fit, batch_size=batch_size, pairwise=False, rescore=False, work_dir=work_dir,
+                              progress=False)
+    scores = scorer.score()
+    scorer.cleanup()
     out: dict[str, dict[Sublayer, int]] = {}
     for target in TARGETS:
         for n in range(1, 2 * adapter.num_layers + 1):

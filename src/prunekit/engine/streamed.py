@@ -157,9 +157,9 @@ class StreamedLayers:
     def read(self, name: str) -> torch.Tensor:
         if name in self.overrides:
             return self.overrides[name]
-        meta = self.model.get_parameter(name)
-        t = self.files.load([self.source_name(name)], self.device)[self.source_name(name)]
-        return t.to(meta.dtype) if t.is_floating_point() else t
+        stored = self.source_name(name)
+        t = self.files.load([stored], self.device)[stored]
+        return t.to(self.model.get_parameter(name).dtype) if t.is_floating_point() else t
 
     def write(self, name: str, value: torch.Tensor) -> None:
         self.overrides[name] = value.detach().to("cpu", copy=True)
