@@ -108,3 +108,16 @@ def random_calib(n: int = 6, t: int = 24, seed: int = 1, pad_last: int = 0):
     if pad_last:
         mask[-1, -pad_last:] = 0
     return CalibrationData(ids, mask, "random", token_hash(ids))
+
+
+@torch.no_grad()
+def whole_model_loss(model, calib, batch_size: int = 4) -> float:
+    """Mean next-token NLL of `model` over `calib` by ordinary forward passes of the whole model: the oracle
+    for losses the layer runner computes."""
+    from prunekit.losses import token_nll
+
+    total, count = 0.0, 0
+    for ids, mask in calib.batches(batch_size):
+        nll, n = token_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+        total, count = total + float(nll), count + n
+    return total / count

@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
-from conftest import random_calib, tiny_model
+from conftest import random_calib, tiny_model, whole_model_loss
 
 from prunekit.adapters import get_adapter
 from prunekit.errors import PlanError
 from prunekit.plans import DropTarget, PruningPlan
-from prunekit.repair import Span, _fold, fit_map, linear_repair, removed_spans
+from prunekit.losses import split_check
+from prunekit.repair import Span, fit_map, folded, linear_repair, removed_spans
 from prunekit.surgery import apply_plan, count_parameters
 
 
@@ -37,8 +38,8 @@ def test_fit_recovers_an_exact_linear_relation_and_fold_applies_it():
     lin = torch.nn.Linear(5, 8).double()
     x = torch.randn(3, 5, dtype=torch.float64, generator=g)
     want = lin(x) @ t_true
-    _fold(lin, t_true)
-    assert torch.allclose(lin(x), want, atol=1e-12)
+    w, b = folded(lin.weight.detach(), lin.bias.detach(), t_true)
+    assert torch.allclose(torch.nn.functional.linear(x, w, b), want, atol=1e-12)
 
 
 @pytest.mark.parametrize("drops", [[DropTarget(2, "attn")], [DropTarget(1, "block")], [DropTarget(2, "mlp")]])
@@ -49,10 +50,30 @@ def test_repair_keeps_the_structure_and_never_worsens_held_out_loss(drops):
     apply_plan(get_adapter(pruned), plan)
     shapes = {k: v.shape for k, v in pruned.state_dict().items()}
     n = count_parameters(pruned)
-    rec = linear_repair(dense, pruned, plan, random_calib(n=8, t=16, seed=3), progress=False)
+    calib = random_calib(n=8, t=16, seed=3)
+    unrepaired = copy.deepcopy(pruned)
+    rec = linear_repair(dense, pruned, plan, calib, progress=False)
     assert {k: v.shape for k, v in pruned.state_dict().items()} == shapes and count_parameters(pruned) == n
     assert rec["check_loss"] <= rec["check_loss_unrepaired"]
+    # The runner's incremental check losses are the whole model's, before and after (maps kept or undone).
+    check = split_check(calib, "test")[1]
+    assert rec["check_loss_unrepaired"] == pytest.approx(whole_model_loss(unrepaired, check), rel=1e-6)
+    assert rec["check_loss"] == pytest.approx(whole_model_loss(pruned, check), rel=1e-6)
     assert len(rec["spans"]) == 1 and 0 <= rec["spans"][0]["relative_residual"]
+
+
+def test_a_map_undone_leaves_no_trace_in_the_next_check():
+    """Two spans, the first map rejected and the second kept (this model and calibration): the second is
+    checked on layers re-run without the first fold, so every recorded loss is the whole model's."""
+    dense = tiny_model("llama")
+    pruned = copy.deepcopy(dense)
+    plan = PruningPlan(dropped=[DropTarget(1, "mlp"), DropTarget(3, "attn")], method="test")
+    apply_plan(get_adapter(pruned), plan)
+    calib = random_calib(n=8, t=16, seed=5)
+    rec = linear_repair(dense, pruned, plan, calib, progress=False)
+    assert [s["applied"] for s in rec["spans"]] == [False, True]
+    assert rec["check_loss"] == rec["spans"][1]["check_loss_after"]
+    assert rec["check_loss"] == pytest.approx(whole_model_loss(pruned, split_check(calib, "test")[1]), rel=1e-6)
 
 
 def test_gemma3_cannot_take_the_fold():
@@ -76,6 +97,31 @@ def test_cli_drop_with_linear_repair_records_it_and_reloads(tiny_checkpoint, tmp
     assert plan.repair is not None and len(plan.repair["spans"]) >= 1
     assert plan.repair["check_loss"] <= plan.repair["check_loss_unrepaired"]
     load_model(out)
-    assert main(["-q", "drop", str(ck), "--target", "attn", "--n", "1", "--repair", "linear", "--stream",
-                 "--calib", str(text), "--out", str(tmp_path / "never")]) == 2
-    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("target,n", [("attn", 2), ("block", 1)])
+def test_streamed_repair_equals_in_memory(tiny_checkpoint, tmp_path, isolated_cache, target, n):
+    """`drop --repair linear --stream`: statistics from the streamed dense model, the check on a streamed view
+    with the drops marked (layers not compacted), folds kept as overrides and written by the streamed save:
+    the same maps, losses and saved weights as in memory (where a block drop renumbers the layers)."""
+    from safetensors.torch import load_file
+
+    from prunekit.cli import main
+
+    ck, text = tiny_checkpoint
+    plans, weights = [], []
+    for mode in ("--no-stream", "--stream"):
+        out = tmp_path / mode.strip("-")
+        assert main(["-q", "drop", str(ck), "--target", target, "--n", str(n), "--repair", "linear", mode,
+                     "--calib", str(text), "--samples", "8", "--seq-len", "24", "--out", str(out)]) == 0
+        plans.append(PruningPlan.load(out / "prunekit_plan.json"))
+        weights.append({k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()})
+    mem, streamed = (p.repair for p in plans)
+    assert plans[0].dropped == plans[1].dropped
+    assert [s["applied"] for s in mem["spans"]] == [s["applied"] for s in streamed["spans"]]
+    assert any(s["applied"] for s in mem["spans"])  # a fold reaches the saved weights
+    for key in ("check_loss_unrepaired", "check_loss"):
+        assert streamed[key] == pytest.approx(mem[key], rel=1e-6)
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        assert torch.allclose(weights[0][k], weights[1][k], atol=1e-6), k

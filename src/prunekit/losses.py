@@ -31,12 +31,6 @@ def token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None
     return nll[keep].double().sum(), int(keep.sum())
 
 
-@torch.no_grad()
-def mean_loss(model: nn.Module, calib: CalibrationData, batch_size: int) -> float:
-    """Mean next-token NLL of `model` over `calib`."""
-    return mean_loss_and_kl(model, calib, batch_size)[0]
-
-
 Reference = list[tuple[torch.Tensor, torch.Tensor]]
 KL_TOPK = 256  # a reference model's most likely tokens kept per position for KL criteria: 3 KB per token
 
@@ -57,44 +51,17 @@ def token_kl(logits: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor],
 
 @torch.no_grad()
 def topk_reference(model: nn.Module, calib: CalibrationData, batch_size: int, k: int) -> Reference:
-    """`model`'s K largest logits (values, token ids) at every position of `calib`, batch by batch: what
-    `mean_loss_and_kl` measures KL divergences from."""
+    """`model`'s K largest logits (values, token ids) at every position of `calib`, batch by batch (a
+    teacher's, cached for distillation)."""
     device = next(model.parameters()).device
     return [top_logits(model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits, k)
             for ids, mask in calib.batches(batch_size)]
 
 
-@torch.no_grad()
-def loss_and_kl_sums(model: nn.Module, calib: CalibrationData, batch_size: int,
-                     reference: Reference | None = None) -> torch.Tensor:
-    """float64 [NLL summed, tokens, KL summed, KL tokens] of `model` over `calib` (see `mean_loss_and_kl`):
-    sums, so that ranks that each scored a share of the batches can add them up."""
-    out = torch.zeros(4, dtype=torch.float64)
-    device = next(model.parameters()).device
-    for b, (ids, mask) in enumerate(calib.batches(batch_size)):
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        nll, n = token_nll(logits, ids, mask)
-        out[0] += float(nll)
-        out[1] += n
-        if reference is not None:
-            kl_sum, real = token_kl(logits, reference[b], mask)
-            out[2] += float(kl_sum)
-            out[3] += real
-    return out
-
-
 def means(sums: torch.Tensor, with_kl: bool) -> tuple[float, float | None]:
-    """(mean NLL, mean KL or None) from `loss_and_kl_sums`' four sums."""
+    """(mean NLL, mean KL or None) from four sums [NLL, tokens, KL, KL tokens] (`engine.head.LossObserver`'s)."""
     loss = float(sums[0]) / max(float(sums[1]), 1.0)
     return loss, (float(sums[2]) / max(float(sums[3]), 1.0) if with_kl else None)
-
-
-def mean_loss_and_kl(model: nn.Module, calib: CalibrationData, batch_size: int,
-                     reference: Reference | None = None) -> tuple[float, float | None]:
-    """Mean next-token NLL of `model` over `calib` and, given a `topk_reference` of another model over the
-    same batches, the mean top-K KL(reference || model) over the real tokens, from the same forward pass."""
-    return means(loss_and_kl_sums(model, calib, batch_size, reference), reference is not None)
 
 
 def split_check(calib: CalibrationData, what: str) -> tuple[CalibrationData, CalibrationData]:

@@ -15,24 +15,29 @@ similarity rows do. The projection W (out = x W' + b) becomes T'W and b becomes 
 
 Each span's map is kept only if it lowers the causal-LM loss on held-out calibration samples (the last
 quarter of the calibration batches, never used to fit), else skipped; the plan records the fit residual
-and both losses for every span. Architectures whose sub-layer outputs pass through a norm before the
+and both losses for every span. That check runs on the same runner over the pruned model, remembering
+every layer's input, so trying the map of a span whose carrier is layer j re-runs only layers j.. ; the
+fold is written through the layer source, so a layer-streamed model is repaired too (its folded
+projections are kept beside the files and written into the saved checkpoint). Architectures whose sub-layer outputs pass through a norm before the
 residual add (Gemma 3) cannot take the fold and are refused with a clear error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from prunekit.adapters import ModelAdapter
 from prunekit.data import CalibrationData
+from prunekit.engine.head import LossObserver
 from prunekit.engine.runner import LayerRunner, Observer, TensorStore
-from prunekit.engine.sources import as_source
+from prunekit.engine.sources import LayerSource, as_source
 from prunekit.errors import PlanError
-from prunekit.losses import mean_loss, split_check
+from prunekit.losses import split_check
 from prunekit.plans import PruningPlan
 from prunekit.width.importance import masked_rows
 
@@ -112,13 +117,12 @@ def fit_map(cc: torch.Tensor, cd: torch.Tensor, dd: float, ridge: float) -> tupl
     return t, resid / max(dd, 1e-300)
 
 
-def _fold(proj: nn.Linear, t: torch.Tensor) -> None:
-    """out = x W' + b  ->  (x W' + b) T."""
-    with torch.no_grad():
-        tt = t.to(proj.weight.dtype).to(proj.weight.device)
-        proj.weight.copy_((tt.T @ proj.weight.to(tt.dtype)))
-        if proj.bias is not None:
-            proj.bias.copy_(proj.bias @ tt)
+def folded(weight: torch.Tensor, bias: torch.Tensor | None,
+           t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection that applies `t` after itself: out = x W' + b  ->  (x W' + b) T, i.e. W -> T'W,
+    b -> bT (computed in float64, returned in the weight's dtype)."""
+    w = (t.T @ weight.to(torch.float64)).to(weight.dtype)
+    return w, None if bias is None else (bias.to(torch.float64) @ t).to(bias.dtype)
 
 
 def check_repairable(adapter: ModelAdapter) -> None:
@@ -128,42 +132,80 @@ def check_repairable(adapter: ModelAdapter) -> None:
                         "(the fold would not be linear); use --repair none")
 
 
-def linear_repair(dense: nn.Module, pruned: nn.Module, plan: PruningPlan, calib: CalibrationData, *,
-                  ridge: float = 1e-2, batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
-    """Estimate the maps on `dense` (left untouched), fold the helpful ones into `pruned` (which carries
-    `plan`, already applied), and return the record that goes into `plan.repair`."""
-    source = as_source(dense)
-    dense_ad = source.adapter
-    check_repairable(dense_ad)
-    spans = removed_spans(plan, dense_ad.num_layers)
+def linear_repair(dense: nn.Module | LayerSource, pruned: nn.Module | LayerSource, plan: PruningPlan,
+                  calib: CalibrationData, *, ridge: float = 1e-2, batch_size: int = 4, work_dir: Path | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Estimate the maps on `dense` (left untouched), fold the helpful ones into `pruned` (a model or layer
+    source carrying `plan`: compacted as `apply_plan` leaves a model, or with its layers kept and the drops
+    marked, as a streamed view of the checkpoint), and return the record that goes into `plan.repair`.
+    Folded weights go through `pruned`'s `write`/`commit` (a streamed source keeps them as overrides, which
+    `prunekit.save` writes). Both passes run on the one layer runner, so either model may be streamed."""
+    dense_src, pruned_src = as_source(dense), as_source(pruned)
+    check_repairable(dense_src.adapter)
+    spans = removed_spans(plan, dense_src.adapter.num_layers)
     fit, check = split_check(calib, "linear repair")
-    runner = LayerRunner(source, fit, batch_size=batch_size, progress=progress)
-    stats = RepairStats(spans, dense_ad.hidden_size, runner.store)
+    runner = LayerRunner(dense_src, fit, batch_size=batch_size, work_dir=work_dir, progress=progress)
+    stats = RepairStats(spans, dense_src.adapter.hidden_size, runner.store)
     runner.run([stats], desc="repair statistics")
-    pruned_ad = as_source(pruned).adapter
-    # Original layer index -> the pruned model's layer (compaction removed emptied layers).
-    attn, mlp = plan.drops_by_module()
-    kept = [i for i in range(dense_ad.num_layers) if not (i in attn and i in mlp)]
+    layer_of = _pruned_index(plan, dense_src.adapter.num_layers, pruned_src.adapter.num_layers)
+    loss_of = _CheckLoss(pruned_src, check, batch_size, work_dir)
+    loss = baseline = loss_of(0)
     records = []
-    loss = baseline = mean_loss(pruned, check, batch_size)
     for s, span in enumerate(spans):
         t, resid = fit_map(stats.cc[s], stats.cd[s], stats.dd[s], ridge)
-        layer = pruned_ad.layers()[kept.index(span.carrier[0])]
-        proj = pruned_ad.output_projection(layer, span.carrier[1])
-        saved = (proj.weight.detach().clone(), None if proj.bias is None else proj.bias.detach().clone())
-        _fold(proj, t)
-        after = mean_loss(pruned, check, batch_size)
+        layer = layer_of(span.carrier[0])
+        _write_fold(pruned_src, layer, span.carrier[1], t)
+        after = loss_of(layer)
         applied = after < loss
         if applied:
             loss = after
+            pruned_src.commit()
         else:  # never make the plan worse on held-out samples
-            with torch.no_grad():
-                proj.weight.copy_(saved[0])
-                if saved[1] is not None:
-                    proj.bias.copy_(saved[1])  # type: ignore[union-attr]
+            pruned_src.revert()
+            loss_of.changed(layer)
         records.append({"carrier": {"layer": span.carrier[0], "module": span.carrier[1]},
                         "removed": [{"layer": i, "module": m} for i, m in span.removed],
                         "relative_residual": resid, "check_loss_after": after, "applied": applied})
     return {"method": "linear (ridge to identity, folded into the carrier's output projection)", "ridge": ridge,
             "fit_samples": int(len(fit.input_ids)), "check_samples": int(len(check.input_ids)),
             "check_loss_unrepaired": baseline, "check_loss": loss, "spans": records}
+
+
+def _pruned_index(plan: PruningPlan, dense_layers: int, pruned_layers: int) -> Callable[[int], int]:
+    """Original layer index -> the pruned model's: the same when its layers were kept, else the position among
+    the layers that compaction kept (those not emptied by the drops)."""
+    if pruned_layers == dense_layers:
+        return lambda i: i
+    attn, mlp = plan.drops_by_module()
+    kept = [i for i in range(dense_layers) if not (i in attn and i in mlp)]
+    return kept.index
+
+
+def _write_fold(source: LayerSource, layer: int, part: str, t: torch.Tensor) -> None:
+    ad = source.adapter
+    proj = ad.output_projection(ad.layers()[layer], part)
+    name = next(n for n, m in ad.model.named_modules() if m is proj)
+    bias = source.read(name + ".bias") if proj.bias is not None else None
+    w, b = folded(source.read(name + ".weight"), bias, t)
+    source.write(name + ".weight", w)
+    if b is not None:
+        source.write(name + ".bias", b)
+
+
+class _CheckLoss:
+    """The mean causal-LM loss of the pruned model on the held-out part, through the one runner with every
+    layer's input remembered, so a change at layer j re-runs only layers j.. ."""
+
+    def __init__(self, source: LayerSource, check: CalibrationData, batch_size: int, work_dir: Path | None):
+        self.source = source
+        self.runner = LayerRunner(source, check, batch_size=batch_size, work_dir=work_dir, remember_inputs=True,
+                                  progress=False)
+
+    def __call__(self, changed_at: int) -> float:
+        self.changed(changed_at)
+        obs = LossObserver(self.source, self.runner.batches)
+        self.runner.run([obs], start_layer=changed_at)
+        return obs.loss
+
+    def changed(self, layer: int) -> None:
+        self.runner.invalidate_from(layer)

@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
     p.add_argument("--repair", choices=("none", "linear"), default="none",
                    help="linear: fold a training-free linear map into the projection before each removed span, "
                         "estimated on the calibration text and kept only where it lowers the loss on held-out "
-                        "calibration samples (Llama/Mistral/Qwen; in memory) (default none)")
+                        "calibration samples (Llama/Mistral/Qwen; in memory or streamed) (default none)")
     add_calib(p)
     add_output(p)
     add_scale(p)

@@ -9,14 +9,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prunekit.drop import CRITERIA, llm_drop
-from prunekit.engine.sources import ResidentLayers
-from prunekit.errors import PlanError
+from prunekit.engine.sources import LayerSource, ResidentLayers
+from prunekit.engine.streamed import StreamedLayers
+from prunekit.errors import CheckpointError, PlanError
 from prunekit.io.checkpoint import load_model
 from prunekit.io.outputs import prepare_output
-from prunekit.jobs.common import scoring_job
+from prunekit.jobs.common import Job, scoring_job
 from prunekit.plans import PruningPlan
 from prunekit.repair import REPAIRS, check_repairable, linear_repair
 from prunekit.save import save
+from prunekit.surgery import mark_drops
 
 
 def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: bool = False,
@@ -27,11 +29,9 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
              progress: bool = True) -> PruningPlan | None:
     """Score, choose, save the pruned checkpoint to `out` (rank 0 saves; the plan is returned on rank 0, None
     elsewhere). Options as in `score_job`. `repair="linear"`: fold a training-free linear map into the
-    weights before each removed span (`prunekit.repair`; in-memory runs of architectures that allow it)."""
+    weights before each removed span (`prunekit.repair`; architectures that allow it, in memory or streamed)."""
     if repair not in REPAIRS:
         raise PlanError(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
-    if repair == "linear" and stream:
-        raise PlanError("--repair linear needs the model in memory; run without --stream")
     if criterion not in CRITERIA:
         raise PlanError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     prepare_output(out, force)  # fail before any expensive work
@@ -40,22 +40,46 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
                      progress=progress) as (job, factory):
         ad = job.source.adapter
         if repair == "linear":
-            if not isinstance(job.source, ResidentLayers):
-                raise PlanError("--repair linear needs the model in memory, but it would not fit; run without it")
             check_repairable(ad)
         with _loss_states(job.streamed and criterion != "cosine", offload_dir) as work:
             plan = llm_drop(ad.model, ad, job.calib, target=target, n=n,  # type: ignore[arg-type]
                             consecutive=consecutive, iterative=iterative, batch_size=batch_size,
                             progress=progress, source=str(model), make_scorer=factory, criterion=criterion,
                             prefilter=prefilter, layers=job.source, work_dir=work)
-    if repair == "linear" and job.env.is_main:
-        dense, _ = load_model(model, dtype=dtype, device=job.device, tokenizer=False)
-        plan.repair = linear_repair(dense, ad.model, plan, job.calib, batch_size=batch_size, progress=progress)
+    # Repair and save outside the process group's block: only rank 0 does them, with no collectives.
+    if not job.env.is_main:
+        return None
+    pruned = job.source
+    if repair == "linear":
+        dense, pruned = _repair_sources(job, model, plan, dtype)
+        with _loss_states(job.streamed, offload_dir) as work:
+            plan.repair = linear_repair(dense, pruned, plan, job.calib, batch_size=batch_size, work_dir=work,
+                                        progress=progress)
         del dense
-    # Saved outside the process group's block is fine: only rank 0 writes, and it needs no collectives.
-    if job.env.is_main:
-        save(job.source, job.tokenizer, out, plan, force=force, progress=progress)
-    return plan if job.env.is_main else None
+    save(pruned, job.tokenizer, out, plan, force=force, progress=progress)
+    return plan
+
+
+def _repair_sources(job: Job, model: str, plan: PruningPlan, dtype: str) -> tuple[LayerSource, LayerSource]:
+    """(the dense model, the pruned model) for linear repair. The dense model's statistics are one pass, so it
+    is streamed from the checkpoint's files when they allow it (no second copy in memory), else loaded. A
+    streamed job repairs a fresh streamed view of the checkpoint with the plan's drops marked (layers not
+    compacted, so its layer indices and tensor names are the files'); a resident one its pruned model."""
+    dense: LayerSource | None = None
+    if job.local is not None:
+        try:
+            dense = StreamedLayers(job.local, dtype=dtype, device=job.device)
+        except CheckpointError:  # tensor names that do not follow the module names: load it instead
+            dense = None
+    if dense is None:
+        net, _ = load_model(model, dtype=dtype, device=job.device, tokenizer=False)
+        dense = ResidentLayers(net)
+    if not job.streamed:
+        return dense, job.source
+    assert job.local is not None
+    view = StreamedLayers(job.local, dtype=dtype, device=job.device)
+    mark_drops(view.adapter, plan.dropped)
+    return dense, view
 
 
 @contextmanager
