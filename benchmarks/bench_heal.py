@@ -118,6 +118,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--lr", type=float, default=5e-5, help="full fine-tuning peak lr (default 5e-5)")
     p.add_argument("--lora-lr", type=float, default=5e-4, help="LoRA peak lr (default 5e-4)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="weight of the causal-LM loss in the distillation rows' mix (default: prunekit heal's, 0)")
     p.add_argument("--lora", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--eval", default="wiki", help="evaluation text, its held-out half (default wiki)")
     p.add_argument("--eval2", default="c4", help="second evaluation text, its held-out half (default c4)")
@@ -166,7 +168,8 @@ def main() -> None:
 
     n_train = int(train.input_ids.shape[0])
     specs = {
-        "distill": ("distillation from dense", dict(lr=args.lr, teacher=dense)),
+        "distill": ("distillation from dense" + ("" if args.alpha is None else f" (alpha {args.alpha:g})"),
+                    dict(lr=args.lr, teacher=dense, alpha=args.alpha)),
         "ce": ("causal-LM fine-tuning", dict(lr=args.lr)),
         "lora": (f"LoRA r={args.lora} distillation", dict(lr=args.lora_lr, teacher=dense, lora=args.lora)),
         "teacher": (f"distillation on teacher:{n_train * args.seq_len}", dict(lr=args.lr, teacher=dense)),
@@ -200,7 +203,7 @@ def main() -> None:
                      **other_text(student, wins2, dense_ppl2, 2), **other_text(student, wins3, dense_ppl3, 3),
                      "params": count_parameters(student), "tokens_seen": rec["tokens_seen"],
                      "minutes": round(minutes, 2), "peak_rss_gib": round(mem.peak / 2**30, 2),
-                     "lr": kw["lr"], "method": rec["method"], "loss_first": rec["loss_first"],
+                     "lr": kw["lr"], "alpha": kw.get("alpha"), "method": rec["method"], "loss_first": rec["loss_first"],
                      "loss_last_10pct_mean": rec["loss_last_10pct_mean"]})
         print(f"{name}: perplexity {val:.2f} in {minutes:.1f} min", flush=True)
         # a run cut short still leaves the rows it measured
