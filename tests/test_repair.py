@@ -10,8 +10,8 @@ from conftest import random_calib, tiny_model, whole_model_loss
 
 from prunekit.adapters import get_adapter
 from prunekit.errors import PlanError
-from prunekit.plans import DropTarget, PruningPlan
 from prunekit.losses import split_check
+from prunekit.plans import DropTarget, PruningPlan
 from prunekit.repair import Span, fit_map, folded, linear_repair, removed_spans
 from prunekit.surgery import apply_plan, count_parameters
 
