@@ -41,7 +41,7 @@ from prunekit.evaluation.perplexity import perplexity as evaluate_perplexity
 from prunekit.evaluation.task_data import prepare_paper_task
 from prunekit.io.checkpoint import load_model
 from prunekit.io.outputs import write_json
-from prunekit.recovery import recover
+from prunekit.recovery import DEFAULT_LR, TEACHER_ALPHA, recover
 from prunekit.recovery.sources import TextSource, default_samples, parse_text_spec, training_data
 from prunekit.surgery import count_parameters
 from prunekit.width import width_prune
@@ -116,10 +116,10 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per training window (default 512)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per row (default 100, as `prunekit heal`)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
-    p.add_argument("--lr", type=float, default=5e-5, help="full fine-tuning peak lr (default 5e-5)")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="full fine-tuning peak lr (default: prunekit heal's)")
     p.add_argument("--lora-lr", type=float, default=5e-4, help="LoRA peak lr (default 5e-4)")
     p.add_argument("--alpha", type=float, default=None,
-                   help="weight of the causal-LM loss in the distillation rows' mix (default: prunekit heal's, 0)")
+                   help="weight of the causal-LM loss in the distillation rows' mix (default: prunekit heal's)")
     p.add_argument("--lora", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--eval", default="wiki", help="evaluation text, its held-out half (default wiki)")
     p.add_argument("--eval2", default="c4", help="second evaluation text, its held-out half (default c4)")
@@ -167,9 +167,9 @@ def main() -> None:
     print(f"pruned perplexity {pruned_ppl:.2f} ({what})", flush=True)
 
     n_train = int(train.input_ids.shape[0])
+    alpha = TEACHER_ALPHA if args.alpha is None else args.alpha
     specs = {
-        "distill": ("distillation from dense" + ("" if args.alpha is None else f" (alpha {args.alpha:g})"),
-                    dict(lr=args.lr, teacher=dense, alpha=args.alpha)),
+        "distill": (f"distillation from dense (alpha {alpha:g})", dict(lr=args.lr, teacher=dense, alpha=alpha)),
         "ce": ("causal-LM fine-tuning", dict(lr=args.lr)),
         "lora": (f"LoRA r={args.lora} distillation", dict(lr=args.lora_lr, teacher=dense, lora=args.lora)),
         "teacher": (f"distillation on teacher:{n_train * args.seq_len}", dict(lr=args.lr, teacher=dense)),

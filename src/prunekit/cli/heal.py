@@ -28,7 +28,8 @@ def register(sub: Any) -> None:
                    help="teacher model (normally the dense model MODEL was pruned from): distil from it; it must "
                         "have the same tokenizer and vocabulary")
     g.add_argument("--alpha", type=float, default=None,
-                   help="weight of the causal-LM loss mixed with the distillation loss (default 0 with --teacher)")
+                   help="weight of the causal-LM loss mixed with the distillation loss (default 0.5 with --teacher; "
+                        "0 for pure distillation)")
     g.add_argument("--temperature", type=float, default=1.0,
                    help="distillation temperature T; the KL is scaled by T^2 (default 1)")
     g.add_argument("--teacher-topk", type=positive_int, default=None,
@@ -46,7 +47,7 @@ def register(sub: Any) -> None:
                    help="train rank-R LoRA matrices on the attention/MLP projections instead of every parameter, "
                         "merged into the weights before saving")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4)")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up (default 0.1)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order (default 0)")
@@ -59,9 +60,10 @@ def register(sub: Any) -> None:
 
 def cmd_heal(args: argparse.Namespace) -> int:
     from prunekit.jobs import heal_checkpoint
+    from prunekit.recovery import DEFAULT_LR
 
     rec = heal_checkpoint(args.model, args.out, text=args.text, samples=args.samples, seq_len=args.seq_len,
-                          batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup=args.warmup,
+                          batch_size=args.batch_size, steps=args.steps, lr=DEFAULT_LR if args.lr is None else args.lr, warmup=args.warmup,
                           weight_decay=args.weight_decay, seed=args.seed, teacher=args.teacher, alpha=args.alpha,
                           temperature=args.temperature, teacher_topk=args.teacher_topk, lora=args.lora,
                           gen_temperature=args.gen_temperature, prompt_text=args.prompt_text,

@@ -14,7 +14,7 @@ from prunekit.errors import RecoveryError
 from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
 from prunekit.io.outputs import prepare_output
 from prunekit.plans import PLAN_FILE, PruningPlan
-from prunekit.recovery import check_settings, check_teacher, recover
+from prunekit.recovery import DEFAULT_LR, check_settings, check_teacher, recover
 from prunekit.recovery.distill import check_tokenizers
 from prunekit.recovery.sources import check_text_spec, default_samples, parse_text_spec, training_data
 from prunekit.recovery.teacher_cache import DEFAULT_TOPK, TeacherLogitsCache, teacher_logits_cache
@@ -22,7 +22,7 @@ from prunekit.save import save
 
 
 def heal_checkpoint(model: str, out: str, *, text: str = "mix", samples: int | None = None, seq_len: int = 512,
-                    batch_size: int = 4, steps: int = 100, lr: float = 5e-5, warmup: float = 0.1,
+                    batch_size: int = 4, steps: int = 100, lr: float = DEFAULT_LR, warmup: float = 0.1,
                     weight_decay: float = 0.0, seed: int = 0, teacher: str | None = None, alpha: float | None = None,
                     temperature: float = 1.0, teacher_topk: int | None = None, lora: int | None = None,
                     gen_temperature: float = 1.0, prompt_text: str = "c4", use_cache: bool = True,
