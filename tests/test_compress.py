@@ -13,7 +13,7 @@ from conftest import random_calib, tiny_model, whole_model_loss
 from prunekit.adapters import get_adapter
 from prunekit.compress.allocate import allocate, uniform_mlp
 from prunekit.compress.budget import Budget, SublayerCost, parse_budget, removal_target, removed, sublayer_costs
-from prunekit.compress.curves import RIDGE, Curve, error_curve, refit, unit_columns
+from prunekit.compress.curves import RIDGE, Curve, error_curve, obs_order, refit, unit_columns
 from prunekit.compress.search import _Model, compress, plan_for
 from prunekit.compress.stats import SublayerStats, collect_stats
 from prunekit.engine.sources import ResidentLayers
@@ -32,11 +32,12 @@ def _random_stats(tokens: int, n_in: int, d: int, seed: int = 0):
     return SublayerStats(x.T @ x, grad.T @ grad, tokens), w
 
 
-@pytest.mark.parametrize("cols_per_unit,step", [(1, 2), (4, 1)])
-def test_curve_is_the_fisher_weighted_residual_of_the_refit(cols_per_unit, step):
+@pytest.mark.parametrize("cols_per_unit,step,order_by", [(1, 2, "norm"), (4, 1, "norm"), (1, 2, "obs"),
+                                                          (4, 1, "obs")])
+def test_curve_is_the_fisher_weighted_residual_of_the_refit(cols_per_unit, step, order_by):
     st, w = _random_stats(200, 24, 6)
     alive = list(range(24 // cols_per_unit))
-    curve = error_curve(st, w, alive, cols_per_unit, step)
+    curve = error_curve(st, w, alive, cols_per_unit, step, order_by=order_by)
     cols = unit_columns(alive, cols_per_unit)
     greg = st.gram + RIDGE * float(torch.diagonal(st.gram[cols][:, cols]).mean()) * torch.eye(24, dtype=torch.float64)
     for k, err in zip(curve.ks, curve.err):
@@ -47,6 +48,34 @@ def test_curve_is_the_fisher_weighted_residual_of_the_refit(cols_per_unit, step)
     assert curve.ks[0] == len(alive) and curve.err[0] == pytest.approx(0.0, abs=1e-6)
     assert curve.err == sorted(curve.err)  # keeping fewer units never fits better
     torch.testing.assert_close(refit(st, w, alive, alive, cols_per_unit), w)  # keeping all changes nothing
+
+
+@pytest.mark.parametrize("cols_per_unit", [1, 4])
+def test_obs_order_removes_first_what_the_others_can_stand_in_for(cols_per_unit):
+    """A unit whose columns are copies of another's (its activation norm the largest) costs nothing to remove
+    with a refit: the OBS order drops one of the twins first, TransAct's norm order keeps the strong one first. Each greedy step's
+    removal is the cheapest single removal, measured directly by refitting."""
+    tokens, n_units = 300, 6
+    st, w = _random_stats(tokens, n_units * cols_per_unit, 5, seed=1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens, n_units * cols_per_unit, generator=g, dtype=torch.float64)
+    twin, copy_of = unit_columns([0], cols_per_unit), unit_columns([3], cols_per_unit)
+    x[:, twin] = 3 * x[:, copy_of]
+    st = SublayerStats(x.T @ x, st.fisher, tokens)
+    alive = list(range(n_units))
+    order = obs_order(st, w, alive, cols_per_unit, chunk=1)
+    assert sorted(order) == alive and order[-1] in (0, 3)  # either twin stands in for the other
+    assert error_curve(st, w, alive, cols_per_unit, 1).order[0] == 0
+    cols = unit_columns(alive, cols_per_unit)
+    greg = st.gram + RIDGE * float(torch.diagonal(st.gram[cols][:, cols]).mean()) * torch.eye(len(cols),
+                                                                                          dtype=torch.float64)
+
+    def cost(kept):
+        r = refit(st, w, alive, kept, cols_per_unit) - w
+        return float(torch.trace(st.fisher @ r @ greg @ r.T))
+
+    first = min(alive, key=lambda u: cost([a for a in alive if a != u]))
+    assert order[-1] == first
 
 
 def test_allocation_spends_the_budget_where_it_costs_least():
@@ -194,8 +223,11 @@ def test_compress_meets_the_budget_and_iterative_rounds_are_tried():
                       multiple_of=16, progress=False)
     assert count_parameters(model) <= 0.8 * n0
     names = [c["name"] for c in result.candidates]
-    assert {"dense", "mixed", "mixed (no refit)", "depth", "width", "uniform-width", "mixed round 1/2",
-            "mixed x2 rounds"} <= set(names)
+    assert {"dense", "mixed", "mixed (no refit)", "mixed (OBS order)", "depth", "width", "uniform-width"} <= set(names)
+    # The rounds follow the unit order whose one-shot candidate checked better.
+    value = {c["name"]: c["check_loss"] for c in result.candidates}
+    tag = " (OBS order)" if value["mixed (OBS order)"] < value["mixed"] else ""
+    assert {f"mixed{tag} round 1/2", f"mixed{tag} x2 rounds"} <= set(names)
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)
     assert chosen["check_loss"] == min(c["check_loss"] for c in result.candidates if c["at_budget"])
     assert result.plan.method == "compress" and result.plan.options["budget"] == "params=0.8"

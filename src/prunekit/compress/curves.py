@@ -59,6 +59,46 @@ def _ordered_gram(st: SublayerStats, cols: torch.Tensor, lam: float) -> torch.Te
     return st.gram[cols][:, cols] + lam * torch.eye(len(cols), dtype=st.gram.dtype)
 
 
+def obs_order(st: SublayerStats, weight: torch.Tensor, alive: list[int], cols_per_unit: int, chunk: int = 16,
+              ridge: float = RIDGE) -> list[int]:
+    """The alive units strongest first by greedy Optimal Brain Surgeon removal (ZipLM / SlimGPT style),
+    Fisher-weighted: repeatedly remove the units whose loss, with the rest refitted, rises least.
+
+    With F = Lf Lf' and V = Lf' W, removing column set S (the others refitted) costs
+    tr(V_S (H_SS)^-1 V_S') where H is the inverse of the ridged Gram, and leaves V - V_S (H_SS)^-1 H_S. and
+    H - H_.S (H_SS)^-1 H_S. for the rest. Unlike the activation norm, this sees the weights and how the
+    columns overlap. The `chunk` cheapest units go together (single columns: an MLP's channels), one unit at
+    a time for wider units (KV groups)."""
+    cols = unit_columns(alive, cols_per_unit)
+    h = torch.cholesky_inverse(torch.linalg.cholesky(_ordered_gram(st, cols, _ridge(st, cols, ridge))))
+    e, u = torch.linalg.eigh(st.fisher)
+    v = (u * e.clamp_min(0).sqrt()).T @ weight.detach().to(torch.float64)[:, cols]  # [d, n cols]
+    rest = list(alive)  # the units still in, in the order of h's and v's column blocks
+    removed: list[int] = []
+    step = chunk if cols_per_unit == 1 else 1
+    while rest:
+        costs = _removal_costs(v, h, cols_per_unit)
+        pos = torch.argsort(costs, stable=True)[:step].tolist()
+        kept = [p for p in range(len(rest)) if p not in set(pos)]
+        gone, stay = unit_columns(pos, cols_per_unit), unit_columns(kept, cols_per_unit)
+        shift = h[stay][:, gone] @ torch.linalg.inv(h[gone][:, gone])  # [stay, gone]
+        v = v[:, stay] - v[:, gone] @ shift.T
+        h = h[stay][:, stay] - shift @ h[gone][:, stay]
+        removed.extend(rest[p] for p in pos)
+        rest = [rest[p] for p in kept]
+    return removed[::-1]
+
+
+def _removal_costs(v: torch.Tensor, h: torch.Tensor, c: int) -> torch.Tensor:
+    """tr(V_S (H_SS)^-1 V_S') for every unit S (columns j*c .. j*c + c - 1)."""
+    if c == 1:
+        return (v ** 2).sum(0) / torch.diagonal(h)
+    n = h.shape[0] // c
+    blocks = torch.stack([h[j * c:(j + 1) * c, j * c:(j + 1) * c] for j in range(n)])  # [n, c, c]
+    vs = v.T.reshape(n, c, -1)  # [n, c, d]
+    return (vs * torch.linalg.solve(blocks, vs)).sum((1, 2))
+
+
 def keep_options(n: int, step: int) -> list[int]:
     """Kept counts allowed for a sub-layer with n alive units: every multiple of `step` below n, n itself and
     0 (removal), descending."""
@@ -66,10 +106,14 @@ def keep_options(n: int, step: int) -> list[int]:
 
 
 def error_curve(st: SublayerStats, weight: torch.Tensor, alive: list[int], cols_per_unit: int, step: int,
-                ridge: float = RIDGE) -> Curve:
-    """The sub-layer's `Curve`; `weight` is the output projection's current [d, in] weight."""
-    strength = unit_strength(st.gram, alive, cols_per_unit)
-    order = [alive[j] for j in torch.argsort(strength, descending=True, stable=True).tolist()]
+                ridge: float = RIDGE, order_by: str = "norm") -> Curve:
+    """The sub-layer's `Curve`; `weight` is the output projection's current [d, in] weight; units ordered by
+    TransAct's activation norm (`order_by="norm"`) or by greedy OBS removal (`"obs"`, `obs_order`)."""
+    if order_by == "obs":
+        order = obs_order(st, weight, alive, cols_per_unit, ridge=ridge)
+    else:
+        strength = unit_strength(st.gram, alive, cols_per_unit)
+        order = [alive[j] for j in torch.argsort(strength, descending=True, stable=True).tolist()]
     cols = unit_columns(order, cols_per_unit)
     chol = torch.linalg.cholesky(_ordered_gram(st, cols, _ridge(st, cols, ridge)))
     m = chol.T @ weight.detach().to(torch.float64)[:, cols].T  # [in, d]

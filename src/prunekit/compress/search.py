@@ -4,10 +4,12 @@
 2. Error curves for every sub-layer (`curves`) and a greedy allocation of the budget (`allocate`) for each
    candidate family: ``mixed`` (widths and drops chosen together), ``depth`` (sub-layer drops only),
    ``width`` (per-layer widths only), ``uniform-width`` (TransAct uniform MLP width), each with the refit of
-   every cut projection, plus ``mixed`` without refit (the check that refitting helps), ``mixed`` reached
+   every cut projection, plus ``mixed`` without refit (the check that refitting helps), ``mixed (OBS order)``
+   (units ranked by greedy Optimal Brain Surgeon removal instead of by activation norm), ``mixed`` reached
    in several rounds (the budget spent in steps, statistics re-taken on the partly pruned model in between,
-   like iterative pruning), and LLM-Drop's own attention / MLP / block / joint plans (cosine-ranked, the
-   fewest drops that meet the budget), which the Fisher estimate can misjudge.
+   like iterative pruning; units in the order whose one-shot candidate checked better), and LLM-Drop's own
+   attention / MLP / block / joint plans (cosine-ranked, the fewest drops that meet the budget), which the
+   Fisher estimate can misjudge.
 3. Every candidate is applied (zeroed units and refitted weights on the full-size model, which gives exactly
    the logits of the physically smaller one) and scored by the calibration loss on the held-out check part
    of the calibration data; the best is kept, and the plan says how it was found. The intermediate rounds
@@ -166,9 +168,9 @@ class _Model:
         nh, nkv = self.adapter.attention_shape(self.adapter.layers()[s[0]])
         return (nh // nkv) * self.adapter.head_dim
 
-    def curves(self, stats: CompressStats, step: int) -> dict[Sublayer, Curve]:
+    def curves(self, stats: CompressStats, step: int, order_by: str = "norm") -> dict[Sublayer, Curve]:
         return {s: error_curve(stats.layer(s), self.weight(s), alive, self.cols_per_unit(s),
-                               step if s[1] == "mlp" else 1)
+                               step if s[1] == "mlp" else 1, order_by=order_by)
                 for s, alive in self.alive.items() if alive}
 
     @torch.no_grad()
@@ -333,18 +335,20 @@ def _search(src: LayerSource, calib: CalibrationData, budget: Budget, rounds: in
     score("dense", False)
     dense_stats = collect("compress statistics")
     curves = m.curves(dense_stats, multiple_of)
-    one_shot = {"mixed": lambda: allocate(curves, costs, need, budget.key, "mixed"),
-                "depth": lambda: allocate(curves, costs, need, budget.key, "depth"),
-                "width": lambda: allocate(curves, costs, need, budget.key, "width"),
-                "uniform-width": lambda: uniform_mlp(curves, costs, need, budget.key)}
+    obs_curves = m.curves(dense_stats, multiple_of, order_by="obs")
+    one_shot = {"mixed": lambda: (curves, allocate(curves, costs, need, budget.key, "mixed")),
+                "mixed (OBS order)": lambda: (obs_curves, allocate(obs_curves, costs, need, budget.key, "mixed")),
+                "depth": lambda: (curves, allocate(curves, costs, need, budget.key, "depth")),
+                "width": lambda: (curves, allocate(curves, costs, need, budget.key, "width")),
+                "uniform-width": lambda: (curves, uniform_mlp(curves, costs, need, budget.key))}
     for name, choose in tqdm(list(one_shot.items()), desc="compress candidates", disable=not progress,
                              leave=False):
-        chosen = choose()
+        used, chosen = choose()
         if not chosen:
             continue
         # Without the refit, the check that refitting helps (a refit on too few tokens overfits).
         for fitted in (True, False) if name == "mixed" else (True,):
-            m.cut(dense_stats, curves, chosen, fitted)
+            m.cut(dense_stats, used, chosen, fitted)
             score(name if fitted else f"{name} (no refit)", True)
             m.reset()
     # LLM-Drop's own one-shot plans as candidates too, so that the held-out check can pick them where the
@@ -354,7 +358,7 @@ def _search(src: LayerSource, calib: CalibrationData, budget: Budget, rounds: in
         score(name, True)
         m.reset()
     if rounds > 1:
-        _rounds(m, collect, dense_stats, need, budget, rounds, multiple_of, score)
+        _rounds(m, collect, dense_stats, need, budget, rounds, multiple_of, score, _better_order(tried))
     best = min((c for c in tried if c.at_budget), key=lambda c: c.value)
     plan = _apply_best(m, best, budget, need, totals, tried, rounds, multiple_of, calib, source)
     plan.options["criterion"] = criterion
@@ -395,16 +399,25 @@ def _llm_drop_candidates(src: LayerSource, fit: CalibrationData, costs: dict[Sub
     return out
 
 
+def _better_order(tried: list[Candidate]) -> str:
+    """The unit order whose one-shot `mixed` candidate did better on the check part: the rounds use it (taking
+    the statistics again for both orders would cost another set of passes per round)."""
+    value = {c.name: c.value for c in tried}
+    obs, norm = value.get("mixed (OBS order)"), value.get("mixed")
+    return "obs" if obs is not None and (norm is None or obs < norm) else "norm"
+
+
 def _rounds(m: _Model, collect: Any, stats: CompressStats, need: int, budget: Budget, rounds: int,
-            multiple_of: int, score: Any) -> None:
-    """`mixed` reached in `rounds` steps, the statistics re-taken on the partly pruned model in between; every
-    step is a candidate (the last one at the budget)."""
+            multiple_of: int, score: Any, order_by: str = "norm") -> None:
+    """`mixed` reached in `rounds` steps, the statistics re-taken on the partly pruned model in between, units
+    ordered by `order_by`; every step is a candidate (the last one at the budget)."""
+    tag = " (OBS order)" if order_by == "obs" else ""
     for r in range(1, rounds + 1):
         target = math.ceil(need * r / rounds)
-        step_curves = m.curves(stats, multiple_of)
+        step_curves = m.curves(stats, multiple_of, order_by=order_by)
         m.cut(stats, step_curves, allocate(step_curves, m.costs, target - _spent(m, budget.key), budget.key,
                                            "mixed"), True)
-        score(f"mixed x{rounds} rounds" if r == rounds else f"mixed round {r}/{rounds}", r == rounds)
+        score(f"mixed{tag} x{rounds} rounds" if r == rounds else f"mixed{tag} round {r}/{rounds}", r == rounds)
         if r < rounds:
             # Emptied, not just replaced: the caller's reference would otherwise keep two sets of Grams alive
             # (or on disk) while the next ones are taken.
