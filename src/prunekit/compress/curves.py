@@ -14,6 +14,7 @@ the components along q_c, q_{c+1}, ...). k = 0 is removing the sub-layer: the er
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,9 @@ def _ordered_gram(st: SublayerStats, cols: torch.Tensor, lam: float) -> torch.Te
     return st.gram[cols][:, cols] + lam * torch.eye(len(cols), dtype=st.gram.dtype)
 
 
+MAX_STEPS = 96  # greedy removal steps of `obs_order` for single-column units at most
+
+
 def obs_order(st: SublayerStats, weight: torch.Tensor, alive: list[int], cols_per_unit: int, chunk: int = 16,
               ridge: float = RIDGE) -> list[int]:
     """The alive units strongest first by greedy Optimal Brain Surgeon removal (ZipLM / SlimGPT style),
@@ -67,19 +71,21 @@ def obs_order(st: SublayerStats, weight: torch.Tensor, alive: list[int], cols_pe
     With F = Lf Lf' and V = Lf' W, removing column set S (the others refitted) costs
     tr(V_S (H_SS)^-1 V_S') where H is the inverse of the ridged Gram, and leaves V - V_S (H_SS)^-1 H_S. and
     H - H_.S (H_SS)^-1 H_S. for the rest. Unlike the activation norm, this sees the weights and how the
-    columns overlap. The `chunk` cheapest units go together (single columns: an MLP's channels), one unit at
-    a time for wider units (KV groups)."""
+    columns overlap. Single-column units (an MLP's channels) go `chunk` at a time, or in at most `MAX_STEPS`
+    steps for wide layers (each step rewrites H, so a 9k-wide MLP would otherwise take minutes); wider units
+    (KV groups) go one at a time."""
     cols = unit_columns(alive, cols_per_unit)
     h = torch.cholesky_inverse(torch.linalg.cholesky(_ordered_gram(st, cols, _ridge(st, cols, ridge))))
     e, u = torch.linalg.eigh(st.fisher)
     v = (u * e.clamp_min(0).sqrt()).T @ weight.detach().to(torch.float64)[:, cols]  # [d, n cols]
     rest = list(alive)  # the units still in, in the order of h's and v's column blocks
     removed: list[int] = []
-    step = chunk if cols_per_unit == 1 else 1
+    step = max(chunk, math.ceil(len(alive) / MAX_STEPS)) if cols_per_unit == 1 else 1
     while rest:
         costs = _removal_costs(v, h, cols_per_unit)
         pos = torch.argsort(costs, stable=True)[:step].tolist()
-        kept = [p for p in range(len(rest)) if p not in set(pos)]
+        going = set(pos)
+        kept = [p for p in range(len(rest)) if p not in going]
         gone, stay = unit_columns(pos, cols_per_unit), unit_columns(kept, cols_per_unit)
         shift = h[stay][:, gone] @ torch.linalg.inv(h[gone][:, gone])  # [stay, gone]
         v = v[:, stay] - v[:, gone] @ shift.T
