@@ -8,8 +8,8 @@ of c4's calibration half), then each row heals a deep copy of the pruned model o
 many windows as the run reads, so each is read once) and is evaluated on held-out windows of wiki and of c4
 (each text's EVALUATION half; the training never reads it and nothing is tuned on it), and on LAMBADA's
 passages (novels, in no built-in text, so outside every training mix). The
-learning rates are fixed in advance (the project default 5e-5 for full fine-tuning, 10x that for LoRA, the
-usual ratio), not searched. The `teacher` row distils on `teacher:N` text instead (N = the text rows'
+learning rates are fixed in advance (`prunekit heal`'s default for full fine-tuning, chosen on calibration
+windows by bench_heal_recipe.py; 5e-4 for LoRA), never searched on the evaluation halves. The `teacher` row distils on `teacher:N` text instead (N = the text rows'
 windows x --seq-len, prompts from c4's calibration half, sampled at temperature 1), so it reads exactly as
 many tokens, each once when the text rows do. Peak RSS is sampled during each row. Prints a table and writes JSON.
 
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import get_adapter
-from prunekit.compress import compress, parse_budget
+from prunekit.compress import DEFAULT_SAMPLES, compress, parse_budget
 from prunekit.data import calibration_data, eval_windows
 from prunekit.data import windows as cut_windows
 from prunekit.drop import llm_drop
@@ -108,7 +108,9 @@ def main() -> None:
                         "params=0.8`'s defaults (default attn)")
     p.add_argument("--drop", type=int, default=8, help="attention modules dropped (default 8)")
     p.add_argument("--mlp-keep", type=float, default=0.5, help="MLP channels kept with --prune mlp (default 0.5)")
-    p.add_argument("--calib-samples", type=int, default=16, help="LLM-Drop calibration sequences of 512 (default 16)")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration sequences of 512 for the pruning (default 16, compress's own default with "
+                        "--prune compress)")
     p.add_argument("--text", default="mix",
                    help="training text spec as `prunekit heal --text`, calibration halves only (default mix)")
     p.add_argument("--samples", type=int, default=None,
@@ -151,6 +153,8 @@ def main() -> None:
 
     pruned = copy.deepcopy(dense)
     pruned.requires_grad_(True)
+    if args.calib_samples is None:
+        args.calib_samples = DEFAULT_SAMPLES if args.prune == "compress" else 16
     calib = calibration_data(tok, "c4", args.calib_samples, 512)
     if args.prune == "attn":
         plan = llm_drop(pruned, get_adapter(pruned), calib, target="attn", n=args.drop, progress=False)
@@ -159,7 +163,7 @@ def main() -> None:
         plan = width_prune(pruned, get_adapter(pruned), calib, mlp_keep=args.mlp_keep, mode="per-layer", shots=8,
                            progress=False)
         what = f"MLP keep {args.mlp_keep:g} per-layer, 8 shots"
-    else:  # exactly `prunekit compress MODEL --budget params=0.8`: its defaults, its calibration (c4, 16 x 512)
+    else:  # exactly `prunekit compress MODEL --budget params=0.8`: its defaults, its calibration (c4, 64 x 512)
         plan = compress(pruned, get_adapter(pruned), calib, parse_budget("params=0.8"), progress=False,
                         source=args.model).plan
         what = "compress params=0.8"
