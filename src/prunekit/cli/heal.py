@@ -62,8 +62,9 @@ def cmd_heal(args: argparse.Namespace) -> int:
     from prunekit.jobs import heal_checkpoint
     from prunekit.recovery import DEFAULT_LR
 
+    lr = DEFAULT_LR if args.lr is None else args.lr
     rec = heal_checkpoint(args.model, args.out, text=args.text, samples=args.samples, seq_len=args.seq_len,
-                          batch_size=args.batch_size, steps=args.steps, lr=DEFAULT_LR if args.lr is None else args.lr, warmup=args.warmup,
+                          batch_size=args.batch_size, steps=args.steps, lr=lr, warmup=args.warmup,
                           weight_decay=args.weight_decay, seed=args.seed, teacher=args.teacher, alpha=args.alpha,
                           temperature=args.temperature, teacher_topk=args.teacher_topk, lora=args.lora,
                           gen_temperature=args.gen_temperature, prompt_text=args.prompt_text,
