@@ -9,8 +9,8 @@ many windows as the run reads, so each is read once) and is evaluated on held-ou
 (each text's EVALUATION half; the training never reads it and nothing is tuned on it), and on LAMBADA's
 passages (novels, in no built-in text, so outside every training mix). The
 learning rates are fixed in advance (`prunekit heal`'s default for full fine-tuning, chosen on calibration
-windows by bench_heal_recipe.py; 5e-4 for LoRA), never searched on the evaluation halves. The `teacher` row distils on `teacher:N` text instead (N = the text rows'
-windows x --seq-len, prompts from c4's calibration half, sampled at temperature 1), so it reads exactly as
+windows by bench_heal_recipe.py; 5e-4 for LoRA), never searched on the evaluation halves. The `teacher` row
+distils on `teacher:N` text instead (N = the text rows' windows x --seq-len, prompts from c4's calibration half, sampled at temperature 1), so it reads exactly as
 many tokens, each once when the text rows do. Peak RSS is sampled during each row. Prints a table and writes JSON.
 
     nice -n 10 .venv/bin/python benchmarks/bench_heal.py [--steps 16] [--batch-size 4] [--seq-len 512]

@@ -62,6 +62,7 @@ CRITERIA = ("loss", "kl")
 # params=0.8 and judged on LAMBADA, a text used for no reported number: 64 sequences gave LAMBADA
 # perplexity 72.8 against 88.1 with 16, at 3.5x the time (385 s vs 110 s).
 DEFAULT_SAMPLES = 64
+OBS_TAG = " (OBS order)"  # candidate names of units ranked by `curves.obs_order`
 
 
 def check_criterion(criterion: str) -> None:
@@ -169,9 +170,21 @@ class _Model:
         return (nh // nkv) * self.adapter.head_dim
 
     def curves(self, stats: CompressStats, step: int, order_by: str = "norm") -> dict[Sublayer, Curve]:
-        return {s: error_curve(stats.layer(s), self.weight(s), alive, self.cols_per_unit(s),
-                               step if s[1] == "mlp" else 1, order_by=order_by)
-                for s, alive in self.alive.items() if alive}
+        return self.curves_by_order(stats, step, (order_by,))[order_by]
+
+    def curves_by_order(self, stats: CompressStats, step: int,
+                        orders: tuple[str, ...]) -> dict[str, dict[Sublayer, Curve]]:
+        """The curves for each unit order, each sub-layer's statistics read once for all orders (a spilled
+        Gram comes from disk)."""
+        out: dict[str, dict[Sublayer, Curve]] = {o: {} for o in orders}
+        for s, alive in self.alive.items():
+            if not alive:
+                continue
+            st, weight = stats.layer(s), self.weight(s)
+            for o in orders:
+                out[o][s] = error_curve(st, weight, alive, self.cols_per_unit(s), step if s[1] == "mlp" else 1,
+                                        order_by=o)
+        return out
 
     @torch.no_grad()
     def cut(self, stats: CompressStats, curves: dict[Sublayer, Curve], counts: dict[Sublayer, int],
@@ -334,10 +347,10 @@ def _search(src: LayerSource, calib: CalibrationData, budget: Budget, rounds: in
 
     score("dense", False)
     dense_stats = collect("compress statistics")
-    curves = m.curves(dense_stats, multiple_of)
-    obs_curves = m.curves(dense_stats, multiple_of, order_by="obs")
+    by_order = m.curves_by_order(dense_stats, multiple_of, ("norm", "obs"))
+    curves, obs_curves = by_order["norm"], by_order["obs"]
     one_shot = {"mixed": lambda: (curves, allocate(curves, costs, need, budget.key, "mixed")),
-                "mixed (OBS order)": lambda: (obs_curves, allocate(obs_curves, costs, need, budget.key, "mixed")),
+                f"mixed{OBS_TAG}": lambda: (obs_curves, allocate(obs_curves, costs, need, budget.key, "mixed")),
                 "depth": lambda: (curves, allocate(curves, costs, need, budget.key, "depth")),
                 "width": lambda: (curves, allocate(curves, costs, need, budget.key, "width")),
                 "uniform-width": lambda: (curves, uniform_mlp(curves, costs, need, budget.key))}
@@ -403,7 +416,7 @@ def _better_order(tried: list[Candidate]) -> str:
     """The unit order whose one-shot `mixed` candidate did better on the check part: the rounds use it (taking
     the statistics again for both orders would cost another set of passes per round)."""
     value = {c.name: c.value for c in tried}
-    obs, norm = value.get("mixed (OBS order)"), value.get("mixed")
+    obs, norm = value.get(f"mixed{OBS_TAG}"), value.get("mixed")
     return "obs" if obs is not None and (norm is None or obs < norm) else "norm"
 
 
@@ -411,7 +424,7 @@ def _rounds(m: _Model, collect: Any, stats: CompressStats, need: int, budget: Bu
             multiple_of: int, score: Any, order_by: str = "norm") -> None:
     """`mixed` reached in `rounds` steps, the statistics re-taken on the partly pruned model in between, units
     ordered by `order_by`; every step is a candidate (the last one at the budget)."""
-    tag = " (OBS order)" if order_by == "obs" else ""
+    tag = OBS_TAG if order_by == "obs" else ""
     for r in range(1, rounds + 1):
         target = math.ceil(need * r / rounds)
         step_curves = m.curves(stats, multiple_of, order_by=order_by)

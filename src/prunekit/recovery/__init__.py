@@ -5,5 +5,5 @@ from prunekit.recovery.distill import check_teacher, kl_distill_loss
 from prunekit.recovery.lora import add_lora, lora_targets, merge_lora
 from prunekit.recovery.train import DEFAULT_LR, TEACHER_ALPHA, _lr_factor, check_settings, recover
 
-__all__ = ["DEFAULT_LR", "TEACHER_ALPHA", "_lr_factor", "add_lora", "check_settings", "check_teacher", "kl_distill_loss", "lora_targets",
-           "merge_lora", "recover"]
+__all__ = ["DEFAULT_LR", "TEACHER_ALPHA", "_lr_factor", "add_lora", "check_settings", "check_teacher",
+           "kl_distill_loss", "lora_targets", "merge_lora", "recover"]
