@@ -24,6 +24,9 @@ def test_spans_group_removed_sublayers_with_their_carrier():
         Span(carrier=(2, "mlp"), removed=[(3, "attn"), (3, "mlp")]),
         Span(carrier=(5, "attn"), removed=[(5, "mlp")]),
     ]  # attention 0 has no carrier before it
+    # A run that starts the model, however long, has none either (its own members are no carriers).
+    plan = PruningPlan(dropped=[DropTarget(0, "block"), DropTarget(1, "attn"), DropTarget(3, "block")])
+    assert removed_spans(plan, 4) == [Span(carrier=(2, "mlp"), removed=[(3, "attn"), (3, "mlp")])]
 
 
 def test_fit_recovers_an_exact_linear_relation_and_fold_applies_it():

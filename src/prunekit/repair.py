@@ -67,10 +67,13 @@ def removed_spans(plan: PruningPlan, num_layers: int) -> list[Span]:
     for k, sub in enumerate(order):
         if sub not in gone:
             continue
-        if spans and order[k - 1] in gone:
+        before = order[k - 1] if k else None
+        if before is None or (before in gone and not (spans and spans[-1].end == before)):
+            continue  # part of the run that starts the model: no sub-layer before it to carry a map
+        if before in gone:
             spans[-1].removed.append(sub)
-        elif k > 0:
-            spans.append(Span(carrier=order[k - 1], removed=[sub]))
+        else:
+            spans.append(Span(carrier=before, removed=[sub]))
     return spans
 
 
