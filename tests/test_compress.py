@@ -303,6 +303,53 @@ def test_cli_compress_saves_a_checkpoint_that_loads_back_with_its_pareto_table(t
     assert count_parameters(model) <= 0.85 * count_parameters(dense)
 
 
+def test_compress_repairs_the_chosen_models_removed_spans(tiny_checkpoint, tmp_path):
+    """The chosen model (two blocks dropped at this budget) is linearly repaired by default: the repair's
+    unrepaired check loss is the candidate's own, a kept map lowers it, and the saved checkpoint gives the
+    recorded loss; `repair="none"` saves the same choice unrepaired."""
+    from prunekit.data import calibration_data
+    from prunekit.io.checkpoint import load_model, load_tokenizer
+    from prunekit.jobs.compress import compress_job
+    from prunekit.losses import split_check
+
+    ck, text = tiny_checkpoint
+    opts = dict(budget="params=0.7", multiple_of=16, calib=text, samples=8, seq_len=24, progress=False)
+    repaired = compress_job(str(ck), tmp_path / "repaired", **opts)
+    plain = compress_job(str(ck), tmp_path / "plain", repair="none", **opts)
+    assert repaired is not None and plain is not None and plain.plan.repair is None
+    assert repaired.chosen == plain.chosen and repaired.plan.dropped == plain.plan.dropped
+    rep = repaired.plan.repair
+    assert rep is not None and any(s["applied"] for s in rep["spans"])
+    chosen = next(c for c in repaired.candidates if c["name"] == repaired.chosen)
+    assert rep["check_loss_unrepaired"] == pytest.approx(chosen["check_loss"], rel=1e-6)
+    assert rep["check_loss"] < rep["check_loss_unrepaired"]
+    assert PruningPlan.load(tmp_path / "repaired" / "prunekit_plan.json").repair == rep
+    check = split_check(calibration_data(load_tokenizer(ck), text, 8, 24), "test")[1]
+    for out, want in (("repaired", rep["check_loss"]), ("plain", rep["check_loss_unrepaired"])):
+        model, _ = load_model(tmp_path / out, tokenizer=False)
+        assert whole_model_loss(model, check) == pytest.approx(want, rel=1e-5)
+
+
+def test_compress_repair_where_the_architecture_cannot_take_it(tmp_path):
+    """Gemma 3 normalises sub-layer outputs: by default compress saves its choice unrepaired and says why; an
+    explicit `repair="linear"` is one error before any work."""
+    from conftest import tiny_tokenizer
+
+    from prunekit.io.checkpoint import save_checkpoint
+    from prunekit.jobs.compress import compress_job
+
+    ck = save_checkpoint(tiny_model("gemma3_text"), tiny_tokenizer(), tmp_path / "tiny-gemma")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(3000)))
+    opts = dict(budget="params=0.7", multiple_of=16, calib=text, samples=8, seq_len=24, progress=False)
+    with pytest.raises(PlanError, match="normalises sub-layer outputs"):
+        compress_job(str(ck), tmp_path / "refused", repair="linear", **opts)
+    assert not (tmp_path / "refused").exists()
+    result = compress_job(str(ck), tmp_path / "out", **opts)
+    assert result is not None and result.plan.repair is not None and result.plan.repair["method"] == "none"
+    assert "normalised" in PruningPlan.load(tmp_path / "out" / "prunekit_plan.json").repair["reason"]
+
+
 def test_memory_estimate_counts_the_statistics_exactly():
     from prunekit.compress.search import memory_estimate
 
@@ -366,15 +413,17 @@ def test_two_processes_choose_the_single_process_model(tiny_checkpoint, tmp_path
     assert sorted(a) == sorted(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
 
 
-def test_streamed_compress_equals_the_in_memory_one(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("budget", ["params=0.85", "params=0.7"])
+def test_streamed_compress_equals_the_in_memory_one(tiny_checkpoint, tmp_path, budget):
     """`--stream`: one layer at a time, forward and backward, the candidates' edits kept beside the files and
-    the checkpoint written from them: the same candidates score the same, the same model is chosen, and the
-    saved checkpoint (with its Pareto table) gives the in-memory one's logits."""
+    the checkpoint written from them: the same candidates score the same, the same model is chosen, the same
+    repair maps are kept (at params=0.7 one is), and the saved checkpoint (with its Pareto table) gives the
+    in-memory one's logits."""
     from prunekit.io.checkpoint import load_model
     from prunekit.jobs.compress import compress_job
 
     ck, text = tiny_checkpoint
-    opts = dict(budget="params=0.85", multiple_of=16, calib=text, samples=8, seq_len=24, progress=False)
+    opts = dict(budget=budget, multiple_of=16, calib=text, samples=8, seq_len=24, progress=False)
     resident = compress_job(str(ck), tmp_path / "resident", stream=False, **opts)
     streamed = compress_job(str(ck), tmp_path / "streamed", stream=True, offload_dir=tmp_path / "offload", **opts)
     assert resident is not None and streamed is not None
@@ -382,6 +431,11 @@ def test_streamed_compress_equals_the_in_memory_one(tiny_checkpoint, tmp_path):
     assert streamed.plan.to_json()["dropped"] == resident.plan.to_json()["dropped"]
     for a, b in zip(streamed.candidates, resident.candidates, strict=True):
         assert a["name"] == b["name"] and a["check_loss"] == pytest.approx(b["check_loss"], rel=1e-6)
+    rep, want_rep = streamed.plan.repair, resident.plan.repair
+    assert (rep is None) == (want_rep is None)
+    if rep is not None:
+        assert [s["applied"] for s in rep["spans"]] == [s["applied"] for s in want_rep["spans"]]
+        assert rep["check_loss"] == pytest.approx(want_rep["check_loss"], rel=1e-6)
     assert (tmp_path / "streamed" / "pareto.json").is_file() and (tmp_path / "streamed" / "pareto.png").is_file()
     assert not list((tmp_path / "offload").iterdir())  # the spilled states and Grams are gone
     ids = random_calib(2, 16).input_ids

@@ -128,3 +128,42 @@ def test_streamed_repair_equals_in_memory(tiny_checkpoint, tmp_path, isolated_ca
     assert weights[0].keys() == weights[1].keys()
     for k in weights[0]:
         assert torch.allclose(weights[0][k], weights[1][k], atol=1e-6), k
+
+
+def test_streamed_job_repair_reads_the_jobs_own_edits(tiny_checkpoint, tmp_path):
+    """`compress --stream` repairs a fresh view of the files that must carry the search's edited weights
+    (kept as overrides): with a weight edited beside the drop, the streamed repair checks the same
+    unrepaired loss, keeps the same maps and saves the same tensors as the one in memory."""
+    from safetensors.torch import load_file
+
+    from prunekit.jobs.common import load_job
+    from prunekit.jobs.dist import DistEnv
+    from prunekit.jobs.repair import repair_job
+    from prunekit.save import save
+
+    ck, text = tiny_checkpoint
+    records, weights = [], []
+    for streamed in (False, True):
+        job = load_job(str(ck), calib=text, samples=8, seq_len=24, batch_size=4, dtype="float32",
+                       env=DistEnv.from_env(), device=torch.device("cpu"), stream=streamed)
+        ad = job.source.adapter
+        proj = ad.output_projection(ad.layers()[1], "mlp")
+        name = next(n for n, m in ad.model.named_modules() if m is proj) + ".weight"
+        edited = job.source.read(name).clone()
+        edited[:, ::2] = 0  # half the MLP channels removed, as a search leaves them before the cut
+        job.source.write(name, edited)
+        job.source.commit()
+        plan = PruningPlan(dropped=[DropTarget(2, "attn"), DropTarget(3, "mlp")])
+        apply_plan(ad, plan)
+        saved = repair_job(job, str(ck), plan, dtype="float32", batch_size=4, offload_dir=None, progress=False)
+        save(saved, job.tokenizer, tmp_path / str(streamed), plan, progress=False)
+        records.append(plan.repair)
+        weights.append(load_file(str(tmp_path / str(streamed) / "model.safetensors")))
+    mem, stream = records
+    assert mem is not None and stream is not None and any(s["applied"] for s in mem["spans"])
+    assert [s["applied"] for s in stream["spans"]] == [s["applied"] for s in mem["spans"]]
+    for key in ("check_loss_unrepaired", "check_loss"):
+        assert stream[key] == pytest.approx(mem[key], rel=1e-6)
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        assert torch.allclose(weights[0][k], weights[1][k], atol=1e-6), k

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from prunekit.cli.options import add_calib, add_model, add_output, emit, positive_int, progress
@@ -32,6 +33,10 @@ def register(sub: Any) -> None:
     p.add_argument("--criterion", choices=("loss", "kl"), default="loss",
                    help="choose among the candidates by the loss on held-out calibration samples (default), or by "
                         "the KL divergence there from the dense model's next-token distributions")
+    p.add_argument("--repair", choices=("none", "linear"), default=None,
+                   help="fold a training-free linear map for each removed span of sub-layers of the chosen model "
+                        "into the sub-layer before it, kept only where it lowers the held-out calibration loss "
+                        "(default: linear where the architecture takes it, e.g. not Gemma 3)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="load one decoder layer at a time from the safetensors files, forward and backward "
                         "(--no-stream: whole model in memory; default: stream only when it would not fit)")
@@ -49,13 +54,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result = compress_job(str(args.model), args.out, budget=args.budget, rounds=args.rounds,
                           multiple_of=args.multiple_of, calib=args.calib, samples=args.samples,
                           seq_len=args.seq_len, batch_size=args.batch_size, criterion=args.criterion,
-                          dtype=args.dtype, device=args.device, stream=args.stream,
+                          repair=args.repair, dtype=args.dtype, device=args.device, stream=args.stream,
                           offload_dir=args.offload_dir, force=args.force, progress=progress(args))
     if result is None:  # not rank 0 of a torchrun job
         return 0
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)
-    return emit({"out": str(args.out), "method": "compress", "budget": args.budget, "chosen": result.chosen,
-                 "removed_params": chosen["removed_params"], "removed_kv": chosen["removed_kv"],
-                 "check_ppl": chosen["check_ppl"],
-                 "dropped": [f"{d.module}@{d.layer}" for d in result.plan.dropped],
-                 "narrowed_layers": sorted(result.plan.widths)})
+    summary = {"out": str(args.out), "method": "compress", "budget": args.budget, "chosen": result.chosen,
+               "removed_params": chosen["removed_params"], "removed_kv": chosen["removed_kv"],
+               "check_ppl": chosen["check_ppl"],
+               "dropped": [f"{d.module}@{d.layer}" for d in result.plan.dropped],
+               "narrowed_layers": sorted(result.plan.widths)}
+    rep = result.plan.repair
+    if rep and rep.get("spans"):
+        summary["repair"] = {"check_ppl_unrepaired": math.exp(min(rep["check_loss_unrepaired"], 700.0)),
+                             "check_ppl": math.exp(min(rep["check_loss"], 700.0)),
+                             "applied": sum(s["applied"] for s in rep["spans"]), "spans": len(rep["spans"])}
+    return emit(summary)

@@ -1,7 +1,7 @@
-"""The `compress` job: search depth and width together for a budget, save the best checkpoint with its plan
-and the table and plot of every candidate tried (`pareto.json`, `pareto.png`), all or nothing. On a model in
-memory or layer-streamed, in one process or data parallel under torchrun (each rank passes its share of the
-calibration batches; rank 0 saves)."""
+"""The `compress` job: search depth and width together for a budget, linearly repair the chosen model's removed
+sub-layers, save the best checkpoint with its plan and the table and plot of every candidate tried
+(`pareto.json`, `pareto.png`), all or nothing. On a model in memory or layer-streamed, in one process or data
+parallel under torchrun (each rank passes its share of the calibration batches; rank 0 repairs and saves)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ from prunekit.adapters import get_adapter
 from prunekit.compress import DEFAULT_SAMPLES, Budget, CompressResult, compress, parse_budget, write_pareto
 from prunekit.compress.search import check_criterion, memory_estimate
 from prunekit.engine.memory import STREAM_HEADROOM, available_memory_bytes, checkpoint_bytes, device_free_bytes
+from prunekit.engine.sources import LayerSource
 from prunekit.errors import PlanError
 from prunekit.io.checkpoint import build_skeleton, resolve_model_path
 from prunekit.io.outputs import prepare_output
-from prunekit.jobs.common import distributed, load_job
+from prunekit.jobs.common import Job, distributed, load_job
 from prunekit.jobs.dist import AllReduceSums, DistEnv, resolve_device
+from prunekit.jobs.repair import repair_job
+from prunekit.plans import PruningPlan
+from prunekit.repair import REPAIRS, check_repairable
 from prunekit.save import save
 
 
@@ -70,15 +74,21 @@ def compress_memory(model: str | Path, dtype: str, device: torch.device, samples
 
 def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, multiple_of: int = 64,
                  calib: str | Path = "c4", samples: int = DEFAULT_SAMPLES, seq_len: int = 512, batch_size: int = 4,
-                 criterion: str = "loss", dtype: str = "float32", device: str = "cpu", stream: bool | None = None,
-                 offload_dir: str | Path | None = None, force: bool = False,
+                 criterion: str = "loss", repair: str | None = None, dtype: str = "float32", device: str = "cpu",
+                 stream: bool | None = None, offload_dir: str | Path | None = None, force: bool = False,
                  progress: bool = True) -> CompressResult | None:
     """Load (in memory, or layer-streamed: `stream`, default only when it would not fit), search
-    (`prunekit.compress`), save to `out`. `offload_dir`: where spilled Grams and a streamed run's hidden
+    (`prunekit.compress`), repair the chosen model's removed spans (`repair`: "linear", "none", or None for
+    linear where the architecture takes it; `prunekit.repair`, each map kept only where it lowers the
+    held-out calibration loss), save to `out`. `offload_dir`: where spilled Grams and a streamed run's hidden
     states go (default the system's temporary directory). Returns the result on rank 0, None on the other
     ranks of a torchrun job."""
     b = check_compress_options(budget, rounds, multiple_of)
     check_criterion(criterion)
+    if repair is not None and repair not in REPAIRS:
+        raise PlanError(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
+    if repair == "linear":
+        check_repairable(get_adapter(build_skeleton(resolve_model_path(model), dtype)))
     streamed = compress_memory(model, dtype, resolve_device(device, DistEnv.from_env()), samples, seq_len, stream)
     prepare_output(out, force)  # fail before any expensive work
     with distributed(device, offload_dir) as (env, dev):
@@ -89,7 +99,24 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
         result = compress(job.source, None, job.calib, b, rounds=rounds, multiple_of=multiple_of,
                           batch_size=batch_size, criterion=criterion, progress=progress and env.is_main,
                           source=str(model), sums=sums, work_dir=offload_dir)
-        if env.is_main:
-            save(job.source, job.tokenizer, out, result.plan, force=force, progress=progress,
-                 extras=lambda folder: write_pareto(result, folder))
-    return result if env.is_main else None
+    # Repair and save outside the process group's block: only rank 0 does them, with no collectives.
+    if not env.is_main:
+        return None
+    pruned = _repair(job, model, result.plan, repair, dtype, batch_size, offload_dir, progress)
+    save(pruned, job.tokenizer, out, result.plan, force=force, progress=progress,
+         extras=lambda folder: write_pareto(result, folder))
+    return result
+
+
+def _repair(job: Job, model: str, plan: PruningPlan, repair: str | None, dtype: str, batch_size: int,
+            offload_dir: str | Path | None, progress: bool) -> LayerSource:
+    """The source to save: the chosen model with its removed spans linearly repaired, unless `repair` is
+    "none" or (by default) the architecture cannot take the fold; the plan says which."""
+    if repair is None and job.source.adapter.spec.output_norms:
+        plan.repair = {"method": "none", "reason": "sub-layer outputs are normalised before the residual add, "
+                                                   "so a linear map cannot be folded into them"}
+        return job.source
+    if repair == "none":
+        return job.source
+    return repair_job(job, model, plan, dtype=dtype, batch_size=batch_size, offload_dir=offload_dir,
+                      progress=progress)
