@@ -190,6 +190,28 @@ def paired_table(rows: list[dict[str, Any]], dense: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every pair of rows (earlier row first) with the later one's paired difference from the earlier one and
+    how many standard errors that is: whether the average tells two pruned models apart, not only each from
+    dense."""
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            p = paired(b, a)
+            if p is not None:
+                out.append({"a": a["name"], "b": b["name"], "difference": p["difference"], "stderr": p["stderr"],
+                            "standard_errors": abs(p["difference"]) / p["stderr"] if p["stderr"] else None})
+    return out
+
+
+def pairs_table(found: list[dict[str, Any]]) -> str:
+    lines = ["| A | B | avg B - avg A (paired) | in standard errors |", "|---|---|---|---|"]
+    for p in found:
+        lines.append(f"| {p['a']} | {p['b']} | {p['difference']:+.4f} ± {p['stderr']:.4f} | "
+                     f"{_f(p['standard_errors'], '.2f')} |")
+    return "\n".join(lines)
+
+
 def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -269,12 +291,18 @@ def main() -> None:
         write_json(out, {**meta, "rows": [done[n] for n in order]})
 
     rows = [done[n] for n in known if n in done]
+    found = pairs(rows)
+    if found:  # also for rows kept from an earlier run
+        write_json(out, {**meta, "rows": rows, "pairs": found})
     dense = done.get("dense")
     print()
     print(markdown(rows, dense["params"] if dense else None))
     if dense:
         print()
         print(paired_table(rows, dense))
+    if found:
+        print()
+        print(pairs_table(found))
 
 
 if __name__ == "__main__":

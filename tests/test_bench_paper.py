@@ -57,3 +57,8 @@ def test_paired_difference_uses_the_common_questions_and_their_paired_stderr():
     assert p["difference"] == -0.5 and abs(p["stderr"] - (7 / 12) ** 0.5 / 7) < 1e-12 and p["ratio"] == 0.5
     assert bench.paired(_row("old", 950, 0.4), dense) is None  # rows measured before per-doc scores were kept
     assert "-0.500 ± 0.109" in bench.paired_table([dense, pruned], dense)
+    # Every pair, the later row against the earlier one; a row without per-doc scores pairs with none.
+    found = bench.pairs([dense, pruned, _row("old", 950, 0.4)])
+    assert [(q["a"], q["b"]) for q in found] == [("dense", "attn-drop-8")]
+    assert found[0]["difference"] == -0.5 and abs(found[0]["standard_errors"] - 0.5 / p["stderr"]) < 1e-9
+    assert "| dense | attn-drop-8 | -0.5000 ± 0.1091 | 4.58 |" in bench.pairs_table(found)
