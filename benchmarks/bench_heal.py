@@ -175,8 +175,8 @@ def main() -> None:
     specs = {
         "distill": (f"distillation from dense (alpha {alpha:g})", dict(lr=args.lr, teacher=dense, alpha=alpha)),
         "ce": ("causal-LM fine-tuning", dict(lr=args.lr)),
-        "lora": (f"LoRA r={args.lora} distillation", dict(lr=args.lora_lr, teacher=dense, lora=args.lora)),
-        "teacher": (f"distillation on teacher:{n_train * args.seq_len}", dict(lr=args.lr, teacher=dense)),
+        "lora": (f"LoRA r={args.lora} distillation", dict(lr=args.lora_lr, teacher=dense, alpha=alpha, lora=args.lora)),
+        "teacher": (f"distillation on teacher:{n_train * args.seq_len}", dict(lr=args.lr, teacher=dense, alpha=alpha)),
     }
     teacher_train, teacher_data = None, None
     if "teacher" in args.rows.split(","):
