@@ -26,7 +26,7 @@ def repair_job(job: Job, model: str, plan: PruningPlan, *, dtype: str, batch_siz
     if not plan.dropped:
         return job.source
     dense, pruned = _repair_sources(job, model, plan, dtype)
-    if not removed_spans(plan, dense.adapter.num_layers):  # only the very first sub-layer: nothing carries it
+    if not removed_spans(plan, dense.adapter.num_layers):  # only a run that starts the model: nothing carries it
         return job.source
     with loss_states(job.streamed, offload_dir) as work:
         plan.repair = linear_repair(dense, pruned, plan, job.calib, batch_size=batch_size, work_dir=work,
