@@ -10,12 +10,19 @@ reference costs K values per position to keep instead of the vocabulary."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prunekit.data import CalibrationData
 from prunekit.errors import PlanError
+
+
+def loss_perplexity(loss: float) -> float:
+    """exp(mean loss), capped so that a diverged candidate's loss reports a huge perplexity, not an overflow."""
+    return math.exp(min(loss, 700.0))
 
 
 def token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:

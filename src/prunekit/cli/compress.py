@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
 
 from prunekit.cli.options import add_calib, add_model, add_output, emit, positive_int, progress
@@ -50,6 +49,7 @@ def register(sub: Any) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from prunekit.jobs.compress import compress_job
+    from prunekit.losses import loss_perplexity
 
     result = compress_job(str(args.model), args.out, budget=args.budget, rounds=args.rounds,
                           multiple_of=args.multiple_of, calib=args.calib, samples=args.samples,
@@ -66,7 +66,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                "narrowed_layers": sorted(result.plan.widths)}
     rep = result.plan.repair
     if rep and rep.get("spans"):
-        summary["repair"] = {"check_ppl_unrepaired": math.exp(min(rep["check_loss_unrepaired"], 700.0)),
-                             "check_ppl": math.exp(min(rep["check_loss"], 700.0)),
+        summary["repair"] = {"check_ppl_unrepaired": loss_perplexity(rep["check_loss_unrepaired"]),
+                             "check_ppl": loss_perplexity(rep["check_loss"]),
                              "applied": sum(s["applied"] for s in rep["spans"]), "spans": len(rep["spans"])}
     return emit(summary)

@@ -50,7 +50,7 @@ from prunekit.engine.memory import available_memory_bytes
 from prunekit.engine.runner import LayerRunner
 from prunekit.engine.sources import LayerSource, as_source
 from prunekit.errors import PlanError
-from prunekit.losses import KL_TOPK, Reference, means, split_check
+from prunekit.losses import KL_TOPK, Reference, loss_perplexity, means, split_check
 from prunekit.plans import DropTarget, LayerWidth, PruningPlan, normalize_drops
 from prunekit.surgery import apply_plan
 from prunekit.surgery.structure import count_parameters
@@ -141,7 +141,7 @@ class Candidate:
     def row(self, totals: dict[str, int]) -> dict[str, Any]:
         row = {"name": self.name, "removed_params": self.removed_params / totals["params"],
                "removed_kv": self.removed_kv / totals["kv"] if totals["kv"] else 0.0,
-               "check_loss": self.check_loss, "check_ppl": math.exp(min(self.check_loss, 700.0)),
+               "check_loss": self.check_loss, "check_ppl": loss_perplexity(self.check_loss),
                "at_budget": self.at_budget}
         return row if self.check_kl is None else {**row, "check_kl": self.check_kl}
 
