@@ -23,11 +23,11 @@ def repair_job(job: Job, model: str, plan: PruningPlan, *, dtype: str, batch_siz
     """Fold the linear repair of `plan`'s removed spans into the job's pruned model, record it in
     `plan.repair`, and return the source to save (the job's own in memory; a streamed view carrying every
     edit, the job's and the folds, as overrides). A plan that removes no sub-layer is left as it is."""
-    if not plan.dropped:
+    # Spans end at the last dropped layer, so the plan alone says whether there is any (none when it drops
+    # nothing, or only a run that starts the model), before the dense model is opened or loaded.
+    if not plan.dropped or not removed_spans(plan, 1 + max(d.layer for d in plan.dropped)):
         return job.source
     dense, pruned = _repair_sources(job, model, plan, dtype)
-    if not removed_spans(plan, dense.adapter.num_layers):  # only a run that starts the model: nothing carries it
-        return job.source
     with loss_states(job.streamed, offload_dir) as work:
         plan.repair = linear_repair(dense, pruned, plan, job.calib, batch_size=batch_size, work_dir=work,
                                     progress=progress)
