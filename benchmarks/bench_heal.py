@@ -99,9 +99,8 @@ def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[s
         print(f"wrote {args.json}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+def add_prune_args(p: argparse.ArgumentParser) -> None:
+    """The pruning options, shared with bench_heal_recipe.py so that its proxy runs heal the same model."""
     p.add_argument("--prune", choices=("attn", "mlp", "compress"), default="attn",
                    help="attn: LLM-Drop of --drop attention modules; mlp: TransAct per-layer MLP width keeping "
                         "--mlp-keep of the channels in 8 shots; compress: `prunekit compress --budget "
@@ -111,6 +110,32 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=None,
                    help="calibration sequences of 512 for the pruning (default 16, compress's own default with "
                         "--prune compress)")
+
+
+def prune(dense: nn.Module, tok: Any, args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
+    """A pruned copy of `dense` as --prune says, calibrated on c4's calibration half; its plan and a label."""
+    pruned = copy.deepcopy(dense)
+    pruned.requires_grad_(True)
+    if args.calib_samples is None:
+        args.calib_samples = DEFAULT_SAMPLES if args.prune == "compress" else 16
+    calib = calibration_data(tok, "c4", args.calib_samples, 512)
+    if args.prune == "attn":
+        plan = llm_drop(pruned, get_adapter(pruned), calib, target="attn", n=args.drop, progress=False)
+        return pruned, plan, f"attention drop {args.drop}"
+    if args.prune == "mlp":
+        plan = width_prune(pruned, get_adapter(pruned), calib, mlp_keep=args.mlp_keep, mode="per-layer", shots=8,
+                           progress=False)
+        return pruned, plan, f"MLP keep {args.mlp_keep:g} per-layer, 8 shots"
+    # exactly `prunekit compress MODEL --budget params=0.8`: its defaults, its calibration (c4, 64 x 512)
+    plan = compress(pruned, get_adapter(pruned), calib, parse_budget("params=0.8"), progress=False,
+                    source=args.model).plan
+    return pruned, plan, "compress params=0.8"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    add_prune_args(p)
     p.add_argument("--text", default="mix",
                    help="training text spec as `prunekit heal --text`, calibration halves only (default mix)")
     p.add_argument("--samples", type=int, default=None,
@@ -151,22 +176,7 @@ def main() -> None:
     dense_ppl = ppl(dense, wins)
     print(f"dense perplexity {dense_ppl:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    pruned = copy.deepcopy(dense)
-    pruned.requires_grad_(True)
-    if args.calib_samples is None:
-        args.calib_samples = DEFAULT_SAMPLES if args.prune == "compress" else 16
-    calib = calibration_data(tok, "c4", args.calib_samples, 512)
-    if args.prune == "attn":
-        plan = llm_drop(pruned, get_adapter(pruned), calib, target="attn", n=args.drop, progress=False)
-        what = f"attention drop {args.drop}"
-    elif args.prune == "mlp":
-        plan = width_prune(pruned, get_adapter(pruned), calib, mlp_keep=args.mlp_keep, mode="per-layer", shots=8,
-                           progress=False)
-        what = f"MLP keep {args.mlp_keep:g} per-layer, 8 shots"
-    else:  # exactly `prunekit compress MODEL --budget params=0.8`: its defaults, its calibration (c4, 64 x 512)
-        plan = compress(pruned, get_adapter(pruned), calib, parse_budget("params=0.8"), progress=False,
-                        source=args.model).plan
-        what = "compress params=0.8"
+    pruned, plan, what = prune(dense, tok, args)
     pruned_ppl = ppl(pruned, wins)
     print(f"pruned perplexity {pruned_ppl:.2f} ({what})", flush=True)
 

@@ -1,7 +1,8 @@
 """Choosing `prunekit heal`'s default recipe (learning rate, causal-LM share of the loss) WITHOUT looking at any
 evaluation half: short proxy runs judged on calibration-half windows that the proxy never read.
 
-The model is `bench_heal.py`'s (SmolLM2, LLM-Drop attention drop --drop, 16 x 512 c4 calibration). Each row
+The model is `bench_heal.py`'s, pruned by its code with its options (--prune: by default LLM-Drop attention drop
+--drop of SmolLM2, 16 x 512 c4 calibration; `--prune mlp` for the MLP-keep-50% model). Each row
 heals a copy on the first --steps x --batch-size windows of `prunekit heal`'s default text (`mix`: the
 calibration halves of every built-in text, spread evenly over each half) and is scored on SELECTION windows:
 for wiki and c4, windows of the calibration half placed half-way between the training windows, so they
@@ -22,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_heal import ppl
+from bench_heal import add_prune_args, ppl, prune
 from torch import nn
 
-from prunekit.adapters import get_adapter
-from prunekit.data import calibration_data, token_stream
-from prunekit.drop import llm_drop
+from prunekit.data import token_stream
 from prunekit.io.checkpoint import load_model
 from prunekit.io.outputs import write_json
 from prunekit.recovery import recover
@@ -61,7 +60,7 @@ def selection_windows(tokenizer: Any, text: str, read: int, seq_len: int, n: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--drop", type=int, default=8)
+    add_prune_args(p)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
@@ -79,10 +78,7 @@ def main() -> None:
     train, sources = training_data(tok, spec, args.steps * args.batch_size, args.seq_len)
     read = {s["source"]: s["samples"] for s in sources}
     select = {t: selection_windows(tok, t, read[t], args.seq_len, args.select) for t in SELECT_TEXTS}
-    pruned = copy.deepcopy(dense)
-    pruned.requires_grad_(True)
-    calib = calibration_data(tok, "c4", 16, 512)
-    plan = llm_drop(pruned, get_adapter(pruned), calib, target="attn", n=args.drop, progress=False)
+    pruned, plan, what = prune(dense, tok, args)
 
     def score(model: nn.Module) -> dict[str, float]:
         out = {t: ppl(model, w) for t, w in select.items()}
@@ -99,7 +95,7 @@ def main() -> None:
                      "tokens_seen": rec["tokens_seen"], "minutes": round((time.perf_counter() - t) / 60, 2)})
         print(f"{name}: " + " ".join(f"{t} {rows[-1][t]:.2f}" for t in SELECT_TEXTS), flush=True)
         del student
-        write_json({"model": args.model, "pruning": plan.method, "settings": vars(args), "read": read,
+        write_json({"model": args.model, "pruning": what, "method": plan.method, "settings": vars(args), "read": read,
                     "selection": f"{args.select} x {args.seq_len} calibration-half windows of "
                                  f"{', '.join(SELECT_TEXTS)} between the training windows",
                     "rows": rows}, args.json)
