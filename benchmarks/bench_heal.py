@@ -2,7 +2,7 @@
 distillation vs distillation on text the teacher wrote, at EQUAL training tokens.
 
 The dense model is pruned (--prune: LLM-Drop of --drop attention modules, TransAct MLP width, or
-`prunekit compress --budget params=0.8` with its defaults; each calibrated on --calib-samples x 512 tokens
+`prunekit compress --budget params=0.8` (or --budget) with its defaults; each calibrated on --calib-samples x 512 tokens
 of c4's calibration half), then each row heals a deep copy of the pruned model on the same training windows
 (`prunekit heal`'s default text `mix`: the calibration halves of every built-in text, weighted by size; as
 many windows as the run reads, so each is read once) and is evaluated on held-out windows of wiki and of c4
@@ -103,10 +103,11 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
     """The pruning options, shared with bench_heal_recipe.py so that its proxy runs heal the same model."""
     p.add_argument("--prune", choices=("attn", "mlp", "compress"), default="attn",
                    help="attn: LLM-Drop of --drop attention modules; mlp: TransAct per-layer MLP width keeping "
-                        "--mlp-keep of the channels in 8 shots; compress: `prunekit compress --budget "
-                        "params=0.8`'s defaults (default attn)")
+                        "--mlp-keep of the channels in 8 shots; compress: `prunekit compress --budget BUDGET` "
+                        "with its defaults (default attn)")
     p.add_argument("--drop", type=int, default=8, help="attention modules dropped (default 8)")
     p.add_argument("--mlp-keep", type=float, default=0.5, help="MLP channels kept with --prune mlp (default 0.5)")
+    p.add_argument("--budget", default="params=0.8", help="compress's budget with --prune compress (default params=0.8)")
     p.add_argument("--calib-samples", type=int, default=None,
                    help="calibration sequences of 512 for the pruning (default 16, compress's own default with "
                         "--prune compress)")
@@ -126,10 +127,10 @@ def prune(dense: nn.Module, tok: Any, args: argparse.Namespace) -> tuple[nn.Modu
         plan = width_prune(pruned, get_adapter(pruned), calib, mlp_keep=args.mlp_keep, mode="per-layer", shots=8,
                            progress=False)
         return pruned, plan, f"MLP keep {args.mlp_keep:g} per-layer, 8 shots"
-    # exactly `prunekit compress MODEL --budget params=0.8`: its defaults, its calibration (c4, 64 x 512)
-    plan = compress(pruned, get_adapter(pruned), calib, parse_budget("params=0.8"), progress=False,
+    # exactly `prunekit compress MODEL --budget B`: its defaults, its calibration (c4, 64 x 512)
+    plan = compress(pruned, get_adapter(pruned), calib, parse_budget(args.budget), progress=False,
                     source=args.model).plan
-    return pruned, plan, "compress params=0.8"
+    return pruned, plan, f"compress {args.budget}"
 
 
 def main() -> None:
