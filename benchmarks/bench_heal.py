@@ -2,8 +2,8 @@
 distillation vs distillation on text the teacher wrote, at EQUAL training tokens.
 
 The dense model is pruned (--prune: LLM-Drop of --drop attention modules, TransAct MLP width, or
-`prunekit compress --budget params=0.8` (or --budget) with its defaults; each calibrated on --calib-samples x 512 tokens
-of c4's calibration half), then each row heals a deep copy of the pruned model on the same training windows
+`prunekit compress --budget B` with its defaults, B = --budget, default params=0.8; each calibrated on
+--calib-samples x 512 tokens of c4's calibration half), then each row heals a deep copy of the pruned model on the same training windows
 (`prunekit heal`'s default text `mix`: the calibration halves of every built-in text, weighted by size; as
 many windows as the run reads, so each is read once) and is evaluated on held-out windows of wiki and of c4
 (each text's EVALUATION half; the training never reads it and nothing is tuned on it), and on LAMBADA's
