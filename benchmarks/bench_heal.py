@@ -1,17 +1,17 @@
 """Recovery after pruning the built-in SmolLM2-135M: causal-LM fine-tuning vs distillation vs LoRA
 distillation vs distillation on text the teacher wrote, at EQUAL training tokens.
 
-The dense model is pruned (--prune: LLM-Drop of --drop attention modules, TransAct MLP width, or
-`prunekit compress --budget B` with its defaults, B = --budget, default params=0.8; each calibrated on
---calib-samples x 512 tokens of c4's calibration half), then each row heals a deep copy of the pruned model on the same training windows
-(`prunekit heal`'s default text `mix`: the calibration halves of every built-in text, weighted by size; as
-many windows as the run reads, so each is read once) and is evaluated on held-out windows of wiki and of c4
-(each text's EVALUATION half; the training never reads it and nothing is tuned on it), and on LAMBADA's
-passages (novels, in no built-in text, so outside every training mix). The
-learning rates are fixed in advance (`prunekit heal`'s default for full fine-tuning, chosen on calibration
-windows by bench_heal_recipe.py; 5e-4 for LoRA), never searched on the evaluation halves. The `teacher` row
-distils on `teacher:N` text instead (N = the text rows' windows x --seq-len, prompts from c4's calibration half, sampled at temperature 1), so it reads exactly as
-many tokens, each once when the text rows do. Peak RSS is sampled during each row. Prints a table and writes JSON.
+The dense model is pruned (--prune: LLM-Drop of --drop attention modules, TransAct MLP width, or `prunekit compress
+--budget B` with its defaults, B = --budget, default params=0.8; each calibrated on --calib-samples x 512 tokens of
+c4's calibration half), then each row heals a deep copy of the pruned model on the same training windows (`prunekit
+heal`'s default text `mix`: the calibration halves of every built-in text, weighted by size; as many windows as the
+run reads, so each is read once) and is evaluated on held-out windows of wiki and of c4 (each text's EVALUATION
+half; the training never reads it and nothing is tuned on it), and on LAMBADA's passages (novels, in no built-in
+text, so outside every training mix). The learning rates are fixed in advance (`prunekit heal`'s default for full
+fine-tuning, chosen on calibration windows by bench_heal_recipe.py; 5e-4 for LoRA), never searched on the
+evaluation halves. The `teacher` row distils on `teacher:N` text instead (N = the text rows' windows x --seq-len,
+prompts from c4's calibration half, sampled at temperature 1), so it reads exactly as many tokens, each once when
+the text rows do. Peak RSS is sampled during each row. Prints a table and writes JSON.
 
     nice -n 10 .venv/bin/python benchmarks/bench_heal.py [--steps 16] [--batch-size 4] [--seq-len 512]
 """
@@ -107,7 +107,8 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                         "with its defaults (default attn)")
     p.add_argument("--drop", type=int, default=8, help="attention modules dropped (default 8)")
     p.add_argument("--mlp-keep", type=float, default=0.5, help="MLP channels kept with --prune mlp (default 0.5)")
-    p.add_argument("--budget", default="params=0.8", help="compress's budget with --prune compress (default params=0.8)")
+    p.add_argument("--budget", default="params=0.8",
+                   help="compress's budget with --prune compress (default params=0.8)")
     p.add_argument("--calib-samples", type=int, default=None,
                    help="calibration sequences of 512 for the pruning (default 16, compress's own default with "
                         "--prune compress)")
