@@ -150,6 +150,8 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=None,
                    help="weight of the causal-LM loss in the distillation rows' mix (default: prunekit heal's)")
     p.add_argument("--lora", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="weight of the hidden-state loss in the distillation rows (default 0: logits only)")
     p.add_argument("--eval", default="wiki", help="evaluation text, its held-out half (default wiki)")
     p.add_argument("--eval2", default="c4", help="second evaluation text, its held-out half (default c4)")
     p.add_argument("--windows", type=int, default=10, help="perplexity windows (default 10)")
@@ -184,11 +186,13 @@ def main() -> None:
 
     n_train = int(train.input_ids.shape[0])
     alpha = TEACHER_ALPHA if args.alpha is None else args.alpha
+    hid = f", hidden x {args.hidden_weight:g}" if args.hidden_weight else ""
+    kd = dict(teacher=dense, alpha=alpha, hidden_weight=args.hidden_weight)
     specs = {
-        "distill": (f"distillation from dense (alpha {alpha:g})", dict(lr=args.lr, teacher=dense, alpha=alpha)),
+        "distill": (f"distillation from dense (alpha {alpha:g}{hid})", dict(lr=args.lr, **kd)),
         "ce": ("causal-LM fine-tuning", dict(lr=args.lr)),
-        "lora": (f"LoRA r={args.lora} distillation", dict(lr=args.lora_lr, teacher=dense, alpha=alpha, lora=args.lora)),
-        "teacher": (f"distillation on teacher:{n_train * args.seq_len}", dict(lr=args.lr, teacher=dense, alpha=alpha)),
+        "lora": (f"LoRA r={args.lora} distillation{hid}", dict(lr=args.lora_lr, lora=args.lora, **kd)),
+        "teacher": (f"distillation on teacher:{n_train * args.seq_len}{hid}", dict(lr=args.lr, **kd)),
     }
     teacher_train, teacher_data = None, None
     if "teacher" in args.rows.split(","):
@@ -219,7 +223,8 @@ def main() -> None:
                      **other_text(student, wins2, dense_ppl2, 2), **other_text(student, wins3, dense_ppl3, 3),
                      "params": count_parameters(student), "tokens_seen": rec["tokens_seen"],
                      "minutes": round(minutes, 2), "peak_rss_gib": round(mem.peak / 2**30, 2),
-                     "lr": kw["lr"], "alpha": kw.get("alpha"), "method": rec["method"], "loss_first": rec["loss_first"],
+                     "lr": kw["lr"], "alpha": kw.get("alpha"),
+                     "hidden_weight": kw.get("hidden_weight"), "method": rec["method"], "loss_first": rec["loss_first"],
                      "loss_last_10pct_mean": rec["loss_last_10pct_mean"]})
         print(f"{name}: perplexity {val:.2f} in {minutes:.1f} min", flush=True)
         # a run cut short still leaves the rows it measured

@@ -7,7 +7,9 @@ heals a copy on the first --steps x --batch-size windows of `prunekit heal`'s de
 calibration halves of every built-in text, spread evenly over each half) and is scored on SELECTION windows:
 for wiki and c4, windows of the calibration half placed half-way between the training windows, so they
 share no token with what was read and come from no evaluation half. The rows are `LOSS:LR`, LOSS one of `ce`
-(causal LM), `kd` (distillation from the dense model) or `kdA` (A x causal LM + (1 - A) x distillation).
+(causal LM), `kd` (distillation from the dense model) or `kdA` (A x causal LM + (1 - A) x distillation),
+optionally followed by `hW` (plus W x the hidden-state loss, every layer's residual stream against the dense
+model's: `kd0.5h1:5e-4`).
 Prints a table and writes JSON.
 
     nice -n 5 .venv/bin/python benchmarks/bench_heal_recipe.py [--steps 16] [--rows ce:5e-5,kd:5e-5,...]
@@ -35,14 +37,15 @@ from prunekit.recovery.sources import parse_text_spec, training_data
 SELECT_TEXTS = ("wiki", "c4")
 
 
-def parse_row(row: str) -> tuple[str, float, float | None]:
-    """`ce:5e-5` -> (name, lr, alpha): alpha None for causal LM only, 0 for pure distillation."""
+def parse_row(row: str) -> tuple[str, float, float | None, float]:
+    """`ce:5e-5` -> (name, lr, alpha, hidden weight): alpha None for causal LM only, 0 for pure distillation."""
     loss, _, lr = row.partition(":")
     if loss == "ce":
-        return row, float(lr), None
+        return row, float(lr), None, 0.0
     if loss.startswith("kd"):
-        return row, float(lr), float(loss[2:] or 0)
-    raise SystemExit(f"bad row {row!r}: LOSS:LR with LOSS ce, kd or kdA")
+        a, _, h = loss[2:].partition("h")
+        return row, float(lr), float(a or 0), float(h or 0)
+    raise SystemExit(f"bad row {row!r}: LOSS:LR with LOSS ce, kd, kdA or kdAhW")
 
 
 def selection_windows(tokenizer: Any, text: str, read: int, seq_len: int, n: int) -> torch.Tensor:
@@ -86,12 +89,13 @@ def main() -> None:
         return out
 
     rows: list[dict[str, Any]] = [{"row": "dense", **score(dense)}, {"row": "pruned", **score(pruned)}]
-    for name, lr, alpha in rows_spec:
+    for name, lr, alpha, hidden in rows_spec:
         student = copy.deepcopy(pruned)
         t = time.perf_counter()
-        kw: dict[str, Any] = {} if alpha is None else {"teacher": dense, "alpha": alpha}
+        kw: dict[str, Any] = {} if alpha is None else {"teacher": dense, "alpha": alpha, "hidden_weight": hidden}
         rec = recover(student, train, steps=args.steps, batch_size=args.batch_size, lr=lr, progress=False, **kw)
-        rows.append({"row": name, "lr": lr, "alpha": 1.0 if alpha is None else alpha, **score(student),
+        rows.append({"row": name, "lr": lr, "alpha": 1.0 if alpha is None else alpha, "hidden_weight": hidden,
+                     **score(student),
                      "tokens_seen": rec["tokens_seen"], "minutes": round((time.perf_counter() - t) / 60, 2)})
         print(f"{name}: " + " ".join(f"{t} {rows[-1][t]:.2f}" for t in SELECT_TEXTS), flush=True)
         del student

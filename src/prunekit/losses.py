@@ -107,3 +107,20 @@ def _kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     m = mask.to(kl.dtype)
     return (kl * m).sum() / m.sum().clamp_min(1)
+
+
+def hidden_match_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                      mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and real positions of ||h_s - h_t||^2 / ||h_t||^2 between the residual streams after
+    each layer (`output_hidden_states`, the embeddings excluded): relative, because the stream's norm grows
+    layer by layer and every layer should weigh alike. 0 exactly where the streams are equal."""
+    if len(student) != len(teacher):
+        raise PlanError(f"the student has {len(student) - 1} layers, the teacher {len(teacher) - 1}: hidden "
+                        "states can only be matched layer for layer")
+    m = mask.to(torch.float32)
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for s, t in zip(student[1:], teacher[1:], strict=True):
+        t = t.float()
+        err = (s.float() - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-6)
+        total = total + (err * m).sum() / m.sum().clamp_min(1)
+    return total / max(1, len(student) - 1)

@@ -38,6 +38,9 @@ def register(sub: Any) -> None:
                    help="run the teacher alone first and keep its top-K logits on disk (K from --teacher-topk, "
                         "default 64), so teacher and student never share memory (for teachers that do not fit "
                         "beside the student)")
+    g.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="also match the residual stream after every layer to the teacher's (relative squared "
+                        "error) with this weight; needs as many layers as the teacher (default 0: logits only)")
     g.add_argument("--gen-temperature", type=float, default=1.0,
                    help="sampling temperature of teacher:N text, 0 for greedy (default 1)")
     g.add_argument("--prompt-text", default="c4",
@@ -67,6 +70,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, steps=args.steps, lr=lr, warmup=args.warmup,
                           weight_decay=args.weight_decay, seed=args.seed, teacher=args.teacher, alpha=args.alpha,
                           temperature=args.temperature, teacher_topk=args.teacher_topk, lora=args.lora,
+                          hidden_weight=args.hidden_weight,
                           gen_temperature=args.gen_temperature, prompt_text=args.prompt_text,
                           use_cache=not args.no_cache, teacher_cache=args.teacher_cache,
                           save_every=args.save_every, dtype=args.dtype, device=args.device, force=args.force,

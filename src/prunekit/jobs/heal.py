@@ -14,7 +14,7 @@ from prunekit.errors import RecoveryError
 from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
 from prunekit.io.outputs import prepare_output
 from prunekit.plans import PLAN_FILE, PruningPlan
-from prunekit.recovery import DEFAULT_LR, check_settings, check_teacher, recover
+from prunekit.recovery import DEFAULT_LR, check_hidden, check_settings, check_teacher, recover
 from prunekit.recovery.distill import check_tokenizers
 from prunekit.recovery.sources import check_text_spec, default_samples, parse_text_spec, training_data
 from prunekit.recovery.teacher_cache import DEFAULT_TOPK, TeacherLogitsCache, teacher_logits_cache
@@ -25,7 +25,7 @@ def heal_checkpoint(model: str, out: str, *, text: str = "mix", samples: int | N
                     batch_size: int = 4, steps: int = 100, lr: float = DEFAULT_LR, warmup: float = 0.1,
                     weight_decay: float = 0.0, seed: int = 0, teacher: str | None = None, alpha: float | None = None,
                     temperature: float = 1.0, teacher_topk: int | None = None, lora: int | None = None,
-                    gen_temperature: float = 1.0, prompt_text: str = "c4", use_cache: bool = True,
+                    hidden_weight: float = 0.0, gen_temperature: float = 1.0, prompt_text: str = "c4", use_cache: bool = True,
                     teacher_cache: bool = False, save_every: int = 0, dtype: str = "float32", device: str = "cpu",
                     force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Load a checkpoint, `recover` it (distilling from `teacher` when given), save it to `out` with its plan
@@ -35,13 +35,16 @@ def heal_checkpoint(model: str, out: str, *, text: str = "mix", samples: int | N
     `teacher_cache`: run the teacher alone first and keep its top-K logits on disk (K = `teacher_topk`, 64 by
     default), so teacher and student are never in memory together. `samples=None`: as many text windows as
     the run reads, so none is read twice (`default_samples`). `save_every`: keep resumable training
-    state in the sibling folder `state_dir(out)` every that many steps; the same command continues from it."""
+    state in the sibling folder `state_dir(out)` every that many steps; the same command continues from it.
+    `hidden_weight`: also match every layer's residual stream to the teacher's (`recover`)."""
     check_settings(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, alpha=alpha, temperature=temperature,
-                   teacher_topk=teacher_topk, lora=lora, save_every=save_every)
+                   teacher_topk=teacher_topk, lora=lora, save_every=save_every, hidden_weight=hidden_weight)
     if teacher is None and (alpha not in (None, 1.0) or temperature != 1.0 or teacher_topk is not None
-                            or teacher_cache):
-        raise RecoveryError("--alpha, --temperature, --teacher-topk and --teacher-cache shape the distillation; "
-                            "give --teacher")
+                            or teacher_cache or hidden_weight):
+        raise RecoveryError("--alpha, --temperature, --teacher-topk, --teacher-cache and --hidden-weight shape the "
+                            "distillation; give --teacher")
+    if teacher_cache and hidden_weight:
+        raise RecoveryError("--hidden-weight needs the teacher's hidden states, which --teacher-cache does not keep")
     sources = parse_text_spec(text)
     fit = samples is None  # the default is capped at what the texts hold; a --samples the user gave is not
     if samples is None:
@@ -68,12 +71,14 @@ def heal_checkpoint(model: str, out: str, *, text: str = "mix", samples: int | N
             signal, teacher_tok = load_model(teacher, dtype=dtype, device=device)
             signal.requires_grad_(False)
             check_teacher(net, signal, tok, teacher_tok)
+            if hidden_weight:
+                check_hidden(net, signal)
         data, records = training_data(tok, sources, samples, seq_len, fit=fit, teacher=signal, **gen)
     plan_file = Path(resolve_model_path(model)) / PLAN_FILE
     plan = PruningPlan.load(plan_file) if plan_file.is_file() else PruningPlan(method="none")
     rec = recover(net, data, steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay,
                   seed=seed, teacher=signal, alpha=alpha, temperature=temperature,
-                  teacher_topk=None if teacher_cache else teacher_topk, lora=lora,
+                  teacher_topk=None if teacher_cache else teacher_topk, lora=lora, hidden_weight=hidden_weight,
                   state_dir=state_dir(out), save_every=save_every, progress=progress)
     rec["source"] = str(model)
     rec["teacher"] = str(teacher) if teacher is not None else None

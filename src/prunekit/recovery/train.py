@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from prunekit.data import CalibrationData
 from prunekit.errors import RecoveryError
 from prunekit.faults import pause_point
+from prunekit.losses import hidden_match_loss
 from prunekit.recovery.distill import check_teacher, kl_distill_loss, kl_topk_loss, vocab_size
 from prunekit.recovery.lora import add_lora, check_rank, merge_lora
 from prunekit.recovery.state import capture, load_state, restore, run_key, save_state
@@ -77,7 +78,7 @@ def lr_schedule(opt: torch.optim.Optimizer, steps: int, warmup_steps: int) -> to
 
 def check_settings(*, steps: int, lr: float, batch_size: int, warmup: float, alpha: float | None = None,
                    temperature: float = 1.0, teacher_topk: int | None = None, lora: int | None = None,
-                   save_every: int = 0) -> None:
+                   save_every: int = 0, hidden_weight: float = 0.0) -> None:
     """`RecoveryError` for settings no model could train with."""
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
         raise RecoveryError(f"save-every must be a number of steps >= 0 (0: never), got {save_every!r}")
@@ -88,6 +89,8 @@ def check_settings(*, steps: int, lr: float, batch_size: int, warmup: float, alp
     if teacher_topk is not None and (isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int)
                                      or teacher_topk < 1):
         raise RecoveryError(f"teacher top-K must be a positive integer, got {teacher_topk!r}")
+    if not hidden_weight >= 0 or not math.isfinite(hidden_weight):
+        raise RecoveryError(f"the hidden-state loss weight must be a finite number >= 0, got {hidden_weight}")
     check_rank(lora)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise RecoveryError(f"steps must be a positive integer, got {steps!r}")
@@ -99,7 +102,7 @@ def check_settings(*, steps: int, lr: float, batch_size: int, warmup: float, alp
         raise RecoveryError(f"warmup must be a fraction of the steps in [0, 1), got {warmup}")
 
 
-def method_name(teacher: bool, alpha: float, lora: int | None) -> str:
+def method_name(teacher: bool, alpha: float, lora: int | None, hidden_weight: float = 0.0) -> str:
     what = f"LoRA r={lora} (merged)" if lora else "full fine-tuning"
     if not teacher:
         loss = "causal LM loss"
@@ -107,6 +110,8 @@ def method_name(teacher: bool, alpha: float, lora: int | None) -> str:
         loss = "distillation (KL to the teacher)"
     else:
         loss = f"{alpha:g} x causal LM + {1 - alpha:g} x distillation"
+    if hidden_weight:
+        loss += f" + {hidden_weight:g} x hidden states"
     return f"{what}, AdamW, {loss}"
 
 
@@ -123,7 +128,7 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
             warmup: float = 0.1, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
             teacher: Teacher | None = None, alpha: float | None = None, temperature: float = 1.0,
             teacher_topk: int | None = None, lora: int | None = None, lora_alpha: float | None = None,
-            state_dir: str | Path | None = None, save_every: int = 0,
+            hidden_weight: float = 0.0, state_dir: str | Path | None = None, save_every: int = 0,
             progress: bool = True) -> dict[str, Any]:
     """Train `model` in place for `steps` optimizer steps on `data`; returns the record that goes into the
     plan (`PruningPlan.recovery`): settings, data provenance and the loss of every step. The model is left
@@ -132,15 +137,19 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     `teacher`: distil from it (same vocabulary required): a model run beside the student, or a
     `TeacherLogitsCache` of its top-K logits computed beforehand; `alpha`: weight of the causal-LM loss in
     the mix (default `TEACHER_ALPHA` with a teacher, 1 without); `temperature`, `teacher_topk`: see
-    `distill.kl_distill_loss`. `state_dir` + `save_every`: write resumable state there every `save_every`
+    `distill.kl_distill_loss`; `hidden_weight`: adds that many times `losses.hidden_match_loss`, the
+    relative error of the student's residual stream after every layer against the teacher's (a teacher
+    model with as many layers is needed). `state_dir` + `save_every`: write resumable state there every `save_every`
     steps and continue from a state found there (`state.py`)."""
     check_settings(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, alpha=alpha, temperature=temperature,
-                   teacher_topk=teacher_topk, lora=lora, save_every=save_every)
+                   teacher_topk=teacher_topk, lora=lora, save_every=save_every, hidden_weight=hidden_weight)
     if alpha is None:
         alpha = TEACHER_ALPHA if teacher is not None else 1.0
     if teacher is None and alpha != 1.0:
         raise RecoveryError(f"alpha={alpha} mixes in a distillation loss, which needs a teacher")
     _check_teacher(model, teacher, data)
+    if hidden_weight > 0:
+        check_hidden(model, teacher)
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     if not any(trainable.values()):
         raise RecoveryError("the model has no trainable parameters")
@@ -148,7 +157,7 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     key = "" if folder is None else run_key(model, {
         "steps": steps, "lr": lr, "batch_size": batch_size, "warmup": warmup, "weight_decay": weight_decay,
         "max_grad_norm": max_grad_norm, "seed": seed, "alpha": alpha, "temperature": temperature,
-        "teacher_topk": teacher_topk, "lora": lora, "lora_alpha": lora_alpha,
+        "teacher_topk": teacher_topk, "lora": lora, "lora_alpha": lora_alpha, "hidden_weight": hidden_weight,
         "data": data.sha256, "teacher": _teacher_identity(teacher)})
     net: nn.Module = add_lora(model, lora, alpha=lora_alpha) if lora else model
     params = [p for p in net.parameters() if p.requires_grad]
@@ -158,7 +167,8 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = lr_schedule(opt, steps, warmup_steps)
     gen = torch.Generator().manual_seed(seed)
-    run = {"step": 0, "order": [], "losses": [], "ce_losses": [], "kl_losses": [], "seen": 0, "seconds": 0.0}
+    run = {"step": 0, "order": [], "losses": [], "ce_losses": [], "kl_losses": [], "hidden_losses": [], "seen": 0,
+           "seconds": 0.0}
     saved = load_state(folder, key) if folder is not None else None
     if saved is not None:
         run = restore(saved, net, opt, sched, gen)
@@ -173,15 +183,19 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
             ids = data.input_ids[idx].to(device)
             mask = data.attention_mask[idx].to(device)
             labels = ids.masked_fill(mask == 0, -100) if alpha > 0 else None
-            out = net(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+            out = net(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False,
+                      output_hidden_states=hidden_weight > 0)
             if teacher is None:
                 loss = out.loss
             else:
-                kd = _distill_loss(teacher, idx, ids, mask, out.logits, temperature, teacher_topk)
+                kd, hid = _distill_loss(teacher, idx, ids, mask, out, temperature, teacher_topk, hidden_weight > 0)
                 loss = kd if alpha == 0 else alpha * out.loss + (1 - alpha) * kd
                 run["kl_losses"].append(float(kd.detach()))
                 if alpha > 0:
                     run["ce_losses"].append(float(out.loss.detach()))
+                if hid is not None:
+                    loss = loss + hidden_weight * hid
+                    run["hidden_losses"].append(float(hid.detach()))
             if not torch.isfinite(loss):
                 raise RecoveryError(f"the training loss became {loss.item()} at step {run['step'] + 1}; lower "
                                     "the learning rate (or train in float32)")
@@ -209,7 +223,7 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     losses, seen = run["losses"], run["seen"]
     tail = losses[-max(1, steps // 10):]
     rec: dict[str, Any] = {
-        "method": method_name(teacher is not None, alpha, lora),
+        "method": method_name(teacher is not None, alpha, lora, hidden_weight),
         "steps": steps,
         "lr": lr,
         "batch_size": batch_size,
@@ -218,7 +232,8 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
         "weight_decay": weight_decay,
         "max_grad_norm": max_grad_norm,
         "seed": seed,
-        "loss": {"ce_weight": alpha, "kl_weight": 1 - alpha, "temperature": temperature if teacher else None,
+        "loss": {"ce_weight": alpha, "kl_weight": 1 - alpha, "hidden_weight": hidden_weight,
+                 "temperature": temperature if teacher else None,
                  "teacher_topk": (teacher.topk if isinstance(teacher, TeacherLogitsCache)
                                   else teacher_topk if teacher else None)},
         "lora": ({"rank": lora, "alpha": lora_alpha if lora_alpha is not None else 2 * lora, "dropout": 0.0,
@@ -239,6 +254,8 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
         rec["kl_losses"] = run["kl_losses"]
     if run["ce_losses"]:
         rec["ce_losses"] = run["ce_losses"]
+    if run["hidden_losses"]:
+        rec["hidden_losses"] = run["hidden_losses"]
     return rec
 
 
@@ -265,15 +282,27 @@ def _next_rows(order: list[int], n: int, batch_size: int, gen: torch.Generator) 
     return idx
 
 
-def _distill_loss(teacher: Teacher, idx: list[int], ids: torch.Tensor, mask: torch.Tensor,
-                  student_logits: torch.Tensor, temperature: float, topk: int | None) -> torch.Tensor:
+def check_hidden(model: nn.Module, teacher: Teacher | None) -> None:
+    """`RecoveryError` unless the hidden-state loss can pair `model`'s layers with `teacher`'s one for one."""
+    if not isinstance(teacher, nn.Module):
+        raise RecoveryError("the hidden-state loss needs the teacher model itself (not absent, not cached logits)")
+    s, t = (getattr(m.config, "num_hidden_layers", None) for m in (model, teacher))
+    if s != t:
+        raise RecoveryError(f"the hidden-state loss matches layer for layer, but the student has {s} layers and "
+                            f"the teacher {t} (block drops remove layers); use the logit loss alone")
+
+
+def _distill_loss(teacher: Teacher, idx: list[int], ids: torch.Tensor, mask: torch.Tensor, student: Any,
+                  temperature: float, topk: int | None, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(KL to the teacher, hidden-state loss or None) for one batch whose student output is `student`."""
     if isinstance(teacher, TeacherLogitsCache):
         values, indices = teacher.targets(idx)
-        return kl_topk_loss(student_logits, values.to(ids.device), indices.to(ids.device), mask,
-                            temperature=temperature)
+        return kl_topk_loss(student.logits, values.to(ids.device), indices.to(ids.device), mask,
+                            temperature=temperature), None
     with torch.no_grad():
-        t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return kl_distill_loss(student_logits, t_logits, mask, temperature=temperature, topk=topk)
+        t_out = teacher(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=hidden)
+    kd = kl_distill_loss(student.logits, t_out.logits, mask, temperature=temperature, topk=topk)
+    return kd, hidden_match_loss(student.hidden_states, t_out.hidden_states, mask) if hidden else None
 
 
 def _teacher_identity(teacher: Teacher | None) -> Any:
