@@ -25,9 +25,9 @@ def heal_checkpoint(model: str, out: str, *, text: str = "mix", samples: int | N
                     batch_size: int = 4, steps: int = 100, lr: float = DEFAULT_LR, warmup: float = 0.1,
                     weight_decay: float = 0.0, seed: int = 0, teacher: str | None = None, alpha: float | None = None,
                     temperature: float = 1.0, teacher_topk: int | None = None, lora: int | None = None,
-                    hidden_weight: float = 0.0, gen_temperature: float = 1.0, prompt_text: str = "c4", use_cache: bool = True,
-                    teacher_cache: bool = False, save_every: int = 0, dtype: str = "float32", device: str = "cpu",
-                    force: bool = False, progress: bool = True) -> dict[str, Any]:
+                    hidden_weight: float = 0.0, gen_temperature: float = 1.0, prompt_text: str = "c4",
+                    use_cache: bool = True, teacher_cache: bool = False, save_every: int = 0, dtype: str = "float32",
+                    device: str = "cpu", force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Load a checkpoint, `recover` it (distilling from `teacher` when given), save it to `out` with its plan
     (if it has one) plus the run's record appended to `plan.recovery`. Returns the record. Settings, the text
     spec and the output are checked before loading; the teacher's vocabulary before any training.

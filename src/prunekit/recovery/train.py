@@ -139,8 +139,8 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     the mix (default `TEACHER_ALPHA` with a teacher, 1 without); `temperature`, `teacher_topk`: see
     `distill.kl_distill_loss`; `hidden_weight`: adds that many times `losses.hidden_match_loss`, the
     relative error of the student's residual stream after every layer against the teacher's (a teacher
-    model with as many layers is needed). `state_dir` + `save_every`: write resumable state there every `save_every`
-    steps and continue from a state found there (`state.py`)."""
+    model with as many layers is needed). `state_dir` + `save_every`: write resumable state there every
+    `save_every` steps and continue from a state found there (`state.py`)."""
     check_settings(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, alpha=alpha, temperature=temperature,
                    teacher_topk=teacher_topk, lora=lora, save_every=save_every, hidden_weight=hidden_weight)
     if alpha is None:
@@ -157,8 +157,10 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     key = "" if folder is None else run_key(model, {
         "steps": steps, "lr": lr, "batch_size": batch_size, "warmup": warmup, "weight_decay": weight_decay,
         "max_grad_norm": max_grad_norm, "seed": seed, "alpha": alpha, "temperature": temperature,
-        "teacher_topk": teacher_topk, "lora": lora, "lora_alpha": lora_alpha, "hidden_weight": hidden_weight,
-        "data": data.sha256, "teacher": _teacher_identity(teacher)})
+        "teacher_topk": teacher_topk, "lora": lora, "lora_alpha": lora_alpha,
+        "data": data.sha256, "teacher": _teacher_identity(teacher),
+        # only when used, so that states saved before the option existed still resume
+        **({"hidden_weight": hidden_weight} if hidden_weight else {})})
     net: nn.Module = add_lora(model, lora, alpha=lora_alpha) if lora else model
     params = [p for p in net.parameters() if p.requires_grad]
     device = params[0].device
@@ -172,6 +174,7 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     saved = load_state(folder, key) if folder is not None else None
     if saved is not None:
         run = restore(saved, net, opt, sched, gen)
+        run.setdefault("hidden_losses", [])
     resumed_at = run["step"]
     t0 = time.perf_counter() - run["seconds"]
     net.train()
