@@ -81,11 +81,16 @@ def hidden_loss(student, teacher, data) -> float:
         return float(hidden_match_loss(s, t, data.attention_mask))
 
 
+def teacher_states(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        return model(input_ids=X, output_hidden_states=True).hidden_states
+
+
 def test_hidden_state_loss_of_an_identical_student_is_zero_and_ignores_padding():
     teacher = tiny_model("llama")
     student = copy.deepcopy(teacher).train()
     s = student(input_ids=X, output_hidden_states=True).hidden_states
-    loss = hidden_match_loss(s, logits_and_states(teacher), torch.ones_like(X))
+    loss = hidden_match_loss(s, teacher_states(teacher), torch.ones_like(X))
     assert loss.item() == 0.0
     loss.backward()
     assert all(p.grad is None or p.grad.abs().max() < 1e-7 for p in student.parameters())
@@ -95,11 +100,6 @@ def test_hidden_state_loss_of_an_identical_student_is_zero_and_ignores_padding()
     b[1][0, 0] *= 2
     mask = torch.tensor([[1, 1, 1, 0]])
     assert hidden_match_loss(a, b, mask).item() == pytest.approx(0.25 / 2 / 3)  # |h|^2 / |2h|^2, one of 3 x 2
-
-
-def logits_and_states(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-    with torch.no_grad():
-        return model(input_ids=X, output_hidden_states=True).hidden_states
 
 
 def test_hidden_state_distillation_adds_the_weighted_term_and_pulls_the_streams_together():
