@@ -75,22 +75,21 @@ def test_distillation_reduces_the_kl_on_held_out_tokens():
     assert not teacher.training and all(p.grad is None for p in teacher.parameters())
 
 
+@torch.no_grad()
+def states(model: torch.nn.Module, x: torch.Tensor = X) -> tuple[torch.Tensor, ...]:
+    return model(input_ids=x, output_hidden_states=True).hidden_states
+
+
 def hidden_loss(student, teacher, data) -> float:
-    with torch.no_grad():
-        s, t = (m(input_ids=data.input_ids, output_hidden_states=True).hidden_states for m in (student, teacher))
-        return float(hidden_match_loss(s, t, data.attention_mask))
-
-
-def teacher_states(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-    with torch.no_grad():
-        return model(input_ids=X, output_hidden_states=True).hidden_states
+    return float(hidden_match_loss(states(student, data.input_ids), states(teacher, data.input_ids),
+                                   data.attention_mask))
 
 
 def test_hidden_state_loss_of_an_identical_student_is_zero_and_ignores_padding():
     teacher = tiny_model("llama")
     student = copy.deepcopy(teacher).train()
     s = student(input_ids=X, output_hidden_states=True).hidden_states
-    loss = hidden_match_loss(s, teacher_states(teacher), torch.ones_like(X))
+    loss = hidden_match_loss(s, states(teacher), torch.ones_like(X))
     assert loss.item() == 0.0
     loss.backward()
     assert all(p.grad is None or p.grad.abs().max() < 1e-7 for p in student.parameters())
