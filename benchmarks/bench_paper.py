@@ -11,9 +11,12 @@ iterative; joint drop 8; TransAct MLP 75%; TransAct query heads 2/3 (per KV grou
 Each row reloads the model from the converted checkpoint and applies the library's own plan
 (``drop.llm_drop`` / ``width.width_prune`` / ``compress``, then ``surgery.apply_plan``).
 
-Results are written to ``--json`` (default ``benchmarks/results/paper.json``) after every row, atomically. A
-rerun with the same settings keeps the rows already measured and only runs the missing ones, so an interrupted
-or partial run is never lost; other settings start a fresh file. Prints a Markdown table at the end.
+Results are written to ``--json`` (default ``benchmarks/results/paper.json``) atomically after every task of
+every row (a row's finished tasks wait under ``partial`` until the row is complete). A rerun with the same
+settings keeps the rows and tasks already measured and only runs the missing ones (a row's tasks are kept only if
+its pruned model has the same structure), so an interrupted run loses at most one task; other settings start a
+fresh file. Full task sets take hours per row here, so this is what lets them span several sessions. Prints a
+Markdown table at the end.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_paper.py --limit 300 [--rows dense,attn-drop-8,block-drop-4]
     PYTHONPATH=src .venv/bin/python benchmarks/bench_paper.py --model qwen2.5-coder-1.5b --limit 100
@@ -41,7 +44,7 @@ from prunekit.data import CalibrationData, calibration_data, eval_windows
 from prunekit.drop import llm_drop
 from prunekit.evaluation.bench import PeakRSS
 from prunekit.evaluation.perplexity import kv_bytes_per_token, perplexity
-from prunekit.evaluation.zeroshot import AVERAGE_METRIC, PAPER_TASKS, evaluate_tasks
+from prunekit.evaluation.zeroshot import AVERAGE_METRIC, PAPER_TASKS, evaluate_tasks, paper_average
 from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
 from prunekit.plans import PruningPlan
 from prunekit.surgery import apply_plan, count_parameters
@@ -123,13 +126,16 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
-def measure(row: Row, a: argparse.Namespace, windows: torch.Tensor) -> dict[str, Any]:
+def measure(row: Row, a: argparse.Namespace, windows: torch.Tensor, partial: dict[str, Any],
+            save: Callable[[], None]) -> dict[str, Any]:
+    """One row; `partial` holds its tasks already measured (updated in place, `save` called after each)."""
     with PeakRSS() as mem:
-        r = _measure(row, a, windows)
+        r = _measure(row, a, windows, partial, save)
     return {**r, "peak_rss_gib": round(mem.peak / 2**30, 2)}
 
 
-def _measure(row: Row, a: argparse.Namespace, windows: torch.Tensor) -> dict[str, Any]:
+def _measure(row: Row, a: argparse.Namespace, windows: torch.Tensor, partial: dict[str, Any],
+             save: Callable[[], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, tok = load_model(a.model)  # a fresh copy per row: pruning is in place
     calib = calibration_data(tok, a.calib, a.samples, a.seq_len)
@@ -137,9 +143,16 @@ def _measure(row: Row, a: argparse.Namespace, windows: torch.Tensor) -> dict[str
     prune_s = time.perf_counter() - t0
     adapter = get_adapter(model)
     ppl = perplexity(model, windows, progress=False)
-    t1 = time.perf_counter()
-    zs = evaluate_tasks(model, tok, TASKS, limit=a.limit, batch_size=a.eval_batch_size, seed=a.seed,
-                        bootstrap_iters=a.bootstrap_iters, samples=True)
+    structure = {
+        "dropped": plan.to_json()["dropped"] if plan is not None else [],
+        "widths": {str(i): {k: len(v) for k, v in w.to_json().items()} for i, w in plan.widths.items()}
+        if plan is not None else {},  # units kept per layer (width rows and compress)
+    }
+
+    def evaluate(task: str) -> dict[str, Any]:
+        return evaluate_tasks(model, tok, [task], limit=a.limit, batch_size=a.eval_batch_size, seed=a.seed,
+                              bootstrap_iters=a.bootstrap_iters, samples=True)
+    zs = row_tasks(evaluate, structure, partial, save)
     return {
         "name": row.name,
         "label": row.label,
@@ -149,17 +162,43 @@ def _measure(row: Row, a: argparse.Namespace, windows: torch.Tensor) -> dict[str
         "lambada": zs["tasks"]["lambada"],
         "tasks": {t: zs["tasks"][t] for t in PAPER_TASKS},
         "average": zs["average"],
-        "dropped": plan.to_json()["dropped"] if plan is not None else [],
-        "widths": {str(i): {k: len(v) for k, v in w.to_json().items()} for i, w in plan.widths.items()}
-        if plan is not None else {},  # units kept per layer (width rows and compress)
+        **structure,
         "prune_s": prune_s,
-        "tasks_s": time.perf_counter() - t1,
+        "tasks_s": zs["seconds"],
         "data_hashes": zs["data_hashes"],
         # Each question's score under the task's average metric, by doc id: rows evaluated on the same
         # questions are then compared PAIRED (`paired`), a much smaller standard error than two independent
         # averages' when only a subset of each task is run.
-        "per_doc": {t: {str(d["doc_id"]): d[AVERAGE_METRIC[t]] for d in zs["samples"][t]} for t in PAPER_TASKS},
+        "per_doc": zs["per_doc"],
     }
+
+
+def row_tasks(evaluate: Callable[[str], dict[str, Any]], structure: dict[str, Any], partial: dict[str, Any],
+              save: Callable[[], None]) -> dict[str, Any]:
+    """Every task of TASKS for one pruned model, one lm-eval call each, keeping each result in `partial` (and
+    calling `save`) as soon as it is measured, and skipping those `partial` already holds for a model of the
+    same `structure`; then the row's tasks, average, data hashes, per-question scores and summed seconds.
+    The loglikelihood tasks are deterministic, so a task measured in an earlier run is the same measurement."""
+    if partial.get("structure") != structure:  # another plan: what was kept belongs to another model
+        partial.clear()
+        partial.update({"structure": structure, "tasks": {}})
+    for task in TASKS:
+        if task in partial["tasks"]:
+            continue
+        t0 = time.perf_counter()
+        zs = evaluate(task)
+        entry = {"result": zs["tasks"][task], "data_hash": zs["data_hashes"].get(task),
+                 "seconds": time.perf_counter() - t0}
+        if task in PAPER_TASKS:
+            entry["per_doc"] = {str(d["doc_id"]): d[AVERAGE_METRIC[task]] for d in zs["samples"][task]}
+        partial["tasks"][task] = entry
+        save()
+    done = partial["tasks"]
+    results = {t: done[t]["result"] for t in TASKS}
+    return {"tasks": results, "average": paper_average({t: results[t] for t in PAPER_TASKS}),
+            "data_hashes": {t: done[t]["data_hash"] for t in TASKS},
+            "per_doc": {t: done[t]["per_doc"] for t in PAPER_TASKS},
+            "seconds": sum(done[t]["seconds"] for t in TASKS)}
 
 
 def paired(row: dict[str, Any], dense: dict[str, Any]) -> dict[str, float] | None:
@@ -263,8 +302,10 @@ def main() -> None:
     out = Path(a.json)
     previous = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else None
     done: dict[str, dict[str, Any]] = {}
+    partial: dict[str, dict[str, Any]] = {}  # row name -> its tasks measured so far (see row_tasks)
     if previous and previous.get("settings") == settings:
         done = {r["name"]: r for r in previous.get("rows", [])}
+        partial = previous.get("partial", {})
 
     tok = load_tokenizer(resolve_model_path(a.model), a.model)  # the weights are loaded per row
     windows = eval_windows(tok, a.eval, a.windows, a.window_len)
@@ -273,27 +314,36 @@ def main() -> None:
     meta = {"settings": settings, "torch": torch.__version__, "lm_eval": lm_eval.__version__,
             "platform": platform.platform(), "threads": torch.get_num_threads(),
             "note": "dequantized Q4 GGUF weights, fp32 on CPU; tasks on their first `limit` documents"}
+
+    def save() -> None:
+        order = [n for n in known if n in done]  # keep the table's row order whatever was run first
+        extra = {"partial": partial} if partial else {}
+        write_json(out, {**meta, "rows": [done[n] for n in order], **extra})
+
     for name in wanted:
         if name in done:
             print(f"{name}: kept from {out}", flush=True)
             continue
         t0 = time.perf_counter()
-        done[name] = measure(known[name], a, windows)
+        kept = len(partial.get(name, {}).get("tasks", {}))
+        if kept:
+            print(f"{name}: {kept} task(s) kept from {out}", flush=True)
+        done[name] = measure(known[name], a, windows, partial.setdefault(name, {}), save)
+        partial.pop(name)
         r = done[name]
         print(f"{name}: wiki ppl {r['wiki_perplexity']:.2f}  lambada ppl {r['lambada']['perplexity']:.2f}  "
               f"avg {r['average']['value']:.3f} ± {r['average']['stderr']:.3f}  [{time.perf_counter() - t0:.0f}s]",
               flush=True)
-        order = [n for n in known if n in done]  # keep the table's row order whatever was run first
         if "dense" in done:
-            for n in order:
+            for n in done:
                 if n != "dense":
                     done[n]["paired_vs_dense"] = paired(done[n], done["dense"])
-        write_json(out, {**meta, "rows": [done[n] for n in order]})
+        save()
 
     rows = [done[n] for n in known if n in done]
     found = pairs(rows)
     if found:  # also for rows kept from an earlier run
-        write_json(out, {**meta, "rows": rows, "pairs": found})
+        write_json(out, {**meta, "rows": rows, "pairs": found, **({"partial": partial} if partial else {})})
     dense = done.get("dense")
     print()
     print(markdown(rows, dense["params"] if dense else None))

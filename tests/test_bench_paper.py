@@ -62,3 +62,50 @@ def test_paired_difference_uses_the_common_questions_and_their_paired_stderr():
     assert [(q["a"], q["b"]) for q in found] == [("dense", "attn-drop-8")]
     assert found[0]["difference"] == -0.5 and abs(found[0]["standard_errors"] - 0.5 / p["stderr"]) < 1e-9
     assert "| dense | attn-drop-8 | -0.5000 ± 0.1091 | 4.58 |" in bench.pairs_table(found)
+
+
+def _fake_lm_eval(calls: list[str], stop_after: int | None = None):
+    """evaluate(task) as lm-eval would answer for one task: question i of every task right when i is even;
+    raises (a kill) once `stop_after` tasks have been answered."""
+    def evaluate(task: str) -> dict:
+        if stop_after is not None and len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append(task)
+        value = 0.5 + len(task) / 100  # differs per task, so a mix-up between tasks shows
+        entry = {"acc": value, "acc_stderr": 0.01, AVERAGE_METRIC.get(task, "acc"): value,
+                 AVERAGE_METRIC.get(task, "acc") + "_stderr": 0.01}
+        samples = [{"doc_id": i, AVERAGE_METRIC.get(task, "acc"): float(i % 2 == 0)} for i in range(4)]
+        return {"tasks": {task: entry}, "data_hashes": {task: "h-" + task}, "samples": {task: samples}}
+    return evaluate
+
+
+def test_row_tasks_resume_after_a_kill_gives_the_uninterrupted_row(tmp_path):
+    bench = _bench()
+    structure = {"dropped": [{"layer": 3, "module": "attn"}], "widths": {}}
+    whole_calls: list[str] = []
+    whole = bench.row_tasks(_fake_lm_eval(whole_calls), structure, {}, lambda: None)
+    assert whole_calls == bench.TASKS and whole["average"]["complete"]
+    assert whole["per_doc"]["piqa"] == {"0": 1.0, "1": 0.0, "2": 1.0, "3": 0.0}
+
+    # Killed after three tasks: what was saved (through a JSON round trip, as the file keeps it) holds those three.
+    file = tmp_path / "paper.json"
+    partial: dict = {}
+    calls: list[str] = []
+    try:
+        bench.row_tasks(_fake_lm_eval(calls, stop_after=3), structure,
+                        partial, lambda: bench.write_json(file, {"partial": {"r": partial}}))
+    except KeyboardInterrupt:
+        pass
+    kept = json.loads(file.read_text())["partial"]["r"]
+    assert list(kept["tasks"]) == bench.TASKS[:3]
+
+    # The rerun asks lm-eval only for the rest, and the row is exactly the uninterrupted one (seconds aside).
+    calls.clear()
+    resumed = bench.row_tasks(_fake_lm_eval(calls), json.loads(json.dumps(structure)), kept, lambda: None)
+    assert calls == bench.TASKS[3:]
+    assert {k: v for k, v in resumed.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
+
+    # Tasks kept for a model of another structure are not reused.
+    calls.clear()
+    bench.row_tasks(_fake_lm_eval(calls), {"dropped": [], "widths": {}}, kept, lambda: None)
+    assert calls == bench.TASKS
