@@ -16,6 +16,7 @@ from prunekit.losses import hidden_match_loss
 from prunekit.plans import PLAN_FILE, DropTarget, LayerWidth, PruningPlan
 from prunekit.recovery import add_lora, kl_distill_loss, lora_targets, merge_lora, recover
 from prunekit.recovery.sources import parse_text_spec, share_samples, teacher_text, training_data
+from prunekit.recovery.state import STATE_FILE
 from prunekit.surgery import apply_plan, count_parameters
 
 X = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -392,6 +393,10 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
         with pytest.raises(Stop):
             recover(part, data, state_dir=tmp_path / "b", **kw)
     part.load_state_dict(start)  # a new process starts from the checkpoint on disk
+    state_file = tmp_path / "b" / STATE_FILE  # as written before the hidden-state loss existed: no such record
+    state = torch.load(state_file, weights_only=False)
+    del state["run"]["hidden_losses"]
+    torch.save(state, state_file)
     rec = recover(part, data, state_dir=tmp_path / "b", **kw)
     assert rec["resumed_at_step"] == 4 and rec["losses"] == rec_whole["losses"]
     assert all(torch.equal(a, b) for a, b in zip(part.state_dict().values(), whole.state_dict().values()))

@@ -172,9 +172,8 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     run = {"step": 0, "order": [], "losses": [], "ce_losses": [], "kl_losses": [], "hidden_losses": [], "seen": 0,
            "seconds": 0.0}
     saved = load_state(folder, key) if folder is not None else None
-    if saved is not None:
-        run = restore(saved, net, opt, sched, gen)
-        run.setdefault("hidden_losses", [])
+    if saved is not None:  # over the fresh defaults: a state saved before a record field existed still resumes
+        run = {**run, **restore(saved, net, opt, sched, gen)}
     resumed_at = run["step"]
     t0 = time.perf_counter() - run["seconds"]
     net.train()
