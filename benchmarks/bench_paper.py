@@ -315,10 +315,10 @@ def main() -> None:
             "platform": platform.platform(), "threads": torch.get_num_threads(),
             "note": "dequantized Q4 GGUF weights, fp32 on CPU; tasks on their first `limit` documents"}
 
-    def save() -> None:
+    def save(**more: Any) -> None:
         order = [n for n in known if n in done]  # keep the table's row order whatever was run first
         extra = {"partial": partial} if partial else {}
-        write_json(out, {**meta, "rows": [done[n] for n in order], **extra})
+        write_json(out, {**meta, "rows": [done[n] for n in order], **more, **extra})
 
     for name in wanted:
         if name in done:
@@ -343,7 +343,7 @@ def main() -> None:
     rows = [done[n] for n in known if n in done]
     found = pairs(rows)
     if found:  # also for rows kept from an earlier run
-        write_json(out, {**meta, "rows": rows, "pairs": found, **({"partial": partial} if partial else {})})
+        save(pairs=found)
     dense = done.get("dense")
     print()
     print(markdown(rows, dense["params"] if dense else None))
