@@ -84,6 +84,7 @@ def test_row_tasks_resume_after_a_kill_gives_the_uninterrupted_row(tmp_path):
     structure = {"dropped": [{"layer": 3, "module": "attn"}], "widths": {}}
     whole_calls: list[str] = []
     whole = bench.row_tasks(_fake_lm_eval(whole_calls), structure, {}, lambda: None)
+    assert sorted(bench.TASKS) == sorted([*PAPER_TASKS, "lambada"]) and bench.TASKS[-1] == "hellaswag"
     assert whole_calls == bench.TASKS and whole["average"]["complete"]
     assert whole["per_doc"]["piqa"] == {"0": 1.0, "1": 0.0, "2": 1.0, "3": 0.0}
 
