@@ -8,8 +8,8 @@ calibration halves of every built-in text, spread evenly over each half) and is 
 for wiki and c4, windows of the calibration half placed half-way between the training windows, so they
 share no token with what was read and come from no evaluation half. The rows are `LOSS:LR`, LOSS one of `ce`
 (causal LM), `kd` (distillation from the dense model) or `kdA` (A x causal LM + (1 - A) x distillation),
-optionally followed by `hW` (plus W x the hidden-state loss, every layer's residual stream against the dense
-model's: `kd0.5h1:5e-4`).
+optionally followed by `tT` (distillation temperature T, default 1) and `hW` (plus W x the hidden-state loss,
+every layer's residual stream against the dense model's): `kd0.5t2h1:5e-4`.
 Prints a table and writes JSON.
 
     nice -n 5 .venv/bin/python benchmarks/bench_heal_recipe.py [--steps 16] [--rows ce:5e-5,kd:5e-5,...]
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -37,15 +38,17 @@ from prunekit.recovery.sources import parse_text_spec, training_data
 SELECT_TEXTS = ("wiki", "c4")
 
 
-def parse_row(row: str) -> tuple[str, float, float | None, float]:
-    """`ce:5e-5` -> (name, lr, alpha, hidden weight): alpha None for causal LM only, 0 for pure distillation."""
+def parse_row(row: str) -> tuple[str, float, float | None, float, float]:
+    """`ce:5e-5` -> (name, lr, alpha, hidden weight, temperature): alpha None for causal LM only, 0 for pure
+    distillation; `kd0.5t2h5:2e-4` is alpha 0.5, temperature 2, hidden weight 5."""
     loss, _, lr = row.partition(":")
     if loss == "ce":
-        return row, float(lr), None, 0.0
-    if loss.startswith("kd"):
-        a, _, h = loss[2:].partition("h")
-        return row, float(lr), float(a or 0), float(h or 0)
-    raise SystemExit(f"bad row {row!r}: LOSS:LR with LOSS ce, kd, kdA or kdAhW")
+        return row, float(lr), None, 0.0, 1.0
+    m = re.fullmatch(r"kd([0-9.]*)(?:t([0-9.]+))?(?:h([0-9.]+))?", loss)
+    if m is None:
+        raise SystemExit(f"bad row {row!r}: LOSS:LR with LOSS ce, kd, kdA, kdAtT or kdAtThW")
+    a, t, h = m.groups()
+    return row, float(lr), float(a or 0), float(h or 0), float(t or 1)
 
 
 def selection_windows(tokenizer: Any, text: str, read: int, seq_len: int, n: int) -> torch.Tensor:
@@ -89,13 +92,14 @@ def main() -> None:
         return out
 
     rows: list[dict[str, Any]] = [{"row": "dense", **score(dense)}, {"row": "pruned", **score(pruned)}]
-    for name, lr, alpha, hidden in rows_spec:
+    for name, lr, alpha, hidden, temperature in rows_spec:
         student = copy.deepcopy(pruned)
         t = time.perf_counter()
-        kw: dict[str, Any] = {} if alpha is None else {"teacher": dense, "alpha": alpha, "hidden_weight": hidden}
+        kw: dict[str, Any] = {} if alpha is None else {"teacher": dense, "alpha": alpha, "hidden_weight": hidden,
+                                                        "temperature": temperature}
         rec = recover(student, train, steps=args.steps, batch_size=args.batch_size, lr=lr, progress=False, **kw)
         rows.append({"row": name, "lr": lr, "alpha": 1.0 if alpha is None else alpha, "hidden_weight": hidden,
-                     **score(student),
+                     "temperature": temperature, **score(student),
                      "tokens_seen": rec["tokens_seen"], "minutes": round((time.perf_counter() - t) / 60, 2)})
         print(f"{name}: " + " ".join(f"{t} {rows[-1][t]:.2f}" for t in SELECT_TEXTS), flush=True)
         del student
