@@ -12,10 +12,10 @@ Each row reloads the model from the converted checkpoint and applies the library
 (``drop.llm_drop`` / ``width.width_prune`` / ``compress``, then ``surgery.apply_plan``).
 
 Results are written to ``--json`` (default ``benchmarks/results/paper.json``) atomically after every task of
-every row (a row's finished tasks wait under ``partial`` until the row is complete). A rerun with the same
-settings keeps the rows and tasks already measured and only runs the missing ones (a row's tasks are kept only if
-its pruned model has the same structure), so an interrupted run loses at most one task; other settings start a
-fresh file. Full task sets take hours per row here, so this is what lets them span several sessions. Prints a
+every row (a row's finished tasks wait under ``partial`` until the row is complete; the seven tasks run
+``--chunk`` documents at a time, each slice kept as it finishes). A rerun with the same settings keeps the rows,
+tasks and slices already measured and only runs the missing ones (a row's are kept only if its pruned model has
+the same structure), so an interrupted run loses at most one slice; other settings start a fresh file. Full task sets take hours per row here, so this is what lets them span several sessions. Prints a
 Markdown table at the end.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_paper.py --limit 300 [--rows dense,attn-drop-8,block-drop-4]
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import tempfile
@@ -44,6 +45,7 @@ from prunekit.data import CalibrationData, calibration_data, eval_windows
 from prunekit.drop import llm_drop
 from prunekit.evaluation.bench import PeakRSS
 from prunekit.evaluation.perplexity import kv_bytes_per_token, perplexity
+from prunekit.evaluation.task_data import PAPER_DATA
 from prunekit.evaluation.zeroshot import AVERAGE_METRIC, PAPER_TASKS, evaluate_tasks, paper_average
 from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
 from prunekit.plans import PruningPlan
@@ -55,6 +57,9 @@ from prunekit.width import width_prune
 # mid-row has kept as many tasks as its time allowed.
 TASKS = ["openbookqa", "arc_challenge", "winogrande", "arc_easy", "piqa", "lambada", "boolq", "hellaswag"]
 Prune = Callable[[nn.Module, CalibrationData, argparse.Namespace], PruningPlan | None]
+# evaluate(task, docs): lm-eval's answer for one task on `docs` (None: the first --limit documents, or all).
+Evaluate = Callable[[str, range | None], dict[str, Any]]
+MC_METRICS = ("acc", "acc_norm")  # the per-document scores a sliced multiple-choice task keeps
 
 
 @dataclass(frozen=True)
@@ -152,10 +157,12 @@ def _measure(row: Row, a: argparse.Namespace, windows: torch.Tensor, partial: di
         if plan is not None else {},  # units kept per layer (width rows and compress)
     }
 
-    def evaluate(task: str) -> dict[str, Any]:
-        return evaluate_tasks(model, tok, [task], limit=a.limit, batch_size=a.eval_batch_size, seed=a.seed,
-                              bootstrap_iters=a.bootstrap_iters, samples=True)
-    zs = row_tasks(evaluate, structure, partial, save)
+    def evaluate(task: str, docs: range | None) -> dict[str, Any]:
+        return evaluate_tasks(model, tok, [task], limit=a.limit if docs is None else None, docs=docs,
+                              batch_size=a.eval_batch_size, seed=a.seed, bootstrap_iters=a.bootstrap_iters,
+                              samples=True)
+    sizes = {t: min(PAPER_DATA[t].rows, a.limit or PAPER_DATA[t].rows) for t in PAPER_TASKS}
+    zs = row_tasks(evaluate, structure, partial, save, sizes, a.chunk)
     return {
         "name": row.name,
         "label": row.label,
@@ -176,11 +183,12 @@ def _measure(row: Row, a: argparse.Namespace, windows: torch.Tensor, partial: di
     }
 
 
-def row_tasks(evaluate: Callable[[str], dict[str, Any]], structure: dict[str, Any], partial: dict[str, Any],
-              save: Callable[[], None]) -> dict[str, Any]:
-    """Every task of TASKS for one pruned model, one lm-eval call each, keeping each result in `partial` (and
-    calling `save`) as soon as it is measured, and skipping those `partial` already holds for a model of the
-    same `structure`; then the row's tasks, average, data hashes, per-question scores and summed seconds.
+def row_tasks(evaluate: Evaluate, structure: dict[str, Any], partial: dict[str, Any], save: Callable[[], None],
+              sizes: dict[str, int], chunk: int) -> dict[str, Any]:
+    """Every task of TASKS for one pruned model, keeping each result in `partial` (and calling `save`) as soon as it
+    is measured, and skipping those `partial` already holds for a model of the same `structure`; then the row's
+    tasks, average, data hashes, per-question scores and summed seconds. The paper tasks run `chunk` documents at
+    a time (of `sizes[task]`), each slice kept as it finishes, so even HellaSwag's hours survive a stop.
     The loglikelihood tasks are deterministic, so a task measured in an earlier run is the same measurement."""
     if partial.get("structure") != structure:  # another plan: what was kept belongs to another model
         partial.clear()
@@ -188,13 +196,13 @@ def row_tasks(evaluate: Callable[[str], dict[str, Any]], structure: dict[str, An
     for task in TASKS:
         if task in partial["tasks"]:
             continue
-        t0 = time.perf_counter()
-        zs = evaluate(task)
-        entry = {"result": zs["tasks"][task], "data_hash": zs["data_hashes"].get(task),
-                 "seconds": time.perf_counter() - t0}
         if task in PAPER_TASKS:
-            entry["per_doc"] = {str(d["doc_id"]): d[AVERAGE_METRIC[task]] for d in zs["samples"][task]}
-        partial["tasks"][task] = entry
+            partial["tasks"][task] = task_in_chunks(evaluate, task, sizes[task], chunk, partial, save)
+        else:
+            t0 = time.perf_counter()
+            zs = evaluate(task, None)
+            partial["tasks"][task] = {"result": zs["tasks"][task], "data_hash": zs["data_hashes"].get(task),
+                                      "seconds": time.perf_counter() - t0}
         save()
     done = partial["tasks"]
     results = {t: done[t]["result"] for t in TASKS}
@@ -202,6 +210,51 @@ def row_tasks(evaluate: Callable[[str], dict[str, Any]], structure: dict[str, An
             "data_hashes": {t: done[t]["data_hash"] for t in TASKS},
             "per_doc": {t: done[t]["per_doc"] for t in PAPER_TASKS},
             "seconds": sum(done[t]["seconds"] for t in TASKS)}
+
+
+def task_in_chunks(evaluate: Evaluate, task: str, n: int, chunk: int, partial: dict[str, Any],
+                   save: Callable[[], None]) -> dict[str, Any]:
+    """The first `n` documents of a multiple-choice `task`, `chunk` at a time, each slice's per-document
+    metrics kept in `partial["chunks"][task]` (slices kept by an earlier run are not run again), then pooled."""
+    kept = partial.setdefault("chunks", {}).setdefault(task, {})
+    for start in range(0, n, chunk):
+        docs = range(start, min(start + chunk, n))
+        key = f"{docs.start}-{docs.stop}"
+        if key in kept:
+            continue
+        t0 = time.perf_counter()
+        zs = evaluate(task, docs)
+        kept[key] = {"docs": {str(d["doc_id"]): {m: d[m] for m in MC_METRICS if m in d} for d in zs["samples"][task]},
+                     "data_hash": zs["data_hashes"].get(task), "seconds": time.perf_counter() - t0}
+        save()
+    entry = pool_chunks(task, [kept[f"{s}-{min(s + chunk, n)}"] for s in range(0, n, chunk)])
+    del partial["chunks"][task]
+    if not partial["chunks"]:
+        del partial["chunks"]
+    return entry
+
+
+def pool_chunks(task: str, chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One task's result from its slices, computed as lm-eval computes it over the whole task (mean of the
+    per-document scores in document order; standard error = sample standard deviation / sqrt(n)), so pooled
+    slices give the whole run's numbers."""
+    hashes = {c["data_hash"] for c in chunks}
+    if len(hashes) != 1:
+        raise SystemExit(f"{task}: its slices were measured on different data files ({sorted(map(str, hashes))})")
+    per_doc = {d: v for c in chunks for d, v in c["docs"].items()}
+    order = sorted(per_doc, key=int)
+    if [int(d) for d in order] != list(range(len(order))):
+        raise SystemExit(f"{task}: its slices do not cover documents 0..{len(order) - 1} exactly")
+    result: dict[str, Any] = {}
+    for m in MC_METRICS:
+        if all(m in v for v in per_doc.values()):
+            x = [per_doc[d][m] for d in order]
+            mean = sum(x) / len(x)
+            result[m] = mean
+            result[f"{m}_stderr"] = math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1)) / math.sqrt(len(x))
+    result.update({"n": len(order), "average_metric": AVERAGE_METRIC[task]})
+    return {"result": result, "data_hash": hashes.pop(), "seconds": sum(c["seconds"] for c in chunks),
+            "per_doc": {d: per_doc[d][AVERAGE_METRIC[task]] for d in order}}
 
 
 def paired(row: dict[str, Any], dense: dict[str, Any]) -> dict[str, float] | None:
@@ -286,6 +339,8 @@ def main() -> None:
     p.add_argument("--window-len", type=int, default=1024, help="tokens per perplexity window (default 1024)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    p.add_argument("--chunk", type=int, default=1000,
+                   help="documents per lm-eval call for the seven tasks, each kept as it finishes (default 1000)")
     p.add_argument("--shots", type=int, default=4, help="TransAct shots (default 4, as in `make demo`)")
     p.add_argument("--seed", type=int, default=1234, help="lm-eval seeds (default 1234)")
     p.add_argument("--bootstrap-iters", type=int, default=1000,
@@ -297,6 +352,8 @@ def main() -> None:
     bad = [n for n in wanted if n not in known]
     if bad:
         p.error(f"unknown row(s) {', '.join(bad)}; rows: {', '.join(known)}")
+    if a.chunk < 1:
+        p.error(f"--chunk must be at least 1, got {a.chunk}")
     torch.manual_seed(0)
 
     # Rows measured under other settings are not comparable: only the same settings resume.

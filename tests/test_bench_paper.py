@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from prunekit.evaluation.zeroshot import AVERAGE_METRIC, PAPER_TASKS
+from test_zeroshot import make_model, make_tokenizer  # noqa: E402  (the tiny model and tokenizer)
+
+from prunekit.evaluation.zeroshot import AVERAGE_METRIC, PAPER_TASKS, evaluate_tasks
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_paper.py"
 
@@ -64,49 +66,85 @@ def test_paired_difference_uses_the_common_questions_and_their_paired_stderr():
     assert "| dense | attn-drop-8 | -0.5000 ± 0.1091 | 4.58 |" in bench.pairs_table(found)
 
 
-def _fake_lm_eval(calls: list[str], stop_after: int | None = None):
-    """evaluate(task) as lm-eval would answer for one task: question i of every task right when i is even;
-    raises (a kill) once `stop_after` tasks have been answered."""
-    def evaluate(task: str) -> dict:
+def _fake_lm_eval(calls: list[tuple[str, range | None]], stop_after: int | None = None):
+    """evaluate(task, docs) as lm-eval would answer for one task: document i of every task right when i is
+    even (acc) and when i % 3 == 0 (acc_norm); raises (a kill) once `stop_after` calls have been answered."""
+    def evaluate(task: str, docs: range | None) -> dict:
         if stop_after is not None and len(calls) == stop_after:
             raise KeyboardInterrupt
-        calls.append(task)
-        value = 0.5 + len(task) / 100  # differs per task, so a mix-up between tasks shows
-        entry = {"acc": value, "acc_stderr": 0.01, AVERAGE_METRIC.get(task, "acc"): value,
-                 AVERAGE_METRIC.get(task, "acc") + "_stderr": 0.01}
-        samples = [{"doc_id": i, AVERAGE_METRIC.get(task, "acc"): float(i % 2 == 0)} for i in range(4)]
-        return {"tasks": {task: entry}, "data_hashes": {task: "h-" + task}, "samples": {task: samples}}
+        calls.append((task, docs))
+        if docs is None:  # lambada: only its result is kept
+            entry = {"perplexity": 40.0 + len(task), "acc": 0.25, "acc_stderr": 0.01, "n": 6}
+            return {"tasks": {task: entry}, "data_hashes": {task: "h-" + task}}
+        samples = [{"doc_id": i, "acc": float(i % 2 == 0), "acc_norm": float(i % 3 == 0), "target": 0} for i in docs]
+        return {"tasks": {task: {}}, "data_hashes": {task: "h-" + task}, "samples": {task: samples}}
     return evaluate
+
+
+SIZES = {"arc_challenge": 5, "arc_easy": 3, "boolq": 6, "hellaswag": 7, "openbookqa": 2, "piqa": 4, "winogrande": 5}
 
 
 def test_row_tasks_resume_after_a_kill_gives_the_uninterrupted_row(tmp_path):
     bench = _bench()
-    structure = {"dropped": [{"layer": 3, "module": "attn"}], "widths": {}}
-    whole_calls: list[str] = []
-    whole = bench.row_tasks(_fake_lm_eval(whole_calls), structure, {}, lambda: None)
     assert sorted(bench.TASKS) == sorted([*PAPER_TASKS, "lambada"]) and bench.TASKS[-1] == "hellaswag"
-    assert whole_calls == bench.TASKS and whole["average"]["complete"]
-    assert whole["per_doc"]["piqa"] == {"0": 1.0, "1": 0.0, "2": 1.0, "3": 0.0}
+    structure = {"dropped": [{"layer": 3, "module": "attn"}], "widths": {}}
+    whole_calls: list = []
+    whole = bench.row_tasks(_fake_lm_eval(whole_calls), structure, {}, lambda: None, SIZES, 2)
+    # Each multiple-choice task in slices of 2 documents, in TASKS order; lambada whole.
+    expected = [(t, range(s, min(s + 2, SIZES[t]))) if t in SIZES else (t, None)
+                for t in bench.TASKS for s in (range(0, SIZES[t], 2) if t in SIZES else [0])]
+    assert whole_calls == expected and whole["average"]["complete"]
+    assert whole["per_doc"]["piqa"] == {"0": 1.0, "1": 0.0, "2": 0.0, "3": 1.0}  # piqa's average uses acc_norm
+    assert whole["per_doc"]["boolq"] == {str(i): float(i % 2 == 0) for i in range(6)}  # boolq's acc
+    hella = whole["tasks"]["hellaswag"]
+    acc_norm = [float(i % 3 == 0) for i in range(7)]
+    mean = sum(acc_norm) / 7
+    assert hella["acc_norm"] == mean and hella["n"] == 7 and hella["average_metric"] == "acc_norm"
+    assert hella["acc_norm_stderr"] == (sum((x - mean) ** 2 for x in acc_norm) / 6) ** 0.5 / 7 ** 0.5
+    assert whole["tasks"]["lambada"]["perplexity"] == 47.0
 
-    # Killed after three tasks: what was saved (through a JSON round trip, as the file keeps it) holds those three.
+    # Killed in the middle of a task (after its first slice): what was saved, through a JSON round trip as the
+    # file keeps it, holds the finished tasks and that slice.
     file = tmp_path / "paper.json"
     partial: dict = {}
-    calls: list[str] = []
+    calls: list = []
     try:
-        bench.row_tasks(_fake_lm_eval(calls, stop_after=3), structure,
-                        partial, lambda: bench.write_json(file, {"partial": {"r": partial}}))
+        bench.row_tasks(_fake_lm_eval(calls, stop_after=5), structure,
+                        partial, lambda: bench.write_json(file, {"partial": {"r": partial}}), SIZES, 2)
     except KeyboardInterrupt:
         pass
     kept = json.loads(file.read_text())["partial"]["r"]
-    assert list(kept["tasks"]) == bench.TASKS[:3]
+    assert list(kept["tasks"]) == ["openbookqa", "arc_challenge"] and list(kept["chunks"]) == ["winogrande"]
+    assert list(kept["chunks"]["winogrande"]) == ["0-2"]
 
     # The rerun asks lm-eval only for the rest, and the row is exactly the uninterrupted one (seconds aside).
     calls.clear()
-    resumed = bench.row_tasks(_fake_lm_eval(calls), json.loads(json.dumps(structure)), kept, lambda: None)
-    assert calls == bench.TASKS[3:]
+    resumed = bench.row_tasks(_fake_lm_eval(calls), json.loads(json.dumps(structure)), kept, lambda: None, SIZES, 2)
+    assert calls == expected[5:] and "chunks" not in kept
     assert {k: v for k, v in resumed.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
 
     # Tasks kept for a model of another structure are not reused.
     calls.clear()
-    bench.row_tasks(_fake_lm_eval(calls), {"dropped": [], "widths": {}}, kept, lambda: None)
-    assert calls == bench.TASKS
+    bench.row_tasks(_fake_lm_eval(calls), {"dropped": [], "widths": {}}, kept, lambda: None, SIZES, 2)
+    assert calls == expected
+
+
+def test_pooled_slices_are_the_whole_runs_numbers(isolated_cache):
+    """Real lm-eval on a tiny model: a task run in slices of documents and pooled gives exactly what lm-eval
+    reports for the whole run (accuracies, standard errors, n, per-document scores)."""
+    bench = _bench()
+    model, tok = make_model(), make_tokenizer()
+    tasks = ["arc_easy", "boolq", "hellaswag"]
+    whole = evaluate_tasks(model, tok, tasks, limit=5, batch_size=4, samples=True)
+    for task in tasks:
+        calls: list = []
+
+        def evaluate(t: str, docs: range | None) -> dict:
+            calls.append(docs)
+            return evaluate_tasks(model, tok, [t], docs=docs, batch_size=4, samples=True)
+        entry = bench.task_in_chunks(evaluate, task, 5, 2, {}, lambda: None)
+        assert calls == [range(0, 2), range(2, 4), range(4, 5)]
+        assert entry["result"] == whole["tasks"][task]
+        metric = AVERAGE_METRIC[task]
+        assert entry["per_doc"] == {str(r["doc_id"]): r[metric] for r in whole["samples"][task]}
+        assert entry["data_hash"] == whole["data_hashes"][task]

@@ -154,3 +154,9 @@ def test_every_task_runs_with_a_fixed_limit(isolated_cache):
         assert ([r["arguments"] for r in sorted(again["samples"][name], key=lambda r: r["doc_id"])]
                 == [r["arguments"] for r in sorted(first["samples"][name], key=lambda r: r["doc_id"])])
     assert again["average"] == first["average"]
+
+
+@pytest.mark.parametrize("limit, docs", [(2, [0, 1]), (None, []), (None, [-1, 0])])
+def test_bad_document_selection_is_a_task_error(isolated_cache, limit, docs):
+    with pytest.raises(TaskError, match="docs"):
+        evaluate_tasks(make_model(), make_tokenizer(), ["piqa"], limit=limit, docs=docs)

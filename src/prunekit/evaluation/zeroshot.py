@@ -324,6 +324,7 @@ def evaluate_tasks(
     *,
     task_dir: str | Path | None = None,
     limit: int | None = None,
+    docs: Sequence[int] | None = None,
     seed: int = 1234,
     batch_size: int = 8,
     device: str | None = None,
@@ -342,6 +343,9 @@ def evaluate_tasks(
             lm-eval's own tasks.
         task_dir: a folder of user lm-eval task YAMLs (see the module docstring and :func:`make_jsonl_task`).
         limit: evaluate only the first ``limit`` documents of each task.
+        docs: evaluate only these documents (0-based indices in the source order) of each task, e.g. one
+            slice of a long task at a time; not with ``limit``. Each document's numbers are the same as in a
+            whole run, so slices can be pooled.
         seed: used for lm-eval's random, numpy, torch and few-shot seeds, so runs are reproducible.
         batch_size: HFLM batch size.
         device: if given, the model is moved there first (HFLM uses the model's own device).
@@ -374,6 +378,7 @@ def evaluate_tasks(
 
     tasks = _requested(expand_task_names([tasks] if isinstance(tasks, str) else list(tasks)))
     user_dir = _user_dir(task_dir)
+    chosen = _chosen_docs(docs, limit)
 
     with tempfile.TemporaryDirectory(prefix="prunekit-tasks-") as tmp:
         rendered = Path(tmp)
@@ -399,6 +404,7 @@ def evaluate_tasks(
             tasks=tasks,
             num_fewshot=num_fewshot,
             limit=limit,
+            samples=None if chosen is None else {t: chosen for t in tasks},
             task_manager=manager,
             log_samples=samples,
             cache_requests=False,
@@ -439,6 +445,18 @@ def _requested(tasks: str | Sequence[str]) -> list[str]:
     if not out:
         raise TaskError("no tasks requested")
     return out
+
+
+def _chosen_docs(docs: Sequence[int] | None, limit: int | None) -> list[int] | None:
+    """`docs` sorted (lm-eval maps its i-th selected document back to the i-th index, so they must ascend)."""
+    if docs is None:
+        return None
+    if limit is not None:
+        raise TaskError("give either limit or docs, not both")
+    chosen = sorted(set(int(d) for d in docs))
+    if not chosen or chosen[0] < 0:  # lm-eval would take an empty selection for "every document"
+        raise TaskError(f"docs must be non-negative document indices, got {list(docs)[:5]}")
+    return chosen
 
 
 def _user_dir(task_dir: str | Path | None) -> Path | None:
