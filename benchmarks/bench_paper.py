@@ -15,8 +15,8 @@ Results are written to ``--json`` (default ``benchmarks/results/paper.json``) at
 every row (a row's finished tasks wait under ``partial`` until the row is complete; the seven tasks run
 ``--chunk`` documents at a time, each slice kept as it finishes). A rerun with the same settings keeps the rows,
 tasks and slices already measured and only runs the missing ones (a row's are kept only if its pruned model has
-the same structure), so an interrupted run loses at most one slice; other settings start a fresh file. Full task sets take hours per row here, so this is what lets them span several sessions. Prints a
-Markdown table at the end.
+the same structure), so an interrupted run loses at most one slice; other settings start a fresh file. Full task
+sets take hours per row here, so this is what lets them span several sessions. Prints a Markdown table at the end.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_paper.py --limit 300 [--rows dense,attn-drop-8,block-drop-4]
     PYTHONPATH=src .venv/bin/python benchmarks/bench_paper.py --model qwen2.5-coder-1.5b --limit 100
@@ -217,17 +217,17 @@ def task_in_chunks(evaluate: Evaluate, task: str, n: int, chunk: int, partial: d
     """The first `n` documents of a multiple-choice `task`, `chunk` at a time, each slice's per-document
     metrics kept in `partial["chunks"][task]` (slices kept by an earlier run are not run again), then pooled."""
     kept = partial.setdefault("chunks", {}).setdefault(task, {})
-    for start in range(0, n, chunk):
-        docs = range(start, min(start + chunk, n))
-        key = f"{docs.start}-{docs.stop}"
-        if key in kept:
+    slices = [range(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    for docs in slices:
+        if f"{docs.start}-{docs.stop}" in kept:
             continue
         t0 = time.perf_counter()
         zs = evaluate(task, docs)
-        kept[key] = {"docs": {str(d["doc_id"]): {m: d[m] for m in MC_METRICS if m in d} for d in zs["samples"][task]},
-                     "data_hash": zs["data_hashes"].get(task), "seconds": time.perf_counter() - t0}
+        kept[f"{docs.start}-{docs.stop}"] = {
+            "docs": {str(d["doc_id"]): {m: d[m] for m in MC_METRICS if m in d} for d in zs["samples"][task]},
+            "data_hash": zs["data_hashes"].get(task), "seconds": time.perf_counter() - t0}
         save()
-    entry = pool_chunks(task, [kept[f"{s}-{min(s + chunk, n)}"] for s in range(0, n, chunk)])
+    entry = pool_chunks(task, [kept[f"{docs.start}-{docs.stop}"] for docs in slices])
     del partial["chunks"][task]
     if not partial["chunks"]:
         del partial["chunks"]
