@@ -1,4 +1,5 @@
-"""benchmarks/bench_paper.py: the table's rows and columns, and the atomic JSON write (no model needed)."""
+"""benchmarks/bench_paper.py: the table's rows and columns, the atomic JSON write, resuming tasks and slices, and
+pooling slices as lm-eval pools a whole task (the last on a tiny model)."""
 
 from __future__ import annotations
 
