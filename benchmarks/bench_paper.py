@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import tempfile
@@ -217,17 +216,17 @@ def task_in_chunks(evaluate: Evaluate, task: str, n: int, chunk: int, partial: d
     """The first `n` documents of a multiple-choice `task`, `chunk` at a time, each slice's per-document
     metrics kept in `partial["chunks"][task]` (slices kept by an earlier run are not run again), then pooled."""
     kept = partial.setdefault("chunks", {}).setdefault(task, {})
-    slices = [range(start, min(start + chunk, n)) for start in range(0, n, chunk)]
-    for docs in slices:
-        if f"{docs.start}-{docs.stop}" in kept:
+    slices = {f"{r.start}-{r.stop}": r for r in (range(s, min(s + chunk, n)) for s in range(0, n, chunk))}
+    for key, docs in slices.items():
+        if key in kept:
             continue
         t0 = time.perf_counter()
         zs = evaluate(task, docs)
-        kept[f"{docs.start}-{docs.stop}"] = {
+        kept[key] = {
             "docs": {str(d["doc_id"]): {m: d[m] for m in MC_METRICS if m in d} for d in zs["samples"][task]},
             "data_hash": zs["data_hashes"].get(task), "seconds": time.perf_counter() - t0}
         save()
-    entry = pool_chunks(task, [kept[f"{docs.start}-{docs.stop}"] for docs in slices])
+    entry = pool_chunks(task, [kept[key] for key in slices])
     del partial["chunks"][task]
     if not partial["chunks"]:
         del partial["chunks"]
@@ -235,9 +234,11 @@ def task_in_chunks(evaluate: Evaluate, task: str, n: int, chunk: int, partial: d
 
 
 def pool_chunks(task: str, chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """One task's result from its slices, computed as lm-eval computes it over the whole task (mean of the
-    per-document scores in document order; standard error = sample standard deviation / sqrt(n)), so pooled
-    slices give the whole run's numbers."""
+    """One task's result from its slices, with lm-eval's own aggregation over the per-document scores in document
+    order (`mean`, and `mean_stderr` = sample standard deviation / sqrt(n)), so pooled slices give the whole
+    run's numbers."""
+    from lm_eval.api.metrics import mean, mean_stderr
+
     hashes = {c["data_hash"] for c in chunks}
     if len(hashes) != 1:
         raise SystemExit(f"{task}: its slices were measured on different data files ({sorted(map(str, hashes))})")
@@ -249,9 +250,7 @@ def pool_chunks(task: str, chunks: list[dict[str, Any]]) -> dict[str, Any]:
     for m in MC_METRICS:
         if all(m in v for v in per_doc.values()):
             x = [per_doc[d][m] for d in order]
-            mean = sum(x) / len(x)
-            result[m] = mean
-            result[f"{m}_stderr"] = math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1)) / math.sqrt(len(x))
+            result.update({m: mean(x), f"{m}_stderr": mean_stderr(x)})
     result.update({"n": len(order), "average_metric": AVERAGE_METRIC[task]})
     return {"result": result, "data_hash": hashes.pop(), "seconds": sum(c["seconds"] for c in chunks),
             "per_doc": {d: per_doc[d][AVERAGE_METRIC[task]] for d in order}}
