@@ -4,6 +4,7 @@ docstring for units, modes, shots and multiples)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -23,6 +24,7 @@ from prunekit.width.ranking import (
 )
 from prunekit.width.stats import ActivationCollector, WidthCollector
 from prunekit.width.targets import (
+    Dim,
     HeadMode,
     Keep,
     Mode,
@@ -61,129 +63,30 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
     check_width_options(mlp_keep=mlp_keep, heads_keep=heads_keep, mode=mode, shots=shots, scorer=scorer,
                         head_mode=head_mode, min_layer_keep=min_layer_keep, multiple_of=multiple_of)
     dims = build_dims(adapter, mlp_keep, heads_keep, head_mode, mode, min_layer_keep, multiple_of)
-    sc = get_scorer(scorer)
     layers = adapter.layers()
-    hd = adapter.head_dim
-    cfg = adapter.config
-    model_info = {k: getattr(cfg, k, None) for k in (
-        "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-        "intermediate_size")}
-    model_info["head_dim"] = hd
+    model_info = _model_info(adapter)
     params_before = count_parameters(model)
-
-    # Original indices of what each layer currently holds (composed across shots).
-    orig_heads: dict[int, list[int]] = {}
-    orig_kv: dict[int, list[int]] = {}
-    orig_ch: dict[int, list[int]] = {}
-    for i, layer in enumerate(layers):
-        if adapter.has_attention(layer):
-            nh, nkv = adapter.attention_shape(layer)
-            orig_heads[i], orig_kv[i] = list(range(nh)), list(range(nkv))
-        if adapter.has_mlp(layer):
-            orig_ch[i] = list(range(adapter.mlp_width(layer)))
-
-    # Per-shot targets: per layer (uniform) or the total (per-layer).
-    schedules: dict[str, Any] = {}
-    for d in dims:
-        if mode == "uniform":
-            schedules[d.kind] = {i: geometric_schedule(d.start[i], d.target[i], shots) for i in d.layers}
-        else:
-            schedules[d.kind] = geometric_schedule(d.total_start, d.total_target, shots)
-
+    origins = _Origins.of(adapter)
+    ranker = _Ranker(adapter, get_scorer(scorer), mode, multiple_of)
+    schedules = {d.kind: _schedule(d, mode, shots) for d in dims}
     if collector is None:
         collector = ActivationCollector(model, calib, adapter=adapter, batch_size=batch_size, progress=progress)
-    original_units = {i: (len(orig_heads.get(i, ())), len(orig_kv.get(i, ())), len(orig_ch.get(i, ())))
-                      for i in range(len(layers))}
 
-    def narrowed_so_far() -> dict[int, LayerWidth]:
-        out: dict[int, LayerWidth] = {}
-        for i, (nh, nkv, nch) in original_units.items():
-            w = LayerWidth()
-            if i in orig_heads and (len(orig_heads[i]) < nh or len(orig_kv[i]) < nkv):
-                w.heads, w.kv_heads = list(orig_heads[i]), list(orig_kv[i])
-            if i in orig_ch and len(orig_ch[i]) < nch:
-                w.channels = list(orig_ch[i])
-            if w.to_json():
-                out[i] = w
-        return out
     history: list[dict[str, Any]] = []
-    first_scores: dict[str, Any] = {}
-    scored_kinds: set[str] = set()
-    # Per-layer normalisers of the per-layer mode, from the first scoring of each kind (unpruned model).
-    references: dict[str, dict[int, float]] = {}
-    rounded: set[str] = set()
     for shot in range(1, shots + 1):
         current = {d.kind: {i: current_units(adapter, layers[i], d.kind) for i in d.layers} for d in dims}
-        wanted: dict[str, Any] = {}
-        for d in dims:
-            sch = schedules[d.kind]
-            wanted[d.kind] = ({i: sch[i][shot - 1] for i in d.layers} if mode == "uniform" else sch[shot - 1])
-        # A per-layer dimension whose final shot rounded its widths to multiples is finished, even if the
-        # rounding left its total a little above the target.
-        changing = [d for d in dims if d.kind not in rounded and (
-            any(wanted[d.kind][i] < current[d.kind][i] for i in d.layers) if mode == "uniform"
-            else wanted[d.kind] < sum(current[d.kind].values()))]
+        wanted = {d.kind: _wanted(d, schedules[d.kind], mode, shot) for d in dims}
+        changing = ranker.changing(dims, current, wanted)
         if not changing:
             continue
-        need_attn = any(d.kind != "mlp" for d in changing)
-        need_mlp = any(d.kind == "mlp" for d in changing)
-        stats = collector.collect(attn=need_attn, mlp=need_mlp, desc=f"width shot {shot}/{shots}",
-                                  widths=narrowed_so_far())
-
+        stats = collector.collect(attn=any(d.kind != "mlp" for d in changing),
+                                  mlp=any(d.kind == "mlp" for d in changing),
+                                  desc=f"width shot {shot}/{shots}", widths=origins.narrowed())
         plan_now: dict[int, LayerWidth] = {}
         for d in changing:
-            units: dict[int, LayerUnits] = {}
-            raw: dict[int, list[float]] = {}
-            for i in d.layers:
-                layer = layers[i]
-                st = stats[i]
-                if d.kind == "mlp":
-                    down = adapter.mlp_projections(layer)[2]
-                    wt = st.mlp_weight if st.mlp_weight is not None else down.weight
-                    u, s = rank_mlp(sc, st.mlp, wt)  # type: ignore[arg-type]
-                else:
-                    nh, nkv = adapter.attention_shape(layer)
-                    o = adapter.attn_projections(layer)[3]
-                    wt = st.attn_weight if st.attn_weight is not None else o.weight
-                    build = rank_kv_groups if d.kind == "kv-groups" else rank_query_heads
-                    u, s = build(sc, st.attn, wt, nh, nkv, hd)  # type: ignore[arg-type]
-                units[i] = u
-                raw[i] = [float(v) for v in s]
-            if mode == "uniform":
-                counts = wanted[d.kind]
-            else:
-                ref = references.setdefault(d.kind, {i: layer_reference(u.scores) for i, u in units.items()})
-                counts = per_layer_counts(units, current[d.kind], wanted[d.kind], d.floor, ref)
-                if d.kind == "mlp" and multiple_of > 1 and wanted[d.kind] == d.total_target:
-                    counts = round_counts(counts, current[d.kind], d.floor, multiple_of, wanted[d.kind])
-                    rounded.add(d.kind)
-            if d.kind not in scored_kinds:
-                scored_kinds.add(d.kind)
-                # Scores of the unpruned model (original indices) go into the plan; MLP ones as per-layer
-                # summaries to keep the plan small.
-                if d.kind == "mlp":
-                    first_scores["mlp"] = {str(i): {"min": min(v), "mean": sum(v) / len(v), "max": max(v)}
-                                           for i, v in raw.items()}
-                else:
-                    first_scores["query_heads" if d.kind == "query-heads" else "kv_groups"] = {
-                        str(i): v for i, v in raw.items()}
-            for i in d.layers:
-                if counts[i] >= current[d.kind][i]:
-                    continue
-                w = plan_now.setdefault(i, LayerWidth())
-                kept = units[i].keep_for(counts[i])
-                if d.kind == "mlp":
-                    w.channels = kept  # type: ignore[assignment]
-                else:
-                    w.heads, w.kv_heads = kept  # type: ignore[misc]
-
+            ranker.narrow(d, stats, current[d.kind], wanted[d.kind], plan_now)
         apply_widths(adapter, plan_now)
-        for i, w in plan_now.items():
-            if w.channels is not None:
-                orig_ch[i] = [orig_ch[i][c] for c in w.channels]
-            if w.heads is not None:
-                orig_heads[i] = [orig_heads[i][h] for h in w.heads]
-                orig_kv[i] = [orig_kv[i][k] for k in w.kv_heads]  # type: ignore[union-attr]
+        origins.compose(plan_now)
         refresh_config(adapter)
         history.append({
             "shot": shot,
@@ -193,17 +96,8 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
         if between_shots is not None:
             between_shots(model, shot)
 
-    widths: dict[int, LayerWidth] = {}
-    for i in range(len(layers)):
-        w = LayerWidth()
-        if heads_keep is not None and i in orig_heads:
-            w.heads, w.kv_heads = list(orig_heads[i]), list(orig_kv[i])
-        if mlp_keep is not None and i in orig_ch:
-            w.channels = list(orig_ch[i])
-        if w.to_json():
-            widths[i] = w
     plan = PruningPlan(
-        widths=widths,
+        widths=origins.widths(heads=heads_keep is not None, mlp=mlp_keep is not None),
         method="transact",
         options={
             "mlp_keep": _describe_keep(mlp_keep), "heads_keep": _describe_keep(heads_keep), "mode": mode,
@@ -214,13 +108,171 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
             "batch_size": batch_size, "parameters_before": params_before,
             "parameters_after": count_parameters(model),
         },
-        scores={"scorer": scorer, "first_shot": first_scores},
+        scores={"scorer": scorer, "first_shot": ranker.first_scores},
         history=history,
         calibration=calib.describe(),
         model=model_info,
     )
     apply_plan(adapter, plan)  # already narrowed: this records the plan and refreshes the config
     return plan
+
+
+def _model_info(adapter: ModelAdapter) -> dict[str, Any]:
+    cfg = adapter.config
+    info = {k: getattr(cfg, k, None) for k in (
+        "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+        "intermediate_size")}
+    info["head_dim"] = adapter.head_dim
+    return info
+
+
+def _schedule(d: Dim, mode: Mode, shots: int) -> Any:
+    """Per-shot targets: per layer (uniform) or of the total (per-layer)."""
+    if mode == "uniform":
+        return {i: geometric_schedule(d.start[i], d.target[i], shots) for i in d.layers}
+    return geometric_schedule(d.total_start, d.total_target, shots)
+
+
+def _wanted(d: Dim, schedule: Any, mode: Mode, shot: int) -> Any:
+    if mode == "uniform":
+        return {i: schedule[i][shot - 1] for i in d.layers}
+    return schedule[shot - 1]
+
+
+@dataclass
+class _Origins:
+    """Original indices of what each layer holds now. Each shot keeps indices into the layer as the earlier
+    shots left it, so they are composed here to give the plan (and a streamed collector) original indices."""
+
+    heads: dict[int, list[int]] = field(default_factory=dict)
+    kv: dict[int, list[int]] = field(default_factory=dict)
+    channels: dict[int, list[int]] = field(default_factory=dict)
+    sizes: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # original (heads, kv, channels)
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter) -> _Origins:
+        o = cls()
+        for i, layer in enumerate(adapter.layers()):
+            if adapter.has_attention(layer):
+                nh, nkv = adapter.attention_shape(layer)
+                o.heads[i], o.kv[i] = list(range(nh)), list(range(nkv))
+            if adapter.has_mlp(layer):
+                o.channels[i] = list(range(adapter.mlp_width(layer)))
+            o.sizes[i] = (len(o.heads.get(i, ())), len(o.kv.get(i, ())), len(o.channels.get(i, ())))
+        return o
+
+    def narrowed(self) -> dict[int, LayerWidth]:
+        """Only the layers narrowed so far, and only their narrowed parts."""
+        out: dict[int, LayerWidth] = {}
+        for i, (nh, nkv, nch) in self.sizes.items():
+            w = LayerWidth()
+            if i in self.heads and (len(self.heads[i]) < nh or len(self.kv[i]) < nkv):
+                w.heads, w.kv_heads = list(self.heads[i]), list(self.kv[i])
+            if i in self.channels and len(self.channels[i]) < nch:
+                w.channels = list(self.channels[i])
+            if w.to_json():
+                out[i] = w
+        return out
+
+    def compose(self, shot: dict[int, LayerWidth]) -> None:
+        for i, w in shot.items():
+            if w.channels is not None:
+                self.channels[i] = [self.channels[i][c] for c in w.channels]
+            if w.heads is not None:
+                self.heads[i] = [self.heads[i][h] for h in w.heads]
+                self.kv[i] = [self.kv[i][k] for k in w.kv_heads]  # type: ignore[union-attr]
+
+    def widths(self, *, heads: bool, mlp: bool) -> dict[int, LayerWidth]:
+        """The plan's widths: every layer of each pruned part, narrowed or not."""
+        out: dict[int, LayerWidth] = {}
+        for i in self.sizes:
+            w = LayerWidth()
+            if heads and i in self.heads:
+                w.heads, w.kv_heads = list(self.heads[i]), list(self.kv[i])
+            if mlp and i in self.channels:
+                w.channels = list(self.channels[i])
+            if w.to_json():
+                out[i] = w
+        return out
+
+
+class _Ranker:
+    """Ranks one dimension's units on a shot's statistics and chooses how many each layer keeps. Remembers
+    what later shots need: the per-layer mode's normalisers (from the unpruned model's scores), which
+    dimensions were already rounded to multiples, and the first scores for the plan."""
+
+    def __init__(self, adapter: ModelAdapter, scorer: Any, mode: Mode, multiple_of: int) -> None:
+        self.adapter, self.scorer, self.mode, self.multiple_of = adapter, scorer, mode, multiple_of
+        self.references: dict[str, dict[int, float]] = {}
+        self.rounded: set[str] = set()
+        self.first_scores: dict[str, Any] = {}
+        self.scored: set[str] = set()
+
+    def changing(self, dims: list[Dim], current: dict[str, Any], wanted: dict[str, Any]) -> list[Dim]:
+        """The dimensions this shot narrows. A per-layer dimension whose final shot rounded its widths to
+        multiples is finished, even if the rounding left its total a little above the target."""
+        def shrinks(d: Dim) -> bool:
+            if self.mode == "uniform":
+                return any(wanted[d.kind][i] < current[d.kind][i] for i in d.layers)
+            return bool(wanted[d.kind] < sum(current[d.kind].values()))
+        return [d for d in dims if d.kind not in self.rounded and shrinks(d)]
+
+    def narrow(self, d: Dim, stats: Any, current: dict[int, int], wanted: Any,
+               plan: dict[int, LayerWidth]) -> None:
+        """Add to `plan` the kept units (indices into the current layers) of every layer `d` narrows now."""
+        units, raw = self._rank(d, stats)
+        counts = self._counts(d, units, current, wanted)
+        self._remember_first(d.kind, raw)
+        for i in d.layers:
+            if counts[i] >= current[i]:
+                continue
+            w = plan.setdefault(i, LayerWidth())
+            kept = units[i].keep_for(counts[i])
+            if d.kind == "mlp":
+                w.channels = kept  # type: ignore[assignment]
+            else:
+                w.heads, w.kv_heads = kept  # type: ignore[misc]
+
+    def _rank(self, d: Dim, stats: Any) -> tuple[dict[int, LayerUnits], dict[int, list[float]]]:
+        ad = self.adapter
+        units: dict[int, LayerUnits] = {}
+        raw: dict[int, list[float]] = {}
+        for i in d.layers:
+            layer, st = ad.layers()[i], stats[i]
+            if d.kind == "mlp":
+                wt = st.mlp_weight if st.mlp_weight is not None else ad.mlp_projections(layer)[2].weight
+                u, s = rank_mlp(self.scorer, st.mlp, wt)
+            else:
+                nh, nkv = ad.attention_shape(layer)
+                wt = st.attn_weight if st.attn_weight is not None else ad.attn_projections(layer)[3].weight
+                build = rank_kv_groups if d.kind == "kv-groups" else rank_query_heads
+                u, s = build(self.scorer, st.attn, wt, nh, nkv, ad.head_dim)
+            units[i] = u
+            raw[i] = [float(v) for v in s]
+        return units, raw
+
+    def _counts(self, d: Dim, units: dict[int, LayerUnits], current: dict[int, int], wanted: Any) -> dict[int, int]:
+        if self.mode == "uniform":
+            return dict(wanted)
+        ref = self.references.setdefault(d.kind, {i: layer_reference(u.scores) for i, u in units.items()})
+        counts = per_layer_counts(units, current, wanted, d.floor, ref)
+        if d.kind == "mlp" and self.multiple_of > 1 and wanted == d.total_target:
+            counts = round_counts(counts, current, d.floor, self.multiple_of, wanted)
+            self.rounded.add(d.kind)
+        return counts
+
+    def _remember_first(self, kind: str, raw: dict[int, list[float]]) -> None:
+        """The unpruned model's scores (original indices) go into the plan; MLP ones as per-layer summaries
+        to keep the plan small."""
+        if kind in self.scored:
+            return
+        self.scored.add(kind)
+        if kind == "mlp":
+            self.first_scores["mlp"] = {str(i): {"min": min(v), "mean": sum(v) / len(v), "max": max(v)}
+                                        for i, v in raw.items()}
+        else:
+            self.first_scores["query_heads" if kind == "query-heads" else "kv_groups"] = {
+                str(i): v for i, v in raw.items()}
 
 
 # The plan history's names for the adapter's config-field widths (part of the plan's JSON format).
