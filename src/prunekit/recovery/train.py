@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,9 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
         alpha = TEACHER_ALPHA if teacher is not None else 1.0
     if teacher is None and alpha != 1.0:
         raise RecoveryError(f"alpha={alpha} mixes in a distillation loss, which needs a teacher")
+    r = _Recipe(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay,
+                max_grad_norm=max_grad_norm, seed=seed, alpha=alpha, temperature=temperature,
+                teacher_topk=teacher_topk, lora=lora, lora_alpha=lora_alpha, hidden_weight=hidden_weight)
     _check_teacher(model, teacher, data)
     if hidden_weight > 0:
         check_hidden(model, teacher)
@@ -154,20 +158,13 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     if not any(trainable.values()):
         raise RecoveryError("the model has no trainable parameters")
     folder = Path(state_dir) if state_dir is not None and save_every > 0 else None
-    key = "" if folder is None else run_key(model, {
-        "steps": steps, "lr": lr, "batch_size": batch_size, "warmup": warmup, "weight_decay": weight_decay,
-        "max_grad_norm": max_grad_norm, "seed": seed, "alpha": alpha, "temperature": temperature,
-        "teacher_topk": teacher_topk, "lora": lora, "lora_alpha": lora_alpha,
-        "data": data.sha256, "teacher": _teacher_identity(teacher),
-        # only when used, so that states saved before the option existed still resume
-        **({"hidden_weight": hidden_weight} if hidden_weight else {})})
+    key = "" if folder is None else _state_key(model, r, data, teacher)
     net: nn.Module = add_lora(model, lora, alpha=lora_alpha) if lora else model
     params = [p for p in net.parameters() if p.requires_grad]
     device = params[0].device
     n = len(data.input_ids)
-    warmup_steps = max(1, round(warmup * steps)) if warmup > 0 else 0
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = lr_schedule(opt, steps, warmup_steps)
+    sched = lr_schedule(opt, steps, r.warmup_steps)
     gen = torch.Generator().manual_seed(seed)
     run = {"step": 0, "order": [], "losses": [], "ce_losses": [], "kl_losses": [], "hidden_losses": [], "seen": 0,
            "seconds": 0.0}
@@ -184,20 +181,7 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
             idx = _next_rows(run["order"], n, batch_size, gen)
             ids = data.input_ids[idx].to(device)
             mask = data.attention_mask[idx].to(device)
-            labels = ids.masked_fill(mask == 0, -100) if alpha > 0 else None
-            out = net(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False,
-                      output_hidden_states=hidden_weight > 0)
-            if teacher is None:
-                loss = out.loss
-            else:
-                kd, hid = _distill_loss(teacher, idx, ids, mask, out, temperature, teacher_topk, hidden_weight > 0)
-                loss = kd if alpha == 0 else alpha * out.loss + (1 - alpha) * kd
-                run["kl_losses"].append(float(kd.detach()))
-                if alpha > 0:
-                    run["ce_losses"].append(float(out.loss.detach()))
-                if hid is not None:
-                    loss = loss + hidden_weight * hid
-                    run["hidden_losses"].append(float(hid.detach()))
+            loss = _batch_loss(net, teacher, r, idx, ids, mask, run)
             if not torch.isfinite(loss):
                 raise RecoveryError(f"the training loss became {loss.item()} at step {run['step'] + 1}; lower "
                                     "the learning rate (or train in float32)")
@@ -222,27 +206,85 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
             for name, p in model.named_parameters():
                 p.requires_grad_(trainable.get(name, True))
         model.eval()
-    losses, seen = run["losses"], run["seen"]
-    tail = losses[-max(1, steps // 10):]
+    return _record(r, teacher, data, run, resumed_at)
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """`recover`'s settings after the defaults are resolved."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    warmup: float
+    weight_decay: float
+    max_grad_norm: float
+    seed: int
+    alpha: float
+    temperature: float
+    teacher_topk: int | None
+    lora: int | None
+    lora_alpha: float | None
+    hidden_weight: float
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(1, round(self.warmup * self.steps)) if self.warmup > 0 else 0
+
+
+def _state_key(model: nn.Module, r: _Recipe, data: CalibrationData, teacher: Teacher | None) -> str:
+    """What a saved state must match to be resumed: the starting weights, the recipe, the data, the teacher."""
+    return run_key(model, {
+        "steps": r.steps, "lr": r.lr, "batch_size": r.batch_size, "warmup": r.warmup,
+        "weight_decay": r.weight_decay, "max_grad_norm": r.max_grad_norm, "seed": r.seed, "alpha": r.alpha,
+        "temperature": r.temperature, "teacher_topk": r.teacher_topk, "lora": r.lora, "lora_alpha": r.lora_alpha,
+        "data": data.sha256, "teacher": _teacher_identity(teacher),
+        # only when used, so that states saved before the option existed still resume
+        **({"hidden_weight": r.hidden_weight} if r.hidden_weight else {})})
+
+
+def _batch_loss(net: nn.Module, teacher: Teacher | None, r: _Recipe, idx: list[int], ids: torch.Tensor,
+                mask: torch.Tensor, run: dict[str, Any]) -> torch.Tensor:
+    """The training loss of one batch; its parts are appended to `run`'s per-step lists."""
+    labels = ids.masked_fill(mask == 0, -100) if r.alpha > 0 else None
+    out = net(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False,
+              output_hidden_states=r.hidden_weight > 0)
+    if teacher is None:
+        return out.loss
+    kd, hid = _distill_loss(teacher, idx, ids, mask, out, r.temperature, r.teacher_topk, r.hidden_weight > 0)
+    loss = kd if r.alpha == 0 else r.alpha * out.loss + (1 - r.alpha) * kd
+    run["kl_losses"].append(float(kd.detach()))
+    if r.alpha > 0:
+        run["ce_losses"].append(float(out.loss.detach()))
+    if hid is not None:
+        loss = loss + r.hidden_weight * hid
+        run["hidden_losses"].append(float(hid.detach()))
+    return loss
+
+
+def _record(r: _Recipe, teacher: Teacher | None, data: CalibrationData, run: dict[str, Any],
+            resumed_at: int) -> dict[str, Any]:
+    losses = run["losses"]
+    tail = losses[-max(1, r.steps // 10):]
     rec: dict[str, Any] = {
-        "method": method_name(teacher is not None, alpha, lora, hidden_weight),
-        "steps": steps,
-        "lr": lr,
-        "batch_size": batch_size,
-        "warmup_steps": warmup_steps,
+        "method": method_name(teacher is not None, r.alpha, r.lora, r.hidden_weight),
+        "steps": r.steps,
+        "lr": r.lr,
+        "batch_size": r.batch_size,
+        "warmup_steps": r.warmup_steps,
         "schedule": "linear warm-up, cosine decay to 0",
-        "weight_decay": weight_decay,
-        "max_grad_norm": max_grad_norm,
-        "seed": seed,
-        "loss": {"ce_weight": alpha, "kl_weight": 1 - alpha, "hidden_weight": hidden_weight,
-                 "temperature": temperature if teacher else None,
+        "weight_decay": r.weight_decay,
+        "max_grad_norm": r.max_grad_norm,
+        "seed": r.seed,
+        "loss": {"ce_weight": r.alpha, "kl_weight": 1 - r.alpha, "hidden_weight": r.hidden_weight,
+                 "temperature": r.temperature if teacher else None,
                  "teacher_topk": (teacher.topk if isinstance(teacher, TeacherLogitsCache)
-                                  else teacher_topk if teacher else None)},
-        "lora": ({"rank": lora, "alpha": lora_alpha if lora_alpha is not None else 2 * lora, "dropout": 0.0,
-                  "targets": "q/k/v/o and gate/up/down projections of the layers that have them",
-                  "merged": True} if lora else None),
+                                  else r.teacher_topk if teacher else None)},
+        "lora": ({"rank": r.lora, "alpha": r.lora_alpha if r.lora_alpha is not None else 2 * r.lora,
+                  "dropout": 0.0, "targets": "q/k/v/o and gate/up/down projections of the layers that have them",
+                  "merged": True} if r.lora else None),
         "data": data.describe(),
-        "tokens_seen": seen,
+        "tokens_seen": run["seen"],
         "loss_first": losses[0],
         "loss_last_10pct_mean": sum(tail) / len(tail),
         "losses": losses,
@@ -252,12 +294,9 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
         rec["teacher_logits"] = teacher.record
     if resumed_at:
         rec["resumed_at_step"] = resumed_at
-    if run["kl_losses"]:
-        rec["kl_losses"] = run["kl_losses"]
-    if run["ce_losses"]:
-        rec["ce_losses"] = run["ce_losses"]
-    if run["hidden_losses"]:
-        rec["hidden_losses"] = run["hidden_losses"]
+    for part in ("kl_losses", "ce_losses", "hidden_losses"):
+        if run[part]:
+            rec[part] = run[part]
     return rec
 
 
