@@ -316,35 +316,7 @@ def benchmark(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for context in contexts:
         input_ids = torch.randint(0, vocab, (batch, context), generator=gen).to(dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        timed: list[dict[str, Any]] = []
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                run = _one_run(model, input_ids, new_tokens, DynamicCache, extra, sync)
-                if i >= warmup:
-                    timed.append(run)
-        prefill_s = statistics.median(r["prefill_s"] for r in timed)
-        decode_s = statistics.median(r["decode_s"] for r in timed)
-        last = timed[-1]
-        entry: dict[str, Any] = {
-            "context": context,
-            "prefill_tok_s": batch * context / prefill_s if prefill_s > 0 else float("inf"),
-            "decode_tok_s": (batch * new_tokens / decode_s if decode_s > 0 else float("inf"))
-            if new_tokens
-            else None,
-            "prefill_s": prefill_s,
-            "decode_s": decode_s,
-            "prefill_s_all": [r["prefill_s"] for r in timed],
-            "decode_s_all": [r["decode_s"] for r in timed],
-            "kv_bytes": last["kv_bytes"],
-            "kv_storage_bytes": last["kv_storage_bytes"],
-            "decode_steps": last["decode_steps"],
-            "seq_len_after_decode": last["seq_len_after_decode"],
-            "peak_rss_bytes": peak_rss_bytes(),
-        }
-        if dev.type == "cuda":
-            entry["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+        entry = _measure_context(model, input_ids, new_tokens, warmup, repeats, extra, sync)
         result["runs"].append(entry)
         if progress:
             decode = f"{entry['decode_tok_s']:.1f}" if entry["decode_tok_s"] is not None else "-"
@@ -355,6 +327,43 @@ def benchmark(
                 flush=True,
             )
     return result
+
+
+def _measure_context(model: Any, input_ids: torch.Tensor, new_tokens: int, warmup: int, repeats: int,
+                     extra: dict[str, Any], sync: Callable[[], None]) -> dict[str, Any]:
+    """One context length: `warmup` untimed and `repeats` timed prefill + decode runs; medians reported."""
+    batch, context = input_ids.shape
+    dev = input_ids.device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    timed: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            run = _one_run(model, input_ids, new_tokens, DynamicCache, extra, sync)
+            if i >= warmup:
+                timed.append(run)
+    prefill_s = statistics.median(r["prefill_s"] for r in timed)
+    decode_s = statistics.median(r["decode_s"] for r in timed)
+    last = timed[-1]
+    entry: dict[str, Any] = {
+        "context": context,
+        "prefill_tok_s": batch * context / prefill_s if prefill_s > 0 else float("inf"),
+        "decode_tok_s": (batch * new_tokens / decode_s if decode_s > 0 else float("inf"))
+        if new_tokens
+        else None,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "prefill_s_all": [r["prefill_s"] for r in timed],
+        "decode_s_all": [r["decode_s"] for r in timed],
+        "kv_bytes": last["kv_bytes"],
+        "kv_storage_bytes": last["kv_storage_bytes"],
+        "decode_steps": last["decode_steps"],
+        "seq_len_after_decode": last["seq_len_after_decode"],
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    if dev.type == "cuda":
+        entry["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+    return entry
 
 
 # ---------------------------------------------------------------------------------------------- table
