@@ -374,28 +374,13 @@ def evaluate_tasks(
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     tasks = _requested(expand_task_names([tasks] if isinstance(tasks, str) else list(tasks)))
     user_dir = _user_dir(task_dir)
     chosen = _chosen_docs(docs, limit)
 
     with tempfile.TemporaryDirectory(prefix="prunekit-tasks-") as tmp:
-        rendered = Path(tmp)
-        include: list[str | Path] = [rendered]
-        if user_dir is not None:
-            include.append(user_dir)  # later include paths override earlier ones in lm-eval
-        # Index the user's tasks first, so we only prepare the built-in data that is actually needed.
-        manager = _checked_index(tasks, include, include_lm_eval_tasks, user_dir)
-        builtins = builtin_task_names()
-        # A built-in is rendered unless the user's task_dir defines the same name (the user's wins);
-        # it does override an lm-eval task of the same name (lm-eval's `mmlu` needs the hub).
-        needed = [t for t in tasks if t in builtins and not _defined_in(manager, t, user_dir)]
-        for name in needed:
-            _render_builtin(name, _BUILTIN_PREPARERS[name](None), rendered)
-        if needed:  # re-index now that the rendered YAMLs exist
-            manager = TaskManager(include_path=include, include_defaults=include_lm_eval_tasks)
-
+        manager = _task_index(tasks, Path(tmp), user_dir, include_lm_eval_tasks)
         if device is not None:
             model.to(device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -417,6 +402,32 @@ def evaluate_tasks(
     if raw is None:  # only non-zero ranks in distributed runs get None
         raise TaskError("lm-eval returned no results (run zero-shot tasks in a single process)")
 
+    return _package(raw, tasks, lm_eval.__version__, seed=seed, limit=limit, num_fewshot=num_fewshot, samples=samples)
+
+
+def _task_index(tasks: list[str], rendered: Path, user_dir: Path | None, include_lm_eval_tasks: bool) -> Any:
+    """lm-eval's task index over the user's YAMLs and the built-ins `tasks` needs, rendered into `rendered`."""
+    from lm_eval.tasks import TaskManager
+
+    include: list[str | Path] = [rendered]
+    if user_dir is not None:
+        include.append(user_dir)  # later include paths override earlier ones in lm-eval
+    # Index the user's tasks first, so we only prepare the built-in data that is actually needed.
+    manager = _checked_index(tasks, include, include_lm_eval_tasks, user_dir)
+    builtins = builtin_task_names()
+    # A built-in is rendered unless the user's task_dir defines the same name (the user's wins);
+    # it does override an lm-eval task of the same name (lm-eval's `mmlu` needs the hub).
+    needed = [t for t in tasks if t in builtins and not _defined_in(manager, t, user_dir)]
+    for name in needed:
+        _render_builtin(name, _BUILTIN_PREPARERS[name](None), rendered)
+    if needed:  # re-index now that the rendered YAMLs exist
+        manager = TaskManager(include_path=include, include_defaults=include_lm_eval_tasks)
+    return manager
+
+
+def _package(raw: Mapping[str, Any], tasks: list[str], version: str, *, seed: int, limit: int | None,
+             num_fewshot: int, samples: bool) -> dict[str, Any]:
+    """lm-eval's raw output as `evaluate_tasks` returns it: plain JSON-able numbers and provenance."""
     results = _collect(raw, tasks)
     for name, entry in results.items():
         if name in AVERAGE_METRIC:
@@ -425,7 +436,7 @@ def evaluate_tasks(
     data_files = {name: _local_data_files(cfg) for name, cfg in configs.items()}
     out: dict[str, Any] = {
         "tasks": results,
-        "lm_eval_version": lm_eval.__version__,
+        "lm_eval_version": version,
         "seed": seed,
         "limit": limit,
         "num_fewshot": num_fewshot,
