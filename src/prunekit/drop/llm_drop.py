@@ -63,19 +63,7 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
     `prefilter` most redundant modules by cosine at each step (None: all). `layers`: the layer source the
     search runs over (a streamed model's; default the model in memory), `work_dir`: where it keeps every
     layer's calibration inputs (default RAM)."""
-    if criterion not in CRITERIA:
-        raise PlanError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if criterion != "cosine" and consecutive:
-        raise PlanError(f"--consecutive picks one run of blocks by cosine; it cannot be combined with --criterion "
-                        f"{criterion}")
-    if criterion != "cosine" and layers is None and any(p.is_meta for p in model.parameters()):
-        raise PlanError(f"--criterion {criterion} on a streamed model needs its layer source (layers=)")
-    if target not in TARGETS:
-        raise PlanError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    L = adapter.num_layers
-    check_n(target, n, available_modules(target, L), L)
-    if iterative and consecutive:
-        raise PlanError("--consecutive picks one run of blocks at once; it cannot be combined with --iterative")
+    _check_options(model, adapter, target, n, consecutive, iterative, criterion, layers)
     info = model_info(adapter, source)
     if make_scorer is not None:
         scorer = make_scorer(consecutive or not iterative, iterative)
@@ -96,21 +84,47 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
     elif not iterative:
         dropped = plan_drops(scores, target, n, consecutive=consecutive)
     else:
-        chosen: set[DropTarget] = set()
-        current = scores
-        for step in range(n):
-            score, pick = candidates(current, target, exclude=chosen)[0]
-            history.append({"step": step, "layer": pick.layer, "module": pick.module, "score": score})
-            chosen.add(pick)
-            mark_drops(adapter, [pick])
-            if step + 1 < n:
-                current = scorer.score(start_layer=pick.layer)
-        dropped = normalize_drops(sorted(chosen))
+        dropped, history = _iterative(scorer, scores, adapter, target, n)
     plan = _plan(dropped, scores, calib, info, target=target, n=n, consecutive=consecutive, iterative=iterative,
                  batch_size=batch_size, history=history)
     plan.options.update(extra)
     apply_plan(adapter, plan)
     return plan
+
+
+def _check_options(model: nn.Module, adapter: ModelAdapter, target: Target, n: int, consecutive: bool,
+                   iterative: bool, criterion: str, layers: LayerSource | None) -> None:
+    """`PlanError` for options that cannot go together or an `n` the model cannot give, before any scoring."""
+    if criterion not in CRITERIA:
+        raise PlanError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if criterion != "cosine" and consecutive:
+        raise PlanError(f"--consecutive picks one run of blocks by cosine; it cannot be combined with --criterion "
+                        f"{criterion}")
+    if criterion != "cosine" and layers is None and any(p.is_meta for p in model.parameters()):
+        raise PlanError(f"--criterion {criterion} on a streamed model needs its layer source (layers=)")
+    if target not in TARGETS:
+        raise PlanError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    L = adapter.num_layers
+    check_n(target, n, available_modules(target, L), L)
+    if iterative and consecutive:
+        raise PlanError("--consecutive picks one run of blocks at once; it cannot be combined with --iterative")
+
+
+def _iterative(scorer: Any, scores: Any, adapter: ModelAdapter, target: Target,
+               n: int) -> tuple[list[DropTarget], list[dict[str, Any]]]:
+    """One module at a time: drop the most redundant, then re-score from its layer on (the layers before it
+    see the same inputs as before, so their scores stand)."""
+    chosen: set[DropTarget] = set()
+    history: list[dict[str, Any]] = []
+    current = scores
+    for step in range(n):
+        score, pick = candidates(current, target, exclude=chosen)[0]
+        history.append({"step": step, "layer": pick.layer, "module": pick.module, "score": score})
+        chosen.add(pick)
+        mark_drops(adapter, [pick])
+        if step + 1 < n:
+            current = scorer.score(start_layer=pick.layer)
+    return normalize_drops(sorted(chosen)), history
 
 
 def plan_from_scores(scores: SimilarityScores, adapter: ModelAdapter, calib: CalibrationData, *, target: Target,
