@@ -13,7 +13,7 @@ from prunekit.adapters import ModelAdapter
 from prunekit.data import CalibrationData
 from prunekit.plans import LayerWidth, PruningPlan
 from prunekit.surgery import apply_plan, apply_widths, count_parameters, refresh_config
-from prunekit.width.importance import get_scorer
+from prunekit.width.importance import Scorer, get_scorer
 from prunekit.width.ranking import (
     LayerUnits,
     layer_reference,
@@ -201,7 +201,7 @@ class _Ranker:
     what later shots need: the per-layer mode's normalisers (from the unpruned model's scores), which
     dimensions were already rounded to multiples, and the first scores for the plan."""
 
-    def __init__(self, adapter: ModelAdapter, scorer: Any, mode: Mode, multiple_of: int) -> None:
+    def __init__(self, adapter: ModelAdapter, scorer: Scorer, mode: Mode, multiple_of: int) -> None:
         self.adapter, self.scorer, self.mode, self.multiple_of = adapter, scorer, mode, multiple_of
         self.references: dict[str, dict[int, float]] = {}
         self.rounded: set[str] = set()
@@ -235,10 +235,11 @@ class _Ranker:
 
     def _rank(self, d: Dim, stats: Any) -> tuple[dict[int, LayerUnits], dict[int, list[float]]]:
         ad = self.adapter
+        layers = ad.layers()
         units: dict[int, LayerUnits] = {}
         raw: dict[int, list[float]] = {}
         for i in d.layers:
-            layer, st = ad.layers()[i], stats[i]
+            layer, st = layers[i], stats[i]
             if d.kind == "mlp":
                 wt = st.mlp_weight if st.mlp_weight is not None else ad.mlp_projections(layer)[2].weight
                 u, s = rank_mlp(self.scorer, st.mlp, wt)
