@@ -165,11 +165,8 @@ class _Origins:
         """Only the layers narrowed so far, and only their narrowed parts."""
         out: dict[int, LayerWidth] = {}
         for i, (nh, nkv, nch) in self.sizes.items():
-            w = LayerWidth()
-            if i in self.heads and (len(self.heads[i]) < nh or len(self.kv[i]) < nkv):
-                w.heads, w.kv_heads = list(self.heads[i]), list(self.kv[i])
-            if i in self.channels and len(self.channels[i]) < nch:
-                w.channels = list(self.channels[i])
+            w = self._width(i, heads=len(self.heads.get(i, ())) < nh or len(self.kv.get(i, ())) < nkv,
+                            channels=len(self.channels.get(i, ())) < nch)
             if w.to_json():
                 out[i] = w
         return out
@@ -184,16 +181,16 @@ class _Origins:
 
     def widths(self, *, heads: bool, mlp: bool) -> dict[int, LayerWidth]:
         """The plan's widths: every layer of each pruned part, narrowed or not."""
-        out: dict[int, LayerWidth] = {}
-        for i in self.sizes:
-            w = LayerWidth()
-            if heads and i in self.heads:
-                w.heads, w.kv_heads = list(self.heads[i]), list(self.kv[i])
-            if mlp and i in self.channels:
-                w.channels = list(self.channels[i])
-            if w.to_json():
-                out[i] = w
-        return out
+        return {i: w for i in self.sizes if (w := self._width(i, heads=heads, channels=mlp)).to_json()}
+
+    def _width(self, i: int, *, heads: bool, channels: bool) -> LayerWidth:
+        """Layer `i`'s kept original indices of the parts asked for (those it has)."""
+        w = LayerWidth()
+        if heads and i in self.heads:
+            w.heads, w.kv_heads = list(self.heads[i]), list(self.kv[i])
+        if channels and i in self.channels:
+            w.channels = list(self.channels[i])
+        return w
 
 
 class _Ranker:
@@ -206,7 +203,6 @@ class _Ranker:
         self.references: dict[str, dict[int, float]] = {}
         self.rounded: set[str] = set()
         self.first_scores: dict[str, Any] = {}
-        self.scored: set[str] = set()
 
     def changing(self, dims: list[Dim], current: dict[str, Any], wanted: dict[str, Any]) -> list[Dim]:
         """The dimensions this shot narrows. A per-layer dimension whose final shot rounded its widths to
@@ -265,16 +261,18 @@ class _Ranker:
     def _remember_first(self, kind: str, raw: dict[int, list[float]]) -> None:
         """The unpruned model's scores (original indices) go into the plan; MLP ones as per-layer summaries
         to keep the plan small."""
-        if kind in self.scored:
+        key = _FIRST_SCORES_KEY[kind]
+        if key in self.first_scores:
             return
-        self.scored.add(kind)
         if kind == "mlp":
-            self.first_scores["mlp"] = {str(i): {"min": min(v), "mean": sum(v) / len(v), "max": max(v)}
-                                        for i, v in raw.items()}
+            self.first_scores[key] = {str(i): {"min": min(v), "mean": sum(v) / len(v), "max": max(v)}
+                                      for i, v in raw.items()}
         else:
-            self.first_scores["query_heads" if kind == "query-heads" else "kv_groups"] = {
-                str(i): v for i, v in raw.items()}
+            self.first_scores[key] = {str(i): v for i, v in raw.items()}
 
+
+# The plan's names for each dimension's first scores (part of the plan's JSON format).
+_FIRST_SCORES_KEY = {"mlp": "mlp", "query-heads": "query_heads", "kv-groups": "kv_groups"}
 
 # The plan history's names for the adapter's config-field widths (part of the plan's JSON format).
 _HISTORY_NAMES = {"num_attention_heads": "heads", "num_key_value_heads": "kv_heads", "intermediate_size": "channels"}
