@@ -289,8 +289,8 @@ def compress(model: nn.Module | LayerSource, adapter: ModelAdapter | None, calib
     check_criterion(criterion)
     src = as_source(model, adapter)
     with tempfile.TemporaryDirectory(prefix="prunekit-compress-", dir=work_dir) as spill:
-        return _search(src, calib, budget, rounds, multiple_of, batch_size, criterion, progress, source,
-                       sums or OneProcess(), gram_budget_bytes, Path(spill))
+        opts = _Settings(budget, rounds, multiple_of, batch_size, criterion, progress, source)
+        return _Search(src, calib, opts, sums or OneProcess(), gram_budget_bytes, Path(spill)).run()
 
 
 def _gram_budget(sums: Sums, given: int | None) -> int:
@@ -301,91 +301,166 @@ def _gram_budget(sums: Sums, given: int | None) -> int:
     return int(both[0] / both[1])
 
 
-def _search(src: LayerSource, calib: CalibrationData, budget: Budget, rounds: int, multiple_of: int,
-            batch_size: int, criterion: str, progress: bool, source: str, sums: Sums,
-            gram_budget_bytes: int | None, spill: Path) -> CompressResult:
-    started = time.monotonic()
-    adapter, model = src.adapter, src.adapter.model
-    costs = sublayer_costs(adapter)
-    need = removal_target(model, costs, budget)
-    fit, check = split_check(calib, "compress")
-    my_fit, my_check = sums.shard(fit), sums.shard(check)
-    gram_budget = _gram_budget(sums, gram_budget_bytes)
-    totals = {"params": count_parameters(model), "kv": dense_total(model, costs, "kv")}
-    m = _Model(src, costs)
-    tried: list[Candidate] = []
+@dataclass
+class _Settings:
+    """What `compress` was asked for, as `_Search` reads it."""
 
-    def states() -> Path | None:
+    budget: Budget
+    rounds: int
+    multiple_of: int
+    batch_size: int
+    criterion: str
+    progress: bool
+    source: str
+
+
+class _Search:
+    """One search: the model under edit, every candidate tried so far, and the passes that score them. `run`
+    reads in the order of the module docstring: statistics, one-shot candidates, LLM-Drop's plans, rounds,
+    the best applied."""
+
+    def __init__(self, src: LayerSource, calib: CalibrationData, opts: _Settings, sums: Sums,
+                 gram_budget_bytes: int | None, spill: Path):
+        self.started = time.monotonic()
+        self.src, self.calib, self.opts, self.sums, self.spill = src, calib, opts, sums, spill
+        self.costs = sublayer_costs(src.adapter)
+        self.need = removal_target(src.adapter.model, self.costs, opts.budget)
+        self.fit, self.check = split_check(calib, "compress")
+        self.my_fit = sums.shard(self.fit)
+        self.gram_budget = _gram_budget(sums, gram_budget_bytes)
+        self.totals = {"params": count_parameters(src.adapter.model),
+                       "kv": dense_total(src.adapter.model, self.costs, "kv")}
+        self.m = _Model(src, self.costs)
+        self.tried: list[Candidate] = []
+        # Built before any edit: with the KL criterion it takes the dense model's reference logits first.
+        self.scorer = _Scorer(src, sums.shard(self.check), opts.batch_size, opts.criterion == "kl", sums,
+                              self.states())
+
+    def states(self) -> Path | None:
         """Where a pass's hidden states wait: on disk for a streamed model, in RAM for a resident one."""
-        return Path(tempfile.mkdtemp(dir=spill)) if src.resumable else None
+        return Path(tempfile.mkdtemp(dir=self.spill)) if self.src.resumable else None
 
-    scorer = _Scorer(src, my_check, batch_size, criterion == "kl", sums, states())
-
-    def collect(desc: str) -> CompressStats:
-        work = states()
+    def collect(self, desc: str) -> CompressStats:
+        work = self.states()
         try:
-            return collect_stats(src, my_fit, batch_size=batch_size, progress=progress, desc=desc,
-                                 total=sums.total, gram_budget_bytes=gram_budget,
-                                 spill_dir=Path(tempfile.mkdtemp(dir=spill)), work_dir=work)
+            return collect_stats(self.src, self.my_fit, batch_size=self.opts.batch_size, progress=self.opts.progress,
+                                 desc=desc, total=self.sums.total, gram_budget_bytes=self.gram_budget,
+                                 spill_dir=Path(tempfile.mkdtemp(dir=self.spill)), work_dir=work)
         finally:  # the remembered layer inputs are not needed once the statistics are summed
             if work is not None:
                 shutil.rmtree(work, ignore_errors=True)
 
-    def score(name: str, at_budget: bool) -> Candidate:
-        loss, kl = scorer()
-        c = Candidate(name, {s: list(a) for s, a in m.alive.items() if len(a) < costs[s].units},
+    def score(self, name: str, at_budget: bool) -> Candidate:
+        """The model as edited now, scored on the check part and remembered as a candidate."""
+        m = self.m
+        loss, kl = self.scorer()
+        c = Candidate(name, {s: list(a) for s, a in m.alive.items() if len(a) < self.costs[s].units},
                       _spent(m, "params"), _spent(m, "kv"), loss, at_budget, kl)
         # Only the best candidate at the budget keeps its edited projections (one model's worth of them,
         # not one per candidate): it is the one that will be cut.
-        best = min((t for t in tried if t.at_budget), key=lambda t: t.value, default=None)
+        best = min((t for t in self.tried if t.at_budget), key=lambda t: t.value, default=None)
         if at_budget and (best is None or c.value < best.value):
             c.weights = m.snapshot()
             if best is not None:
                 best.weights = {}
-        tried.append(c)
+        self.tried.append(c)
         return c
 
-    score("dense", False)
-    dense_stats = collect("compress statistics")
-    by_order = m.curves_by_order(dense_stats, multiple_of, ("norm", "obs"))
-    curves, obs_curves = by_order["norm"], by_order["obs"]
-    one_shot = {"mixed": lambda: (curves, allocate(curves, costs, need, budget.key, "mixed")),
-                f"mixed{OBS_TAG}": lambda: (obs_curves, allocate(obs_curves, costs, need, budget.key, "mixed")),
-                "depth": lambda: (curves, allocate(curves, costs, need, budget.key, "depth")),
-                "width": lambda: (curves, allocate(curves, costs, need, budget.key, "width")),
-                "uniform-width": lambda: (curves, uniform_mlp(curves, costs, need, budget.key))}
-    for name, choose in tqdm(list(one_shot.items()), desc="compress candidates", disable=not progress,
-                             leave=False):
-        used, chosen = choose()
-        if not chosen:
-            continue
-        # Without the refit, the check that refitting helps (a refit on too few tokens overfits).
-        for fitted in (True, False) if name == "mixed" else (True,):
-            m.cut(dense_stats, used, chosen, fitted)
-            score(name if fitted else f"{name} (no refit)", True)
-            m.reset()
-    # LLM-Drop's own one-shot plans as candidates too, so that the held-out check can pick them where the
-    # Fisher estimate misjudges whole drops (Gemma-3-270m at kv=0.5: 1.36x LLM-Drop's perplexity without).
-    for name, drops in _llm_drop_candidates(src, fit, costs, need, budget.key, batch_size, states()).items():
-        m.cut(dense_stats, curves, drops, False)
-        score(name, True)
+    def run(self) -> CompressResult:
+        self.score("dense", False)
+        dense_stats = self.collect("compress statistics")
+        curves = self.one_shot(dense_stats)
+        self.llm_drop(dense_stats, curves)
+        if self.opts.rounds > 1:
+            self.in_rounds(dense_stats, _better_order(self.tried))
+        best = min((c for c in self.tried if c.at_budget), key=lambda c: c.value)
+        plan = self.apply(best)
+        self.record(plan)
+        return CompressResult(plan, [c.row(self.totals) for c in self.tried], best.name)
+
+    def one_shot(self, stats: CompressStats) -> dict[Sublayer, Curve]:
+        """Every family's one-shot allocation, each cut, scored and undone; returns the activation-norm curves
+        (what LLM-Drop's candidates are zeroed along)."""
+        m, costs, need, key = self.m, self.costs, self.need, self.opts.budget.key
+        by_order = m.curves_by_order(stats, self.opts.multiple_of, ("norm", "obs"))
+        curves, obs_curves = by_order["norm"], by_order["obs"]
+        families = {"mixed": lambda: (curves, allocate(curves, costs, need, key, "mixed")),
+                    f"mixed{OBS_TAG}": lambda: (obs_curves, allocate(obs_curves, costs, need, key, "mixed")),
+                    "depth": lambda: (curves, allocate(curves, costs, need, key, "depth")),
+                    "width": lambda: (curves, allocate(curves, costs, need, key, "width")),
+                    "uniform-width": lambda: (curves, uniform_mlp(curves, costs, need, key))}
+        for name, choose in tqdm(list(families.items()), desc="compress candidates", disable=not self.opts.progress,
+                                 leave=False):
+            used, chosen = choose()
+            if not chosen:
+                continue
+            # Without the refit, the check that refitting helps (a refit on too few tokens overfits).
+            for fitted in (True, False) if name == "mixed" else (True,):
+                m.cut(stats, used, chosen, fitted)
+                self.score(name if fitted else f"{name} (no refit)", True)
+                m.reset()
+        return curves
+
+    def llm_drop(self, stats: CompressStats, curves: dict[Sublayer, Curve]) -> None:
+        """LLM-Drop's own one-shot plans as candidates too, so that the held-out check can pick them where the
+        Fisher estimate misjudges whole drops (Gemma-3-270m at kv=0.5: 1.36x LLM-Drop's perplexity without)."""
+        for name, drops in _llm_drop_candidates(self.src, self.fit, self.costs, self.need, self.opts.budget.key,
+                                                self.opts.batch_size, self.states()).items():
+            self.m.cut(stats, curves, drops, False)
+            self.score(name, True)
+            self.m.reset()
+
+    def in_rounds(self, stats: CompressStats, order_by: str) -> None:
+        """`mixed` reached in `rounds` steps, the statistics re-taken on the partly pruned model in between,
+        units ordered by `order_by`; every step is a candidate (the last one at the budget)."""
+        m, key, rounds = self.m, self.opts.budget.key, self.opts.rounds
+        tag = OBS_TAG if order_by == "obs" else ""
+        for r in range(1, rounds + 1):
+            target = math.ceil(self.need * r / rounds)
+            step_curves = m.curves(stats, self.opts.multiple_of, order_by=order_by)
+            m.cut(stats, step_curves, allocate(step_curves, m.costs, target - _spent(m, key), key, "mixed"), True)
+            self.score(f"mixed{tag} x{rounds} rounds" if r == rounds else f"mixed{tag} round {r}/{rounds}",
+                       r == rounds)
+            if r < rounds:
+                # Emptied, not just replaced: the caller's reference would otherwise keep two sets of Grams
+                # alive (or on disk) while the next ones are taken.
+                stats.release()
+                stats = self.collect(f"compress statistics, round {r + 1}")
         m.reset()
-    if rounds > 1:
-        _rounds(m, collect, dense_stats, need, budget, rounds, multiple_of, score, _better_order(tried))
-    best = min((c for c in tried if c.at_budget), key=lambda c: c.value)
-    plan = _apply_best(m, best, budget, need, totals, tried, rounds, multiple_of, calib, source)
-    plan.options["criterion"] = criterion
-    if criterion == "kl":
-        plan.options["kl_topk"] = KL_TOPK
-    # Cost in forward-pass equivalents over the whole calibration set: the statistics are a forward, a re-run
-    # and a backward (about 4 passes) on the fit part per round, the LLM-Drop candidates' cosine scoring one
-    # forward over it, and every candidate one forward over the check part.
-    share = len(check.input_ids) / len(calib.input_ids)
-    plan.options["forward_passes"] = round((4 * rounds + 1) * (1 - share) + len(tried) * share, 2)
-    plan.options["grams_on_disk"] = grams_bytes(adapter) > gram_budget  # as `collect_stats` decides
-    plan.options["seconds"] = round(time.monotonic() - started, 1)
-    plan.options["fit_tokens"], plan.options["check_tokens"] = fit.num_tokens, check.num_tokens
-    return CompressResult(plan, [c.row(totals) for c in tried], best.name)
+
+    def apply(self, best: Candidate) -> PruningPlan:
+        """The best candidate's weights written and kept, and its plan applied: a resident model is cut
+        physically, a streamed one's skeleton is (its overrides are cut to the kept units when read or
+        saved)."""
+        m = self.m
+        for s, w in best.weights.items():
+            m.write(s, w, removed=not best.kept.get(s))
+        m.source.commit()
+        drops, widths = plan_for(m.adapter, best.kept)
+        plan = PruningPlan(dropped=drops, widths=widths, method="compress")
+        plan.options = {"budget": self.opts.budget.describe(), "rounds": self.opts.rounds,
+                        "multiple_of": self.opts.multiple_of, "chosen": best.name, "removal_target": self.need}
+        plan.history = [c.row(self.totals) for c in self.tried]
+        plan.calibration = self.calib.describe()
+        plan.model = {"source": self.opts.source}
+        apply_plan(m.adapter, plan)
+        m.source.set_widths(plan.widths)
+        return plan
+
+    def record(self, plan: PruningPlan) -> None:
+        """How the search ran, in the plan's options."""
+        opts = plan.options
+        opts["criterion"] = self.opts.criterion
+        if self.opts.criterion == "kl":
+            opts["kl_topk"] = KL_TOPK
+        # Cost in forward-pass equivalents over the whole calibration set: the statistics are a forward, a
+        # re-run and a backward (about 4 passes) on the fit part per round, the LLM-Drop candidates' cosine
+        # scoring one forward over it, and every candidate one forward over the check part.
+        share = len(self.check.input_ids) / len(self.calib.input_ids)
+        opts["forward_passes"] = round((4 * self.opts.rounds + 1) * (1 - share) + len(self.tried) * share, 2)
+        opts["grams_on_disk"] = grams_bytes(self.src.adapter) > self.gram_budget  # as `collect_stats` decides
+        opts["seconds"] = round(time.monotonic() - self.started, 1)
+        opts["fit_tokens"], opts["check_tokens"] = self.fit.num_tokens, self.check.num_tokens
 
 
 def _llm_drop_candidates(src: LayerSource, fit: CalibrationData, costs: dict[Sublayer, SublayerCost], need: int,
@@ -418,42 +493,3 @@ def _better_order(tried: list[Candidate]) -> str:
     value = {c.name: c.value for c in tried}
     obs, norm = value.get(f"mixed{OBS_TAG}"), value.get("mixed")
     return "obs" if obs is not None and (norm is None or obs < norm) else "norm"
-
-
-def _rounds(m: _Model, collect: Any, stats: CompressStats, need: int, budget: Budget, rounds: int,
-            multiple_of: int, score: Any, order_by: str = "norm") -> None:
-    """`mixed` reached in `rounds` steps, the statistics re-taken on the partly pruned model in between, units
-    ordered by `order_by`; every step is a candidate (the last one at the budget)."""
-    tag = OBS_TAG if order_by == "obs" else ""
-    for r in range(1, rounds + 1):
-        target = math.ceil(need * r / rounds)
-        step_curves = m.curves(stats, multiple_of, order_by=order_by)
-        m.cut(stats, step_curves, allocate(step_curves, m.costs, target - _spent(m, budget.key), budget.key,
-                                           "mixed"), True)
-        score(f"mixed{tag} x{rounds} rounds" if r == rounds else f"mixed{tag} round {r}/{rounds}", r == rounds)
-        if r < rounds:
-            # Emptied, not just replaced: the caller's reference would otherwise keep two sets of Grams alive
-            # (or on disk) while the next ones are taken.
-            stats.release()
-            stats = collect(f"compress statistics, round {r + 1}")
-    m.reset()
-
-
-def _apply_best(m: _Model, best: Candidate, budget: Budget, need: int, totals: dict[str, int],
-                tried: list[Candidate], rounds: int, multiple_of: int, calib: CalibrationData,
-                source: str) -> PruningPlan:
-    """The best candidate's weights written and kept, and its plan applied: a resident model is cut
-    physically, a streamed one's skeleton is (its overrides are cut to the kept units when read or saved)."""
-    for s, w in best.weights.items():
-        m.write(s, w, removed=not best.kept.get(s))
-    m.source.commit()
-    drops, widths = plan_for(m.adapter, best.kept)
-    plan = PruningPlan(dropped=drops, widths=widths, method="compress")
-    plan.options = {"budget": budget.describe(), "rounds": rounds, "multiple_of": multiple_of,
-                    "chosen": best.name, "removal_target": need}
-    plan.history = [c.row(totals) for c in tried]
-    plan.calibration = calib.describe()
-    plan.model = {"source": source}
-    apply_plan(m.adapter, plan)
-    m.source.set_widths(plan.widths)
-    return plan
