@@ -144,12 +144,8 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
     `save_every` steps and continue from a state found there (`state.py`)."""
     check_settings(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, alpha=alpha, temperature=temperature,
                    teacher_topk=teacher_topk, lora=lora, save_every=save_every, hidden_weight=hidden_weight)
-    if alpha is None:
-        alpha = TEACHER_ALPHA if teacher is not None else 1.0
-    if teacher is None and alpha != 1.0:
-        raise RecoveryError(f"alpha={alpha} mixes in a distillation loss, which needs a teacher")
     r = _Recipe(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay,
-                max_grad_norm=max_grad_norm, seed=seed, alpha=alpha, temperature=temperature,
+                max_grad_norm=max_grad_norm, seed=seed, alpha=_loss_mix(alpha, teacher), temperature=temperature,
                 teacher_topk=teacher_topk, lora=lora, lora_alpha=lora_alpha, hidden_weight=hidden_weight)
     _check_teacher(model, teacher, data)
     if hidden_weight > 0:
@@ -159,54 +155,90 @@ def recover(model: nn.Module, data: CalibrationData, *, steps: int, lr: float = 
         raise RecoveryError("the model has no trainable parameters")
     folder = Path(state_dir) if state_dir is not None and save_every > 0 else None
     key = "" if folder is None else _state_key(model, r, data, teacher)
-    net: nn.Module = add_lora(model, lora, alpha=lora_alpha) if lora else model
-    params = [p for p in net.parameters() if p.requires_grad]
-    device = params[0].device
-    n = len(data.input_ids)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = lr_schedule(opt, steps, r.warmup_steps)
-    gen = torch.Generator().manual_seed(seed)
-    run = {"step": 0, "order": [], "losses": [], "ce_losses": [], "kl_losses": [], "hidden_losses": [], "seen": 0,
-           "seconds": 0.0}
-    saved = load_state(folder, key) if folder is not None else None
-    if saved is not None:  # over the fresh defaults: a state saved before a record field existed still resumes
-        run = {**run, **restore(saved, net, opt, sched, gen)}
-    resumed_at = run["step"]
-    t0 = time.perf_counter() - run["seconds"]
-    net.train()
+    run = _Run(add_lora(model, lora, alpha=lora_alpha) if lora else model, data, teacher, r)
+    resumed_at = run.resume(folder, key)
     try:
-        bar = tqdm(range(run["step"], steps), desc="recovery", disable=not progress, leave=False,
-                   initial=run["step"], total=steps)
-        for _ in bar:
-            idx = _next_rows(run["order"], n, batch_size, gen)
-            ids = data.input_ids[idx].to(device)
-            mask = data.attention_mask[idx].to(device)
-            loss = _batch_loss(net, teacher, r, idx, ids, mask, run)
-            if not torch.isfinite(loss):
-                raise RecoveryError(f"the training loss became {loss.item()} at step {run['step'] + 1}; lower "
-                                    "the learning rate (or train in float32)")
-            loss.backward()
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            run["losses"].append(float(loss.detach()))
-            run["seen"] += int(mask.sum())
-            run["step"] += 1
-            run["seconds"] = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{run['losses'][-1]:.3f}", tok_s=f"{run['seen'] / max(run['seconds'], 1e-9):.0f}")
-            if folder is not None and run["step"] % save_every == 0 and run["step"] < steps:
-                save_state(folder, capture(key, net, opt, sched, gen, run))
-                pause_point("training")
+        run.train(folder, key, save_every, progress)
     finally:
-        opt.zero_grad(set_to_none=True)
-        if lora:
-            merge_lora(net)  # the LoRA modules are swapped back for plain ones holding W + BA
+        run.end(model, trainable)
+    return _record(r, teacher, data, run.log, resumed_at)
+
+
+def _loss_mix(alpha: float | None, teacher: Teacher | None) -> float:
+    """The causal-LM weight: `TEACHER_ALPHA` by default with a teacher, 1 (causal LM alone) without one."""
+    if alpha is None:
+        return TEACHER_ALPHA if teacher is not None else 1.0
+    if teacher is None and alpha != 1.0:
+        raise RecoveryError(f"alpha={alpha} mixes in a distillation loss, which needs a teacher")
+    return alpha
+
+
+class _Run:
+    """One training run's moving parts: the trained parameters, AdamW, the schedule, the batch order's
+    generator and `log` (step, what is left of the epoch's order, every step's losses, tokens seen, seconds),
+    which together are exactly what a resumable state holds (`state.py`)."""
+
+    def __init__(self, net: nn.Module, data: CalibrationData, teacher: Teacher | None, r: _Recipe) -> None:
+        self.net, self.data, self.teacher, self.r = net, data, teacher, r
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=r.lr, weight_decay=r.weight_decay)
+        self.sched = lr_schedule(self.opt, r.steps, r.warmup_steps)
+        self.gen = torch.Generator().manual_seed(r.seed)
+        self.log: dict[str, Any] = {"step": 0, "order": [], "losses": [], "ce_losses": [], "kl_losses": [],
+                                    "hidden_losses": [], "seen": 0, "seconds": 0.0}
+
+    def resume(self, folder: Path | None, key: str) -> int:
+        """Continue from the state saved in `folder` for `key`, if any; the step it resumes at (0: fresh)."""
+        saved = load_state(folder, key) if folder is not None else None
+        if saved is not None:  # over the fresh defaults: a state saved before a record field existed still resumes
+            self.log = {**self.log, **restore(saved, self.net, self.opt, self.sched, self.gen)}
+        return self.log["step"]
+
+    def train(self, folder: Path | None, key: str, save_every: int, progress: bool) -> None:
+        """The remaining steps, saving resumable state every `save_every` steps into `folder` (if given)."""
+        log, steps = self.log, self.r.steps
+        t0 = time.perf_counter() - log["seconds"]
+        self.net.train()
+        bar = tqdm(range(log["step"], steps), desc="recovery", disable=not progress, leave=False,
+                   initial=log["step"], total=steps)
+        for _ in bar:
+            self.step()
+            log["seconds"] = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{log['losses'][-1]:.3f}", tok_s=f"{log['seen'] / max(log['seconds'], 1e-9):.0f}")
+            if folder is not None and log["step"] % save_every == 0 and log["step"] < steps:
+                save_state(folder, capture(key, self.net, self.opt, self.sched, self.gen, log))
+                pause_point("training")
+
+    def step(self) -> None:
+        """One optimizer step on the next batch of the seeded order."""
+        log, r = self.log, self.r
+        idx = _next_rows(log["order"], len(self.data.input_ids), r.batch_size, self.gen)
+        device = self.params[0].device
+        ids = self.data.input_ids[idx].to(device)
+        mask = self.data.attention_mask[idx].to(device)
+        loss = _batch_loss(self.net, self.teacher, r, idx, ids, mask, log)
+        if not torch.isfinite(loss):
+            raise RecoveryError(f"the training loss became {loss.item()} at step {log['step'] + 1}; lower "
+                                "the learning rate (or train in float32)")
+        loss.backward()
+        if r.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, r.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        log["losses"].append(float(loss.detach()))
+        log["seen"] += int(mask.sum())
+        log["step"] += 1
+
+    def end(self, model: nn.Module, trainable: dict[str, bool]) -> None:
+        """Whether the run finished or failed: no gradients held, LoRA merged into `model`'s weights, the
+        parameters' `requires_grad` as they were, eval mode."""
+        self.opt.zero_grad(set_to_none=True)
+        if self.r.lora:
+            merge_lora(self.net)  # the LoRA modules are swapped back for plain ones holding W + BA
             for name, p in model.named_parameters():
                 p.requires_grad_(trainable.get(name, True))
         model.eval()
-    return _record(r, teacher, data, run, resumed_at)
 
 
 @dataclass(frozen=True)
