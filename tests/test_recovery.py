@@ -107,11 +107,15 @@ def test_torch_schedulers_follow_the_closed_form(steps, warmup_steps):
     (dict(lr=float("nan")), "learning rate must be a finite number"),
     (dict(batch_size=0), "batch size must be a positive integer"),
     (dict(warmup=1.0), "warmup must be a fraction"),
+    (dict(alpha=0.5), "needs a teacher"),
+    (dict(hidden_weight=1.0), "hidden-state loss needs the teacher model"),
 ])
 def test_bad_settings_are_clear_errors(kw, message):
     model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RecoveryError, match=message):
         recover(model, random_calib(), **{"steps": 1, **kw}, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any step
 
 
 def test_cli_heal_keeps_plan_and_structure(tiny_checkpoint, tmp_path, capsys):
