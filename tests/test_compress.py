@@ -347,7 +347,9 @@ def test_compress_repair_where_the_architecture_cannot_take_it(tmp_path):
     assert not (tmp_path / "refused").exists()
     result = compress_job(str(ck), tmp_path / "out", **opts)
     assert result is not None and result.plan.repair is not None and result.plan.repair["method"] == "none"
-    assert "normalised" in PruningPlan.load(tmp_path / "out" / "prunekit_plan.json").repair["reason"]
+    saved = PruningPlan.load(tmp_path / "out" / "prunekit_plan.json")
+    assert "normalised" in saved.repair["reason"]
+    assert not saved.options["correction"]["applied"] and "normalised" in saved.options["correction"]["reason"]
 
 
 def test_memory_estimate_counts_the_statistics_exactly():

@@ -18,7 +18,8 @@ def register(sub: Any) -> None:
                     "every way of narrowing or removing each attention and MLP sub-layer (with a least-squares "
                     "refit of what remains), spend the budget where it costs least, try several candidate "
                     "families (mixed, depth only, width only, uniform width, and mixed in several rounds), score "
-                    "each by the loss on held-out calibration samples and save the best. Training-free; a model "
+                    "each by the loss on held-out calibration samples, refit the best one's projections against "
+                    "the dense model's residual stream, and save it. Training-free; a model "
                     "that does not fit in memory is streamed one layer at a time (the backward pass too).",
     )
     add_model(p)
@@ -36,6 +37,10 @@ def register(sub: Any) -> None:
                    help="fold a training-free linear map for each removed span of sub-layers of the chosen model "
                         "into the sub-layer before it, kept only where it lowers the held-out calibration loss "
                         "(default: linear where the architecture takes it, e.g. not Gemma 3)")
+    p.add_argument("--correct", action=argparse.BooleanOptionalAction, default=True,
+                   help="refit the chosen model's kept output projections, layer by layer, against the dense "
+                        "model's residual stream, kept only where it lowers the held-out calibration loss "
+                        "(default; --no-correct skips it: about 4 forward passes of the calibration data)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="load one decoder layer at a time from the safetensors files, forward and backward "
                         "(--no-stream: whole model in memory; default: stream only when it would not fit)")
@@ -55,7 +60,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                           multiple_of=args.multiple_of, calib=args.calib, samples=args.samples,
                           seq_len=args.seq_len, batch_size=args.batch_size, criterion=args.criterion,
                           repair=args.repair, dtype=args.dtype, device=args.device, stream=args.stream,
-                          offload_dir=args.offload_dir, force=args.force, progress=progress(args))
+                          offload_dir=args.offload_dir, force=args.force, progress=progress(args),
+                          correct=args.correct)
     if result is None:  # not rank 0 of a torchrun job
         return 0
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)
@@ -64,6 +70,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
                "check_ppl": chosen["check_ppl"],
                "dropped": [f"{d.module}@{d.layer}" for d in result.plan.dropped],
                "narrowed_layers": sorted(result.plan.widths)}
+    corr = result.plan.options.get("correction")
+    if corr is not None:
+        summary["correction"] = {"applied": corr["applied"]} | (
+            {"check_value_uncorrected": corr["check_value_uncorrected"], "check_value": corr["check_value"]}
+            if "ridge" in corr else {"reason": corr["reason"]})
     rep = result.plan.repair
     if rep and rep.get("spans"):
         summary["repair"] = {"check_ppl_unrepaired": loss_perplexity(rep["check_loss_unrepaired"]),

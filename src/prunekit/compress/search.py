@@ -14,13 +14,17 @@
    the logits of the physically smaller one) and scored by the calibration loss on the held-out check part
    of the calibration data; the best is kept, and the plan says how it was found. The intermediate rounds
    are points of the quality-vs-budget curve too.
+4. The best candidate's kept output projections are refitted once more, layer by layer, against the dense
+   model's residual stream (`correct`: each corrects what the cuts below it changed), and the corrected
+   model is one more candidate, kept only when it checks better.
 
 Every pass goes through the one layer runner, so the search runs on a model in memory or layer-streamed
 alike (`stats` for the backward sweep; candidate edits through `LayerSource.write` / `revert`).
 
 Costs, in forward-pass equivalents over the calibration tokens: a forward, a re-run and a backward (about 4
-passes) on the fit part per round, one forward over it for the LLM-Drop candidates' cosine scores, one
-forward on the check part per candidate; the allocation itself is arithmetic.
+passes) on the fit part per round, one forward over it for the LLM-Drop candidates' cosine scores, four
+over it for the error correction, one forward on the check part per candidate; the allocation itself is
+arithmetic.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from tqdm.auto import tqdm
 from prunekit.adapters import ModelAdapter
 from prunekit.compress.allocate import allocate, uniform_mlp
 from prunekit.compress.budget import Budget, SublayerCost, dense_total, removal_target, removed, sublayer_costs
+from prunekit.compress.correct import Edits, correct_model
 from prunekit.compress.curves import Curve, error_curve, refit, unit_columns
 from prunekit.compress.stats import CompressStats, Sublayer, collect_stats, grams_bytes, output_projections
 from prunekit.data import CalibrationData
@@ -275,7 +280,8 @@ def _spent(m: _Model, key: str) -> int:
 def compress(model: nn.Module | LayerSource, adapter: ModelAdapter | None, calib: CalibrationData,
              budget: Budget, *, rounds: int = 2, multiple_of: int = 64, batch_size: int = 4,
              criterion: str = "loss", progress: bool = True, source: str = "", sums: Sums | None = None,
-             gram_budget_bytes: int | None = None, work_dir: str | Path | None = None) -> CompressResult:
+             gram_budget_bytes: int | None = None, work_dir: str | Path | None = None,
+             correct: bool = True) -> CompressResult:
     """Search, apply the best candidate and return its plan and the table of every candidate tried. `model`: a
     model in memory (cut in place, physically) or any layer source (a streamed one keeps the refitted
     weights as overrides and its skeleton is cut; `prunekit.save` writes the checkpoint from its files).
@@ -285,11 +291,12 @@ def compress(model: nn.Module | LayerSource, adapter: ModelAdapter | None, calib
     returns the same result. `gram_budget_bytes`: memory for all the input Grams at once (default a quarter
     of the memory free when the search starts); beyond it each layer's wait on disk. `work_dir`: where the
     temporary directory for spilled Grams (and a streamed model's calibration hidden states) goes (default
-    the system's)."""
+    the system's). `correct`: refit the chosen model's kept projections against the dense model's residual
+    stream (`compress.correct`), kept only where it checks better."""
     check_criterion(criterion)
     src = as_source(model, adapter)
     with tempfile.TemporaryDirectory(prefix="prunekit-compress-", dir=work_dir) as spill:
-        opts = _Settings(budget, rounds, multiple_of, batch_size, criterion, progress, source)
+        opts = _Settings(budget, rounds, multiple_of, batch_size, criterion, progress, source, correct)
         return _Search(src, calib, opts, sums or OneProcess(), gram_budget_bytes, Path(spill)).run()
 
 
@@ -312,6 +319,7 @@ class _Settings:
     criterion: str
     progress: bool
     source: str
+    correct: bool = True
 
 
 class _Search:
@@ -332,6 +340,7 @@ class _Search:
                        "kv": dense_total(src.adapter.model, self.costs, "kv")}
         self.m = _Model(src, self.costs)
         self.tried: list[Candidate] = []
+        self.correction: dict[str, Any] | None = None
         # Built before any edit: with the KL criterion it takes the dense model's reference logits first.
         self.scorer = _Scorer(src, sums.shard(self.check), opts.batch_size, opts.criterion == "kl", sums,
                               self.states())
@@ -374,6 +383,8 @@ class _Search:
         if self.opts.rounds > 1:
             self.in_rounds(dense_stats, _better_order(self.tried))
         best = min((c for c in self.tried if c.at_budget), key=lambda c: c.value)
+        if self.opts.correct:
+            best = self.corrected(best)
         plan = self.apply(best)
         self.record(plan)
         return CompressResult(plan, [c.row(self.totals) for c in self.tried], best.name)
@@ -428,6 +439,35 @@ class _Search:
                 stats = self.collect(f"compress statistics, round {r + 1}")
         m.reset()
 
+    def corrected(self, best: Candidate) -> Candidate:
+        """The best candidate with every kept projection refitted against the dense residual stream
+        (`compress.correct`), a candidate of its own. Returned, and left written, when it checks better; else
+        the model is dense again and `best` is returned."""
+        m, started = self.m, time.monotonic()
+        if m.adapter.spec.output_norms:
+            self.correction = {"applied": False, "reason": "sub-layer outputs are normalised before the residual "
+                               "add, so a projection's refit target is not linear"}
+            return best
+        m.alive = {s: list(best.kept.get(s, range(c.units))) for s, c in self.costs.items()}
+        columns = {s: unit_columns(a, m.cols_per_unit(s)) for s, a in m.alive.items() if a}
+        edits = Edits(columns, best.weights, m.weight, m.write, m.adapter.output_projection)
+        fitted = correct_model(self.src, self.my_fit, edits, batch_size=self.opts.batch_size, total=self.sums.total,
+                               work_dirs=self.states, progress=self.opts.progress)
+        loss, kl = self.scorer()
+        c = Candidate(f"{best.name} + correction", best.kept, best.removed_params, best.removed_kv, loss, True, kl)
+        self.tried.append(c)
+        applied = c.value < best.value
+        self.correction = {"applied": applied, "ridge": fitted.ridge, "check_value_uncorrected": best.value,
+                           "check_value": c.value, "seconds": round(time.monotonic() - started, 1),
+                           "relative_residual": {f"{i}.{p}": [round(fitted.before[(i, p)], 6),
+                                                              round(fitted.after[(i, p)], 6)]
+                                                 for i, p in sorted(fitted.before)}}
+        if not applied:
+            m.reset()
+            return best
+        best.weights = {}  # the corrected weights are already written (`apply` has nothing to write)
+        return c
+
     def apply(self, best: Candidate) -> PruningPlan:
         """The best candidate's weights written and kept, and its plan applied: a resident model is cut
         physically, a streamed one's skeleton is (its overrides are cut to the kept units when read or
@@ -457,7 +497,11 @@ class _Search:
         # re-run and a backward (about 4 passes) on the fit part per round, the LLM-Drop candidates' cosine
         # scoring one forward over it, and every candidate one forward over the check part.
         share = len(self.check.input_ids) / len(self.calib.input_ids)
-        opts["forward_passes"] = round((4 * self.opts.rounds + 1) * (1 - share) + len(self.tried) * share, 2)
+        # The error correction: the dense model once and the pruned one three times over the fit part.
+        fit_passes = 4 * self.opts.rounds + 1 + (4 if self.correction and "ridge" in self.correction else 0)
+        opts["forward_passes"] = round(fit_passes * (1 - share) + len(self.tried) * share, 2)
+        if self.correction is not None:
+            opts["correction"] = self.correction
         opts["grams_on_disk"] = grams_bytes(self.src.adapter) > self.gram_budget  # as `collect_stats` decides
         opts["seconds"] = round(time.monotonic() - self.started, 1)
         opts["fit_tokens"], opts["check_tokens"] = self.fit.num_tokens, self.check.num_tokens

@@ -19,6 +19,10 @@ remembered inputs of the nearest kept layer at or below j. Which layer inputs ar
 `state_budget_bytes` (every k-th layer); layer 0's input is always kept, so a re-run never re-embeds.
 With a `work_dir`, an interrupted run can continue at a layer whose stored inputs are complete
 (`resume_at`).
+
+Steps. A caller that must act between layers (several passes over one layer, each after a weight edit; two
+runners walking the same layers in lockstep, as `compress`'s error correction does) calls `step(i)` for
+i = 0, 1, ... instead of `run`.
 """
 
 from __future__ import annotations
@@ -154,6 +158,7 @@ class LayerRunner:
             self.kept_layers = set(range(0, n_layers, stride))
         # Boundaries whose states in the store are valid for the model as it is now.
         self.valid: set[int] = set()
+        self._step_calls: _CallCache | None = None
 
     def restart_layer(self, start_layer: int) -> int:
         """The layer a run asked to start at `start_layer` really starts at (0 = from the token ids)."""
@@ -197,6 +202,25 @@ class LayerRunner:
             store.delete(state_key(n_layers, b))
         self.valid.discard(n_layers)
         return start
+
+    @torch.no_grad()
+    def step(self, i: int, observers: Sequence[Observer], *, last: bool = True) -> None:
+        """Every batch through layer `i` alone, from its stored inputs to those of layer `i + 1` (layer 0's are
+        computed on the first step). Step the layers in order; a layer may be stepped again (`last=False`
+        keeps its inputs for that; the last step of a layer releases them unless they are remembered), and
+        each step reads the layer's weights as they are then."""
+        if i not in self.valid:
+            if i != 0:
+                raise ValueError(f"layer {i}'s inputs are not stored: step the layers in order")
+            self._embed_all()
+        if self._step_calls is None:
+            self._step_calls = _CallCache(self.source, self.batches, self.calls_budget_bytes)
+        self._run_layer(i, observers, self._step_calls)
+        self.valid.add(i + 1)
+        if last and i not in self.kept_layers:
+            for b in range(len(self.batches)):
+                self.store.delete(state_key(i, b))
+            self.valid.discard(i)
 
     def _run_layer(self, i: int, observers: Sequence[Observer], calls: "_CallCache") -> None:
         src, store = self.source, self.store

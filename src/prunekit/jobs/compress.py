@@ -76,11 +76,12 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
                  calib: str | Path = "c4", samples: int = DEFAULT_SAMPLES, seq_len: int = 512, batch_size: int = 4,
                  criterion: str = "loss", repair: str | None = None, dtype: str = "float32", device: str = "cpu",
                  stream: bool | None = None, offload_dir: str | Path | None = None, force: bool = False,
-                 progress: bool = True) -> CompressResult | None:
+                 progress: bool = True, correct: bool = True) -> CompressResult | None:
     """Load (in memory, or layer-streamed: `stream`, default only when it would not fit), search
     (`prunekit.compress`), repair the chosen model's removed spans (`repair`: "linear", "none", or None for
     linear where the architecture takes it; `prunekit.repair`, each map kept only where it lowers the
-    held-out calibration loss), save to `out`. `offload_dir`: where spilled Grams and a streamed run's hidden
+    held-out calibration loss), save to `out`. `correct`: the search's last step, the error correction of
+    the chosen model's kept projections (`prunekit.compress.correct`). `offload_dir`: where spilled Grams and a streamed run's hidden
     states go (default the system's temporary directory). Returns the result on rank 0, None on the other
     ranks of a torchrun job."""
     b = check_compress_options(budget, rounds, multiple_of)
@@ -98,7 +99,7 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
         # `compress` checks the budget against the model (an impossible one fails) before any pass.
         result = compress(job.source, None, job.calib, b, rounds=rounds, multiple_of=multiple_of,
                           batch_size=batch_size, criterion=criterion, progress=progress and env.is_main,
-                          source=str(model), sums=sums, work_dir=offload_dir)
+                          source=str(model), sums=sums, work_dir=offload_dir, correct=correct)
     # Repair and save outside the process group's block: only rank 0 does them, with no collectives.
     if not env.is_main:
         return None

@@ -1,0 +1,178 @@
+"""Error correction, the last step of `compress`: every kept output projection (o_proj / down_proj) of the
+chosen model is refitted, layer by layer from the bottom, so that the pruned model's residual stream follows
+the dense model's.
+
+The search's own refit makes each cut projection reproduce the output it had in the dense model, from the
+dense model's inputs. Once several sub-layers are cut, every layer's input differs from the dense one, and
+those errors add up. Here the dense and the pruned model walk the fit part of the calibration data in
+lockstep (two runners over the same layer source, one layer at a time: `LayerRunner.step`), and at each
+sub-layer, with x the pruned model's input of its output projection, r the pruned residual stream before it
+and h the dense residual stream after it, the projection's kept columns are refitted by
+
+    W = argmin sum_t ||W x_t - (h_t - r_t - b)||^2 + lam ||W - W0||^2
+
+(b its bias, W0 its weight so far, lam = `RIDGE` times the mean diagonal of the kept columns' Gram), so each
+sub-layer also corrects the error of everything below it. Only float64 [in, in] and [in, d] sums are kept
+(streamed-safe; under torchrun each rank sums its share, and the sums are totalled before the solve).
+Removed units stay removed: only the kept columns are fitted.
+
+Not for architectures that normalise a sub-layer's output before the residual add (Gemma 3): the target
+would not be linear in W. Cost: four passes of the layers over the fit part (the dense model once, the
+pruned model three times: fit the attention, fit the MLP, carry the result up).
+
+Measured before it was built in (SmolLM2 at params=0.8, wiki's calibration half, selection perplexity 40.13
+without): ridge 1e-3 gave 40.63 (fits the calibration text too closely), 0.1 gave 39.27, 1.0 gave 39.10; a
+bias term added nothing (39.16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.compress.stats import Sublayer
+from prunekit.data import CalibrationData
+from prunekit.engine.runner import LayerRunner, Observer, TensorStore, state_key
+from prunekit.engine.sources import LayerSource
+from prunekit.width.importance import masked_rows
+
+RIDGE = 1.0
+PARTS = ("attn", "mlp")
+
+
+@dataclass
+class Correction:
+    """What `correct_model` did: the relative residual ||W x - target||^2 / ||target||^2 of every refitted
+    sub-layer, before (with W0) and after."""
+
+    ridge: float
+    before: dict[Sublayer, float] = field(default_factory=dict)
+    after: dict[Sublayer, float] = field(default_factory=dict)
+
+
+class _DenseMid(Observer):
+    """Keeps the dense model's residual stream between attention and MLP of the current layer, per batch."""
+
+    def __init__(self, store: TensorStore):
+        self.store = store
+
+    def observe(self, i: int, b: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
+                mask: torch.Tensor | None) -> None:
+        self.store.put(f"mid-b{b:06d}", h_mid)
+
+
+class _FitSums(Observer):
+    """During one pass of the pruned model through layer `i`: Gram and cross sums of sub-layer `part`'s output
+    projection (its `cols` input columns) against the target (dense residual after it, minus the pruned
+    residual before it, minus the projection's bias)."""
+
+    def __init__(self, part: str, proj: Callable[[nn.Module], nn.Linear], cols: torch.Tensor,
+                 target: Callable[[int], torch.Tensor]):
+        self.part, self.proj, self.cols, self.target = part, proj, cols, target
+        self.x: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.tt = 0.0
+        self.handle: Any = None
+
+    def begin_layer(self, i: int, layer: nn.Module) -> None:
+        proj = self.proj(layer)
+        self.bias = None if proj.bias is None else proj.bias.detach().to(torch.float64)
+        self.handle = proj.register_forward_pre_hook(lambda m, args: setattr(self, "x", args[0]))
+
+    def observe(self, i: int, b: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
+                mask: torch.Tensor | None) -> None:
+        assert self.x is not None
+        x = masked_rows(self.x, mask)[:, self.cols]
+        before = h_in if self.part == "attn" else h_mid
+        t = masked_rows(self.target(b).to(before.device), mask) - masked_rows(before, mask)
+        if self.bias is not None:
+            t = t - self.bias
+        g, c = (x.T @ x).cpu(), (x.T @ t).cpu()
+        self.gram = g if self.gram is None else self.gram + g
+        self.cross = c if self.cross is None else self.cross + c
+        self.tt += float((t * t).sum())
+        self.x = None
+
+    def end_layer(self, i: int, layer: nn.Module) -> None:
+        self.handle.remove()
+
+
+def solve(gram: torch.Tensor, cross: torch.Tensor, tt: float, w0: torch.Tensor,
+          ridge: float) -> tuple[torch.Tensor, float, float]:
+    """(new [d, c] weight of the kept columns, relative residual of `w0`, of the new weight): the ridge
+    least-squares fit towards `w0` ([d, c]) from the sums of `_FitSums`."""
+    lam = ridge * float(torch.diagonal(gram).mean().clamp_min(1e-30))
+    eye = torch.eye(len(gram), dtype=gram.dtype)
+    w = torch.linalg.solve(gram + lam * eye, cross + lam * w0.T).T
+
+    def residual(v: torch.Tensor) -> float:  # ||X v' - T||^2 / ||T||^2 from the sums
+        return float(tt - 2 * (v * cross.T).sum() + (v @ gram * v).sum()) / max(tt, 1e-30)
+
+    return w, residual(w0), residual(w)
+
+
+@dataclass
+class Edits:
+    """How `correct` reads and writes the projections of the model under search: `columns[s]` are the kept
+    input columns of every sub-layer to refit (removed ones are absent), `edits[s]` the chosen candidate's
+    weights (written before a layer is refitted), `read(s)` / `write(s, weight, removed)` the projection's
+    weight through the layer source, `proj(layer, part)` the module."""
+
+    columns: dict[Sublayer, torch.Tensor]
+    edits: dict[Sublayer, torch.Tensor]
+    read: Callable[[Sublayer], torch.Tensor]
+    write: Callable[[Sublayer, torch.Tensor, bool], None]
+    proj: Callable[[nn.Module, str], nn.Linear]
+
+
+@torch.no_grad()
+def correct_model(source: LayerSource, fit: CalibrationData, edits: Edits, *, ridge: float = RIDGE,
+            batch_size: int = 4, total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+            work_dirs: Callable[[], Path | None] = lambda: None, progress: bool = True) -> Correction:
+    """Write the chosen candidate's edits layer by layer, each layer's kept projections refitted as the module
+    docstring says. `source` holds the DENSE model when called (nothing written yet); when it returns, every
+    edit and refit is written (not committed). `total`: the sums over processes; `work_dirs`: a directory for
+    hidden states (None: RAM), called once per store."""
+    dense = LayerRunner(source, fit, batch_size=batch_size, work_dir=work_dirs(), progress=False)
+    pruned = LayerRunner(source, fit, batch_size=batch_size, work_dir=work_dirs(), progress=False)
+    mids = TensorStore(work_dirs())
+    out = Correction(ridge)
+    for i in tqdm(range(source.adapter.num_layers), desc="compress error correction", disable=not progress,
+                  leave=False):
+        dense.step(i, [_DenseMid(mids)])
+        for s in ((i, p) for p in PARTS):
+            if s in edits.edits:
+                edits.write(s, edits.edits[s], s not in edits.columns)
+        targets = {"attn": lambda b: mids.get(f"mid-b{b:06d}"),
+                   "mlp": lambda b: dense.store.get(state_key(i + 1, b))}
+        for part in PARTS:
+            if (i, part) in edits.columns:
+                _refit(pruned, i, part, edits, targets[part], ridge, total, out)
+        pruned.step(i, [])
+    return out
+
+
+def _refit(pruned: LayerRunner, i: int, part: str, edits: Edits, target: Callable[[int], torch.Tensor],
+           ridge: float, total: Callable[[torch.Tensor], torch.Tensor], out: Correction) -> None:
+    """One pass of the pruned model through layer `i` for the sums, the solve, and the write."""
+    s = (i, part)
+    cols = edits.columns[s]
+    sums = _FitSums(part, lambda layer: edits.proj(layer, part), cols, target)
+    pruned.step(i, [sums], last=False)
+    assert sums.gram is not None and sums.cross is not None
+    gram, cross = total(sums.gram), total(sums.cross)
+    tt = float(total(torch.tensor([sums.tt], dtype=torch.float64))[0])
+    weight = edits.read(s)
+    w0 = weight.detach().to(torch.float64)
+    new_cols, out.before[s], out.after[s] = solve(gram, cross, tt, w0[:, cols], ridge)
+    new = torch.zeros_like(w0)
+    new[:, cols] = new_cols
+    edits.write(s, new.to(weight.dtype), False)

@@ -1,0 +1,147 @@
+"""`compress`'s error correction: a model whose residual stream already is the dense one is left as it is, a
+cut sub-layer's refit equals the closed-form ridge least squares computed from ordinary forward passes of the
+dense and the pruned model, removed units stay removed, and the search keeps the correction only where it
+checks better (and then saves exactly the corrected model)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_calib, tiny_model, whole_model_loss
+
+from prunekit.adapters import get_adapter
+from prunekit.compress import correct as correct_mod
+from prunekit.compress import search
+from prunekit.compress.budget import Budget
+from prunekit.compress.correct import Edits, correct_model
+from prunekit.compress.search import compress
+from prunekit.engine.sources import ResidentLayers
+from prunekit.losses import split_check
+
+
+def _edits(model, edits, kept):
+    """`Edits` over a model in memory: every sub-layer refitted, `kept[s]` (channel ids) where it is cut."""
+    ad = get_adapter(model)
+    src = ResidentLayers(model, ad)
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def proj(s):
+        return ad.output_projection(ad.layers()[s[0]], s[1])
+
+    columns = {}
+    for i, layer in enumerate(ad.layers()):
+        for part in ("attn", "mlp"):
+            n = proj((i, part)).in_features
+            columns[(i, part)] = kept[(i, part)] if (i, part) in kept else torch.arange(n)
+
+    def write(s, w, removed):
+        src.write(names[id(proj(s))] + ".weight", w)
+
+    return src, Edits(columns, edits, lambda s: proj(s).weight.detach().clone(), write, ad.output_projection)
+
+
+def test_correcting_the_dense_model_changes_nothing():
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    src, edits = _edits(model, {}, {})
+    fitted = correct_model(src, random_calib(6, 16, pad_last=5), edits, progress=False)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n], rtol=1e-4, atol=1e-5)
+    assert max(fitted.before.values()) < 1e-9 and max(fitted.after.values()) < 1e-9
+
+
+@torch.no_grad()
+def _layer_sums(dense, pruned, calib, layer: int, cols: torch.Tensor):
+    """Gram and cross sums of layer `layer`'s down_proj (kept `cols`) from whole-model forwards with hooks: the
+    pruned model's down_proj input and mid residual, the dense model's layer output; padding excluded."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [pruned.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+                 lambda m, a: seen.__setitem__("x", a[0])),
+             pruned.model.layers[layer].post_attention_layernorm.register_forward_pre_hook(
+                 lambda m, a: seen.__setitem__("mid", a[0])),
+             dense.model.layers[layer].register_forward_hook(
+                 lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))]
+    gram = cross = 0
+    for ids, mask in calib.batches(4):
+        dense(input_ids=ids, attention_mask=mask, use_cache=False)
+        pruned(input_ids=ids, attention_mask=mask, use_cache=False)
+        keep = mask.reshape(-1) != 0
+        x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()[keep][:, cols]
+        t = (seen["h"] - seen["mid"]).reshape(-1, seen["h"].shape[-1]).double()[keep]
+        gram, cross = gram + x.T @ x, cross + x.T @ t
+    for h in hooks:
+        h.remove()
+    return gram, cross
+
+
+def test_a_cut_sublayer_is_refitted_to_the_dense_residual_stream_from_the_pruned_inputs():
+    """Layer 1's MLP keeps half its channels: its refit is the ridge least squares of the dense layer output
+    minus the pruned mid residual on the pruned down_proj inputs (an oracle from ordinary forwards), the
+    removed channels stay zero, and the layer below (already on the dense stream) is left as it is."""
+    dense = tiny_model("llama")
+    pruned = copy.deepcopy(dense)
+    down = pruned.model.layers[1].mlp.down_proj
+    keep = torch.arange(0, down.in_features, 2)
+    cut = torch.zeros_like(down.weight)
+    cut[:, keep] = down.weight.detach()[:, keep]
+    calib = random_calib(6, 16, pad_last=5)
+    src, edits = _edits(pruned, {(1, "mlp"): cut}, {(1, "mlp"): keep})
+    below = pruned.model.layers[0].mlp.down_proj.weight.detach().clone()
+    correct_model(src, calib, edits, ridge=0.3, progress=False)
+
+    oracle = copy.deepcopy(dense)
+    oracle.model.layers[1].mlp.down_proj.weight.data.copy_(cut)
+    gram, cross = _layer_sums(dense, oracle, calib, 1, keep)
+    lam = 0.3 * float(torch.diagonal(gram).mean())
+    want = torch.linalg.solve(gram + lam * torch.eye(len(keep), dtype=gram.dtype),
+                              cross + lam * cut[:, keep].double().T).T
+    got = down.weight.detach()
+    torch.testing.assert_close(got[:, keep].double(), want, rtol=1e-4, atol=1e-5)
+    gone = torch.ones(down.in_features, dtype=torch.bool)
+    gone[keep] = False
+    assert bool((got[:, gone] == 0).all())
+    torch.testing.assert_close(pruned.model.layers[0].mlp.down_proj.weight.detach(), below, rtol=1e-4, atol=1e-5)
+
+
+def _compress(**kw):
+    model = tiny_model("llama")
+    result = compress(model, get_adapter(model), random_calib(8, 24), Budget("params", 0.8), rounds=1,
+                      multiple_of=16, progress=False, **kw)
+    return model, result
+
+
+def test_a_correction_that_checks_worse_is_not_kept(monkeypatch):
+    """A deliberately broken refit (every weight negated) checks worse: the plan says so, the candidate table
+    shows it, and the model is exactly the one compress gives without the correction."""
+    plain_model, plain = _compress(correct=False)
+    monkeypatch.setattr(correct_mod, "solve", lambda gram, cross, tt, w0, ridge: (-w0, 0.0, 1.0))
+    model, result = _compress()
+    corr = result.plan.options["correction"]
+    assert not corr["applied"] and corr["check_value"] > corr["check_value_uncorrected"]
+    assert result.chosen == plain.chosen and f"{plain.chosen} + correction" in [c["name"] for c in result.candidates]
+    ids = random_calib(2, 16, seed=5).input_ids
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain_model(input_ids=ids).logits)
+    assert "correction" not in plain.plan.options
+
+
+def test_a_kept_correction_is_the_model_compress_returns(monkeypatch):
+    """With the corrected candidate made to win, the physically cut model is the corrected one: its loss on
+    the check part is the corrected candidate's, not the uncorrected one's, and it keeps the same units."""
+    value = search.Candidate.value
+    monkeypatch.setattr(search.Candidate, "value",
+                        property(lambda c: value.fget(c) - (10.0 if c.name.endswith("+ correction") else 0.0)))
+    model, result = _compress()
+    corr = result.plan.options["correction"]
+    assert corr["applied"] and result.chosen.endswith(" + correction")
+    rows = {c["name"]: c for c in result.candidates}
+    uncorrected = rows[result.chosen.removesuffix(" + correction")]
+    check = split_check(random_calib(8, 24), "test")[1]
+    with torch.no_grad():
+        got = whole_model_loss(model, check)
+    assert got == pytest.approx(rows[result.chosen]["check_loss"], rel=1e-5)
+    assert got != pytest.approx(uncorrected["check_loss"], rel=1e-5)
+    assert rows[result.chosen]["removed_params"] == uncorrected["removed_params"]
+
