@@ -14,32 +14,21 @@ from conftest import random_calib, tiny_model, whole_model_loss
 from prunekit.adapters import get_adapter
 from prunekit.compress import correct as correct_mod
 from prunekit.compress import search
-from prunekit.compress.budget import Budget
+from prunekit.compress.budget import Budget, sublayer_costs
 from prunekit.compress.correct import Edits, correct_model
-from prunekit.compress.search import compress
+from prunekit.compress.search import _Model, compress
 from prunekit.engine.sources import ResidentLayers
 from prunekit.losses import split_check
 
 
 def _edits(model, edits, kept):
-    """`Edits` over a model in memory: every sub-layer refitted, `kept[s]` (channel ids) where it is cut."""
+    """`Edits` over a model in memory through the search's own `_Model`: every sub-layer refitted, `kept[s]`
+    (input columns) where it is cut."""
     ad = get_adapter(model)
     src = ResidentLayers(model, ad)
-    names = {id(m): n for n, m in model.named_modules()}
-
-    def proj(s):
-        return ad.output_projection(ad.layers()[s[0]], s[1])
-
-    columns = {}
-    for i, layer in enumerate(ad.layers()):
-        for part in ("attn", "mlp"):
-            n = proj((i, part)).in_features
-            columns[(i, part)] = kept[(i, part)] if (i, part) in kept else torch.arange(n)
-
-    def write(s, w, removed):
-        src.write(names[id(proj(s))] + ".weight", w)
-
-    return src, Edits(columns, edits, lambda s: proj(s).weight.detach().clone(), write, ad.output_projection)
+    m = _Model(src, sublayer_costs(ad))
+    columns = {s: kept.get(s, torch.arange(m.weight(s).shape[1])) for s in m.costs}
+    return src, Edits(columns, edits, m.weight, m.write, ad.output_projection)
 
 
 def test_correcting_the_dense_model_changes_nothing():

@@ -121,7 +121,7 @@ def solve(gram: torch.Tensor, cross: torch.Tensor, tt: float, w0: torch.Tensor,
 
 @dataclass
 class Edits:
-    """How `correct` reads and writes the projections of the model under search: `columns[s]` are the kept
+    """How `correct_model` reads and writes the projections of the model under search: `columns[s]` are the kept
     input columns of every sub-layer to refit (removed ones are absent), `edits[s]` the chosen candidate's
     weights (written before a layer is refitted), `read(s)` / `write(s, weight, removed)` the projection's
     weight through the layer source, `proj(layer, part)` the module."""
@@ -135,8 +135,8 @@ class Edits:
 
 @torch.no_grad()
 def correct_model(source: LayerSource, fit: CalibrationData, edits: Edits, *, ridge: float = RIDGE,
-            batch_size: int = 4, total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-            work_dirs: Callable[[], Path | None] = lambda: None, progress: bool = True) -> Correction:
+                  batch_size: int = 4, total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                  work_dirs: Callable[[], Path | None] = lambda: None, progress: bool = True) -> Correction:
     """Write the chosen candidate's edits layer by layer, each layer's kept projections refitted as the module
     docstring says. `source` holds the DENSE model when called (nothing written yet); when it returns, every
     edit and refit is written (not committed). `total`: the sums over processes; `work_dirs`: a directory for

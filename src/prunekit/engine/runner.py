@@ -180,7 +180,7 @@ class LayerRunner:
             on_layer_done: Callable[[int], None] | None = None, desc: str = "calibration") -> int:
         """Run every batch through layers `restart_layer(start_layer)`.. (the caller guarantees that no layer
         below `start_layer` changed since the states were computed); returns the layer it started at."""
-        src, store = self.source, self.store
+        src = self.source
         n_layers = src.adapter.num_layers
         start = self.restart_layer(start_layer)
         if start == 0 and 0 not in self.valid:
@@ -191,16 +191,11 @@ class LayerRunner:
             self._run_layer(i, observers, calls)
             self.valid.add(i + 1)
             if i not in self.kept_layers:
-                for b in range(len(self.batches)):
-                    store.delete(state_key(i, b))
-                self.valid.discard(i)
+                self._forget(i)
             if on_layer_done is not None:
                 on_layer_done(i)
             pause_point("scoring")
-        # The last layer's output is only needed by the observers.
-        for b in range(len(self.batches)):
-            store.delete(state_key(n_layers, b))
-        self.valid.discard(n_layers)
+        self._forget(n_layers)  # the last layer's output is only needed by the observers
         return start
 
     @torch.no_grad()
@@ -218,9 +213,13 @@ class LayerRunner:
         self._run_layer(i, observers, self._step_calls)
         self.valid.add(i + 1)
         if last and i not in self.kept_layers:
-            for b in range(len(self.batches)):
-                self.store.delete(state_key(i, b))
-            self.valid.discard(i)
+            self._forget(i)
+
+    def _forget(self, layer: int) -> None:
+        """Delete the stored inputs of `layer` for every batch."""
+        for b in range(len(self.batches)):
+            self.store.delete(state_key(layer, b))
+        self.valid.discard(layer)
 
     def _run_layer(self, i: int, observers: Sequence[Observer], calls: "_CallCache") -> None:
         src, store = self.source, self.store

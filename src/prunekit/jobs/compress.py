@@ -81,9 +81,9 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
     (`prunekit.compress`), repair the chosen model's removed spans (`repair`: "linear", "none", or None for
     linear where the architecture takes it; `prunekit.repair`, each map kept only where it lowers the
     held-out calibration loss), save to `out`. `correct`: the search's last step, the error correction of
-    the chosen model's kept projections (`prunekit.compress.correct`). `offload_dir`: where spilled Grams and a streamed run's hidden
-    states go (default the system's temporary directory). Returns the result on rank 0, None on the other
-    ranks of a torchrun job."""
+    the chosen model's kept projections (`prunekit.compress.correct`). `offload_dir`: where spilled Grams
+    and a streamed run's hidden states go (default the system's temporary directory). Returns the result on
+    rank 0, None on the other ranks of a torchrun job."""
     b = check_compress_options(budget, rounds, multiple_of)
     check_criterion(criterion)
     if repair is not None and repair not in REPAIRS:
