@@ -28,11 +28,12 @@ def _edits(model, edits, kept):
     src = ResidentLayers(model, ad)
     m = _Model(src, sublayer_costs(ad))
     columns = {s: kept.get(s, torch.arange(m.weight(s).shape[1])) for s in m.costs}
-    return src, Edits(columns, edits, m.weight, m.write, ad.output_projection)
+    return src, Edits(columns, edits, m.weight, m.write, ad.output_projection, ad.output_norm)
 
 
-def test_correcting_the_dense_model_changes_nothing():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_correcting_the_dense_model_changes_nothing(family):
+    model = tiny_model(family)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     src, edits = _edits(model, {}, {})
     fitted = correct_model(src, random_calib(6, 16, pad_last=5), edits, progress=False)
@@ -41,15 +42,20 @@ def test_correcting_the_dense_model_changes_nothing():
     assert max(fitted.before.values()) < 1e-9 and max(fitted.after.values()) < 1e-9
 
 
+# Where the pruned model's mid residual (the input of the MLP's first norm) is read, per family.
+MID = {"llama": "post_attention_layernorm", "gemma3_text": "pre_feedforward_layernorm"}
+
+
 @torch.no_grad()
-def _layer_sums(dense, pruned, calib, layer: int, cols: torch.Tensor):
+def _layer_sums(dense, pruned, calib, layer: int, cols: torch.Tensor, family: str):
     """Gram and cross sums of layer `layer`'s down_proj (kept `cols`) from whole-model forwards with hooks: the
-    pruned model's down_proj input and mid residual, the dense model's layer output; padding excluded."""
+    pruned model's down_proj input and mid residual, the dense model's layer output; padding excluded. For
+    Gemma, through its post-feedforward norm written out here: inputs x / rms(z) (z the current down_proj
+    output), target t / (1 + w) scaled to the rms of z / rms(z)."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = [pruned.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
-                 lambda m, a: seen.__setitem__("x", a[0])),
-             pruned.model.layers[layer].post_attention_layernorm.register_forward_pre_hook(
-                 lambda m, a: seen.__setitem__("mid", a[0])),
+    block = pruned.model.layers[layer]
+    hooks = [block.mlp.down_proj.register_forward_hook(lambda m, a, out: seen.update(x=a[0], z=out)),
+             getattr(block, MID[family]).register_forward_pre_hook(lambda m, a: seen.__setitem__("mid", a[0])),
              dense.model.layers[layer].register_forward_hook(
                  lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))]
     gram = cross = 0
@@ -57,19 +63,31 @@ def _layer_sums(dense, pruned, calib, layer: int, cols: torch.Tensor):
         dense(input_ids=ids, attention_mask=mask, use_cache=False)
         pruned(input_ids=ids, attention_mask=mask, use_cache=False)
         keep = mask.reshape(-1) != 0
-        x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()[keep][:, cols]
-        t = (seen["h"] - seen["mid"]).reshape(-1, seen["h"].shape[-1]).double()[keep]
+        flat = {k: v.reshape(-1, v.shape[-1]).double()[keep] for k, v in seen.items()}
+        x, t = flat["x"][:, cols], flat["h"] - flat["mid"]
+        if family == "gemma3_text":
+            norm = block.post_feedforward_layernorm
+            r = (flat["z"].pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+            u = t / (1 + norm.weight.double())
+            now = (flat["z"] / r).pow(2).mean(-1, keepdim=True).sqrt()
+            x, t = x / r, u * now / u.pow(2).mean(-1, keepdim=True).sqrt()
         gram, cross = gram + x.T @ x, cross + x.T @ t
     for h in hooks:
         h.remove()
     return gram, cross
 
 
-def test_a_cut_sublayer_is_refitted_to_the_dense_residual_stream_from_the_pruned_inputs():
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_cut_sublayer_is_refitted_to_the_dense_residual_stream_from_the_pruned_inputs(family):
     """Layer 1's MLP keeps half its channels: its refit is the ridge least squares of the dense layer output
-    minus the pruned mid residual on the pruned down_proj inputs (an oracle from ordinary forwards), the
-    removed channels stay zero, and the layer below (already on the dense stream) is left as it is."""
-    dense = tiny_model("llama")
+    minus the pruned mid residual on the pruned down_proj inputs (an oracle from ordinary forwards; for Gemma
+    linearised through the norm that follows down_proj, whose gains are made uneven here), the removed
+    channels stay zero, and the layer below (already on the dense stream) is left as it is."""
+    dense = tiny_model(family)
+    if family == "gemma3_text":
+        with torch.no_grad():
+            for block in dense.model.layers:
+                block.post_feedforward_layernorm.weight.normal_(0.0, 0.5)
     pruned = copy.deepcopy(dense)
     down = pruned.model.layers[1].mlp.down_proj
     keep = torch.arange(0, down.in_features, 2)
@@ -82,7 +100,7 @@ def test_a_cut_sublayer_is_refitted_to_the_dense_residual_stream_from_the_pruned
 
     oracle = copy.deepcopy(dense)
     oracle.model.layers[1].mlp.down_proj.weight.data.copy_(cut)
-    gram, cross = _layer_sums(dense, oracle, calib, 1, keep)
+    gram, cross = _layer_sums(dense, oracle, calib, 1, keep, family)
     lam = 0.3 * float(torch.diagonal(gram).mean())
     want = torch.linalg.solve(gram + lam * torch.eye(len(keep), dtype=gram.dtype),
                               cross + lam * cut[:, keep].double().T).T

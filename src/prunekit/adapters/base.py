@@ -229,6 +229,13 @@ class ModelAdapter:
         """The projection whose output a sub-layer (`attn` or `mlp`) adds to the residual stream."""
         return self.attn_projections(layer)[3] if part == "attn" else self.mlp_projections(layer)[2]
 
+    def output_norm(self, layer: nn.Module, part: str) -> nn.Module | None:
+        """The norm a sub-layer's output passes through before the residual add (Gemma 3's post-norms), or None
+        where the projection's output is added as it is."""
+        if not self.spec.output_norms:
+            return None
+        return getattr(layer, (self.spec.attn_norms if part == "attn" else self.spec.mlp_norms)[-1])
+
     # --- module swaps ---------------------------------------------------------------------------------------
     def remove_attention(self, layer: nn.Module, layer_idx: int) -> None:
         """Replace a layer's attention (and the norms that only serve it) by parameter-free stand-ins."""

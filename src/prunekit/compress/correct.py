@@ -16,9 +16,11 @@ sub-layer also corrects the error of everything below it. Only float64 [in, in] 
 (streamed-safe; under torchrun each rank sums its share, and the sums are totalled before the solve).
 Removed units stay removed: only the kept columns are fitted.
 
-Not for architectures that normalise a sub-layer's output before the residual add (Gemma 3): the target
-would not be linear in W. Cost: four passes of the layers over the fit part (the dense model once, the
-pruned model three times: fit the attention, fit the MLP, carry the result up).
+Where a norm follows the projection before the residual add (Gemma 3's post-norms), the sub-layer adds
+gain * z / rms(z) with z = W x + b, which is not linear in W: the fit is linearised around the current weight
+(`_FitSums._normalised`: the target's direction, inputs scaled by the current output's rms). Cost: four passes
+of the layers over the fit part (the dense model once, the pruned model three times: fit the attention, fit
+the MLP, carry the result up).
 
 Measured before it was built in (SmolLM2 at params=0.8, wiki's calibration half, selection perplexity 40.13
 without): ridge 1e-3 gave 40.63 (fits the calibration text too closely), 0.1 gave 39.27, 1.0 gave 39.10; a
@@ -70,13 +72,17 @@ class _DenseMid(Observer):
 class _FitSums(Observer):
     """During one pass of the pruned model through layer `i`: Gram and cross sums of sub-layer `part`'s output
     projection (its `cols` input columns) against the target (dense residual after it, minus the pruned
-    residual before it, minus the projection's bias)."""
+    residual before it, minus the projection's bias). Where a norm follows the projection (`norm` gives it),
+    the fit is linearised through it, as `_normalised` says."""
 
     def __init__(self, part: str, proj: Callable[[nn.Module], nn.Linear], cols: torch.Tensor,
-                 target: Callable[[int], torch.Tensor]):
-        self.part, self.proj, self.cols, self.target = part, proj, cols, target
+                 target: Callable[[int], torch.Tensor], norm: Callable[[nn.Module], nn.Module | None]):
+        self.part, self.proj, self.cols, self.target, self.norm = part, proj, cols, target, norm
         self.x: torch.Tensor | None = None
+        self.z: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
+        self.gain: torch.Tensor | None = None
+        self.eps = 0.0
         self.gram: torch.Tensor | None = None
         self.cross: torch.Tensor | None = None
         self.tt = 0.0
@@ -85,21 +91,52 @@ class _FitSums(Observer):
     def begin_layer(self, i: int, layer: nn.Module) -> None:
         proj = self.proj(layer)
         self.bias = None if proj.bias is None else proj.bias.detach().to(torch.float64)
-        self.handle = proj.register_forward_pre_hook(lambda m, args: setattr(self, "x", args[0]))
+        self.handle = proj.register_forward_hook(lambda m, args, out: self._seen(args[0], out))
+        norm = self.norm(layer)
+        if norm is not None:
+            self.eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
+            # The norm's per-channel gain, read off its output for an all-ones input, so that no norm class's
+            # parametrisation (Gemma's 1 + weight) is written out here; only its shape across channels counts
+            # (`_normalised` rescales), so the eps in that output does not matter.
+            ones = torch.ones(1, proj.out_features, dtype=proj.weight.dtype, device=proj.weight.device)
+            self.gain = norm(ones)[0].to(torch.float64)
+
+    def _seen(self, x: torch.Tensor, z: torch.Tensor) -> None:
+        self.x, self.z = x, z
 
     def observe(self, i: int, b: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
                 mask: torch.Tensor | None) -> None:
-        assert self.x is not None
+        assert self.x is not None and self.z is not None
         x = masked_rows(self.x, mask)[:, self.cols]
         before = h_in if self.part == "attn" else h_mid
         t = masked_rows(self.target(b).to(before.device), mask) - masked_rows(before, mask)
-        if self.bias is not None:
+        if self.gain is not None:
+            x, t = self._normalised(x, t, masked_rows(self.z, mask))
+        elif self.bias is not None:
             t = t - self.bias
         g, c = (x.T @ x).cpu(), (x.T @ t).cpu()
         self.gram = g if self.gram is None else self.gram + g
         self.cross = c if self.cross is None else self.cross + c
         self.tt += float((t * t).sum())
-        self.x = None
+        self.x = self.z = None
+
+    def _normalised(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fit through an RMS norm: the residual stream gets gain * z / rms(z) from the projection's output
+        z = W x + bias, so a token's output can only be steered in direction, not scaled. The wanted direction
+        u = t / gain, rescaled to the rms of z / r, is matched by z / r, with r = rms(z) of the current weight
+        held fixed (the linearisation): inputs x / r, target u - bias / r. Both sides have rms about 1, so every
+        token weighs the same whatever the size of its output."""
+        assert self.gain is not None
+        r = (z.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        # A channel whose gain is 0 is always 0 in the output: it has no direction to match.
+        live = self.gain.abs() > 1e-6 * float(self.gain.abs().max())
+        u = torch.where(live, t / torch.where(live, self.gain, 1.0), 0.0)
+        # Scaled to the rms that z / r has now (just under 1, by the norm's eps), so that a sub-layer already
+        # on target is left exactly as it is.
+        u = u * (z / r).pow(2).mean(-1, keepdim=True).sqrt() / (u.pow(2).mean(-1, keepdim=True) + 1e-30).sqrt()
+        if self.bias is not None:
+            u = u - self.bias / r
+        return x / r, u
 
     def end_layer(self, i: int, layer: nn.Module) -> None:
         self.handle.remove()
@@ -124,13 +161,15 @@ class Edits:
     """How `correct_model` reads and writes the projections of the model under search: `columns[s]` are the kept
     input columns of every sub-layer to refit (removed ones are absent), `edits[s]` the chosen candidate's
     weights (written before a layer is refitted), `read(s)` / `write(s, weight, removed)` the projection's
-    weight through the layer source, `proj(layer, part)` the module."""
+    weight through the layer source, `proj(layer, part)` the module, `norm(layer, part)` the norm between it and
+    the residual add (None where there is none)."""
 
     columns: dict[Sublayer, torch.Tensor]
     edits: dict[Sublayer, torch.Tensor]
     read: Callable[[Sublayer], torch.Tensor]
     write: Callable[[Sublayer, torch.Tensor, bool], None]
     proj: Callable[[nn.Module, str], nn.Linear]
+    norm: Callable[[nn.Module, str], nn.Module | None]
 
 
 @torch.no_grad()
@@ -165,7 +204,7 @@ def _refit(pruned: LayerRunner, i: int, part: str, edits: Edits, target: Callabl
     """One pass of the pruned model through layer `i` for the sums, the solve, and the write."""
     s = (i, part)
     cols = edits.columns[s]
-    sums = _FitSums(part, lambda layer: edits.proj(layer, part), cols, target)
+    sums = _FitSums(part, lambda layer: edits.proj(layer, part), cols, target, lambda layer: edits.norm(layer, part))
     pruned.step(i, [sums], last=False)
     assert sums.gram is not None and sums.cross is not None
     gram, cross = total(sums.gram), total(sums.cross)

@@ -444,13 +444,9 @@ class _Search:
         (`compress.correct`), a candidate of its own. Returned, and left written, when it checks better; else
         the model is dense again and `best` is returned."""
         m, started = self.m, time.monotonic()
-        if m.adapter.spec.output_norms:
-            self.correction = {"applied": False, "reason": "sub-layer outputs are normalised before the residual "
-                               "add, so a projection's refit target is not linear"}
-            return best
         m.alive = {s: list(best.kept.get(s, range(c.units))) for s, c in self.costs.items()}
         columns = {s: unit_columns(a, m.cols_per_unit(s)) for s, a in m.alive.items() if a}
-        edits = Edits(columns, best.weights, m.weight, m.write, m.adapter.output_projection)
+        edits = Edits(columns, best.weights, m.weight, m.write, m.adapter.output_projection, m.adapter.output_norm)
         fitted = correct_model(self.src, self.my_fit, edits, batch_size=self.opts.batch_size, total=self.sums.total,
                                work_dirs=self.states, progress=self.opts.progress)
         loss, kl = self.scorer()
