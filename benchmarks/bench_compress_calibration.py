@@ -6,13 +6,14 @@ params=0.8` on SmolLM2 with 16 x 512 tokens (2 rounds, the earlier default), 16 
 64 x 512 (2 rounds), all from c4's calibration half, and measures perplexity on 10 x 1024 tokens of LAMBADA
 (lambada_openai test passages, novels: in no built-in text, used for no other decision or table here),
 which decides the default, and, for the record, on wiki's evaluation half. Writes
-benchmarks/results/compress_calibration.json.
+benchmarks/results/compress_calibration.json (`--json`); `--configs` runs other (sequences x rounds) settings.
 
-    .venv/bin/python benchmarks/bench_compress_calibration.py
+    .venv/bin/python benchmarks/bench_compress_calibration.py [--configs 64x2,128x2] [--json PATH]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -25,26 +26,33 @@ from prunekit.compress import Budget, compress
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_heal import lambada_windows  # noqa: E402
 
-CONFIGS = [(16, 2), (16, 4), (64, 2)]  # (calibration sequences, rounds)
+CONFIGS = "16x2,16x4,64x2"  # (calibration sequences) x (rounds)
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default=CONFIGS, help="comma-separated SAMPLESxROUNDS")
+    p.add_argument("--json", default="benchmarks/results/compress_calibration.json")
+    a = p.parse_args()
+    configs = [tuple(int(v) for v in c.split("x")) for c in a.configs.split(",")]
     dense, tok = prunekit.load_model("smollm2-135m")
     wiki = prunekit.eval_windows(tok, "wiki", 10, 1024)
     lam = lambada_windows(tok, 10, 1024)
     out = {"model": "smollm2-135m", "budget": "params=0.8", "decided_on": "lambada (10 x 1024)", "runs": {}}
-    for samples, rounds in CONFIGS:
+    for samples, rounds in configs:
         calib = prunekit.calibration_data(tok, "c4", samples, 512)
         m = copy.deepcopy(dense)
         t0 = time.time()
         r = compress(m, prunekit.get_adapter(m), calib, Budget("params", 0.8), rounds=rounds, progress=False)
         row = {"seconds": time.time() - t0, "chosen": r.chosen,
+               "correction": {k: v for k, v in r.plan.options.get("correction", {}).items()
+                              if k != "relative_residual"},
                "lambada": prunekit.perplexity(m, lam, progress=False)["perplexity"],
                "wiki": prunekit.perplexity(m, wiki, progress=False)["perplexity"]}
         out["runs"][f"{samples}x512, {rounds} rounds"] = row
         print(f"{samples} x 512, {rounds} rounds: LAMBADA {row['lambada']:.2f}  wiki {row['wiki']:.2f}  "
               f"[{row['seconds']:.0f} s, {row['chosen']}]", flush=True)
-        path = Path("benchmarks/results/compress_calibration.json")
+        path = Path(a.json)
         path.write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -298,6 +298,8 @@ def test_cli_compress_saves_a_checkpoint_that_loads_back_with_its_pareto_table(t
     assert sum(r["chosen"] for r in pareto["candidates"]) == 1
     plan = PruningPlan.load(out / "prunekit_plan.json")
     assert plan.method == "compress"
+    corr = plan.options["correction"]
+    assert summary["correction"] == {k: corr[k] for k in ("applied", "check_value_uncorrected", "check_value")}
     model, _ = load_model(out, tokenizer=False)
     dense, _ = load_model(ck, tokenizer=False)
     assert count_parameters(model) <= 0.85 * count_parameters(dense)

@@ -72,9 +72,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                "narrowed_layers": sorted(result.plan.widths)}
     corr = result.plan.options.get("correction")
     if corr is not None:
-        summary["correction"] = {"applied": corr["applied"]} | (
-            {"check_value_uncorrected": corr["check_value_uncorrected"], "check_value": corr["check_value"]}
-            if "ridge" in corr else {"reason": corr["reason"]})
+        summary["correction"] = {k: corr[k] for k in ("applied", "check_value_uncorrected", "check_value")}
     rep = result.plan.repair
     if rep and rep.get("spans"):
         summary["repair"] = {"check_ppl_unrepaired": loss_perplexity(rep["check_loss_unrepaired"]),

@@ -494,7 +494,7 @@ class _Search:
         # scoring one forward over it, and every candidate one forward over the check part.
         share = len(self.check.input_ids) / len(self.calib.input_ids)
         # The error correction: the dense model once and the pruned one three times over the fit part.
-        fit_passes = 4 * self.opts.rounds + 1 + (4 if self.correction and "ridge" in self.correction else 0)
+        fit_passes = 4 * self.opts.rounds + 1 + (4 if self.correction is not None else 0)
         opts["forward_passes"] = round(fit_passes * (1 - share) + len(self.tried) * share, 2)
         if self.correction is not None:
             opts["correction"] = self.correction
