@@ -50,12 +50,14 @@ MID = {"llama": "post_attention_layernorm", "gemma3_text": "pre_feedforward_laye
 def _layer_sums(dense, pruned, calib, layer: int, cols: torch.Tensor, family: str):
     """Gram and cross sums of layer `layer`'s down_proj (kept `cols`) from whole-model forwards with hooks: the
     pruned model's down_proj input and mid residual, the dense model's layer output; padding excluded. For
-    Gemma, through its post-feedforward norm written out here: inputs x / rms(z) (z the current down_proj
-    output), target t / (1 + w) scaled to the rms of z / rms(z)."""
+    Gemma, whose down_proj output passes through a norm: inputs x / rms(z) (z the pruned down_proj output now),
+    target the dense down_proj output over its rms (the norm's eps in both)."""
     seen: dict[str, torch.Tensor] = {}
     block = pruned.model.layers[layer]
     hooks = [block.mlp.down_proj.register_forward_hook(lambda m, a, out: seen.update(x=a[0], z=out)),
              getattr(block, MID[family]).register_forward_pre_hook(lambda m, a: seen.__setitem__("mid", a[0])),
+             dense.model.layers[layer].mlp.down_proj.register_forward_hook(
+                 lambda m, a, out: seen.__setitem__("z_dense", out)),
              dense.model.layers[layer].register_forward_hook(
                  lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))]
     gram = cross = 0
@@ -66,11 +68,10 @@ def _layer_sums(dense, pruned, calib, layer: int, cols: torch.Tensor, family: st
         flat = {k: v.reshape(-1, v.shape[-1]).double()[keep] for k, v in seen.items()}
         x, t = flat["x"][:, cols], flat["h"] - flat["mid"]
         if family == "gemma3_text":
-            norm = block.post_feedforward_layernorm
-            r = (flat["z"].pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
-            u = t / (1 + norm.weight.double())
-            now = (flat["z"] / r).pow(2).mean(-1, keepdim=True).sqrt()
-            x, t = x / r, u * now / u.pow(2).mean(-1, keepdim=True).sqrt()
+            eps = block.post_feedforward_layernorm.eps
+            def rms(v):
+                return (v.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+            x, t = x / rms(flat["z"]), flat["z_dense"] / rms(flat["z_dense"])
         gram, cross = gram + x.T @ x, cross + x.T @ t
     for h in hooks:
         h.remove()
@@ -81,10 +82,10 @@ def _layer_sums(dense, pruned, calib, layer: int, cols: torch.Tensor, family: st
 def test_a_cut_sublayer_is_refitted_to_the_dense_residual_stream_from_the_pruned_inputs(family):
     """Layer 1's MLP keeps half its channels: its refit is the ridge least squares of the dense layer output
     minus the pruned mid residual on the pruned down_proj inputs (an oracle from ordinary forwards; for Gemma
-    linearised through the norm that follows down_proj, whose gains are made uneven here), the removed
+    the dense down_proj output's direction, linearised through the norm that follows), the removed
     channels stay zero, and the layer below (already on the dense stream) is left as it is."""
     dense = tiny_model(family)
-    if family == "gemma3_text":
+    if family == "gemma3_text":  # uneven gains in the norm after down_proj: the fit must not depend on them
         with torch.no_grad():
             for block in dense.model.layers:
                 block.post_feedforward_layernorm.weight.normal_(0.0, 0.5)
