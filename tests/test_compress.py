@@ -450,6 +450,32 @@ def test_streamed_compress_equals_the_in_memory_one(tiny_checkpoint, tmp_path, b
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_streamed_compress_equals_the_in_memory_one_on_gemma(tmp_path):
+    """Gemma 3's error correction (the dense sub-layers' output directions kept per batch) streamed: every
+    candidate, the corrected one included, checks the same as in memory, and the saved models agree."""
+    from conftest import tiny_tokenizer
+
+    from prunekit.io.checkpoint import load_model, save_checkpoint
+    from prunekit.jobs.compress import compress_job
+
+    ck = save_checkpoint(tiny_model("gemma3_text"), tiny_tokenizer(), tmp_path / "tiny-gemma")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(3000)))
+    opts = dict(budget="params=0.85", multiple_of=16, calib=text, samples=8, seq_len=24, progress=False)
+    resident = compress_job(str(ck), tmp_path / "resident", stream=False, **opts)
+    streamed = compress_job(str(ck), tmp_path / "streamed", stream=True, offload_dir=tmp_path / "offload", **opts)
+    assert resident is not None and streamed is not None and streamed.chosen == resident.chosen
+    names = [c["name"] for c in resident.candidates]
+    assert any(n.endswith("+ correction") for n in names)
+    for a, b in zip(streamed.candidates, resident.candidates, strict=True):
+        assert a["name"] == b["name"] and a["check_loss"] == pytest.approx(b["check_loss"], rel=1e-6)
+    ids = random_calib(2, 16).input_ids
+    with torch.no_grad():
+        want = load_model(tmp_path / "resident", tokenizer=False)[0](input_ids=ids).logits
+        got = load_model(tmp_path / "streamed", tokenizer=False)[0](input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_streamed_edits_are_read_reverted_and_saved_cut_by_the_plan(tiny_checkpoint, tmp_path):
     """A streamed source's written tensors stand in for the files' values when a layer is read and when the
     checkpoint is saved (cut by the plan like the rest), and `revert` undoes what was not committed: the
