@@ -115,11 +115,15 @@ def run_compress(dense: Any, calib: Any, budget: Budget, measure: Any, criterion
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)
     return {**measure(m), "seconds": seconds, "peak_rss_gib": round(mem.peak / 2**30, 2),
             "chosen": result.chosen, "removed_kv": chosen["removed_kv"],
-            "correction": {k: v for k, v in result.plan.options.get("correction", {}).items()
-                           if k != "relative_residual"},
+            "correction": correction_summary(result.plan),
             "dropped": [f"{d.module}@{d.layer}" for d in result.plan.dropped],
             "widths": {str(i): {k: len(v) for k, v in w.to_json().items()} for i, w in result.plan.widths.items()},
             "candidates": result.candidates}
+
+
+def correction_summary(plan: prunekit.PruningPlan) -> dict[str, Any]:
+    """The plan's error-correction record without its per-projection residuals (empty when it did not run)."""
+    return {k: v for k, v in plan.options.get("correction", {}).items() if k != "relative_residual"}
 
 
 def rate(rows: dict[str, Any], target: float) -> None:

@@ -24,6 +24,7 @@ import prunekit
 from prunekit.compress import Budget, compress
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_compress import correction_summary  # noqa: E402
 from bench_heal import lambada_windows  # noqa: E402
 
 CONFIGS = "16x2,16x4,64x2"  # (calibration sequences) x (rounds)
@@ -45,8 +46,7 @@ def main() -> None:
         t0 = time.time()
         r = compress(m, prunekit.get_adapter(m), calib, Budget("params", 0.8), rounds=rounds, progress=False)
         row = {"seconds": time.time() - t0, "chosen": r.chosen,
-               "correction": {k: v for k, v in r.plan.options.get("correction", {}).items()
-                              if k != "relative_residual"},
+               "correction": correction_summary(r.plan),
                "lambada": prunekit.perplexity(m, lam, progress=False)["perplexity"],
                "wiki": prunekit.perplexity(m, wiki, progress=False)["perplexity"]}
         out["runs"][f"{samples}x512, {rounds} rounds"] = row

@@ -64,21 +64,21 @@ class Correction:
 
 class _Dense(Observer):
     """Keeps, per batch, the dense model's residual stream between attention and MLP of the current layer, and
-    for a sub-layer whose output is normalised (`norm(layer, part)` not None), its output projection's output
-    divided by its rms: the direction the norm passes on, which that sub-layer's refit matches."""
+    for a sub-layer to refit (in `edits.columns`) whose output is normalised (`edits.norm(layer, part)` not
+    None), its output projection's output divided by its rms: the direction the norm passes on, which that
+    sub-layer's refit matches."""
 
-    def __init__(self, store: TensorStore, proj: Callable[[nn.Module, str], nn.Linear],
-                 norm: Callable[[nn.Module, str], nn.Module | None]):
-        self.store, self.proj, self.norm = store, proj, norm
+    def __init__(self, store: TensorStore, edits: Edits):
+        self.store, self.edits = store, edits
         self.z: dict[str, torch.Tensor] = {}
         self.handles: list[Any] = []
 
     def begin_layer(self, i: int, layer: nn.Module) -> None:
         for part in PARTS:
-            norm = self.norm(layer, part)
-            if norm is not None:
+            norm = self.edits.norm(layer, part)
+            if norm is not None and (i, part) in self.edits.columns:
                 eps = _eps(norm)
-                self.handles.append(self.proj(layer, part).register_forward_hook(
+                self.handles.append(self.edits.proj(layer, part).register_forward_hook(
                     lambda m, args, out, part=part, eps=eps: self.z.__setitem__(part, _unit(out, eps))))
 
     def observe(self, i: int, b: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
@@ -101,7 +101,12 @@ def _eps(norm: nn.Module) -> float:
 def _unit(z: torch.Tensor, eps: float) -> torch.Tensor:
     """z / sqrt(mean(z^2) + eps) per token, as an RMS norm divides before its gains (in float32 at least)."""
     z = z.to(torch.promote_types(z.dtype, torch.float32))
-    return z / (z.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    return z / _rms(z, eps)
+
+
+def _rms(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """sqrt(mean(z^2) + eps) over the last dimension, kept: the divisor of an RMS norm."""
+    return (z.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 
 class _FitSums(Observer):
@@ -160,7 +165,7 @@ class _FitSums(Observer):
         its output's size fixed it cannot take that on, and asked to (target: the residual difference divided
         by the gains) it made Gemma 3 far worse (check loss 5.01 -> 9.36 at params=0.9)."""
         assert self.eps is not None
-        r = (z.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        r = _rms(z, self.eps)
         if self.bias is not None:
             u = u - self.bias / r
         return x / r, u
@@ -213,7 +218,7 @@ def correct_model(source: LayerSource, fit: CalibrationData, edits: Edits, *, ri
     out = Correction(ridge)
     for i in tqdm(range(source.adapter.num_layers), desc="compress error correction", disable=not progress,
                   leave=False):
-        dense.step(i, [_Dense(mids, edits.proj, edits.norm)])
+        dense.step(i, [_Dense(mids, edits)])
         for s in ((i, p) for p in PARTS):
             if s in edits.edits:
                 edits.write(s, edits.edits[s], s not in edits.columns)
