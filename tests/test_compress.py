@@ -4,6 +4,7 @@ that loads back with its Pareto table."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -108,7 +109,8 @@ def test_budgets_parse_and_impossible_ones_fail_before_work():
 
 def _reference_stats(model, ad, calib):
     """Grams, Fishers and the loss from one whole-graph forward and backward (autograd over the full model,
-    hooks on the output projections): what the layer-by-layer backward sweep must reproduce."""
+    hooks on the output projections): what the layer-by-layer backward sweep must reproduce. A sub-layer whose
+    output is normalised (Gemma 3) has its Fisher taken with the norm's rms held fixed."""
     from prunekit.compress.stats import output_projections
     from prunekit.losses import token_nll
     from prunekit.width.importance import masked_rows
@@ -119,15 +121,31 @@ def _reference_stats(model, ad, calib):
         grams[key] = torch.zeros(proj.in_features, proj.in_features, dtype=torch.float64)
         fishers[key] = torch.zeros(proj.out_features, proj.out_features, dtype=torch.float64)
 
-        def hook(module, args, out, key=key):
+        norm = ad.output_norm(ad.layers()[key[0]], key[1])
+
+        def hook(module, args, out, key=key, fisher=norm is None):
             rows = masked_rows(args[0].detach(), mask).double()
             grams[key] += rows.T @ rows
 
             def grad_hook(g, key=key):
                 rows = masked_rows(g, mask).double()
                 fishers[key] += rows.T @ rows
+            if fisher:
+                out.register_hook(grad_hook)
+
+        def norm_hook(module, args, out, key=key):
+            # Gemma 3's y = (1 + weight) * z / sqrt(mean(z^2) + eps): with that divisor held fixed,
+            # dL/dz = (1 + weight) / divisor * dL/dy
+            z = args[0].detach().double()
+            scale = (1.0 + module.weight.detach().double()) / (z.pow(2).mean(-1, keepdim=True) + module.eps).sqrt()
+
+            def grad_hook(g, key=key):
+                rows = masked_rows(g.double() * scale, mask)
+                fishers[key] += rows.T @ rows
             out.register_hook(grad_hook)
         handles.append(proj.register_forward_hook(hook))
+        if norm is not None:
+            handles.append(norm.register_forward_hook(norm_hook))
     model.zero_grad()
     nll, n = token_nll(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
     nll.backward()
@@ -140,13 +158,16 @@ def _reference_stats(model, ad, calib):
 def test_layer_by_layer_backward_gives_the_whole_graph_statistics(family):
     """`collect_stats` runs the layers forward, then re-runs them top-down with autograd one at a time
     (`LayerRunner.backward`): the same Grams, Fishers and loss as autograd over the whole model, padding
-    excluded, at any batch size."""
+    excluded, at any batch size; for Gemma 3's normalised sub-layers, the Fisher of the gradient at the
+    projection's output with the norm's rms held fixed (the reference scales by Gemma's own 1 + weight, the
+    runner by the gains it reads from the module)."""
     model = tiny_model(family)
     if family == "gemma3_text":  # the soft-capped logits of Gemma 2/3 must be the model's own
         model.config.final_logit_softcapping = 5.0
     ad = get_adapter(model)
     calib = random_calib(6, 16, pad_last=5)
-    grams, fishers, loss, tokens = _reference_stats(model, ad, calib)
+    ref = copy.deepcopy(model)
+    grams, fishers, loss, tokens = _reference_stats(ref, get_adapter(ref), calib)
     for batch_size in (1, 4):
         st = collect_stats(model, calib, adapter=ad, batch_size=batch_size, progress=False)
         assert st.tokens == tokens == 6 * 15 - 5 and st.loss == pytest.approx(loss, rel=1e-6)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit.compress import postnorm
 from prunekit.compress.stats import Sublayer
 from prunekit.data import CalibrationData
 from prunekit.engine.runner import LayerRunner, Observer, TensorStore, state_key
@@ -77,9 +78,9 @@ class _Dense(Observer):
         for part in PARTS:
             norm = self.edits.norm(layer, part)
             if norm is not None and (i, part) in self.edits.columns:
-                eps = _eps(norm)
+                eps = postnorm.eps(norm)
                 self.handles.append(self.edits.proj(layer, part).register_forward_hook(
-                    lambda m, args, out, part=part, eps=eps: self.z.__setitem__(part, _unit(out, eps))))
+                    lambda m, args, out, part=part, eps=eps: self.z.__setitem__(part, postnorm.unit(out, eps))))
 
     def observe(self, i: int, b: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
                 mask: torch.Tensor | None) -> None:
@@ -92,21 +93,6 @@ class _Dense(Observer):
         for h in self.handles:
             h.remove()
         self.handles = []
-
-
-def _eps(norm: nn.Module) -> float:
-    return float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
-
-
-def _unit(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """z / sqrt(mean(z^2) + eps) per token, as an RMS norm divides before its gains (in float32 at least)."""
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
-    return z / _rms(z, eps)
-
-
-def _rms(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """sqrt(mean(z^2) + eps) over the last dimension, kept: the divisor of an RMS norm."""
-    return (z.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 
 class _FitSums(Observer):
@@ -134,7 +120,7 @@ class _FitSums(Observer):
         self.bias = None if proj.bias is None else proj.bias.detach().to(torch.float64)
         self.handle = proj.register_forward_hook(lambda m, args, out: self._seen(args[0], out))
         norm = self.norm(layer)
-        self.eps = None if norm is None else _eps(norm)
+        self.eps = None if norm is None else postnorm.eps(norm)
 
     def _seen(self, x: torch.Tensor, z: torch.Tensor) -> None:
         self.x, self.z = x, z
@@ -165,7 +151,7 @@ class _FitSums(Observer):
         its output's size fixed it cannot take that on, and asked to (target: the residual difference divided
         by the gains) it made Gemma 3 far worse (check loss 5.01 -> 9.36 at params=0.9)."""
         assert self.eps is not None
-        r = _rms(z, self.eps)
+        r = postnorm.rms(z, self.eps)
         if self.bias is not None:
             u = u - self.bias / r
         return x / r, u

@@ -8,6 +8,10 @@ g_t the gradient of the summed calibration loss with respect to that projection'
 * F = sum_t g_t g_t'  (output Fisher; [d, d]): how much the loss cares about an error in the projection's
   output, direction by direction.
 
+Where the projection's output passes through an RMS norm before the residual add (Gemma 3), g_t is taken
+with the norm's rms held fixed (`postnorm`): the true gradient there cannot see a change of the output's
+size, which the norm undoes, so dropping such a sub-layer would look free.
+
 Under the Kronecker (K-FAC) approximation E[(g'Rx)^2] ~ tr(F R G R') / T, the loss increase of replacing the
 projection's weight W by W + R is about tr(F R G R') / (2T): one number per candidate that compares sub-layers
 of different depths and kinds on the same scale, which cosine similarities and activation norms cannot.
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import ModelAdapter
+from prunekit.compress import postnorm
 from prunekit.data import CalibrationData
 from prunekit.engine.head import LossGradient
 from prunekit.engine.runner import FiniteCheck, LayerRunner, Observer
@@ -111,13 +116,17 @@ class _StatsObserver(Observer):
             self.stats.layers[key] = SublayerStats(
                 torch.zeros(proj.in_features, proj.in_features, dtype=torch.float64),
                 torch.zeros(proj.out_features, proj.out_features, dtype=torch.float64))
-            self.handles.append(proj.register_forward_hook(self._hook(self.stats.layers[key])))
+            st = self.stats.layers[key]
+            norm = self.adapter.output_norm(layer, part)
+            self.handles.append(proj.register_forward_hook(self._hook(st, fisher=norm is None)))
+            if norm is not None:
+                self.handles.append(norm.register_forward_hook(self._norm_hook(st, norm, proj.out_features)))
             self.keys.append(key)
 
     def begin_batch(self, i: int, b: int, mask: torch.Tensor | None) -> None:
         self.mask = mask
 
-    def _hook(self, st: SublayerStats) -> Any:
+    def _hook(self, st: SublayerStats, fisher: bool) -> Any:
         def forward(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
             mask = self.mask
             rows = masked_rows(args[0].detach(), mask).to(args[0].dtype)
@@ -126,6 +135,26 @@ class _StatsObserver(Observer):
 
             def backward(grad: torch.Tensor) -> None:
                 st.fisher += _outer(masked_rows(grad, mask).to(grad.dtype)).cpu()
+
+            if fisher and out.requires_grad:
+                out.register_hook(backward)
+        return forward
+
+    def _norm_hook(self, st: SublayerStats, norm: nn.Module, width: int) -> Any:
+        """The Fisher of a post-normed sub-layer: the gradient at the projection's output z with the norm's rms
+        held fixed, s / r(z) times the gradient at the norm's output (`postnorm`). The true gradient at z is
+        blind to changes along z itself (the norm undoes a change of size), so it would price dropping the
+        sub-layer (z -> 0) at almost nothing; with r fixed, a drop costs the loss of losing its whole output."""
+        scale = postnorm.gains(norm, width)
+
+        def forward(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            mask = self.mask
+            z = args[0].detach()
+            r = postnorm.rms(z.to(torch.promote_types(z.dtype, torch.float32)), postnorm.eps(norm))
+
+            def backward(grad: torch.Tensor) -> None:
+                g = grad.to(r.dtype) * scale.to(grad.device) / r
+                st.fisher += _outer(masked_rows(g, mask).to(grad.dtype)).cpu()
 
             if out.requires_grad:
                 out.register_hook(backward)
