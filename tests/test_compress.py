@@ -244,7 +244,8 @@ def test_compress_meets_the_budget_and_iterative_rounds_are_tried():
                       multiple_of=16, progress=False)
     assert count_parameters(model) <= 0.8 * n0
     names = [c["name"] for c in result.candidates]
-    assert {"dense", "mixed", "mixed (no refit)", "mixed (OBS order)", "depth", "width", "uniform-width"} <= set(names)
+    assert {"dense", "mixed", "mixed (no refit)", "mixed (OBS order)", "depth", "width", "uniform-width",
+            "uniform-width (OBS order)"} <= set(names)
     # The rounds follow the unit order whose one-shot candidate checked better.
     value = {c["name"]: c["check_loss"] for c in result.candidates}
     tag = " (OBS order)" if value["mixed (OBS order)"] < value["mixed"] else ""

@@ -5,7 +5,8 @@
    candidate family: ``mixed`` (widths and drops chosen together), ``depth`` (sub-layer drops only),
    ``width`` (per-layer widths only), ``uniform-width`` (TransAct uniform MLP width), each with the refit of
    every cut projection, plus ``mixed`` without refit (the check that refitting helps), ``mixed (OBS order)``
-   (units ranked by greedy Optimal Brain Surgeon removal instead of by activation norm), ``mixed`` reached
+   and ``uniform-width (OBS order)`` (units ranked by greedy Optimal Brain Surgeon removal instead of by
+   activation norm), ``mixed`` reached
    in several rounds (the budget spent in steps, statistics re-taken on the partly pruned model in between,
    like iterative pruning; units in the order whose one-shot candidate checked better), and LLM-Drop's own
    attention / MLP / block / joint plans (cosine-ranked, the fewest drops that meet the budget), which the
@@ -399,7 +400,8 @@ class _Search:
                     f"mixed{OBS_TAG}": lambda: (obs_curves, allocate(obs_curves, costs, need, key, "mixed")),
                     "depth": lambda: (curves, allocate(curves, costs, need, key, "depth")),
                     "width": lambda: (curves, allocate(curves, costs, need, key, "width")),
-                    "uniform-width": lambda: (curves, uniform_mlp(curves, costs, need, key))}
+                    "uniform-width": lambda: (curves, uniform_mlp(curves, costs, need, key)),
+                    f"uniform-width{OBS_TAG}": lambda: (obs_curves, uniform_mlp(obs_curves, costs, need, key))}
         for name, choose in tqdm(list(families.items()), desc="compress candidates", disable=not self.opts.progress,
                                  leave=False):
             used, chosen = choose()
