@@ -12,7 +12,7 @@ import torch
 from conftest import random_calib, tiny_model, whole_model_loss
 
 from prunekit.adapters import get_adapter
-from prunekit.compress.allocate import allocate, uniform_mlp
+from prunekit.compress.allocate import allocate, near_uniform_mlp, uniform_mlp
 from prunekit.compress.budget import Budget, SublayerCost, parse_budget, removal_target, removed, sublayer_costs
 from prunekit.compress.curves import RIDGE, Curve, error_curve, obs_order, refit, unit_columns
 from prunekit.compress.search import _Model, compress, plan_for
@@ -94,6 +94,11 @@ def test_allocation_spends_the_budget_where_it_costs_least():
     assert all(k > 0 for k in allocate(curves, costs, 30, "params", "width").values())
     assert allocate(curves, costs, 8, "kv") == {(1, "attn"): 1}  # only attention holds KV
     assert uniform_mlp(curves, costs, 40, "params") == {(0, "mlp"): 2, (1, "mlp"): 2}
+    # Uniform width 2 removes 40 where 20 are needed: the MLP whose cut half costs more (1) gets it back.
+    assert uniform_mlp(curves, costs, 20, "params") == {(0, "mlp"): 2, (1, "mlp"): 2}
+    assert near_uniform_mlp(curves, costs, 20, "params") == {(0, "mlp"): 2}
+    assert near_uniform_mlp(curves, costs, 30, "params") == {(0, "mlp"): 2, (1, "mlp"): 2}  # no room
+    assert near_uniform_mlp(curves, costs, 40, "params") == {(0, "mlp"): 2, (1, "mlp"): 2}
 
 
 def test_budgets_parse_and_impossible_ones_fail_before_work():
@@ -245,7 +250,7 @@ def test_compress_meets_the_budget_and_iterative_rounds_are_tried():
     assert count_parameters(model) <= 0.8 * n0
     names = [c["name"] for c in result.candidates]
     assert {"dense", "mixed", "mixed (no refit)", "mixed (OBS order)", "depth", "width", "uniform-width",
-            "uniform-width (OBS order)"} <= set(names)
+            "uniform-width (OBS order)", "near-uniform-width"} <= set(names)
     # The rounds follow the unit order whose one-shot candidate checked better.
     value = {c["name"]: c["check_loss"] for c in result.candidates}
     tag = " (OBS order)" if value["mixed (OBS order)"] < value["mixed"] else ""

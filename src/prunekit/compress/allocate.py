@@ -70,3 +70,31 @@ def uniform_mlp(curves: dict[Sublayer, Curve], costs: dict[Sublayer, SublayerCos
         if sum(costs[s].removed(key, k, c.ks[0]) for s, c in mlps.items()) >= need:
             return {s: k for s, c in mlps.items() if k != c.ks[0]}
     return {s: shared[-1] for s in mlps}
+
+
+def near_uniform_mlp(curves: dict[Sublayer, Curve], costs: dict[Sublayer, SublayerCost], need: int,
+                     key: str) -> dict[Sublayer, int]:
+    """`uniform_mlp`, with as many MLPs as the budget allows given back one step (the next larger shared
+    count), those whose curves say that step costs most first. One step of every MLP at once can remove far
+    more than needed (Gemma-3-270m at params=0.9: 10.7% for 10%); here widths differ by at most one step and
+    the removed total lands just above `need`."""
+    counts = uniform_mlp(curves, costs, need, key)
+    if not counts:
+        return counts
+    mlps = {s: c for s, c in curves.items() if s[1] == "mlp"}
+    k = next(iter(counts.values()))
+    shared = set.intersection(*(set(c.ks) for c in mlps.values()))
+    larger = min((j for j in shared if j > k), default=None)
+    if larger is None:
+        return counts
+    err = {s: dict(zip(c.ks, c.err)) for s, c in mlps.items()}
+    spare = sum(costs[s].removed(key, j, mlps[s].ks[0]) for s, j in counts.items()) - need
+
+    def step(s: Sublayer) -> int:
+        return costs[s].removed(key, k, mlps[s].ks[0]) - costs[s].removed(key, larger, mlps[s].ks[0])
+
+    for s in sorted(counts, key=lambda s: err[s][larger] - err[s][k]):  # most error saved first
+        if step(s) <= spare:
+            spare -= step(s)
+            counts[s] = larger
+    return {s: c for s, c in counts.items() if c != mlps[s].ks[0]}

@@ -3,7 +3,8 @@
 1. Statistics on the fit part of the calibration data (`stats`: input Grams and output Fishers).
 2. Error curves for every sub-layer (`curves`) and a greedy allocation of the budget (`allocate`) for each
    candidate family: ``mixed`` (widths and drops chosen together), ``depth`` (sub-layer drops only),
-   ``width`` (per-layer widths only), ``uniform-width`` (TransAct uniform MLP width), each with the refit of
+   ``width`` (per-layer widths only), ``uniform-width`` (TransAct uniform MLP width), ``near-uniform-width``
+   (the same, with some MLPs one step wider so as not to overshoot the budget), each with the refit of
    every cut projection, plus ``mixed`` without refit (the check that refitting helps), ``mixed (OBS order)``
    and ``uniform-width (OBS order)`` (units ranked by greedy Optimal Brain Surgeon removal instead of by
    activation norm), ``mixed`` reached
@@ -43,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.adapters import ModelAdapter
-from prunekit.compress.allocate import allocate, uniform_mlp
+from prunekit.compress.allocate import allocate, near_uniform_mlp, uniform_mlp
 from prunekit.compress.budget import Budget, SublayerCost, dense_total, removal_target, removed, sublayer_costs
 from prunekit.compress.correct import Edits, correct_model
 from prunekit.compress.curves import Curve, error_curve, refit, unit_columns
@@ -401,7 +402,8 @@ class _Search:
                     "depth": lambda: (curves, allocate(curves, costs, need, key, "depth")),
                     "width": lambda: (curves, allocate(curves, costs, need, key, "width")),
                     "uniform-width": lambda: (curves, uniform_mlp(curves, costs, need, key)),
-                    f"uniform-width{OBS_TAG}": lambda: (obs_curves, uniform_mlp(obs_curves, costs, need, key))}
+                    f"uniform-width{OBS_TAG}": lambda: (obs_curves, uniform_mlp(obs_curves, costs, need, key)),
+                    "near-uniform-width": lambda: (curves, near_uniform_mlp(curves, costs, need, key))}
         for name, choose in tqdm(list(families.items()), desc="compress candidates", disable=not self.opts.progress,
                                  leave=False):
             used, chosen = choose()
