@@ -59,13 +59,19 @@ def allocate(curves: dict[Sublayer, Curve], costs: dict[Sublayer, SublayerCost],
     return {s: k for s, k in cur.items() if k != curves[s].ks[0]}
 
 
+def _mlp_curves(curves: dict[Sublayer, Curve]) -> tuple[dict[Sublayer, Curve], list[int]]:
+    """The MLPs' curves, and the kept counts every one of them allows, largest first."""
+    mlps = {s: c for s, c in curves.items() if s[1] == "mlp"}
+    shared = set.intersection(*(set(c.ks) for c in mlps.values())) if mlps else set()
+    return mlps, sorted(shared, reverse=True)
+
+
 def uniform_mlp(curves: dict[Sublayer, Curve], costs: dict[Sublayer, SublayerCost], need: int,
                 key: str) -> dict[Sublayer, int]:
     """TransAct-uniform: every MLP keeps the same count (the largest allowed one that removes enough)."""
-    mlps = {s: c for s, c in curves.items() if s[1] == "mlp"}
+    mlps, shared = _mlp_curves(curves)
     if not mlps or key != "params":
         return {}
-    shared = sorted(set.intersection(*(set(c.ks) for c in mlps.values())), reverse=True)
     for k in shared:
         if sum(costs[s].removed(key, k, c.ks[0]) for s, c in mlps.items()) >= need:
             return {s: k for s, c in mlps.items() if k != c.ks[0]}
@@ -81,9 +87,8 @@ def near_uniform_mlp(curves: dict[Sublayer, Curve], costs: dict[Sublayer, Sublay
     counts = uniform_mlp(curves, costs, need, key)
     if not counts:
         return counts
-    mlps = {s: c for s, c in curves.items() if s[1] == "mlp"}
+    mlps, shared = _mlp_curves(curves)
     k = next(iter(counts.values()))
-    shared = set.intersection(*(set(c.ks) for c in mlps.values()))
     larger = min((j for j in shared if j > k), default=None)
     if larger is None:
         return counts
