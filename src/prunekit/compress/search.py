@@ -8,9 +8,11 @@
    every cut projection, plus ``mixed`` without refit (the check that refitting helps), ``mixed (OBS order)``
    (units ranked by greedy Optimal Brain Surgeon removal instead of by activation norm), ``mixed`` reached
    in several rounds (the budget spent in steps, statistics re-taken on the partly pruned model in between,
-   like iterative pruning; units in the order whose one-shot candidate checked better), and LLM-Drop's own
-   attention / MLP / block / joint plans (cosine-ranked, the fewest drops that meet the budget), which the
-   Fisher estimate can misjudge.
+   like iterative pruning; units in the order whose one-shot candidate checked better), ``mixed``, ``width``
+   and ``near-uniform-width`` allocated on curves rescaled by measurement (`measure`: every sub-layer cut
+   alone on a few fit sequences, its loss increase read), and LLM-Drop's own attention / MLP / block /
+   joint plans (cosine-ranked, the fewest drops that meet the budget), which the Fisher estimate can
+   misjudge.
 3. Every candidate is applied (zeroed units and refitted weights on the full-size model, which gives exactly
    the logits of the physically smaller one) and scored by the calibration loss on the held-out check part
    of the calibration data; the best is kept, and the plan says how it was found. The intermediate rounds
@@ -24,8 +26,8 @@ alike (`stats` for the backward sweep; candidate edits through `LayerSource.writ
 
 Costs, in forward-pass equivalents over the calibration tokens: a forward, a re-run and a backward (about 4
 passes) on the fit part per round, one forward over it for the LLM-Drop candidates' cosine scores, four
-over it for the error correction, one forward on the check part per candidate; the allocation itself is
-arithmetic.
+over it for the error correction, one forward on the check part per candidate, and over the probed
+sequences one forward plus, per sub-layer, the layers from its own up; the allocation itself is arithmetic.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from prunekit.compress.allocate import allocate, near_uniform_mlp, uniform_mlp
 from prunekit.compress.budget import Budget, SublayerCost, dense_total, removal_target, removed, sublayer_costs
 from prunekit.compress.correct import Edits, correct_model
 from prunekit.compress.curves import Curve, error_curve, refit, unit_columns
+from prunekit.compress.measure import Probe, probe_counts, probe_part, rescaled
 from prunekit.compress.stats import CompressStats, Sublayer, collect_stats, grams_bytes, output_projections
 from prunekit.data import CalibrationData
 from prunekit.drop.choose import TARGETS, plan_drops
@@ -69,6 +72,10 @@ CRITERIA = ("loss", "kl")
 # perplexity 72.8 against 88.1 with 16, at 3.5x the time (385 s vs 110 s).
 DEFAULT_SAMPLES = 64
 OBS_TAG = " (OBS order)"  # candidate names of units ranked by `curves.obs_order`
+MEASURED_TAG = " (measured)"  # candidate names allocated on curves rescaled by probes (`compress.measure`)
+# Fit sequences the probes of `compress.measure` run over: each probe is a partial pass over them, and there
+# is one per sub-layer, so few; a loss difference on the same tokens is far less noisy than either loss.
+DEFAULT_PROBE_SAMPLES = 8
 
 
 def check_criterion(criterion: str) -> None:
@@ -282,7 +289,7 @@ def compress(model: nn.Module | LayerSource, adapter: ModelAdapter | None, calib
              budget: Budget, *, rounds: int = 2, multiple_of: int = 64, batch_size: int = 4,
              criterion: str = "loss", progress: bool = True, source: str = "", sums: Sums | None = None,
              gram_budget_bytes: int | None = None, work_dir: str | Path | None = None,
-             correct: bool = True) -> CompressResult:
+             correct: bool = True, probe_samples: int = DEFAULT_PROBE_SAMPLES) -> CompressResult:
     """Search, apply the best candidate and return its plan and the table of every candidate tried. `model`: a
     model in memory (cut in place, physically) or any layer source (a streamed one keeps the refitted
     weights as overrides and its skeleton is cut; `prunekit.save` writes the checkpoint from its files).
@@ -293,11 +300,14 @@ def compress(model: nn.Module | LayerSource, adapter: ModelAdapter | None, calib
     of the memory free when the search starts); beyond it each layer's wait on disk. `work_dir`: where the
     temporary directory for spilled Grams (and a streamed model's calibration hidden states) goes (default
     the system's). `correct`: refit the chosen model's kept projections against the dense model's residual
-    stream (`compress.correct`), kept only where it checks better."""
+    stream (`compress.correct`), kept only where it checks better. `probe_samples`: fit sequences over which
+    every sub-layer's cut alone is measured, for the candidates allocated on measured curves
+    (`compress.measure`; 0: none)."""
     check_criterion(criterion)
     src = as_source(model, adapter)
     with tempfile.TemporaryDirectory(prefix="prunekit-compress-", dir=work_dir) as spill:
-        opts = _Settings(budget, rounds, multiple_of, batch_size, criterion, progress, source, correct)
+        opts = _Settings(budget, rounds, multiple_of, batch_size, criterion, progress, source, correct,
+                         probe_samples)
         return _Search(src, calib, opts, sums or OneProcess(), gram_budget_bytes, Path(spill)).run()
 
 
@@ -321,6 +331,7 @@ class _Settings:
     progress: bool
     source: str
     correct: bool = True
+    probe_samples: int = DEFAULT_PROBE_SAMPLES
 
 
 class _Search:
@@ -342,6 +353,7 @@ class _Search:
         self.m = _Model(src, self.costs)
         self.tried: list[Candidate] = []
         self.correction: dict[str, Any] | None = None
+        self.probes: dict[str, Any] | None = None
         # Built before any edit: with the KL criterion it takes the dense model's reference logits first.
         self.scorer = _Scorer(src, sums.shard(self.check), opts.batch_size, opts.criterion == "kl", sums,
                               self.states())
@@ -381,8 +393,11 @@ class _Search:
         dense_stats = self.collect("compress statistics")
         curves = self.one_shot(dense_stats)
         self.llm_drop(dense_stats, curves)
+        order = _better_order(self.tried)
+        if self.opts.probe_samples > 0:
+            self.measured(dense_stats, order)
         if self.opts.rounds > 1:
-            self.in_rounds(dense_stats, _better_order(self.tried))
+            self.in_rounds(dense_stats, order)
         best = min((c for c in self.tried if c.at_budget), key=lambda c: c.value)
         if self.opts.correct:
             best = self.corrected(best)
@@ -422,6 +437,42 @@ class _Search:
             self.m.cut(stats, curves, drops, False)
             self.score(name, True)
             self.m.reset()
+
+    def measured(self, stats: CompressStats, order_by: str) -> None:
+        """`mixed`, `width` and `near-uniform-width` once more, allocated on the curves (units in `order_by`)
+        rescaled by what cutting each sub-layer alone measurably costs (`compress.measure`)."""
+        m, costs, need, key, started = self.m, self.costs, self.need, self.opts.budget.key, time.monotonic()
+        curves = m.curves(stats, self.opts.multiple_of, order_by=order_by)
+        counts = probe_counts(curves, uniform_mlp(curves, costs, need, key))
+        whole = probe_part(self.fit, self.opts.probe_samples)
+        probe = Probe(self.src, self.sums.shard(whole), self.opts.batch_size, self.opts.criterion == "kl", self.sums.total,
+                      self.states())
+        found: dict[Sublayer, tuple[int, float]] = {}
+        for s in tqdm(sorted(counts, reverse=True), desc="compress probes", disable=not self.opts.progress,
+                      leave=False):  # the top layer first: each probe re-runs only the layers above it
+            m.cut(stats, curves, {s: counts[s]}, True)
+            found[s] = (counts[s], probe.increase(s[0]))
+            m.reset()
+        del probe  # its remembered layer inputs
+        scaled = rescaled(curves, found)
+        tag = (OBS_TAG if order_by == "obs" else "") + MEASURED_TAG
+        families = {"mixed": lambda: allocate(scaled, costs, need, key, "mixed"),
+                    "width": lambda: allocate(scaled, costs, need, key, "width"),
+                    "near-uniform-width": lambda: near_uniform_mlp(scaled, costs, need, key)}
+        for name, choose in families.items():
+            chosen = choose()
+            if chosen:
+                m.cut(stats, scaled, chosen, True)
+                self.score(name + tag, True)
+                m.reset()
+        # In passes over the probed sequences: the dense one, and each probe from its layer up.
+        layers = self.src.adapter.num_layers
+        passes = 1 + sum((layers - i) / layers for i, _ in found)
+        self.probes = {"samples": len(whole.input_ids), "order": order_by, "passes": round(passes, 2),
+                       "seconds": round(time.monotonic() - started, 1),
+                       "increase": {f"{i}.{p}": [k, round(d, 6), round(dict(zip(curves[(i, p)].ks,
+                                                                             curves[(i, p)].err))[k], 6)]
+                                    for (i, p), (k, d) in sorted(found.items())}}
 
     def in_rounds(self, stats: CompressStats, order_by: str) -> None:
         """`mixed` reached in `rounds` steps, the statistics re-taken on the partly pruned model in between,
@@ -497,9 +548,13 @@ class _Search:
         share = len(self.check.input_ids) / len(self.calib.input_ids)
         # The error correction: the dense model once and the pruned one three times over the fit part.
         fit_passes = 4 * self.opts.rounds + 1 + (4 if self.correction is not None else 0)
-        opts["forward_passes"] = round(fit_passes * (1 - share) + len(self.tried) * share, 2)
+        probe_passes = 0.0 if self.probes is None else (
+            self.probes["passes"] * self.probes["samples"] / len(self.calib.input_ids))
+        opts["forward_passes"] = round(fit_passes * (1 - share) + len(self.tried) * share + probe_passes, 2)
         if self.correction is not None:
             opts["correction"] = self.correction
+        if self.probes is not None:
+            opts["probes"] = self.probes
         opts["grams_on_disk"] = grams_bytes(self.src.adapter) > self.gram_budget  # as `collect_stats` decides
         opts["seconds"] = round(time.monotonic() - self.started, 1)
         opts["fit_tokens"], opts["check_tokens"] = self.fit.num_tokens, self.check.num_tokens
