@@ -76,3 +76,15 @@ def test_compress_tries_the_measured_candidates_and_records_the_probes():
                    multiple_of=16, progress=False, probe_samples=0)
     assert "probes" not in off.plan.options
     assert not any("(measured)" in c["name"] for c in off.candidates)
+
+
+def test_negative_probe_samples_is_one_error_before_any_work(tiny_checkpoint, tmp_path, capsys):
+    from prunekit.cli import main
+
+    ck, text = tiny_checkpoint
+    argv = ["-q", "compress", str(ck), "--budget", "params=0.85", "--calib", str(text), "--samples", "8",
+            "--seq-len", "24", "--probe-samples", "-1", "--out", str(tmp_path / "small")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--probe-samples must be at least 0" in err[0]
+    assert not (tmp_path / "small").exists()

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from prunekit.cli.options import add_calib, add_model, add_output, emit, positive_int, progress
-from prunekit.compress import DEFAULT_SAMPLES
+from prunekit.compress import DEFAULT_PROBE_SAMPLES, DEFAULT_SAMPLES
 
 
 def register(sub: Any) -> None:
@@ -41,6 +41,10 @@ def register(sub: Any) -> None:
                    help="refit the chosen model's kept output projections, layer by layer, against the dense "
                         "model's residual stream, kept only where it lowers the held-out calibration loss "
                         "(default; --no-correct skips it: about 4 forward passes of the calibration data)")
+    p.add_argument("--probe-samples", type=int, default=DEFAULT_PROBE_SAMPLES, metavar="N",
+                   help="calibration sequences over which every sub-layer is cut alone and its loss increase "
+                        "measured, for candidates allocated on measured rather than estimated costs (default "
+                        f"{DEFAULT_PROBE_SAMPLES}; 0: none)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="load one decoder layer at a time from the safetensors files, forward and backward "
                         "(--no-stream: whole model in memory; default: stream only when it would not fit)")
@@ -61,7 +65,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                           seq_len=args.seq_len, batch_size=args.batch_size, criterion=args.criterion,
                           repair=args.repair, dtype=args.dtype, device=args.device, stream=args.stream,
                           offload_dir=args.offload_dir, force=args.force, progress=progress(args),
-                          correct=args.correct)
+                          correct=args.correct, probe_samples=args.probe_samples)
     if result is None:  # not rank 0 of a torchrun job
         return 0
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)

@@ -10,7 +10,7 @@ calibration loss, the chosen plan), `report` (Pareto table and plot).
 from prunekit.compress.allocate import FAMILIES
 from prunekit.compress.budget import BUDGET_KEYS, Budget, parse_budget
 from prunekit.compress.report import write_pareto
-from prunekit.compress.search import DEFAULT_SAMPLES, CompressResult, compress
+from prunekit.compress.search import DEFAULT_PROBE_SAMPLES, DEFAULT_SAMPLES, CompressResult, compress
 
-__all__ = ["BUDGET_KEYS", "DEFAULT_SAMPLES", "FAMILIES", "Budget", "CompressResult", "compress", "parse_budget",
+__all__ = ["BUDGET_KEYS", "DEFAULT_PROBE_SAMPLES", "DEFAULT_SAMPLES", "FAMILIES", "Budget", "CompressResult", "compress", "parse_budget",
            "write_pareto"]

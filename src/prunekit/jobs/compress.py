@@ -11,7 +11,7 @@ import torch
 
 from prunekit.adapters import get_adapter
 from prunekit.compress import DEFAULT_SAMPLES, Budget, CompressResult, compress, parse_budget, write_pareto
-from prunekit.compress.search import check_criterion, memory_estimate
+from prunekit.compress.search import DEFAULT_PROBE_SAMPLES, check_criterion, memory_estimate
 from prunekit.engine.memory import STREAM_HEADROOM, available_memory_bytes, checkpoint_bytes, device_free_bytes
 from prunekit.engine.sources import LayerSource
 from prunekit.errors import PlanError
@@ -25,9 +25,11 @@ from prunekit.repair import REPAIRS, check_repairable
 from prunekit.save import save
 
 
-def check_compress_options(budget: str, rounds: int, multiple_of: int) -> Budget:
+def check_compress_options(budget: str, rounds: int, multiple_of: int, probe_samples: int = 0) -> Budget:
     """The parsed budget, or one clear error for any bad option."""
     parsed = parse_budget(budget)
+    if probe_samples < 0:
+        raise PlanError(f"--probe-samples must be at least 0, got {probe_samples}")
     if rounds < 1:
         raise PlanError(f"--rounds must be at least 1, got {rounds}")
     if multiple_of < 1:
@@ -76,15 +78,18 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
                  calib: str | Path = "c4", samples: int = DEFAULT_SAMPLES, seq_len: int = 512, batch_size: int = 4,
                  criterion: str = "loss", repair: str | None = None, dtype: str = "float32", device: str = "cpu",
                  stream: bool | None = None, offload_dir: str | Path | None = None, force: bool = False,
-                 progress: bool = True, correct: bool = True) -> CompressResult | None:
+                 progress: bool = True, correct: bool = True,
+                 probe_samples: int = DEFAULT_PROBE_SAMPLES) -> CompressResult | None:
     """Load (in memory, or layer-streamed: `stream`, default only when it would not fit), search
     (`prunekit.compress`), repair the chosen model's removed spans (`repair`: "linear", "none", or None for
     linear where the architecture takes it; `prunekit.repair`, each map kept only where it lowers the
     held-out calibration loss), save to `out`. `correct`: the search's last step, the error correction of
-    the chosen model's kept projections (`prunekit.compress.correct`). `offload_dir`: where spilled Grams
+    the chosen model's kept projections (`prunekit.compress.correct`). `probe_samples`: calibration
+    sequences over which each sub-layer's cut alone is measured (`prunekit.compress.measure`; 0: no
+    measured candidates). `offload_dir`: where spilled Grams
     and a streamed run's hidden states go (default the system's temporary directory). Returns the result on
     rank 0, None on the other ranks of a torchrun job."""
-    b = check_compress_options(budget, rounds, multiple_of)
+    b = check_compress_options(budget, rounds, multiple_of, probe_samples)
     check_criterion(criterion)
     if repair is not None and repair not in REPAIRS:
         raise PlanError(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
@@ -99,7 +104,8 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
         # `compress` checks the budget against the model (an impossible one fails) before any pass.
         result = compress(job.source, None, job.calib, b, rounds=rounds, multiple_of=multiple_of,
                           batch_size=batch_size, criterion=criterion, progress=progress and env.is_main,
-                          source=str(model), sums=sums, work_dir=offload_dir, correct=correct)
+                          source=str(model), sums=sums, work_dir=offload_dir, correct=correct,
+                          probe_samples=probe_samples)
     # Repair and save outside the process group's block: only rank 0 does them, with no collectives.
     if not env.is_main:
         return None
