@@ -153,3 +153,24 @@ def test_a_kept_correction_is_the_model_compress_returns(monkeypatch):
     assert got != pytest.approx(uncorrected["check_loss"], rel=1e-5)
     assert rows[result.chosen]["removed_params"] == uncorrected["removed_params"]
 
+
+
+def test_the_second_best_candidates_correction_can_win_and_is_the_model_returned(monkeypatch):
+    """The two best candidates are both corrected; made to win, the second one's correction (written first,
+    then overwritten by the best one's) is written again and is the model that is cut."""
+    _, plain = _compress(correct=False)
+    at_budget = sorted((c for c in plain.candidates if c["at_budget"]), key=lambda c: c["check_loss"])
+    second = f"{at_budget[1]['name']} + correction"
+    value = search.Candidate.value
+    monkeypatch.setattr(search.Candidate, "value",
+                        property(lambda c: value.fget(c) - (10.0 if c.name == second else 0.0)))
+    model, result = _compress()
+    assert result.chosen == second
+    corr = result.plan.options["correction"]
+    assert corr["applied"] and [t["candidate"] for t in corr["tried"]] == [c["name"] for c in at_budget[:2]]
+    rows = {c["name"]: c for c in result.candidates}
+    check = split_check(random_calib(8, 24), "test")[1]
+    with torch.no_grad():
+        got = whole_model_loss(model, check)
+    assert got == pytest.approx(rows[second]["check_loss"], rel=1e-5)
+    assert got != pytest.approx(rows[f"{at_budget[0]['name']} + correction"]["check_loss"], rel=1e-5)
