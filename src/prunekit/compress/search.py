@@ -76,9 +76,14 @@ OBS_TAG = " (OBS order)"  # candidate names of units ranked by `curves.obs_order
 # copy of its edited projections until then.
 CORRECTED = 2
 MEASURED_TAG = " (measured)"  # candidate names allocated on curves rescaled by probes (`compress.measure`)
-# Fit sequences the probes of `compress.measure` run over: each probe is a partial pass over them, and there
-# is one per sub-layer, so few; a loss difference on the same tokens is far less noisy than either loss.
-DEFAULT_PROBE_SAMPLES = 8
+# Fit sequences the probes of `compress.measure` run over (`--probe-samples`); 8 when asked for: each probe is
+# a partial pass over them, and there is one per sub-layer, so few (a loss difference on the same tokens is
+# far less noisy than either loss). Off by default: measured on both models, at 8, they cost 25-50% more
+# time and the chosen model got no better (SmolLM2 params=0.8: the best measured candidate checked 57.16
+# against 55.93; Gemma-3-270m params=0.9: 132.67 against 135.93 before the correction, but that one did
+# not take the correction and ended at 81.93 on wiki against 68.99), though they did fix the per-layer
+# widths' scale on Gemma (`width` 200.68 -> 132.93).
+DEFAULT_PROBE_SAMPLES = 0
 
 
 def check_criterion(criterion: str) -> None:
