@@ -154,7 +154,6 @@ def test_a_kept_correction_is_the_model_compress_returns(monkeypatch):
     assert rows[result.chosen]["removed_params"] == uncorrected["removed_params"]
 
 
-
 def test_the_second_best_candidates_correction_can_win_and_is_the_model_returned(monkeypatch):
     """The two best candidates are both corrected; made to win, the second one's correction (written first,
     then overwritten by the best one's) is written again and is the model that is cut."""

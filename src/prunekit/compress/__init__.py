@@ -12,5 +12,5 @@ from prunekit.compress.budget import BUDGET_KEYS, Budget, parse_budget
 from prunekit.compress.report import write_pareto
 from prunekit.compress.search import DEFAULT_PROBE_SAMPLES, DEFAULT_SAMPLES, CompressResult, compress
 
-__all__ = ["BUDGET_KEYS", "DEFAULT_PROBE_SAMPLES", "DEFAULT_SAMPLES", "FAMILIES", "Budget", "CompressResult", "compress", "parse_budget",
-           "write_pareto"]
+__all__ = ["BUDGET_KEYS", "DEFAULT_PROBE_SAMPLES", "DEFAULT_SAMPLES", "FAMILIES", "Budget", "CompressResult",
+           "compress", "parse_budget", "write_pareto"]

@@ -36,6 +36,10 @@ class Curve:
     ks: list[int]
     err: list[float]
 
+    def error_at(self, k: int) -> float:
+        """The error of keeping `k` units (one of `ks`)."""
+        return self.err[self.ks.index(k)]
+
 
 def unit_columns(units: list[int], cols_per_unit: int) -> torch.Tensor:
     """Input columns of the output projection that `units` own, in that order (units are contiguous column

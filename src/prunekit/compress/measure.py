@@ -63,7 +63,7 @@ def rescaled(curves: dict[Sublayer, Curve], probes: dict[Sublayer, tuple[int, fl
     curve that estimates no error there)."""
     scale: dict[Sublayer, float] = {}
     for s, (k, delta) in probes.items():
-        est = dict(zip(curves[s].ks, curves[s].err)).get(k, 0.0)
+        est = curves[s].error_at(k)
         if est > 0:
             scale[s] = max(delta, 0.0) / est
     positive = [a for a in scale.values() if a > 0]

@@ -117,10 +117,11 @@ def memory_estimate(adapter: ModelAdapter, samples: int, seq_len: int) -> dict[s
     [in, in] per sub-layer (at 1.5B parameters, 28 MLPs 8960 wide, 18 GiB; beyond `compress`'s
     `gram_budget_bytes` each layer's wait on disk, so the least needed is the `largest_gram`); `fishers`: a
     float64 [d, d] per sub-layer; `weights`: 1 + `CORRECTED` copies of every output projection (the
-    candidate's edits, the best candidates' refitted ones); `logits`: one sequence's float32 logits about three times over
-    (logits, log-softmax, a gradient or float copy); `states`: every layer's input for the fit part of the
-    calibration data (kept in RAM for a resident model, on disk for a streamed one); `layer`: the largest
-    decoder layer's weights and `head`: the final norm's and LM head's (what a streamed model holds)."""
+    candidate's edits, the best candidates' refitted ones); `logits`: one sequence's float32 logits about
+    three times over (logits, log-softmax, a gradient or float copy); `states`: every layer's input for the
+    fit part of the calibration data (kept in RAM for a resident model, on disk for a streamed one); `layer`:
+    the largest decoder layer's weights and `head`: the final norm's and LM head's (what a streamed model
+    holds)."""
     out = dict.fromkeys(("grams", "largest_gram", "fishers", "weights", "logits", "states", "layer", "head"), 0)
     itemsize = adapter.dtype().itemsize
     for proj in output_projections(adapter).values():
@@ -407,21 +408,21 @@ class _Search:
     def run(self) -> CompressResult:
         self.score("dense", False)
         dense_stats = self.collect("compress statistics")
-        curves = self.one_shot(dense_stats)
-        self.llm_drop(dense_stats, curves)
+        by_order = self.one_shot(dense_stats)
+        self.llm_drop(dense_stats, by_order["norm"])
         order = _better_order(self.tried)
         if self.opts.probe_samples > 0:
-            self.measured(dense_stats, order)
+            self.measured(dense_stats, by_order[order], order)
         if self.opts.rounds > 1:
-            self.in_rounds(dense_stats, order)
+            self.in_rounds(dense_stats, by_order[order], order)
         best = self.corrected() if self.opts.correct else self._ranked()[0]
         plan = self.apply(best)
         self.record(plan)
         return CompressResult(plan, [c.row(self.totals) for c in self.tried], best.name)
 
-    def one_shot(self, stats: CompressStats) -> dict[Sublayer, Curve]:
-        """Every family's one-shot allocation, each cut, scored and undone; returns the activation-norm curves
-        (what LLM-Drop's candidates are zeroed along)."""
+    def one_shot(self, stats: CompressStats) -> dict[str, dict[Sublayer, Curve]]:
+        """Every family's one-shot allocation, each cut, scored and undone; returns the dense model's curves in
+        both unit orders ("norm": what LLM-Drop's candidates are zeroed along; the later steps' first curves)."""
         m, costs, need, key = self.m, self.costs, self.need, self.opts.budget.key
         by_order = m.curves_by_order(stats, self.opts.multiple_of, ("norm", "obs"))
         curves, obs_curves = by_order["norm"], by_order["obs"]
@@ -438,29 +439,31 @@ class _Search:
                 continue
             # Without the refit, the check that refitting helps (a refit on too few tokens overfits).
             for fitted in (True, False) if name == "mixed" else (True,):
-                m.cut(stats, used, chosen, fitted)
-                self.score(name if fitted else f"{name} (no refit)", True)
-                m.reset()
-        return curves
+                self.try_cut(stats, used, chosen, fitted, name if fitted else f"{name} (no refit)")
+        return by_order
+
+    def try_cut(self, stats: CompressStats, curves: dict[Sublayer, Curve], counts: dict[Sublayer, int], fit: bool,
+                name: str) -> None:
+        """One candidate at the budget: `counts` cut along `curves` (`_Model.cut`), scored, and undone."""
+        self.m.cut(stats, curves, counts, fit)
+        self.score(name, True)
+        self.m.reset()
 
     def llm_drop(self, stats: CompressStats, curves: dict[Sublayer, Curve]) -> None:
         """LLM-Drop's own one-shot plans as candidates too, so that the held-out check can pick them where the
         Fisher estimate misjudges whole drops (Gemma-3-270m at kv=0.5: 1.36x LLM-Drop's perplexity without)."""
         for name, drops in _llm_drop_candidates(self.src, self.fit, self.costs, self.need, self.opts.budget.key,
                                                 self.opts.batch_size, self.states()).items():
-            self.m.cut(stats, curves, drops, False)
-            self.score(name, True)
-            self.m.reset()
+            self.try_cut(stats, curves, drops, False, name)
 
-    def measured(self, stats: CompressStats, order_by: str) -> None:
-        """`mixed`, `width` and `near-uniform-width` once more, allocated on the curves (units in `order_by`)
-        rescaled by what cutting each sub-layer alone measurably costs (`compress.measure`)."""
+    def measured(self, stats: CompressStats, curves: dict[Sublayer, Curve], order_by: str) -> None:
+        """`mixed`, `width` and `near-uniform-width` once more, allocated on the dense model's `curves` (units in
+        `order_by`) rescaled by what cutting each sub-layer alone measurably costs (`compress.measure`)."""
         m, costs, need, key, started = self.m, self.costs, self.need, self.opts.budget.key, time.monotonic()
-        curves = m.curves(stats, self.opts.multiple_of, order_by=order_by)
         counts = probe_counts(curves, uniform_mlp(curves, costs, need, key))
         whole = probe_part(self.fit, self.opts.probe_samples)
-        probe = Probe(self.src, self.sums.shard(whole), self.opts.batch_size, self.opts.criterion == "kl", self.sums.total,
-                      self.states())
+        probe = Probe(self.src, self.sums.shard(whole), self.opts.batch_size, self.opts.criterion == "kl",
+                      self.sums.total, self.states())
         found: dict[Sublayer, tuple[int, float]] = {}
         for s in tqdm(sorted(counts, reverse=True), desc="compress probes", disable=not self.opts.progress,
                       leave=False):  # the top layer first: each probe re-runs only the layers above it
@@ -476,26 +479,24 @@ class _Search:
         for name, choose in families.items():
             chosen = choose()
             if chosen:
-                m.cut(stats, scaled, chosen, True)
-                self.score(name + tag, True)
-                m.reset()
+                self.try_cut(stats, scaled, chosen, True, name + tag)
         # In passes over the probed sequences: the dense one, and each probe from its layer up.
         layers = self.src.adapter.num_layers
         passes = 1 + sum((layers - i) / layers for i, _ in found)
         self.probes = {"samples": len(whole.input_ids), "order": order_by, "passes": round(passes, 2),
                        "seconds": round(time.monotonic() - started, 1),
-                       "increase": {f"{i}.{p}": [k, round(d, 6), round(dict(zip(curves[(i, p)].ks,
-                                                                             curves[(i, p)].err))[k], 6)]
+                       "increase": {f"{i}.{p}": [k, round(d, 6), round(curves[(i, p)].error_at(k), 6)]
                                     for (i, p), (k, d) in sorted(found.items())}}
 
-    def in_rounds(self, stats: CompressStats, order_by: str) -> None:
+    def in_rounds(self, stats: CompressStats, curves: dict[Sublayer, Curve], order_by: str) -> None:
         """`mixed` reached in `rounds` steps, the statistics re-taken on the partly pruned model in between,
-        units ordered by `order_by`; every step is a candidate (the last one at the budget)."""
+        units ordered by `order_by` (`curves`: the dense model's, for the first step); every step is a candidate
+        (the last one at the budget)."""
         m, key, rounds = self.m, self.opts.budget.key, self.opts.rounds
         tag = OBS_TAG if order_by == "obs" else ""
         for r in range(1, rounds + 1):
             target = math.ceil(self.need * r / rounds)
-            step_curves = m.curves(stats, self.opts.multiple_of, order_by=order_by)
+            step_curves = curves if r == 1 else m.curves(stats, self.opts.multiple_of, order_by=order_by)
             m.cut(stats, step_curves, allocate(step_curves, m.costs, target - _spent(m, key), key, "mixed"), True)
             self.score(f"mixed{tag} x{rounds} rounds" if r == rounds else f"mixed{tag} round {r}/{rounds}",
                        r == rounds)
@@ -517,8 +518,8 @@ class _Search:
         base, fixed, record = min(results, key=lambda r: min(r[0].value, r[1].value))
         applied = fixed.value < base.value
         self.correction = {**record, "applied": applied,
-                           "tried": [{"candidate": b.name, "check_value_uncorrected": b.value, "check_value": c.value}
-                                     for b, c, _ in results]}
+                           "tried": [{"candidate": b.name, "check_value_uncorrected": b.value,
+                                      "check_value": c.value} for b, c, _ in results]}
         if not applied:
             self.m.reset()
             return base
