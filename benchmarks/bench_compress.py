@@ -123,7 +123,8 @@ def run_compress(dense: Any, calib: Any, budget: Budget, measure: Any, criterion
 
 def correction_summary(plan: prunekit.PruningPlan) -> dict[str, Any]:
     """The plan's error-correction record without its per-projection residuals (empty when it did not run)."""
-    return {k: v for k, v in plan.options.get("correction", {}).items() if k != "relative_residual"}
+    return {k: v for k, v in plan.options.get("correction", {}).items()
+            if k not in ("relative_residual", "input_relative_residual")}
 
 
 def rate(rows: dict[str, Any], target: float) -> None:

@@ -7,8 +7,11 @@ params=0.8` on SmolLM2 with 16 x 512 tokens (2 rounds, the earlier default), 16 
 (lambada_openai test passages, novels: in no built-in text, used for no other decision or table here),
 which decides the default, and, for the record, on wiki's evaluation half. Writes
 benchmarks/results/compress_calibration.json (`--json`); `--configs` runs other (sequences x rounds) settings.
+`--calib` takes calibration from other texts: one name, or several with weights as `--text` takes them
+(`c4:2,technical:1,tiny:1`: each text's share of the sequences from its calibration half, interleaved so the
+search's held-out last quarter holds every text in its share).
 
-    .venv/bin/python benchmarks/bench_compress_calibration.py [--configs 64x2,128x2] [--json PATH]
+    .venv/bin/python benchmarks/bench_compress_calibration.py [--configs 64x2,128x2] [--calib c4] [--json PATH]
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import prunekit
 from prunekit.compress import Budget, compress
+from prunekit.data import CalibrationData, token_hash
+from prunekit.recovery.sources import training_data
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compress import correction_summary  # noqa: E402
@@ -30,19 +37,33 @@ from bench_heal import lambada_windows  # noqa: E402
 CONFIGS = "16x2,16x4,64x2"  # (calibration sequences) x (rounds)
 
 
+def calibration(tok: object, spec: str, samples: int) -> CalibrationData:
+    """`samples` x 512 tokens of `spec`: one text's calibration windows, or several texts' interleaved."""
+    if "," not in spec:
+        return prunekit.calibration_data(tok, spec, samples, 512)
+    data, records = training_data(tok, spec, samples, 512)
+    # Row k of a text with n rows goes at (k + 0.5) / n of the way: every text spread evenly.
+    keys = [(k + 0.5) / r["samples"] for r in records for k in range(r["samples"])]
+    order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__))
+    ids = data.input_ids[order]
+    return CalibrationData(ids, torch.ones_like(ids), spec, token_hash(ids))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=CONFIGS, help="comma-separated SAMPLESxROUNDS")
+    p.add_argument("--calib", default="c4", help="calibration text(s), e.g. c4 or c4:2,technical:1,tiny:1")
     p.add_argument("--json", default="benchmarks/results/compress_calibration.json")
     a = p.parse_args()
     configs = [tuple(int(v) for v in c.split("x")) for c in a.configs.split(",")]
     dense, tok = prunekit.load_model("smollm2-135m")
     wiki = prunekit.eval_windows(tok, "wiki", 10, 1024)
     lam = lambada_windows(tok, 10, 1024)
-    out = {"model": "smollm2-135m", "budget": "params=0.8", "decided_on": "lambada (10 x 1024)", "runs": {}}
+    out = {"model": "smollm2-135m", "budget": "params=0.8", "calibration": a.calib,
+           "decided_on": "lambada (10 x 1024)", "runs": {}}
     # Every setting's calibration is cut before any search, so one the text cannot give (c4's calibration half
     # holds 76 sequences of 512) fails at once, not after the searches before it.
-    calibs = {samples: prunekit.calibration_data(tok, "c4", samples, 512) for samples, _ in configs}
+    calibs = {samples: calibration(tok, a.calib, samples) for samples, _ in configs}
     for samples, rounds in configs:
         calib = calibs[samples]
         m = copy.deepcopy(dense)

@@ -36,10 +36,11 @@ def test_correcting_the_dense_model_changes_nothing(family):
     model = tiny_model(family)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     src, edits = _edits(model, {}, {})
-    fitted = correct_model(src, random_calib(6, 16, pad_last=5), edits, progress=False)
+    fitted = correct_model(src, random_calib(6, 16, pad_last=5), edits, input_ridge=1.0, progress=False)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[n], rtol=1e-4, atol=1e-5)
     assert max(fitted.before.values()) < 1e-9 and max(fitted.after.values()) < 1e-9
+    assert max(fitted.inputs_before.values()) < 1e-9 and max(fitted.inputs_after.values()) < 1e-9
 
 
 # Where the pruned model's mid residual (the input of the MLP's first norm) is read, per family.
@@ -111,6 +112,46 @@ def test_a_cut_sublayer_is_refitted_to_the_dense_residual_stream_from_the_pruned
     gone[keep] = False
     assert bool((got[:, gone] == 0).all())
     torch.testing.assert_close(pruned.model.layers[0].mlp.down_proj.weight.detach(), below, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@torch.no_grad()
+def test_the_input_map_is_the_ridge_fit_of_the_dense_inputs_merged_into_every_input_projection(family):
+    """Layer 0's MLP keeps half its channels, so layer 1's attention reads a drifted stream: its q, k and v
+    become W M, M the ridge least squares of the dense model's q_proj input on the corrected model's (an
+    oracle from ordinary forwards: layer 1's input depends only on layer 0, final when layer 1 is fitted)."""
+    dense = tiny_model(family)
+    pruned = copy.deepcopy(dense)
+    down = pruned.model.layers[0].mlp.down_proj
+    keep = torch.arange(0, down.in_features, 2)
+    cut = torch.zeros_like(down.weight)
+    cut[:, keep] = down.weight.detach()[:, keep]
+    calib = random_calib(6, 16, pad_last=5)
+    src, edits = _edits(pruned, {(0, "mlp"): cut}, {(0, "mlp"): keep})
+    fitted = correct_model(src, calib, edits, input_ridge=0.2, progress=False)
+
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
+        lambda mod, a, key=key: seen.__setitem__(key, a[0])) for key, m in (("p", pruned), ("d", dense))]
+    gram = cross = 0
+    for ids, mask in calib.batches(4):
+        dense(input_ids=ids, attention_mask=mask, use_cache=False)
+        pruned(input_ids=ids, attention_mask=mask, use_cache=False)
+        keep_t = mask.reshape(-1) != 0
+        x, t = (seen[k].reshape(-1, seen[k].shape[-1]).double()[keep_t] for k in ("p", "d"))
+        gram, cross = gram + x.T @ x, cross + x.T @ t
+    for h in hooks:
+        h.remove()
+    lam = 0.2 * float(torch.diagonal(gram).mean())
+    eye = torch.eye(len(gram), dtype=gram.dtype)
+    m = torch.linalg.solve(gram + lam * eye, cross + lam * eye)  # [d, d]: x_dense ~ M^T x
+    for name in ("q_proj", "k_proj", "v_proj"):
+        want = getattr(dense.model.layers[1].self_attn, name).weight.double() @ m.T
+        got = getattr(pruned.model.layers[1].self_attn, name).weight.double()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert fitted.inputs_before[(1, "attn")] > 1e-6 and fitted.inputs_after[(1, "attn")] < fitted.inputs_before[
+        (1, "attn")]
+    assert fitted.inputs_before[(0, "attn")] < 1e-12  # layer 0's attention reads the dense stream
 
 
 def _compress(**kw):

@@ -229,6 +229,14 @@ class ModelAdapter:
         """The projection whose output a sub-layer (`attn` or `mlp`) adds to the residual stream."""
         return self.attn_projections(layer)[3] if part == "attn" else self.mlp_projections(layer)[2]
 
+    def input_projections(self, layer: nn.Module, part: str) -> list[nn.Linear]:
+        """The projections that read a sub-layer's (normalised) input, all from the same tensor: q/k/v for
+        `attn`, gate/up for `mlp`."""
+        if part == "attn":
+            return list(self.attn_projections(layer)[:3])
+        gate, up, _ = self.mlp_projections(layer)
+        return [up] if gate is None else [gate, up]
+
     def output_norm(self, layer: nn.Module, part: str) -> nn.Module | None:
         """The norm a sub-layer's output passes through before the residual add (Gemma 3's post-norms), or None
         where the projection's output is added as it is."""

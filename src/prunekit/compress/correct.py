@@ -24,6 +24,11 @@ inputs but does not take on the drift of the residual stream. Cost: four passes 
 part (the dense model once, the pruned model three times: fit the attention, fit the MLP, carry the result
 up).
 
+Input maps (`input_ridge`, off by default): before a sub-layer's output projection is refitted, a [d, d] map
+M = argmin sum_t ||M x_t - x_dense_t||^2 + lam ||M - I||^2 from the pruned input of its input projections to
+the dense one can be merged into them (W -> W M), so that q/k/v (gate/up) read what they read in the dense
+model. Two more passes per layer. On SmolLM2 at params=0.8 they did not help (`INPUT_RIDGE` says how much).
+
 Measured before it was built in (SmolLM2 at params=0.8, wiki's calibration half, selection perplexity 40.13
 without): ridge 1e-3 gave 40.63 (fits the calibration text too closely), 0.1 gave 39.27, 1.0 gave 39.10; a
 bias term added nothing (39.16). On Gemma-3-270m (uniform MLP width 1216 of 2048 with the least-squares
@@ -50,6 +55,10 @@ from prunekit.engine.sources import LayerSource
 from prunekit.width.importance import masked_rows
 
 RIDGE = 1.0
+# The input maps' ridge, relative to the mean diagonal of the pruned inputs' Gram; None: no input maps (the
+# default: on SmolLM2 at params=0.8 they gave check perplexity 54.60 / 55.06 / 55.85 at ridge 1 / 0.1 / 0.01
+# against 54.58 without, for 55% more correction time; benchmarks/bench_correct_inputs.py).
+INPUT_RIDGE: float | None = None
 PARTS = ("attn", "mlp")
 
 
@@ -61,21 +70,28 @@ class Correction:
     ridge: float
     before: dict[Sublayer, float] = field(default_factory=dict)
     after: dict[Sublayer, float] = field(default_factory=dict)
+    input_ridge: float | None = None
+    inputs_before: dict[Sublayer, float] = field(default_factory=dict)
+    inputs_after: dict[Sublayer, float] = field(default_factory=dict)
 
 
 class _Dense(Observer):
     """Keeps, per batch, the dense model's residual stream between attention and MLP of the current layer, and
     for a sub-layer to refit (in `edits.columns`) whose output is normalised (`edits.norm(layer, part)` not
     None), its output projection's output divided by its rms: the direction the norm passes on, which that
-    sub-layer's refit matches."""
+    sub-layer's refit matches; with `inputs` (input maps on), also the input of every such sub-layer's input
+    projections."""
 
-    def __init__(self, store: TensorStore, edits: Edits):
-        self.store, self.edits = store, edits
+    def __init__(self, store: TensorStore, edits: Edits, inputs: Callable[[nn.Module, str], nn.Linear] | None):
+        self.store, self.edits, self.inputs = store, edits, inputs
         self.z: dict[str, torch.Tensor] = {}
         self.handles: list[Any] = []
 
     def begin_layer(self, i: int, layer: nn.Module) -> None:
         for part in PARTS:
+            if self.inputs is not None and (i, part) in self.edits.columns:
+                self.handles.append(self.inputs(layer, part).register_forward_hook(
+                    lambda m, args, out, part=part: self.z.__setitem__(f"{part}-in", args[0])))
             norm = self.edits.norm(layer, part)
             if norm is not None and (i, part) in self.edits.columns:
                 eps = postnorm.eps(norm)
@@ -160,6 +176,36 @@ class _FitSums(Observer):
         self.handle.remove()
 
 
+class _InputSums(Observer):
+    """During one pass of the pruned model through layer `i`: the Gram of a sub-layer's input (what its input
+    projections read, `module` the first of them) and its cross sum with the dense model's (`dense(b)`)."""
+
+    def __init__(self, module: Callable[[nn.Module], nn.Linear], dense: Callable[[int], torch.Tensor]):
+        self.module, self.dense = module, dense
+        self.x: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.tt = 0.0
+        self.handle: Any = None
+
+    def begin_layer(self, i: int, layer: nn.Module) -> None:
+        self.handle = self.module(layer).register_forward_hook(lambda m, args, out: setattr(self, "x", args[0]))
+
+    def observe(self, i: int, b: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
+                mask: torch.Tensor | None) -> None:
+        assert self.x is not None
+        x = masked_rows(self.x, mask)
+        t = masked_rows(self.dense(b).to(self.x.device), mask)
+        g, c = (x.T @ x).cpu(), (x.T @ t).cpu()
+        self.gram = g if self.gram is None else self.gram + g
+        self.cross = c if self.cross is None else self.cross + c
+        self.tt += float((t * t).sum())
+        self.x = None
+
+    def end_layer(self, i: int, layer: nn.Module) -> None:
+        self.handle.remove()
+
+
 def solve(gram: torch.Tensor, cross: torch.Tensor, tt: float, w0: torch.Tensor,
           ridge: float) -> tuple[torch.Tensor, float, float]:
     """(new [d, c] weight of the kept columns, relative residual of `w0`, of the new weight): the ridge
@@ -192,19 +238,23 @@ class Edits:
 
 @torch.no_grad()
 def correct_model(source: LayerSource, fit: CalibrationData, edits: Edits, *, ridge: float = RIDGE,
-                  batch_size: int = 4, total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                  input_ridge: float | None = INPUT_RIDGE, batch_size: int = 4,
+                  total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
                   work_dirs: Callable[[], Path | None] = lambda: None, progress: bool = True) -> Correction:
     """Write the chosen candidate's edits layer by layer, each layer's kept projections refitted as the module
     docstring says. `source` holds the DENSE model when called (nothing written yet); when it returns, every
-    edit and refit is written (not committed). `total`: the sums over processes; `work_dirs`: a directory for
-    hidden states (None: RAM), called once per store."""
+    edit and refit is written (not committed). `input_ridge`: the input maps' ridge (None: output projections
+    only); `total`: the sums over processes; `work_dirs`: a directory for hidden states (None: RAM), called
+    once per store."""
     dense = LayerRunner(source, fit, batch_size=batch_size, work_dir=work_dirs(), progress=False)
     pruned = LayerRunner(source, fit, batch_size=batch_size, work_dir=work_dirs(), progress=False)
     mids = TensorStore(work_dirs())
-    out = Correction(ridge)
-    for i in tqdm(range(source.adapter.num_layers), desc="compress error correction", disable=not progress,
+    out = Correction(ridge, input_ridge=input_ridge)
+    adapter = source.adapter
+    first_input = None if input_ridge is None else (lambda layer, part: adapter.input_projections(layer, part)[0])
+    for i in tqdm(range(adapter.num_layers), desc="compress error correction", disable=not progress,
                   leave=False):
-        dense.step(i, [_Dense(mids, edits)])
+        dense.step(i, [_Dense(mids, edits, first_input)])
         for s in ((i, p) for p in PARTS):
             if s in edits.edits:
                 edits.write(s, edits.edits[s], s not in edits.columns)
@@ -212,6 +262,9 @@ def correct_model(source: LayerSource, fit: CalibrationData, edits: Edits, *, ri
                    "mlp": lambda b: dense.store.get(state_key(i + 1, b))}
         for part in PARTS:
             if (i, part) in edits.columns:
+                if first_input is not None and input_ridge is not None:
+                    _map_inputs(pruned, source, i, part, lambda b, part=part: mids.get(f"{part}-in-b{b:06d}"),
+                                input_ridge, total, out)
                 _refit(pruned, i, part, edits, targets[part], lambda b, part=part: mids.get(f"{part}-b{b:06d}"),
                        ridge, total, out)
         pruned.step(i, [])
@@ -236,3 +289,30 @@ def _refit(pruned: LayerRunner, i: int, part: str, edits: Edits, target: Callabl
     new = torch.zeros_like(w0)
     new[:, cols] = new_cols
     edits.write(s, new.to(weight.dtype), False)
+
+
+def _map_inputs(pruned: LayerRunner, source: LayerSource, i: int, part: str, dense: Callable[[int], torch.Tensor],
+                ridge: float, total: Callable[[torch.Tensor], torch.Tensor], out: Correction) -> None:
+    """The input map of sub-layer `part` of layer `i`: M = argmin sum_t ||M x_t - x_dense_t||^2 + lam ||M - I||^2
+    over the pruned inputs x and the dense ones, merged into every input projection (W -> W M), so that each
+    reads from the pruned stream what it read from the dense one. Done before the output projection's refit,
+    which then sees the mapped sub-layer. For a single projection W the same ridge fit of W' x to W x_dense
+    towards W gives exactly W M, so one [d, d] solve serves q, k and v (gate and up) alike. One pass of the
+    pruned model through the layer for the sums."""
+    adapter = source.adapter
+    sums = _InputSums(lambda layer: adapter.input_projections(layer, part)[0], dense)
+    pruned.step(i, [sums], last=False)
+    assert sums.gram is not None and sums.cross is not None
+    gram, cross = total(sums.gram), total(sums.cross)
+    tt = float(total(torch.tensor([sums.tt], dtype=torch.float64))[0])
+    eye = torch.eye(len(gram), dtype=torch.float64)
+    m, out.inputs_before[(i, part)], out.inputs_after[(i, part)] = solve(gram, cross, tt, eye, ridge)
+    for name in _input_names(adapter, i, part):
+        w = source.read(name)
+        source.write(name, (w.detach().to(torch.float64) @ m).to(w.dtype))
+
+
+def _input_names(adapter: Any, i: int, part: str) -> list[str]:
+    """The weight names of layer `i`'s input projections of `part` (as the source reads and writes them)."""
+    names = {id(module): name for name, module in adapter.model.named_modules()}
+    return [names[id(p)] + ".weight" for p in adapter.input_projections(adapter.layers()[i], part)]

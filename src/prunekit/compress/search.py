@@ -242,6 +242,11 @@ class _Model:
         return {s: len(a) for s, a in self.alive.items()}
 
 
+def _residuals(before: dict[Sublayer, float], after: dict[Sublayer, float]) -> dict[str, list[float]]:
+    """{"layer.part": [relative residual before, after]} of a correction's fits, for the plan."""
+    return {f"{i}.{p}": [round(before[(i, p)], 6), round(after[(i, p)], 6)] for i, p in sorted(before)}
+
+
 class _Scorer:
     """The held-out check of a candidate: the check part through the one runner (layer-0 inputs remembered, so
     a candidate costs one pass of the layers), mean NLL and KL summed over processes. With the KL criterion
@@ -534,10 +539,10 @@ class _Search:
         loss, kl = self.scorer()
         c = Candidate(f"{base.name} + correction", base.kept, base.removed_params, base.removed_kv, loss, True, kl)
         self.tried.append(c)
-        return c, {"ridge": fitted.ridge, "check_value_uncorrected": base.value, "check_value": c.value,
-                   "seconds": round(time.monotonic() - started, 1),
-                   "relative_residual": {f"{i}.{p}": [round(fitted.before[(i, p)], 6), round(fitted.after[(i, p)], 6)]
-                                         for i, p in sorted(fitted.before)}}
+        return c, {"ridge": fitted.ridge, "input_ridge": fitted.input_ridge, "check_value_uncorrected": base.value,
+                   "check_value": c.value, "seconds": round(time.monotonic() - started, 1),
+                   "relative_residual": _residuals(fitted.before, fitted.after),
+                   "input_relative_residual": _residuals(fitted.inputs_before, fitted.inputs_after)}
 
     def _write_corrected(self, base: Candidate) -> Correction:
         """The model dense again, then `base`'s edits written with the correction (deterministic: the same
