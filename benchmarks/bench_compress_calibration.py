@@ -23,30 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import prunekit
 from prunekit.compress import Budget, compress
-from prunekit.data import CalibrationData, token_hash
-from prunekit.recovery.sources import training_data
+from prunekit.recovery.sources import calibration_texts
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compress import correction_summary  # noqa: E402
 from bench_heal import lambada_windows  # noqa: E402
 
 CONFIGS = "16x2,16x4,64x2"  # (calibration sequences) x (rounds)
-
-
-def calibration(tok: object, spec: str, samples: int) -> CalibrationData:
-    """`samples` x 512 tokens of `spec`: one text's calibration windows, or several texts' interleaved."""
-    if "," not in spec:
-        return prunekit.calibration_data(tok, spec, samples, 512)
-    data, records = training_data(tok, spec, samples, 512)
-    # Row k of a text with n rows goes at (k + 0.5) / n of the way: every text spread evenly.
-    keys = [(k + 0.5) / r["samples"] for r in records for k in range(r["samples"])]
-    order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__))
-    ids = data.input_ids[order]
-    return CalibrationData(ids, torch.ones_like(ids), spec, token_hash(ids))
 
 
 def main() -> None:
@@ -63,7 +48,7 @@ def main() -> None:
            "decided_on": "lambada (10 x 1024)", "runs": {}}
     # Every setting's calibration is cut before any search, so one the text cannot give (c4's calibration half
     # holds 76 sequences of 512) fails at once, not after the searches before it.
-    calibs = {samples: calibration(tok, a.calib, samples) for samples, _ in configs}
+    calibs = {samples: calibration_texts(tok, a.calib, samples, 512) for samples, _ in configs}
     for samples, rounds in configs:
         calib = calibs[samples]
         m = copy.deepcopy(dense)

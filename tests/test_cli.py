@@ -29,6 +29,14 @@ def test_score_json_contract(tiny_checkpoint, tmp_path):
     assert data["calibration"]["tokens"] == 4 * 32
 
 
+def test_calibration_from_several_texts_reaches_the_plan(tiny_checkpoint, tmp_path):
+    ck, text = tiny_checkpoint
+    out = tmp_path / "scores.json"
+    assert run("score", ck, "--calib", f"{text}:1,{text}:1", "--samples", 4, "--seq-len", 32, "--json", out) == 0
+    assert json.loads(out.read_text())["calibration"]["source"] == str(text)  # one text named twice: merged
+    assert run("score", ck, "--calib", f"{text}:0", "--samples", 4, "--seq-len", 32, "--json", out) == 2
+
+
 def test_drop_writes_checkpoint_plan_and_eval_reports_smaller_model(tiny_checkpoint, tmp_path):
     ck, text = tiny_checkpoint
     out = tmp_path / "dropped"

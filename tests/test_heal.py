@@ -15,7 +15,13 @@ from prunekit.io.checkpoint import load_model, save_checkpoint
 from prunekit.losses import hidden_match_loss
 from prunekit.plans import PLAN_FILE, DropTarget, LayerWidth, PruningPlan
 from prunekit.recovery import add_lora, kl_distill_loss, lora_targets, merge_lora, recover
-from prunekit.recovery.sources import parse_text_spec, share_samples, teacher_text, training_data
+from prunekit.recovery.sources import (
+    calibration_texts,
+    parse_text_spec,
+    share_samples,
+    teacher_text,
+    training_data,
+)
 from prunekit.recovery.state import STATE_FILE
 from prunekit.surgery import apply_plan, count_parameters
 
@@ -226,6 +232,29 @@ def test_training_data_uses_only_calibration_halves(tiny_checkpoint):
     calib = token_stream(tok, text, "calib").tolist()
     joined = ",".join(map(str, calib))
     assert all(",".join(map(str, row.tolist())) in joined for row in data.input_ids)
+
+
+def test_calibration_from_several_texts_is_interleaved_by_share(tiny_checkpoint, tmp_path):
+    """One text: exactly `calibration_data`. Two, weighted 3:1: 12 and 4 of 16 windows, each from its own
+    calibration half, the second text's spread so the held-out last quarter holds one of them."""
+    from prunekit.data import calibration_data, token_stream
+    from prunekit.losses import split_check
+
+    _, text = tiny_checkpoint
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 50}" for j in range(80)) for i in range(40)))
+    tok = tiny_tokenizer()
+    one = calibration_texts(tok, str(text), 8, 16)
+    assert torch.equal(one.input_ids, calibration_data(tok, str(text), 8, 16).input_ids)
+    mixed = calibration_texts(tok, f"{text}:3,{other}:1", 16, 16)
+    halves = [",".join(map(str, token_stream(tok, t, "calib").tolist())) for t in (text, other)]
+    origin = [next(k for k, h in enumerate(halves) if ",".join(map(str, row.tolist())) in h)
+              for row in mixed.input_ids]
+    assert origin.count(0) == 12 and origin.count(1) == 4
+    assert origin[12:].count(1) == 1 and len(split_check(mixed, "test")[1].input_ids) == 4
+    assert mixed.source == f"{text}:3,{other}:1"
+    with pytest.raises(DataError, match="teacher"):
+        calibration_texts(tok, "c4,teacher:4096", 8, 16)
 
 
 def test_teacher_text_is_deterministic_and_cached(tiny_checkpoint, isolated_cache):

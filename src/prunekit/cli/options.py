@@ -82,7 +82,8 @@ def add_calib(p: argparse.ArgumentParser, *, flag: str = "--calib", default: str
               what: str = "calibration", text_help: str | None = None) -> None:
     """Text options; `samples=None` leaves the number of sequences to the job (heal: as many as it reads)."""
     p.add_argument(flag, default=default,
-                   help=text_help or f"{what} text: {TEXT_HELP} (default {default}; its first half is used)")
+                   help=text_help or f"{what} text: {TEXT_HELP}; or several, mixed by weight, e.g. "
+                                     f"c4:2,technical:1 (default {default}; first halves only)")
     p.add_argument("--samples", type=positive_int, default=samples,
                    help=f"number of {what} sequences (default "
                         f"{samples if samples is not None else 'steps x batch size: each read once'})")

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from prunekit.adapters import get_adapter
-from prunekit.data import CalibrationData, calibration_data
+from prunekit.data import CalibrationData
 from prunekit.drop.scorer import SimilarityScorer
 from prunekit.engine.memory import should_stream
 from prunekit.engine.sources import LayerSource, ResidentLayers
@@ -38,6 +38,7 @@ from prunekit.jobs.dist import (
     resolve_device,
     shard_calibration,
 )
+from prunekit.recovery.sources import calibration_texts
 from prunekit.width.importance import SCORERS
 from prunekit.width.stats import ActivationCollector
 
@@ -92,7 +93,7 @@ def load_job(model: str, *, calib: str | Path, samples: int, seq_len: int, batch
     else:
         net, tok = load_model(path, dtype=dtype, device=device)
         source = ResidentLayers(net, get_adapter(net))
-    data = calibration_data(tok, calib, samples, seq_len)
+    data = calibration_texts(tok, calib, samples, seq_len)
     return Job(env, device, str(model), local, source, tok, data, shard_calibration(data, batch_size, env), streamed)
 
 

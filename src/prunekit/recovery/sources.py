@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.data import CalibrationData, token_hash, token_stream, windows
+from prunekit.data import CalibrationData, calibration_data, token_hash, token_stream, windows
 from prunekit.errors import DataError, RecoveryError
 from prunekit.io.assets import BUILTIN_CORPORA, builtin_corpus_path, cache_dir
 from prunekit.io.outputs import atomic_file
@@ -248,3 +248,21 @@ def training_data(tokenizer: Any, spec: str | list[TextSource], samples: int, se
     ids = torch.cat(parts)
     name = ",".join(s.name if s.teacher_tokens is None else f"{TEACHER}:{s.teacher_tokens}" for s in sources)
     return CalibrationData(ids, torch.ones_like(ids), name, token_hash(ids)), records
+
+
+def calibration_texts(tokenizer: Any, spec: str | Path, samples: int, seq_len: int) -> CalibrationData:
+    """Calibration windows of one text (`calibration_data`) or of several, given as `--text` takes them (e.g.
+    `c4:2,technical:1,tiny:1`: `samples` shared out by weight, each text's from its calibration half). Several
+    texts' windows are interleaved, each text spread evenly over the rows, so that a held-out last quarter
+    (`split_check`) holds every text in its share. `teacher:N` is refused (it needs a teacher)."""
+    sources = parse_text_spec(str(spec))
+    if any(s.teacher_tokens is not None for s in sources):
+        raise DataError("calibration text cannot be teacher:N; name texts, e.g. c4 or c4:2,technical:1")
+    if len(sources) == 1:
+        return calibration_data(tokenizer, sources[0].name, samples, seq_len)
+    data, records = training_data(tokenizer, sources, samples, seq_len)
+    # Row k of a text with n rows goes (k + 0.5) / n of the way down.
+    keys = [(k + 0.5) / r["samples"] for r in records for k in range(r["samples"])]
+    ids = data.input_ids[torch.tensor(sorted(range(len(keys)), key=keys.__getitem__))]
+    name = ",".join(f"{s.name}:{s.weight:g}" for s in sources)
+    return CalibrationData(ids, torch.ones_like(ids), name, token_hash(ids))
