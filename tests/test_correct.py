@@ -79,6 +79,18 @@ def _layer_sums(dense, pruned, calib, layer: int, cols: torch.Tensor, family: st
     return gram, cross
 
 
+def _half_cut(dense, layer: int):
+    """A copy of `dense` whose layer `layer` MLP keeps every other channel: (the copy, its down_proj, the kept
+    channels, the cut weight, and the `Edits` for it)."""
+    pruned = copy.deepcopy(dense)
+    down = pruned.model.layers[layer].mlp.down_proj
+    keep = torch.arange(0, down.in_features, 2)
+    cut = torch.zeros_like(down.weight)
+    cut[:, keep] = down.weight.detach()[:, keep]
+    src, edits = _edits(pruned, {(layer, "mlp"): cut}, {(layer, "mlp"): keep})
+    return pruned, down, keep, cut, src, edits
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_a_cut_sublayer_is_refitted_to_the_dense_residual_stream_from_the_pruned_inputs(family):
     """Layer 1's MLP keeps half its channels: its refit is the ridge least squares of the dense layer output
@@ -90,13 +102,8 @@ def test_a_cut_sublayer_is_refitted_to_the_dense_residual_stream_from_the_pruned
         with torch.no_grad():
             for block in dense.model.layers:
                 block.post_feedforward_layernorm.weight.normal_(0.0, 0.5)
-    pruned = copy.deepcopy(dense)
-    down = pruned.model.layers[1].mlp.down_proj
-    keep = torch.arange(0, down.in_features, 2)
-    cut = torch.zeros_like(down.weight)
-    cut[:, keep] = down.weight.detach()[:, keep]
+    pruned, down, keep, cut, src, edits = _half_cut(dense, 1)
     calib = random_calib(6, 16, pad_last=5)
-    src, edits = _edits(pruned, {(1, "mlp"): cut}, {(1, "mlp"): keep})
     below = pruned.model.layers[0].mlp.down_proj.weight.detach().clone()
     correct_model(src, calib, edits, ridge=0.3, progress=False)
 
@@ -121,13 +128,8 @@ def test_the_input_map_is_the_ridge_fit_of_the_dense_inputs_merged_into_every_in
     become W M, M the ridge least squares of the dense model's q_proj input on the corrected model's (an
     oracle from ordinary forwards: layer 1's input depends only on layer 0, final when layer 1 is fitted)."""
     dense = tiny_model(family)
-    pruned = copy.deepcopy(dense)
-    down = pruned.model.layers[0].mlp.down_proj
-    keep = torch.arange(0, down.in_features, 2)
-    cut = torch.zeros_like(down.weight)
-    cut[:, keep] = down.weight.detach()[:, keep]
+    pruned, _, _, _, src, edits = _half_cut(dense, 0)
     calib = random_calib(6, 16, pad_last=5)
-    src, edits = _edits(pruned, {(0, "mlp"): cut}, {(0, "mlp"): keep})
     fitted = correct_model(src, calib, edits, input_ridge=0.2, progress=False)
 
     seen: dict[str, torch.Tensor] = {}
