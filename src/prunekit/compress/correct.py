@@ -111,7 +111,29 @@ class _Dense(Observer):
         self.handles = []
 
 
-class _FitSums(Observer):
+class _LeastSquares(Observer):
+    """The float64 sums of a least-squares fit X W' ~ T over one pass: Gram X'X, cross X'T and ||T||^2."""
+
+    def __init__(self) -> None:
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.tt = 0.0
+
+    def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        g, c = (x.T @ x).cpu(), (x.T @ t).cpu()
+        self.gram = g if self.gram is None else self.gram + g
+        self.cross = c if self.cross is None else self.cross + c
+        self.tt += float((t * t).sum())
+
+    def solved(self, w0: torch.Tensor, ridge: float,
+               total: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+        """`solve` on the sums totalled over processes."""
+        assert self.gram is not None and self.cross is not None
+        tt = float(total(torch.tensor([self.tt], dtype=torch.float64))[0])
+        return solve(total(self.gram), total(self.cross), tt, w0, ridge)
+
+
+class _FitSums(_LeastSquares):
     """During one pass of the pruned model through layer `i`: Gram and cross sums of sub-layer `part`'s output
     projection (its `cols` input columns) against the target (dense residual after it, minus the pruned
     residual before it, minus the projection's bias). Where a norm follows the projection (`norm` gives it),
@@ -120,15 +142,13 @@ class _FitSums(Observer):
     def __init__(self, part: str, proj: Callable[[nn.Module], nn.Linear], cols: torch.Tensor,
                  target: Callable[[int], torch.Tensor], direction: Callable[[int], torch.Tensor],
                  norm: Callable[[nn.Module], nn.Module | None]):
+        super().__init__()
         self.part, self.proj, self.cols, self.norm = part, proj, cols, norm
         self.target, self.direction = target, direction
         self.x: torch.Tensor | None = None
         self.z: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.eps: float | None = None
-        self.gram: torch.Tensor | None = None
-        self.cross: torch.Tensor | None = None
-        self.tt = 0.0
         self.handle: Any = None
 
     def begin_layer(self, i: int, layer: nn.Module) -> None:
@@ -152,10 +172,7 @@ class _FitSums(Observer):
             t = masked_rows(self.target(b).to(before.device), mask) - masked_rows(before, mask)
             if self.bias is not None:
                 t = t - self.bias
-        g, c = (x.T @ x).cpu(), (x.T @ t).cpu()
-        self.gram = g if self.gram is None else self.gram + g
-        self.cross = c if self.cross is None else self.cross + c
-        self.tt += float((t * t).sum())
+        self.add(x, t)
         self.x = self.z = None
 
     def _normalised(self, x: torch.Tensor, u: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,16 +193,14 @@ class _FitSums(Observer):
         self.handle.remove()
 
 
-class _InputSums(Observer):
+class _InputSums(_LeastSquares):
     """During one pass of the pruned model through layer `i`: the Gram of a sub-layer's input (what its input
     projections read, `module` the first of them) and its cross sum with the dense model's (`dense(b)`)."""
 
     def __init__(self, module: Callable[[nn.Module], nn.Linear], dense: Callable[[int], torch.Tensor]):
+        super().__init__()
         self.module, self.dense = module, dense
         self.x: torch.Tensor | None = None
-        self.gram: torch.Tensor | None = None
-        self.cross: torch.Tensor | None = None
-        self.tt = 0.0
         self.handle: Any = None
 
     def begin_layer(self, i: int, layer: nn.Module) -> None:
@@ -194,12 +209,7 @@ class _InputSums(Observer):
     def observe(self, i: int, b: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
                 mask: torch.Tensor | None) -> None:
         assert self.x is not None
-        x = masked_rows(self.x, mask)
-        t = masked_rows(self.dense(b).to(self.x.device), mask)
-        g, c = (x.T @ x).cpu(), (x.T @ t).cpu()
-        self.gram = g if self.gram is None else self.gram + g
-        self.cross = c if self.cross is None else self.cross + c
-        self.tt += float((t * t).sum())
+        self.add(masked_rows(self.x, mask), masked_rows(self.dense(b).to(self.x.device), mask))
         self.x = None
 
     def end_layer(self, i: int, layer: nn.Module) -> None:
@@ -251,10 +261,14 @@ def correct_model(source: LayerSource, fit: CalibrationData, edits: Edits, *, ri
     mids = TensorStore(work_dirs())
     out = Correction(ridge, input_ridge=input_ridge)
     adapter = source.adapter
-    first_input = None if input_ridge is None else (lambda layer, part: adapter.input_projections(layer, part)[0])
+    names = {id(module): name for name, module in adapter.model.named_modules()}
+
+    def first_input(layer: nn.Module, part: str) -> nn.Linear:  # what all of a sub-layer's input projections read
+        return adapter.input_projections(layer, part)[0]
+
     for i in tqdm(range(adapter.num_layers), desc="compress error correction", disable=not progress,
                   leave=False):
-        dense.step(i, [_Dense(mids, edits, first_input)])
+        dense.step(i, [_Dense(mids, edits, None if input_ridge is None else first_input)])
         for s in ((i, p) for p in PARTS):
             if s in edits.edits:
                 edits.write(s, edits.edits[s], s not in edits.columns)
@@ -262,9 +276,10 @@ def correct_model(source: LayerSource, fit: CalibrationData, edits: Edits, *, ri
                    "mlp": lambda b: dense.store.get(state_key(i + 1, b))}
         for part in PARTS:
             if (i, part) in edits.columns:
-                if first_input is not None and input_ridge is not None:
-                    _map_inputs(pruned, source, i, part, lambda b, part=part: mids.get(f"{part}-in-b{b:06d}"),
-                                input_ridge, total, out)
+                if input_ridge is not None:
+                    weights = [names[id(p)] + ".weight" for p in adapter.input_projections(adapter.layers()[i], part)]
+                    _map_inputs(pruned, source, (i, part), first_input, weights,
+                                lambda b, part=part: mids.get(f"{part}-in-b{b:06d}"), input_ridge, total, out)
                 _refit(pruned, i, part, edits, targets[part], lambda b, part=part: mids.get(f"{part}-b{b:06d}"),
                        ridge, total, out)
         pruned.step(i, [])
@@ -280,39 +295,30 @@ def _refit(pruned: LayerRunner, i: int, part: str, edits: Edits, target: Callabl
     sums = _FitSums(part, lambda layer: edits.proj(layer, part), cols, target, direction,
                     lambda layer: edits.norm(layer, part))
     pruned.step(i, [sums], last=False)
-    assert sums.gram is not None and sums.cross is not None
-    gram, cross = total(sums.gram), total(sums.cross)
-    tt = float(total(torch.tensor([sums.tt], dtype=torch.float64))[0])
     weight = edits.read(s)
     w0 = weight.detach().to(torch.float64)
-    new_cols, out.before[s], out.after[s] = solve(gram, cross, tt, w0[:, cols], ridge)
+    new_cols, out.before[s], out.after[s] = sums.solved(w0[:, cols], ridge, total)
     new = torch.zeros_like(w0)
     new[:, cols] = new_cols
     edits.write(s, new.to(weight.dtype), False)
 
 
-def _map_inputs(pruned: LayerRunner, source: LayerSource, i: int, part: str, dense: Callable[[int], torch.Tensor],
-                ridge: float, total: Callable[[torch.Tensor], torch.Tensor], out: Correction) -> None:
-    """The input map of sub-layer `part` of layer `i`: M = argmin sum_t ||M x_t - x_dense_t||^2 + lam ||M - I||^2
-    over the pruned inputs x and the dense ones, merged into every input projection (W -> W M), so that each
-    reads from the pruned stream what it read from the dense one. Done before the output projection's refit,
-    which then sees the mapped sub-layer. For a single projection W the same ridge fit of W' x to W x_dense
-    towards W gives exactly W M, so one [d, d] solve serves q, k and v (gate and up) alike. One pass of the
-    pruned model through the layer for the sums."""
-    adapter = source.adapter
-    sums = _InputSums(lambda layer: adapter.input_projections(layer, part)[0], dense)
-    pruned.step(i, [sums], last=False)
-    assert sums.gram is not None and sums.cross is not None
-    gram, cross = total(sums.gram), total(sums.cross)
-    tt = float(total(torch.tensor([sums.tt], dtype=torch.float64))[0])
-    eye = torch.eye(len(gram), dtype=torch.float64)
-    m, out.inputs_before[(i, part)], out.inputs_after[(i, part)] = solve(gram, cross, tt, eye, ridge)
-    for name in _input_names(adapter, i, part):
+def _map_inputs(pruned: LayerRunner, source: LayerSource, s: Sublayer,
+                first_input: Callable[[nn.Module, str], nn.Linear], weights: list[str],
+                dense: Callable[[int], torch.Tensor], ridge: float, total: Callable[[torch.Tensor], torch.Tensor],
+                out: Correction) -> None:
+    """The input map of sub-layer `s` (`first_input` gives the first of its input projections):
+    M = argmin sum_t ||M x_t - x_dense_t||^2 + lam ||M - I||^2 over the pruned inputs x and the dense ones,
+    merged into every input projection (`weights`: their names; W -> W M), so that each reads from the pruned
+    stream what it read from the dense one. Done before the output projection's refit, which then sees the
+    mapped sub-layer. For a single projection W the same ridge fit of W' x to W x_dense towards W gives exactly
+    W M, so one [d, d] solve serves q, k and v (gate and up) alike. One pass of the pruned model through the
+    layer for the sums."""
+    sums = _InputSums(lambda layer: first_input(layer, s[1]), dense)
+    pruned.step(s[0], [sums], last=False)
+    assert sums.gram is not None
+    eye = torch.eye(len(sums.gram), dtype=torch.float64)
+    m, out.inputs_before[s], out.inputs_after[s] = sums.solved(eye, ridge, total)
+    for name in weights:
         w = source.read(name)
         source.write(name, (w.detach().to(torch.float64) @ m).to(w.dtype))
-
-
-def _input_names(adapter: Any, i: int, part: str) -> list[str]:
-    """The weight names of layer `i`'s input projections of `part` (as the source reads and writes them)."""
-    names = {id(module): name for name, module in adapter.model.named_modules()}
-    return [names[id(p)] + ".weight" for p in adapter.input_projections(adapter.layers()[i], part)]
