@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements-assets.txt
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/prunekit demo
+	$(BIN)/prunekit demo --force
 
 test: setup
 	$(BIN)/python -m pytest -q

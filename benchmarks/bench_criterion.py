@@ -68,7 +68,7 @@ def main() -> None:
         rows.append(row(c, a, windows))
         print(f"{c}: {rows[-1]}", flush=True)
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, a.json)  # after every row: a run cut short keeps what it measured
+        write_json(out, a.json, force=True)  # after every row: a run cut short keeps what it measured
     print("\n| criterion | dropped | wiki ppl | forward passes | seconds |\n|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['criterion']} | {' '.join(r['dropped'])} | {r['wiki_perplexity']:.2f} | "

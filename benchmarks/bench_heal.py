@@ -94,7 +94,7 @@ def report(args: argparse.Namespace, plan: Any, train: Any, sources: list[dict[s
                     "threads": torch.get_num_threads(), "load_average_1m": os.getloadavg()[0]},
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, args.json)
+    write_json(out, args.json, force=True)
     if done:
         print(f"wrote {args.json}")
 

@@ -106,7 +106,7 @@ def main() -> None:
         write_json({"model": args.model, "pruning": what, "method": plan.method, "settings": vars(args), "read": read,
                     "selection": f"{args.select} x {args.seq_len} calibration-half windows of "
                                  f"{', '.join(SELECT_TEXTS)} between the training windows",
-                    "rows": rows}, args.json)
+                    "rows": rows}, args.json, force=True)
     print(f"\n{'row':<14} " + " ".join(f"{t:>8}" for t in SELECT_TEXTS) + f" {'mean log':>9} {'min':>6}")
     for r in rows:
         print(f"{r['row']:<14} " + " ".join(f"{r[t]:>8.2f}" for t in SELECT_TEXTS)

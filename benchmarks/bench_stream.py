@@ -186,13 +186,13 @@ def main() -> None:
         width = [*a.width.split(), "--force"]
         runs: dict[str, dict[str, Any]] = {}
         plan = [
-            ("score, in memory", ["score", str(ckpt), *calib, "--no-stream", "--no-cache", "--json",
+            ("score, in memory", ["score", str(ckpt), *calib, "--no-stream", "--no-cache", "--force", "--json",
                                   str(work / "score-mem.json")]),
-            ("score, streamed (states in RAM)", ["score", str(ckpt), *calib, "--stream", "--no-cache", "--json",
+            ("score, streamed (states in RAM)", ["score", str(ckpt), *calib, "--stream", "--no-cache", "--force", "--json",
                                                  str(work / "score-stream.json")]),
-            ("score, streamed (states on disk, resumable)", ["score", str(ckpt), *calib, "--stream", "--json",
+            ("score, streamed (states on disk, resumable)", ["score", str(ckpt), *calib, "--stream", "--force", "--json",
                                                              str(work / "score-stream-disk.json")]),
-            ("score, streamed, cache hit", ["score", str(ckpt), *calib, "--stream", "--json",
+            ("score, streamed, cache hit", ["score", str(ckpt), *calib, "--stream", "--force", "--json",
                                             str(work / "score-cached.json")]),
             ("drop, in memory", ["drop", str(ckpt), *calib, *drop, "--no-stream", "--no-cache", "--out",
                                  str(work / "drop-mem")]),

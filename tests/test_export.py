@@ -661,6 +661,23 @@ def test_nemotron_nas_rebuilds_the_same_logits(tmp_path, family):
     assert (out / "tokenizer.json").is_file()
 
 
+def test_nemotron_nas_from_a_saved_heterogeneous_checkpoint_equals_the_in_memory_export(tmp_path):
+    """A saved heterogeneous checkpoint has prunekit's own model_type; the exporter reads it through prunekit's
+    loader as the stock architecture."""
+    from prunekit.io.checkpoint import save_checkpoint
+
+    src = tiny_source("llama", NAS_PLAN)
+    ckpt = save_checkpoint(src.model, src.tokenizer, tmp_path / "ckpt")
+    assert json.loads((ckpt / "config.json").read_text())["model_type"] == "prunekit_llama"
+    mem = export_source(src, tmp_path / "mem", format="nemotron-nas", quant="f32", progress=False)
+    disk = export_checkpoint(ckpt, tmp_path / "disk", format="nemotron-nas", quant="f32", progress=False)
+    cfg = json.loads((disk / "config.json").read_text())
+    assert cfg == json.loads((mem / "config.json").read_text())
+    assert cfg["model_type"] == "nemotron-nas" and "prunekit" not in json.dumps(cfg)
+    ids = torch.tensor(src.tokenizer(SAMPLE_TEXT[:120])["input_ids"])
+    assert torch.equal(nemotron_nas_logits(disk, ids), nemotron_nas_logits(mem, ids))
+
+
 def test_nemotron_nas_ffn_mult_round_trip():
     from prunekit.export.nemotron_nas import _exact_ffn_mult, ffn_mult_to_intermediate_size
 

@@ -355,10 +355,10 @@ def test_cli_heal_distils_with_lora_on_teacher_text(tiny_checkpoint, tmp_path, c
     a, _ = load_model(pruned, tokenizer=False)
     b, _ = load_model(tmp_path / "healed", tokenizer=False)
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
-    # Same config; only the class name differs: the pruned model was saved from the stock class, the healed one
-    # from the loaded heterogeneous class (`save` names the class it saves, with or without LoRA).
+    # The same sealed config, although the pruned model was saved from the stock class and the healed one from
+    # the loaded heterogeneous class: `architectures` names the class that builds the checkpoint.
     ca, cb = (json.loads((d / "config.json").read_text()) for d in (pruned, tmp_path / "healed"))
-    assert ca.pop("architectures") == ["LlamaForCausalLM"] and cb.pop("architectures") == ["PrunekitLlamaForCausalLM"]
+    assert ca["model_type"] == "prunekit_llama" and ca["architectures"] == ["PrunekitLlamaForCausalLM"]
     assert ca == cb
 
 

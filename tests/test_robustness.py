@@ -37,7 +37,8 @@ def _hidden(folder: Path) -> list[str]:
 
 
 def _cli(tmp: Path, argv: list[str], *, pause: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PRUNEKIT_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
+    (tmp / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "PRUNEKIT_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp / "tmp")}
     if pause:
         env.update(PRUNEKIT_PAUSE_AT=pause, PRUNEKIT_PAUSE_FILE=str(tmp / "paused"))
     # A test run started in the background (`make test &`) inherits an IGNORED SIGINT, and Python then never
@@ -248,3 +249,73 @@ def test_outputs_follow_the_umask(tiny_checkpoint, tmp_path):
         os.umask(old)
     assert (tmp_path / "s.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def _gguf_ready(tmp: Path) -> Path:
+    """A tiny Llama whose vocabulary is exactly its tokenizer's, as GGUF export requires."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = tiny_config("llama")
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(0)
+    return save_checkpoint(AutoModelForCausalLM.from_config(cfg).eval(), tok, tmp / "gguf-ready")
+
+
+def _scratch_commands(ck: Path, text: Path, tmp: Path) -> dict[str, tuple[list, Path]]:
+    """A command that reaches each scratch folder, and the folder its scratch lives in."""
+    from prunekit.evaluation.user_tasks import make_jsonl_task
+
+    calib = ["--calib", text, "--samples", 4, "--seq-len", 24, "--batch-size", 2]
+    temp_root = tmp / "tmp" / f"prunekit-{os.getuid()}"
+    quiz = tmp / "quiz.jsonl"
+    quiz.write_text("\n".join(json.dumps({"question": f"q{i}", "choices": ["a", "b"], "answer": i % 2})
+                              for i in range(4)) + "\n")
+    make_jsonl_task("quiz", quiz, tmp / "tasks")
+    return {
+        "compress": (["compress", ck, "--budget", "params=0.8", *calib, "--out", tmp / "run" / "out"], temp_root),
+        "tok": (["export", _gguf_ready(tmp), "--format", "gguf", "--quant", "f32", "--out", tmp / "run" / "out.gguf"], temp_root),
+        "tasks": (["eval", ck, "--text", text, "--windows", 1, "--window-len", 32, "--tasks", "quiz", "--task-dir",
+                   tmp / "tasks", "--limit", 2, "--json", tmp / "run" / "out.json"], temp_root),
+        "loss": (["drop", ck, "--target", "attn", "--n", 1, *calib, "--criterion", "loss", "--stream",
+                  "--offload-dir", tmp / "offload", "--out", tmp / "run" / "out"], tmp / "offload"),
+    }
+
+
+@pytest.mark.parametrize("what", ["compress", "tok", "tasks", "loss"])
+def test_scratch_left_by_a_killed_run_is_gone_after_the_next(tiny_checkpoint, tmp_path, what):
+    """SIGKILL while a scratch folder exists (nothing can clean up), then the same command again: it succeeds
+    and leaves neither its own scratch nor the killed run's."""
+    ck, text = tiny_checkpoint
+    (tmp_path / "run").mkdir()
+    argv, where = _scratch_commands(ck, text, tmp_path)[what]
+    proc = _cli(tmp_path, argv, pause=f"scratch-{what}")
+    _wait_for_pause(tmp_path, proc)
+    assert [p.name.split("-")[1] for p in where.iterdir()] == [what]  # the killed run's scratch is there
+    proc.kill()
+    proc.communicate(timeout=60)
+    rerun = _cli(tmp_path, argv)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-2000:]
+    assert list(where.iterdir()) == []
+    assert _hidden(tmp_path / "run") == []
+
+
+def test_zero_shot_eval_writes_nothing_outside_the_cache(tiny_checkpoint, tmp_path):
+    """`eval --tasks` keeps what `datasets` prepares under $PRUNEKIT_CACHE (not ~/.cache/huggingface) and prints
+    no git noise from lm-eval."""
+    ck, text = tiny_checkpoint
+    argv, _ = _scratch_commands(ck, text, tmp_path)["tasks"]
+    (tmp_path / "run").mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HOME", "HF_DATASETS", "XDG_CACHE"))}
+    env.update(HOME=str(home), PRUNEKIT_CACHE=str(tmp_path / "cache"), TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "prunekit", "-q", *map(str, argv)], env=env, cwd=home,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fatal" not in proc.stderr
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
+    assert (tmp_path / "cache" / "datasets").is_dir()

@@ -10,18 +10,21 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from prunekit.adapters import get_adapter
 from prunekit.data import calibration_data, eval_windows
-from prunekit.drop import plan_from_scores, score_model
+from prunekit.drop import check_n, plan_from_scores, score_model
+from prunekit.errors import OptionError
 from prunekit.evaluation.perplexity import model_summary, perplexity
 from prunekit.evaluation.report import human_bytes, markdown_table, similarity_heatmap
 from prunekit.io.assets import BUILTIN_MODELS
 from prunekit.io.checkpoint import load_model, resolve_model_path, save_checkpoint
 from prunekit.io.files import weight_bytes
+from prunekit.io.outputs import atomic_dir, input_paths, prepare_output
 from prunekit.surgery import apply_plan, count_parameters
 from prunekit.width import width_prune
 
@@ -45,17 +48,47 @@ def _row(name: str, adapter: Any, ppl: dict[str, Any], disk: int, dense_params: 
     }
 
 
+def _say(text: str = "") -> None:
+    print(text, file=sys.stderr)  # progress for people; stdout is the CLI's one JSON object
+
+
+def parse_drops(drops: str) -> list[int]:
+    """`4,8` -> [4, 8]; one clear error for anything else."""
+    try:
+        counts = [int(x) for x in drops.split(",") if x.strip()]
+    except ValueError:
+        raise OptionError(f"--drops must be comma-separated numbers of layers, got {drops!r}") from None
+    if any(n < 1 for n in counts):
+        raise OptionError(f"--drops must be at least 1 each, got {drops!r}")
+    return counts
+
+
 def run_demo(*, model: str = "smollm2-135m", out_dir: Path = Path("runs/demo"), calib: str = "c4",
              text: str = "wiki", samples: int = 16, seq_len: int = 512, windows: int = 10, window_len: int = 1024,
-             drops: str = "4,8", with_width: bool = True, progress: bool = True) -> dict[str, Any]:
-    t0 = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
+             drops: str = "4,8", with_width: bool = True, force: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Score, drop, narrow, evaluate, and write every checkpoint and the report to `out_dir`, all or nothing
+    (an existing `out_dir` is replaced only with `force`)."""
+    drop_counts = parse_drops(drops)
+    dest = prepare_output(out_dir, force, inputs=input_paths(model, calib, text))
     dense, tok = load_model(model)
     adapter = get_adapter(dense)
+    for n in drop_counts:  # before the scoring pass, not after it
+        check_n("attn", n, adapter.num_layers, adapter.num_layers)
+    with atomic_dir(dest) as tmp:
+        return _run(model, dense, tok, adapter, tmp, Path(out_dir), calib=calib, text=text, samples=samples,
+                    seq_len=seq_len, windows=windows, window_len=window_len, drop_counts=drop_counts,
+                    with_width=with_width, progress=progress)
+
+
+def _run(model: str, dense: Any, tok: Any, adapter: Any, out_dir: Path, final_dir: Path, *, calib: str,
+         text: str, samples: int, seq_len: int, windows: int, window_len: int, drop_counts: list[int],
+         with_width: bool, progress: bool) -> dict[str, Any]:
+    t0 = time.time()
     cal = calibration_data(tok, calib, samples, seq_len)
     eval_ids = eval_windows(tok, text, windows, window_len)
-    print(f"[demo] {model}: {adapter.num_layers} layers, {count_parameters(dense):,} params; calibration "
-          f"{samples}x{seq_len} tokens of {calib}; evaluation {windows}x{window_len} tokens of {text}")
+    _say(f"[demo] {model}: {adapter.num_layers} layers, {count_parameters(dense):,} params; calibration "
+         f"{samples}x{seq_len} tokens of {calib}; evaluation {windows}x{window_len} tokens of {text}")
 
     scores = score_model(dense, adapter, cal, progress=progress)
     (out_dir / "scores.json").write_text(json.dumps(scores.to_json(), indent=2))
@@ -63,21 +96,20 @@ def run_demo(*, model: str = "smollm2-135m", out_dir: Path = Path("runs/demo"), 
     dense_ppl = perplexity(dense, eval_ids, progress=progress)
     src_dir = Path(resolve_model_path(model))
     rows = [_row("dense", adapter, dense_ppl, weight_bytes(src_dir), dense_params, None)]
-    print(f"[demo] dense perplexity {dense_ppl['perplexity']:.3f}")
+    _say(f"[demo] dense perplexity {dense_ppl['perplexity']:.3f}")
 
-    drop_counts = [int(x) for x in drops.split(",") if x.strip()]
     heat_marks: list[tuple[int, str]] = []
     for n in drop_counts:
         pruned = copy.deepcopy(dense)
         ad = get_adapter(pruned)
         plan = plan_from_scores(scores, ad, cal, target="attn", n=n, source=model)
         apply_plan(ad, plan)
-        ckpt = save_checkpoint(pruned, tok, out_dir / f"attn-drop-{n}", plan, force=True)
+        ckpt = save_checkpoint(pruned, tok, out_dir / f"attn-drop-{n}", plan)
         ppl = perplexity(pruned, eval_ids, progress=progress)
         rows.append(_row(f"attn drop {n}", ad, ppl, weight_bytes(ckpt), dense_params, dense_ppl["perplexity"]))
         rows[-1]["dropped_layers"] = [d.layer for d in plan.dropped]
         heat_marks = [(d.layer, d.module) for d in plan.dropped]
-        print(f"[demo] attention drop {n} (layers {rows[-1]['dropped_layers']}): perplexity {ppl['perplexity']:.3f}")
+        _say(f"[demo] attention drop {n} (layers {rows[-1]['dropped_layers']}): perplexity {ppl['perplexity']:.3f}")
         del pruned
 
     if with_width and drop_counts:
@@ -107,9 +139,9 @@ def run_demo(*, model: str = "smollm2-135m", out_dir: Path = Path("runs/demo"), 
     result = {"model": model, "calibration": cal.describe(), "eval": {"text": text, "windows": windows,
               "window_len": window_len}, "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(result, indent=2))
-    print()
-    print(table)
-    print(f"\n[demo] report: {out_dir / 'report.md'}  heatmap: {heatmap}")
+    _say()
+    _say(table)
+    _say(f"\n[demo] report: {final_dir / 'report.md'}  heatmap: {final_dir / heatmap.name}")
     return result
 
 
@@ -127,8 +159,8 @@ def _width_row(dense: Any, tok: Any, cal: Any, eval_ids: Any, rows: list[dict[st
     # multiple_of=1: the row matches the attention drop's parameter count exactly, not a kernel-friendly width.
     plan = width_prune(pruned, ad, cal, mlp_keep=keep, heads_keep=None, mode="uniform", shots=4, multiple_of=1,
                        progress=progress)
-    ckpt = save_checkpoint(pruned, tok, out_dir / f"transact-mlp{keep}", plan, force=True)
+    ckpt = save_checkpoint(pruned, tok, out_dir / f"transact-mlp{keep}", plan)
     ppl = perplexity(pruned, eval_ids, progress=progress)
     row = _row(f"TransAct MLP {keep}/{width} (4 shots)", ad, ppl, weight_bytes(ckpt), dense_params, dense_ppl)
-    print(f"[demo] TransAct MLP width {keep}: perplexity {ppl['perplexity']:.3f}")
+    _say(f"[demo] TransAct MLP width {keep}: perplexity {ppl['perplexity']:.3f}")
     return row

@@ -31,6 +31,10 @@ class StorageError(PrunekitError):
     is full."""
 
 
+class MemoryLimitError(PrunekitError):
+    """The run needs more memory (or address space, under `ulimit -v`) than this machine or process has."""
+
+
 class ActivationOverflowError(PrunekitError):
     """Hidden states became inf/NaN (typically float16 overflow): the scores would be meaningless."""
 

@@ -29,21 +29,21 @@ from prunekit.engine.sources import LayerSource, ResidentLayers
 from prunekit.engine.streamed import StreamedLayers
 from prunekit.errors import CheckpointError
 from prunekit.faults import pause_point
-from prunekit.hf_remote.modeling_prunekit import stock_class
 from prunekit.io import config_edit
 from prunekit.io.checkpoint import load_tokenizer, resolve_model_path, save_checkpoint, write_companions
 from prunekit.io.files import INDEX_FILE, CheckpointFiles, SafetensorsWriter
-from prunekit.io.outputs import atomic_dir, prepare_output
+from prunekit.io.outputs import Target, atomic_dir, input_paths, prepare_output
 from prunekit.plans import PruningPlan
 from prunekit.surgery import apply_plan, apply_widths, mark_drops
 
 
-def save(model: nn.Module | LayerSource, tokenizer: Any, out: str | Path, plan: PruningPlan | None = None, *,
+def save(model: nn.Module | LayerSource, tokenizer: Any, out: str | Path | Target, plan: PruningPlan | None = None, *,
          force: bool = False, progress: bool = True, extras: Callable[[Path], None] | None = None) -> Path:
     """Write the pruned checkpoint (weights, config, tokenizer, plan) to `out`, all or nothing. A model in
     memory must already carry the plan (as `llm_drop` / `width_prune` / `apply_plan` leave it); a streamed
     one is cut from its source files. `extras(folder)` writes a job's own files (reports) into the folder
-    before it is renamed into place, so they are part of the all-or-nothing output."""
+    before it is renamed into place, so they are part of the all-or-nothing output. `out` is best the `Target`
+    a job checked before its work (`io.outputs.prepare_output`): it is published only if still as checked."""
     if isinstance(model, StreamedLayers):
         if plan is None:
             raise CheckpointError("saving a streamed model needs the plan to apply to its source files")
@@ -112,7 +112,7 @@ class _LayerValues:
         return tensors
 
 
-def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *, force: bool = False,
+def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path | Target, *, force: bool = False,
                          dtype: str | torch.dtype | None = None, tokenizer: Any = None,
                          max_shard_bytes: int = 1 << 30, progress: bool = True,
                          overrides: dict[str, torch.Tensor] | None = None,
@@ -123,13 +123,13 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
     state-dict name, at the source's full shape) written in place of the files' values, cut by the plan like
     them (`compress`'s refitted projections). `extras`: as in `save`."""
     src_dir = Path(resolve_model_path(src))
-    prepare_output(out, force)
+    out = prepare_output(out, force, inputs=input_paths(src_dir))
     if dtype is None:
         dtype = _checkpoint_dtype(src_dir)
     pruned = StreamedLayers(src_dir, dtype=dtype)
     ad = pruned.adapter
     original = {id(layer): i for i, layer in enumerate(ad.layers())}
-    structure = apply_plan(ad, plan)
+    apply_plan(ad, plan)
     keep = [original[id(layer)] for layer in ad.layers()]
     values_source = StreamedLayers(src_dir, dtype=dtype)
     values_source.overrides = dict(overrides or {})
@@ -146,7 +146,7 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
         meta = meta_sd[n]
         return t.to(meta.dtype) if t.is_floating_point() and meta.is_floating_point() else t
 
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out) as tmp:
         weight_map: dict[str, str] = {}
         for s, shard in enumerate(tqdm(shards, desc="writing shards", disable=not progress, leave=False)):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -160,8 +160,7 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path, *,
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        _save_configs(pruned.model, tmp)
-        write_companions(tmp, tokenizer, stock_class(pruned.model).__name__ if structure else None, plan)
+        write_companions(tmp, tokenizer, _save_configs(pruned.model, tmp), plan)
         if extras is not None:
             extras(tmp)
         pause_point("saving")
@@ -184,16 +183,19 @@ def _saved_names(model: nn.Module) -> list[str]:
     return [n for n in sd if n in kept]
 
 
-def _save_configs(model: nn.Module, directory: Path) -> None:
-    """config.json and generation_config.json as `save_pretrained` writes them."""
+def _save_configs(model: nn.Module, directory: Path) -> config_edit.RemoteClasses | None:
+    """config.json (sealed) and generation_config.json as `save_checkpoint` writes them. Returns the classes
+    the checkpoint's remote code must define (heterogeneous), or None."""
     params = list(model.parameters())
     dtype = params[0].dtype if params else torch.float32
     model.config.dtype = str(dtype).split(".")[1]
     model.config.architectures = [type(model).__name__]
     config_edit.drop_foreign_auto_map(model.config)
     model.config.save_pretrained(directory)
+    remote = config_edit.seal_config_file(directory / "config.json")
     if model.can_generate():  # type: ignore[operator]
         model.generation_config.save_pretrained(directory)
+    return remote
 
 
 def _checkpoint_dtype(path: Path) -> torch.dtype:

@@ -19,6 +19,7 @@ from typing import Callable
 from prunekit.cli import compress, demo, drop, evaluate, export, heal, width
 from prunekit.cli.options import Parser
 from prunekit.errors import PrunekitError
+from prunekit.io.paths import cache_dir as _cache_dir
 
 COMMANDS = (drop, width, compress, heal, evaluate, export, demo)
 
@@ -61,9 +62,28 @@ def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
+_OOM_WORDS = ("out of memory", "not enough memory", "cannot allocate memory", "can't allocate memory",
+              "unable to mmap", "failed to allocate")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(w in str(e).lower() for w in _OOM_WORDS)
+
+
+def _headroom() -> str:
+    from prunekit.io.files import memory_headroom
+
+    return memory_headroom()
+
+
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Download retries are reported by the one error line that follows them, not line by line.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # What `datasets` prepares for zero-shot tasks goes to prunekit's cache, not ~/.cache/huggingface (unless the
+    # user chose a place). Set before `datasets` is first imported, which reads it once.
+    os.environ.setdefault("HF_DATASETS_CACHE", str(_cache_dir() / "datasets"))
     try:
         args = build_parser().parse_args(argv)
         if args.quiet:
@@ -72,6 +92,13 @@ def _main(argv: list[str] | None) -> int:
             hf_logging.disable_progress_bar()  # transformers' own bars (loading, converting, saving)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        print(f"prunekit: error: out of memory: {_one_line(e)[:300]} ({_headroom()}); use a machine with more "
+              "memory, a smaller --dtype, fewer --samples or a shorter --seq-len, or --stream where the command "
+              "has it", file=sys.stderr)
+        return 2
     except (PrunekitError, OSError) as e:
         # OSError: the environment, not the input (a path that cannot be written, a full disk). Outputs are
         # committed by rename only when complete, so nothing half-written is left either way.

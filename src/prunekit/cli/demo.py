@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from prunekit.cli.options import MODEL_HELP, emit, positive_int, progress
+from prunekit.cli.options import MODEL_HELP, add_force, emit, positive_int, progress
 
 
 def register(sub: Any) -> None:
@@ -16,6 +16,7 @@ def register(sub: Any) -> None:
                                    "out text, and writes a Markdown table and a similarity heatmap.")
     p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP + " (default smollm2-135m)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    add_force(p, "--out")
     p.add_argument("--calib", default="c4", help="calibration text (default c4)")
     p.add_argument("--text", default="wiki", help="evaluation text (default wiki)")
     p.add_argument("--samples", type=positive_int, default=16, help="calibration sequences (default 16)")
@@ -32,5 +33,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(model=args.model, out_dir=Path(args.out), calib=args.calib, text=args.text, samples=args.samples,
              seq_len=args.seq_len, windows=args.windows, window_len=args.window_len, drops=args.drops,
-             with_width=not args.no_width, progress=progress(args))
+             with_width=not args.no_width, force=args.force, progress=progress(args))
     return emit({"out": args.out, "report": str(Path(args.out) / "report.md")})

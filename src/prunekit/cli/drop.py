@@ -7,10 +7,11 @@ from typing import Any
 
 from prunekit.cli.options import (
     add_calib,
+    add_json,
     add_model,
     add_output,
     add_scale,
-    check_writable_file,
+    check_json_output,
     emit,
     positive_int,
     progress,
@@ -26,7 +27,7 @@ def register(sub: Any) -> None:
     add_model(p)
     add_calib(p)
     add_scale(p)
-    p.add_argument("--json", required=True, help="output JSON path")
+    add_json(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("drop", help="drop the most redundant attention/MLP/blocks and save a smaller checkpoint",
@@ -62,7 +63,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from prunekit.cli.options import write_json
     from prunekit.jobs import score_job
 
-    check_writable_file(args.json)
+    dest = check_json_output(args, args.model, args.calib)
     # In memory or layer-streamed, one process or several under torchrun (rank 0 writes).
     result = score_job(str(args.model), calib=args.calib, samples=args.samples, seq_len=args.seq_len,
                        batch_size=args.batch_size, dtype=args.dtype, device=args.device, stream=args.stream,
@@ -71,7 +72,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         return 0
     out = result.scores.to_json()
     out["model"] = result.model_info
-    write_json(out, args.json)
+    write_json(out, dest)
     return emit({"json": str(args.json), "layers": result.scores.num_layers, "streamed": result.streamed,
                  "cache_hit": result.cache_hit})
 

@@ -11,9 +11,11 @@ from prunekit.cli.options import (
     TEXT_HELP,
     add_bench,
     add_device,
+    add_force,
+    add_json,
     add_model,
     add_tasks,
-    check_writable_file,
+    check_json_output,
     csv,
     emit,
     positive_int,
@@ -33,7 +35,7 @@ def register(sub: Any) -> None:
     p.add_argument("--window-len", type=positive_int, default=1024, help="tokens per window (default 1024)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default 1)")
     add_tasks(p)
-    p.add_argument("--json", required=True, help="output JSON path")
+    add_json(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="prefill/decode speed, peak memory and KV-cache bytes",
@@ -41,7 +43,7 @@ def register(sub: Any) -> None:
                                    "memory, KV-cache bytes actually allocated, parameters and on-disk size.")
     add_model(p)
     add_bench(p)
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    add_json(p, required=False)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("compare", help="base vs pruned models side by side: perplexity, tasks, speed; report + plots",
@@ -51,6 +53,7 @@ def register(sub: Any) -> None:
     p.add_argument("base", help="the unpruned model: " + MODEL_HELP)
     p.add_argument("pruned", nargs="+", help="pruned checkpoints (or any other models) to compare")
     p.add_argument("--out", required=True, help="output directory for the report")
+    add_force(p, "--out")
     p.add_argument("--text", default="wiki", help="perplexity text (default wiki; second half used)")
     p.add_argument("--windows", type=positive_int, default=10, help="perplexity windows (default 10)")
     p.add_argument("--window-len", type=positive_int, default=1024, help="perplexity window length (default 1024)")
@@ -74,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from prunekit.io.files import weight_bytes
     from prunekit.jobs.dist import check_device
 
-    check_writable_file(args.json)
+    dest = check_json_output(args, args.model, args.text, args.task_dir)
     check_device(args.device)
     tasks = csv(args.tasks) if args.tasks else []
     check_tasks(tasks, task_dir=args.task_dir)  # before the perplexity run, not after it
@@ -89,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     local = Path(str(args.model))
     if local.is_dir():
         result["disk_bytes"] = weight_bytes(local)
-    write_json(result, args.json)
+    write_json(result, dest)
     summary = {k: result[k] for k in ("perplexity", "params", "kv_bytes_per_token")}
     if tasks:
         summary["tasks"] = {name: {"acc": t["acc"], "acc_stderr": t["acc_stderr"], "n": t["n"]}
@@ -103,8 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from prunekit.io.files import weight_bytes
     from prunekit.jobs.dist import check_device
 
-    if args.json:
-        check_writable_file(args.json)
+    dest = check_json_output(args, args.model) if args.json else None
     check_device(args.device)
     model, _ = load_model(args.model, dtype=args.dtype, device=args.device, tokenizer=False)
     res = benchmark(model, contexts=args.context, new_tokens=args.new_tokens, batch=args.batch,
@@ -113,8 +115,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     res["disk_bytes"] = weight_bytes(local) if local.is_dir() else None
     res["model"] = str(args.model)
     say(format_table(res))
-    if args.json:
-        write_json(res, args.json)
+    if dest is not None:
+        write_json(res, dest)
     return emit(res)
 
 
@@ -126,6 +128,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           seed=args.seed, contexts=args.context, new_tokens=args.new_tokens, batch=args.batch,
                           repeats=args.repeats, bench=not args.no_bench, interleave=not args.no_interleave,
                           calib=args.calib, device=args.device, dtype=args.dtype, progress=progress(args))
-    compare([args.base, *args.pruned], args.out, opts)
+    compare([args.base, *args.pruned], args.out, opts, force=args.force)
     say((Path(args.out) / "report.md").read_text())
     return emit({"out": str(args.out), "report": str(Path(args.out) / "report.md")})

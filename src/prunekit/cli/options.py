@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from prunekit.errors import OptionError
-from prunekit.io.outputs import prepare_output, write_json
+from prunekit.io.outputs import Target, input_paths, prepare_output, write_json
 
-__all__ = ["Parser", "check_writable_file", "emit", "say", "write_json"]
+__all__ = ["Parser", "check_json_output", "emit", "say", "write_json"]
 
 MODEL_HELP = "built-in name (smollm2-135m, gemma3-270m), local HF checkpoint directory, or hub id"
 TEXT_HELP = "built-in corpus (wiki, c4, tiny, code, technical, multilingual), or a local .txt/.jsonl file"
@@ -91,9 +91,19 @@ def add_calib(p: argparse.ArgumentParser, *, flag: str = "--calib", default: str
     p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per forward pass (default 4)")
 
 
-def add_output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+def add_output(p: argparse.ArgumentParser, *, help: str = "output checkpoint directory") -> None:
+    p.add_argument("--out", required=True, help=help)
+    add_force(p, "--out")
+
+
+def add_json(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--json", required=required, default=None,
+                   help="output JSON path" if required else "also write the results as JSON here")
+    add_force(p, "--json")
+
+
+def add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace {what} if it exists")
 
 
 def add_scale(p: argparse.ArgumentParser) -> None:
@@ -135,9 +145,10 @@ def progress(args: argparse.Namespace) -> bool:
 
 
 # --- outputs --------------------------------------------------------------------------------------------------------
-def check_writable_file(path: str | Path) -> Path:
-    """Fail now, not after the work, when `path` cannot be written (a directory, or an unwritable folder)."""
-    return prepare_output(path, True, kind="file")
+def check_json_output(args: argparse.Namespace, *inputs: str | Path | None) -> Target:
+    """`--json`, checked now, not after the work: not an existing file without `--force`, not a directory, not
+    an input of the run (`inputs`: the model, text files), and in a folder that can be written."""
+    return prepare_output(args.json, args.force, kind="file", inputs=input_paths(*inputs))
 
 
 def emit(summary: dict[str, Any]) -> int:

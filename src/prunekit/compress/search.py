@@ -59,6 +59,7 @@ from prunekit.engine.memory import available_memory_bytes
 from prunekit.engine.runner import LayerRunner
 from prunekit.engine.sources import LayerSource, as_source
 from prunekit.errors import PlanError
+from prunekit.io.outputs import scratch_dir
 from prunekit.losses import KL_TOPK, Reference, loss_perplexity, means, split_check
 from prunekit.plans import DropTarget, LayerWidth, PruningPlan, normalize_drops
 from prunekit.surgery import apply_plan
@@ -321,10 +322,10 @@ def compress(model: nn.Module | LayerSource, adapter: ModelAdapter | None, calib
     (`compress.measure`; 0: none)."""
     check_criterion(criterion)
     src = as_source(model, adapter)
-    with tempfile.TemporaryDirectory(prefix="prunekit-compress-", dir=work_dir) as spill:
+    with scratch_dir("compress", work_dir) as spill:
         opts = _Settings(budget, rounds, multiple_of, batch_size, criterion, progress, source, correct,
                          probe_samples)
-        return _Search(src, calib, opts, sums or OneProcess(), gram_budget_bytes, Path(spill)).run()
+        return _Search(src, calib, opts, sums or OneProcess(), gram_budget_bytes, spill).run()
 
 
 def _gram_budget(sums: Sums, given: int | None) -> int:

@@ -28,7 +28,7 @@ from prunekit.data import CalibrationData
 from prunekit.drop.similarity import SimilarityAccumulator, SimilarityScores, unit_rows
 from prunekit.engine.runner import FiniteCheck, LayerRunner, Observer, TensorStore
 from prunekit.engine.sources import LayerSource, as_source
-from prunekit.io.outputs import atomic_file
+from prunekit.io.outputs import owned_file
 
 PROGRESS_FILE = "_progress.safetensors"
 PROGRESS_FORMAT = "1"
@@ -64,7 +64,7 @@ class SimilarityObserver(Observer):
 
 def save_progress(work_dir: Path, next_layer: int, acc: SimilarityAccumulator) -> None:
     """Atomically record that layers < `next_layer` are done, with their sums."""
-    with atomic_file(work_dir / PROGRESS_FILE, force=True) as tmp:
+    with owned_file(work_dir / PROGRESS_FILE) as tmp:
         save_file(acc.to_tensors(), str(tmp), metadata={"format": PROGRESS_FORMAT, "next_layer": str(next_layer)})
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from prunekit.errors import DataError
+from prunekit.plans import similarity_fields
 
 
 def token_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -99,16 +100,9 @@ class SimilarityScores:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "SimilarityScores":
-        layers = sorted(data["layers"], key=lambda r: r["index"])
-        return cls(
-            block=[float(r["block"]) for r in layers],
-            attn=[float(r["attn"]) for r in layers],
-            mlp=[float(r["mlp"]) for r in layers],
-            tokens=int(data["tokens"]),
-            pairwise=data.get("pairwise"),
-            calibration=dict(data.get("calibration", {})),
-        )
+    def from_json(cls, data: Any) -> "SimilarityScores":
+        """Scores as `to_json` writes them; anything else raises one `PlanError` naming the bad field."""
+        return cls(**similarity_fields(data))
 
 
 class SimilarityAccumulator:

@@ -38,7 +38,7 @@ from prunekit.data import CalibrationData
 from prunekit.engine.sources import LayerCall, LayerSource
 from prunekit.errors import ActivationOverflowError
 from prunekit.faults import pause_point
-from prunekit.io.outputs import atomic_file
+from prunekit.io.outputs import owned_file
 
 
 class Observer:
@@ -96,7 +96,7 @@ class TensorStore:
         if self.dir is None:
             self.mem[key] = t
             return
-        with atomic_file(self._file(key), force=True) as tmp:
+        with owned_file(self._file(key)) as tmp:
             torch.save(t.to("cpu").contiguous(), tmp)
 
     def get(self, key: str, device: torch.device | None = None) -> torch.Tensor:

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from prunekit.errors import OptionError
+
 __all__ = ["analytic_kv_bytes", "benchmark", "format_table", "measured_kv_bytes", "peak_rss_bytes"]
 
 # How each transformers cache layer type (DYNAMIC_LAYER_TYPE_MAPPING in transformers.cache_utils) holds K/V.
@@ -253,6 +255,16 @@ def _one_run(
     }
 
 
+def check_positions(config: Any, contexts: Sequence[int], new_tokens: int) -> None:
+    """One clear error, before any run, when a context plus its decoded tokens exceeds the positions the model
+    was built for (the run would take minutes and measure a model outside what it can do)."""
+    limit = getattr(_text_config(config), "max_position_embeddings", None)
+    longest = max(contexts, default=0) + new_tokens
+    if isinstance(limit, int) and longest > limit:
+        raise OptionError(f"--context {max(contexts)} plus --new-tokens {new_tokens} is {longest} positions, but "
+                          f"the model has {limit}; use a --context of at most {limit - new_tokens}")
+
+
 def benchmark(
     model: Any,
     *,
@@ -291,6 +303,7 @@ def benchmark(
     contexts = [int(c) for c in contexts]
     if any(c < 1 for c in contexts):
         raise ValueError(f"contexts must be >= 1, got {contexts}")
+    check_positions(model.config, contexts, new_tokens)
 
     if device is not None:
         model.to(device)

@@ -29,8 +29,8 @@ from prunekit.evaluation.report import human_bytes, markdown_table, pyplot, save
 from prunekit.evaluation.zeroshot import evaluate_tasks
 from prunekit.io.checkpoint import check_model_spec, load_model, resolve_model_path
 from prunekit.io.files import weight_bytes
-from prunekit.io.outputs import atomic_dir
-from prunekit.plans import PLAN_FILE, PruningPlan
+from prunekit.io.outputs import atomic_dir, input_paths, prepare_output
+from prunekit.plans import PruningPlan, checkpoint_plan
 
 
 @dataclass
@@ -67,8 +67,8 @@ def _versions() -> dict[str, str]:
 
 
 def _plan_of(path: str) -> PruningPlan | None:
-    f = Path(resolve_model_path(path)) / PLAN_FILE
-    return PruningPlan.load(f) if f.is_file() else None
+    """The model's plan, checked (with its scores) against the checkpoint that carries it."""
+    return checkpoint_plan(resolve_model_path(path))
 
 
 def evaluate_one(spec: str, opts: CompareOptions, windows_cache: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -186,12 +186,16 @@ def _plots(rows: list[dict[str, Any]], out: Path, scores: SimilarityScores | Non
     return files
 
 
-def compare(models: Sequence[str], out_dir: str | Path, opts: CompareOptions) -> dict[str, Any]:
+def compare(models: Sequence[str], out_dir: str | Path, opts: CompareOptions, *,
+            force: bool = False) -> dict[str, Any]:
     """Measure every model with the same data and settings; write report.md/report.json/plots to out_dir (all
-    or nothing; every model and the output folder are checked before the first is measured)."""
+    or nothing; every model and the output folder are checked before the first is measured; an existing
+    out_dir is replaced only with `force`)."""
     for spec in models:
         check_model_spec(spec)
-    with atomic_dir(out_dir, force=True) as out:
+        _plan_of(spec)  # a bad plan or bad scores fail now, not after every model was evaluated
+    dest = prepare_output(out_dir, force, inputs=input_paths(*models, opts.text, opts.calib, opts.task_dir))
+    with atomic_dir(dest) as out:
         return _compare(models, out, opts)
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import yaml  # comes with the optional `eval` extra (lm-eval), like everything zero-shot
 
 from prunekit.errors import TaskError
+from prunekit.io.outputs import atomic_file
 
 # Task names become file names; keep them to a conservative character set.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -65,13 +66,14 @@ def _validate_mc_jsonl(path: Path) -> int:
     return n
 
 
-def make_jsonl_task(name: str, jsonl_path: str | Path, out_dir: str | Path) -> Path:
+def make_jsonl_task(name: str, jsonl_path: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write ``<out_dir>/<name>.yaml``, an lm-eval task over a local multiple-choice JSONL file.
 
     Each line of ``jsonl_path`` must be ``{"question": str, "choices": [str, ...], "answer": int}`` (all rows
     are checked; extra fields are allowed). The prompt is ``"Question: {question}\\nAnswer:"``, each choice is
     scored as the continuation ``" " + choice``, and the metrics are ``acc`` and ``acc_norm``. Pass ``out_dir``
-    as ``task_dir`` to :func:`evaluate_tasks` and ask for ``name``. Returns the YAML path.
+    as ``task_dir`` to :func:`evaluate_tasks` and ask for ``name``. Returns the YAML path; an existing one is
+    replaced only with ``force``.
     """
 
     if not NAME_RE.match(name):
@@ -96,10 +98,9 @@ def make_jsonl_task(name: str, jsonl_path: str | Path, out_dir: str | Path) -> P
         ],
         "metadata": {"version": 1.0},
     }
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    path = Path(out_dir).expanduser() / f"{name}.yaml"
+    with atomic_file(path, force, inputs=[data]) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
 
 

@@ -33,14 +33,15 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prunekit.errors import TaskError
 from prunekit.evaluation.user_tasks import make_jsonl_task
-from prunekit.io.outputs import atomic_file
+from prunekit.io.outputs import owned_file, scratch_dir
+from prunekit.io.paths import cache_dir
 
 __all__ = [
     "AVERAGE_METRIC",
@@ -83,12 +84,6 @@ TASK_ALIASES: dict[str, tuple[str, ...]] = {"paper": PAPER_TASKS}
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def cache_dir() -> Path:
-    """prunekit's cache folder: ``$PRUNEKIT_CACHE`` if set, else ``~/.cache/prunekit``."""
-    env = os.environ.get("PRUNEKIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "prunekit"
-
-
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -105,7 +100,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     """
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
-    with atomic_file(path, force=True) as tmp:
+    with owned_file(path) as tmp:
         tmp.write_bytes(data)
 
 
@@ -193,6 +188,11 @@ def _render_builtin(name: str, data_file: Path, out_dir: Path) -> Path:
         raise TaskError(f"task template {name}.yaml has no {_DATA_PLACEHOLDER} placeholder")
     # A JSON string literal is a valid YAML double-quoted scalar, so any path is quoted safely.
     rendered = template.replace(_DATA_PLACEHOLDER, json.dumps(str(data_file.resolve())))
+    # `datasets` keeps what it prepares from the file under prunekit's cache, not the user's ~/.cache/huggingface.
+    if "\ndataset_kwargs:\n" not in rendered:
+        raise TaskError(f"task template {name}.yaml has no dataset_kwargs block")
+    rendered = rendered.replace("\ndataset_kwargs:\n",
+                                f"\ndataset_kwargs:\n  cache_dir: {json.dumps(str(cache_dir() / 'datasets'))}\n", 1)
     out = out_dir / f"{name}.yaml"
     out.write_text(rendered, encoding="utf-8")
     if "!function task_funcs." in template:
@@ -379,30 +379,46 @@ def evaluate_tasks(
     user_dir = _user_dir(task_dir)
     chosen = _chosen_docs(docs, limit)
 
-    with tempfile.TemporaryDirectory(prefix="prunekit-tasks-") as tmp:
-        manager = _task_index(tasks, Path(tmp), user_dir, include_lm_eval_tasks)
+    with scratch_dir("tasks") as tmp:
+        manager = _task_index(tasks, tmp, user_dir, include_lm_eval_tasks)
         if device is not None:
             model.to(device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        raw = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            samples=None if chosen is None else {t: chosen for t in tasks},
-            task_manager=manager,
-            log_samples=samples,
-            cache_requests=False,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            bootstrap_iters=bootstrap_iters,
-        )
+        with _without_git_probe():
+            raw = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                samples=None if chosen is None else {t: chosen for t in tasks},
+                task_manager=manager,
+                log_samples=samples,
+                cache_requests=False,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                bootstrap_iters=bootstrap_iters,
+            )
     if raw is None:  # only non-zero ranks in distributed runs get None
         raise TaskError("lm-eval returned no results (run zero-shot tasks in a single process)")
 
     return _package(raw, tasks, lm_eval.__version__, seed=seed, limit=limit, num_fewshot=num_fewshot, samples=samples)
+
+
+@contextmanager
+def _without_git_probe() -> Iterator[None]:
+    """lm-eval records `git describe` of the current directory, which is not prunekit's version and, outside a
+    repository, prints "fatal: not a git repository"; prunekit records its own versions instead. The
+    evaluator's reference is swapped for the length of one evaluation and restored."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def _task_index(tasks: list[str], rendered: Path, user_dir: Path | None, include_lm_eval_tasks: bool) -> Any:

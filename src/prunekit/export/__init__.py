@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from prunekit.export.common import ExportError, ExportSource, LayerShape, load_source
 from prunekit.export.gguf import DIRECT_TYPES, QUANT_TYPES, quantizer, write_gguf
 from prunekit.export.nemotron_nas import write_nemotron_nas
-from prunekit.io.outputs import atomic_dir, atomic_file, prepare_output
+from prunekit.io.outputs import Target, atomic_dir, atomic_file, input_paths, prepare_output, sibling_scratch
 
 FORMATS = ("gguf", "nemotron-nas")
 QUANTS = DIRECT_TYPES + QUANT_TYPES
@@ -28,32 +27,32 @@ def export_checkpoint(src: str | Path, out: str | Path, *, format: str, quant: s
     (needs llama-cpp-python: `make llamacpp`). format "nemotron-nas": a directory (safetensors + config +
     tokenizer); `quant` must stay f16 or f32 (the weights' dtype)."""
     _check_options(format, quant)
-    # Fail on an existing or unwritable output before spending time loading the model.
-    prepare_output(out, force, kind="file" if format == "gguf" else "dir")
+    # Fail on an existing, unwritable or input-overlapping output before spending time loading the model.
+    target = prepare_output(out, force, kind="file" if format == "gguf" else "dir", inputs=input_paths(src))
     if format == "gguf" and quant not in DIRECT_TYPES:
         quantizer()  # the binding is checked before loading, too
-    return export_source(load_source(src), out, format=format, quant=quant, force=force, progress=progress)
+    return export_source(load_source(src), target, format=format, quant=quant, force=force, progress=progress)
 
 
-def export_source(source: ExportSource, out: str | Path, *, format: str, quant: str = "f16", force: bool = False,
-                  progress: bool = True) -> Path:
+def export_source(source: ExportSource, out: str | Path | Target, *, format: str, quant: str = "f16",
+                  force: bool = False, progress: bool = True) -> Path:
     """`export_checkpoint` for a model already in memory (tests, jobs that just pruned it)."""
     _check_options(format, quant)
-    out = Path(out)
+    out = prepare_output(out, force, kind="file" if format == "gguf" else "dir")
     if format == "gguf":
         if quant in DIRECT_TYPES:
-            with atomic_file(out, force) as tmp:
+            with atomic_file(out) as tmp:
                 write_gguf(source, tmp, ftype=quant, progress=progress)
-            return out
+            return out.path
         run = quantizer()
-        with atomic_file(out, force) as tmp, tempfile.TemporaryDirectory(prefix="prunekit-gguf-", dir=out.parent) as d:
-            f16 = Path(d) / "model-f16.gguf"
+        with atomic_file(out) as tmp, sibling_scratch(out.path) as d:
+            f16 = d / "model-f16.gguf"
             write_gguf(source, f16, ftype="f16", progress=progress)
             run(f16, tmp, quant)
-        return out
-    with atomic_dir(out, force) as tmp:
+        return out.path
+    with atomic_dir(out) as tmp:
         write_nemotron_nas(source, tmp, dtype=quant)
-    return out
+    return out.path
 
 
 def _check_options(format: str, quant: str) -> None:

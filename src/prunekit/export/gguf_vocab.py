@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from typing import Any
 
 import gguf
 
 from prunekit.export.common import ExportError
+from prunekit.io.outputs import scratch_dir
 
 __all__ = ["bpe_pre_name", "spm_scores", "write_vocab"]
 
@@ -166,7 +166,7 @@ def write_vocab(w: Any, tokenizer: Any, vocab_size: int) -> str:
         w.add_token_scores(scores)
         w.add_add_space_prefix(_add_space_prefix(tj))
 
-    with tempfile.TemporaryDirectory(prefix="prunekit-tok-") as tmp:
+    with scratch_dir("tok") as tmp:
         # SpecialVocab reads merges, special ids and the chat template from tokenizer files on disk; writing them
         # fresh works the same for a local directory, a built-in name or a hub id.
         tokenizer.save_pretrained(tmp)

@@ -7,6 +7,11 @@ It forks no Hugging Face modeling code: the stock architecture is built from the
 sub-layers named in `config.prunekit` are replaced (removed ones by parameter-free stand-ins, narrowed ones
 by stock modules built from a per-layer copy of the config).
 
+Such a checkpoint's `model_type` is prunekit's own (`prunekit_<stock model_type>`), and `auto_map` names a
+config class defined here (the stock config class under that model_type) beside the model class: a stock
+model_type would let transformers build the stock model without this file, silently wrong; an unknown one
+makes it refuse unless `trust_remote_code=True`.
+
 `config.prunekit` holds:
     layers_path, attn, mlp, attn_norms, mlp_norms : module names (written by prunekit's adapter)
     dropped_attn, dropped_mlp                     : layer indices whose sub-layer is gone
@@ -149,9 +154,18 @@ class PrunekitMixin:
         apply_structure(self, config)  # type: ignore[arg-type]
 
 
-def make_class(base: type) -> type:
-    """The heterogeneous counterpart of a stock `*ForCausalLM` class."""
-    return type(f"Prunekit{base.__name__}", (PrunekitMixin, base), {"__module__": __name__})
+def make_config_class(base: type, model_type: str) -> type:
+    """The stock config class `base` under prunekit's own `model_type` (what a checkpoint's config.json says)."""
+    return type(f"Prunekit{base.__name__}", (base,), {"model_type": model_type, "__module__": __name__})
+
+
+def make_class(base: type, config_class: type | None = None) -> type:
+    """The heterogeneous counterpart of a stock `*ForCausalLM` class. `config_class`: the config class it is
+    registered with in transformers' auto classes, which insist that it be the model class's own."""
+    attrs: dict[str, Any] = {"__module__": __name__}
+    if config_class is not None:
+        attrs["config_class"] = config_class
+    return type(f"Prunekit{base.__name__}", (PrunekitMixin, base), attrs)
 
 
 def stock_class(model: nn.Module) -> type:

@@ -12,7 +12,6 @@ import hashlib
 import importlib
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,14 +21,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunekit.errors import CheckpointError, DataError
 from prunekit.io.config_edit import drop_quantization
-from prunekit.io.outputs import atomic_dir, atomic_file
+from prunekit.io.outputs import owned_dir, owned_file
+from prunekit.io.paths import cache_dir
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("PRUNEKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "prunekit")
-    return Path(root)
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
@@ -109,7 +104,7 @@ def assemble_split_gguf(spec: SplitGGUF, dest: Path) -> Path:
     if dest.is_file() and dest.stat().st_size == spec.size and _sha256(dest) == spec.sha256:
         return dest
     parts = _part_paths(spec)
-    with atomic_file(dest, force=True) as tmp:  # complete and checked, or absent
+    with owned_file(dest) as tmp:  # complete and checked, or absent
         digest, size = hashlib.sha256(), 0
         with open(tmp, "wb") as out:
             for part in parts:
@@ -201,7 +196,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         # the GGUF quantizer is what save_pretrained checks, and the weights are already plain fp32.
         loaded.hf_quantizer = None
         fresh = loaded
-    with atomic_dir(target, force=True) as tmp:  # complete or absent, never half-written
+    with owned_dir(target) as tmp:  # complete or absent, never half-written
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 

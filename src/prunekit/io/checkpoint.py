@@ -3,7 +3,10 @@
 A saved checkpoint is physically smaller (removed weights are gone from the safetensors), carries its
 tokenizer and `prunekit_plan.json`, and loads with plain transformers: a homogeneous result through its
 stock config, a heterogeneous one through `modeling_prunekit.py` (copied in, imports only torch and
-transformers) with `trust_remote_code=True`, or through `prunekit.load_model` without remote code.
+transformers) with `trust_remote_code=True`, or through `prunekit.load_model` without remote code. A
+heterogeneous config.json is sealed (`config_edit.sealed_config`: model_type `prunekit_<stock>`), so plain
+transformers refuses it without `trust_remote_code` instead of building the stock model; `load_config` reads
+it back as the stock config class, structure kept.
 """
 
 from __future__ import annotations
@@ -15,16 +18,23 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedConfig,
+)
 
 from prunekit.errors import CheckpointError, DtypeError
 from prunekit.faults import pause_point
 from prunekit.hf_remote import modeling_prunekit
 from prunekit.io import config_edit
 from prunekit.io.assets import BUILTIN_MODELS, builtin_model_dir
-from prunekit.io.config_edit import REMOTE_MODULE
+from prunekit.io.config_edit import REMOTE_MODULE, RemoteClasses
 from prunekit.io.files import read_index
-from prunekit.io.outputs import atomic_dir
+from prunekit.io.outputs import Target, atomic_dir, input_paths
 from prunekit.plans import PLAN_FILE, PruningPlan
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -63,6 +73,24 @@ def _check_local_dir(path: Path) -> None:
     read_index(path)  # a corrupt index or a missing shard is one clear error
 
 
+def load_config(spec: str | Path) -> Any:
+    """The config of a checkpoint (local directory or hub id), as every prunekit reader must get it: a sealed
+    heterogeneous config (model_type `prunekit_<stock>`) becomes the stock config class of its stock type with
+    the `prunekit` structure kept, as `surgery.refresh_config` left it in memory, so no remote code runs and the
+    adapters apply; any other goes through `AutoConfig` (a checkpoint of an older prunekit, with the stock
+    model_type and the structure, included). Raises what transformers raises."""
+    path = str(spec)
+    config_dict, _ = PreTrainedConfig.get_config_dict(path)
+    if not config_edit.is_sealed(config_dict):
+        return AutoConfig.from_pretrained(path)
+    stock = config_edit.unsealed_config(config_dict)
+    if stock["model_type"] not in CONFIG_MAPPING:
+        raise ValueError(f"the checkpoint's stock model_type {stock['model_type']!r} is unknown to this transformers")
+    # from_dict, not the class's from_pretrained: the dict already carries the stock model_type, so no warning
+    # about a mismatched one.
+    return CONFIG_MAPPING[stock["model_type"]].from_dict(stock, name_or_path=path)
+
+
 def model_class_for(config: Any) -> type:
     """The class that builds `config`: the stock transformers class, wrapped when the config describes a
     heterogeneous prunekit structure."""
@@ -82,7 +110,7 @@ def load_model(spec: str | Path, *, dtype: str | torch.dtype = "float32", device
     path = resolve_model_path(spec)
     local = Path(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = load_config(path)
     except Exception as e:  # transformers raises OSError/ValueError/hub errors: one message for all
         hint = "" if local.exists() else " (not a local directory, a built-in name " \
             f"({', '.join(BUILTIN_MODELS)}), or a reachable hub id)"
@@ -116,12 +144,41 @@ def check_model_spec(spec: str | Path, *, tokenizer: bool = True) -> None:
         return
     if not _HUB_ID.match(s):
         raise CheckpointError(f"no such checkpoint directory: {s} (nor a built-in name: {', '.join(BUILTIN_MODELS)})")
+    _check_hub_id(s)
+
+
+def _check_hub_id(repo: str) -> None:
+    """A hub id that is neither in the local Hugging Face cache nor reachable is one clear error now, not a
+    minute of download retries and warnings."""
+    from huggingface_hub import constants, get_session, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id: let the hub lookup below say so
+        pass
+    what = (f"{repo!r} is not a local checkpoint directory, a built-in name ({', '.join(BUILTIN_MODELS)}), or a "
+            "hub id in the local Hugging Face cache")
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(f"{what} (HF_HUB_OFFLINE is set, so the hub is not asked)")
+    try:
+        get_session().head(constants.ENDPOINT, timeout=10)
+    except Exception as e:  # DNS, refused connection, proxy, timeout: all mean the same here
+        raise CheckpointError(f"{what}, and the hub ({constants.ENDPOINT}) cannot be reached to look for it "
+                              f"({type(e).__name__})") from e
 
 
 def load_tokenizer(path: str | Path, spec: str | Path | None = None) -> Any:
     """The tokenizer saved with a checkpoint (one `CheckpointError` when it cannot be loaded)."""
+    # AutoTokenizer picks the class from the model config; left to read a sealed one itself, it would first ask
+    # on stdin whether to run the checkpoint's code (and the question would land in the command's output), then
+    # decide by the unknown model_type. Given the stock config, it decides as for the stock model.
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        config = load_config(path)
+    except Exception:  # a folder holding only a tokenizer: AutoTokenizer manages without a model config
+        config = None
+    try:
+        return AutoTokenizer.from_pretrained(str(path), config=config)
     except Exception as e:
         raise CheckpointError(f"cannot load a tokenizer from {spec or path!r}: {e}") from e
 
@@ -140,7 +197,7 @@ def build_skeleton(path: str | Path, dtype: str | torch.dtype = "float32") -> nn
     The class is the one `load_model` uses (stock, or prunekit's heterogeneous wrapper)."""
     path = Path(path)
     try:
-        config = AutoConfig.from_pretrained(str(path))
+        config = load_config(path)
     except Exception as e:  # transformers raises OSError/ValueError: one message for all
         raise CheckpointError(f"cannot load a config from {path}: {e}") from e
     cls = model_class_for(config)
@@ -151,39 +208,40 @@ def build_skeleton(path: str | Path, dtype: str | torch.dtype = "float32") -> nn
     return model.eval()
 
 
-def remote_code_source(base_class_name: str) -> str:
-    """modeling_prunekit.py as it travels in a checkpoint: the module's source plus the class that
+def remote_code_source(remote: RemoteClasses) -> str:
+    """modeling_prunekit.py as it travels in a checkpoint: the module's source plus the classes that
     `auto_map` names."""
     src = Path(modeling_prunekit.__file__).read_text()
+    config_cls, model_cls = f"Prunekit{remote.config_class}", f"Prunekit{remote.model_class}"
     return (
         src
-        + "\n\n# The class named by config.auto_map for this checkpoint.\n"
+        + "\n\n# The classes named by config.auto_map for this checkpoint.\n"
         + "import transformers as _transformers  # noqa: E402\n\n"
-        + f"Prunekit{base_class_name} = make_class(_transformers.{base_class_name})\n"
+        + f"{config_cls} = make_config_class(_transformers.{remote.config_class}, {remote.model_type!r})\n"
+        + f"{model_cls} = make_class(_transformers.{remote.model_class}, {config_cls})\n"
     )
 
 
-def write_companions(folder: Path, tokenizer: Any, remote_base: str | None, plan: PruningPlan | None) -> None:
+def write_companions(folder: Path, tokenizer: Any, remote: RemoteClasses | None, plan: PruningPlan | None) -> None:
     """Everything a checkpoint carries beside its weights and config: the tokenizer, the remote-code loader
-    (heterogeneous checkpoints: `remote_base` names the stock class) and the plan."""
+    (heterogeneous checkpoints: `remote`, as `config_edit.seal_config_file` returned it) and the plan."""
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    if remote_base:
-        (folder / f"{REMOTE_MODULE}.py").write_text(remote_code_source(remote_base))
+    if remote is not None:
+        (folder / f"{REMOTE_MODULE}.py").write_text(remote_code_source(remote))
     if plan is not None:
         plan.save(folder / PLAN_FILE)
 
 
-def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path, plan: PruningPlan | None = None, *,
-                    force: bool = False, extras: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path | Target, plan: PruningPlan | None = None,
+                    *, force: bool = False, extras: Callable[[Path], None] | None = None) -> Path:
     """Write model + tokenizer + plan (+ what `extras(folder)` writes) to `out`, all or nothing (temporary
-    directory, then rename)."""
+    directory, then rename). Never into, over or around the folder the model was loaded from."""
     config_edit.drop_foreign_auto_map(model.config)
-    with atomic_dir(out, force) as tmp:
+    loaded_from = input_paths(getattr(model, "name_or_path", None) or None)
+    with atomic_dir(out, force, inputs=loaded_from) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        heterogeneous = bool(getattr(model.config, "prunekit", None))
-        write_companions(tmp, tokenizer, modeling_prunekit.stock_class(model).__name__ if heterogeneous else None,
-                         plan)
+        write_companions(tmp, tokenizer, config_edit.seal_config_file(tmp / "config.json"), plan)
         if extras is not None:
             extras(tmp)
         pause_point("saving")

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
 REMOTE_MODULE = "modeling_prunekit"
+# A heterogeneous checkpoint's model_type is this prefix + the stock one: transformers does not know it, so it
+# refuses the checkpoint rather than build the stock model without the structure (see `sealed_config`).
+MODEL_TYPE_PREFIX = "prunekit_"
+_CLASS_PREFIX = f"{REMOTE_MODULE}.Prunekit"
 
 
 def per_layer_fields(config: Any) -> list[str]:
@@ -67,6 +77,81 @@ def drop_foreign_auto_map(config: Any) -> None:
         config.auto_map = ours
     elif hasattr(config, "auto_map"):
         del config.auto_map
+
+
+@dataclass(frozen=True)
+class RemoteClasses:
+    """What a sealed checkpoint's modeling_prunekit.py defines: prunekit's subclasses of these stock classes."""
+
+    model_class: str  # e.g. "LlamaForCausalLM"
+    config_class: str  # e.g. "LlamaConfig"
+    model_type: str  # the config class's model_type, e.g. "prunekit_llama"
+
+
+def is_sealed(cfg: dict[str, Any]) -> bool:
+    """Whether a config.json dict is a heterogeneous checkpoint's in prunekit's own model_type."""
+    structure = cfg.get("prunekit")
+    return (str(cfg.get("model_type", "")).startswith(MODEL_TYPE_PREFIX) and isinstance(structure, dict)
+            and "base_model_type" in structure)
+
+
+def sealed_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """config.json's content as a checkpoint stores it (`cfg`: as `save_pretrained` wrote the in-memory config).
+
+    Heterogeneous (a `prunekit` structure): model_type becomes `prunekit_<stock>` (the stock one kept as
+    `prunekit.base_model_type`), and `auto_map` names both classes of modeling_prunekit.py (transformers needs
+    the config class from there, as it does not know the model_type); `architectures` names the class that
+    builds the checkpoint. Homogeneous: the stock config, with a stock class in `architectures` even when the
+    model was loaded as prunekit's class. Idempotent."""
+    out = copy.deepcopy(cfg)
+    structure = out.get("prunekit")
+    if not structure:
+        if out.get("architectures"):
+            out["architectures"] = [a.removeprefix("Prunekit") for a in out["architectures"]]
+        return out
+    base = structure.get("base_model_type") or out["model_type"]
+    model_ref = (out.get("auto_map") or {}).get("AutoModelForCausalLM", "")
+    if not model_ref.startswith(_CLASS_PREFIX) or base.startswith(MODEL_TYPE_PREFIX) or base not in CONFIG_MAPPING:
+        raise ValueError(f"a heterogeneous config needs a stock model_type and prunekit's loader in auto_map; got "
+                         f"model_type {base!r}, auto_map {out.get('auto_map')!r}")
+    out["prunekit"] = {**structure, "base_model_type": base}
+    out["model_type"] = MODEL_TYPE_PREFIX + base
+    out["auto_map"] = {"AutoConfig": f"{_CLASS_PREFIX}{CONFIG_MAPPING[base].__name__}",
+                       "AutoModelForCausalLM": model_ref}
+    out["architectures"] = [model_ref.removeprefix(REMOTE_MODULE + ".")]
+    return out
+
+
+def unsealed_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A sealed config.json dict as prunekit holds it in memory: the stock model_type (so the stock config class
+    and prunekit's adapters apply), the structure as `surgery.refresh_config` writes it, and `auto_map`
+    naming only the model class. Other dicts are returned unchanged (copied)."""
+    out = copy.deepcopy(cfg)
+    if not is_sealed(out):
+        return out
+    out["model_type"] = out["prunekit"].pop("base_model_type")
+    out["auto_map"] = {k: v for k, v in out["auto_map"].items() if k != "AutoConfig"}
+    return out
+
+
+def remote_classes(cfg: dict[str, Any]) -> RemoteClasses | None:
+    """The classes a sealed config.json dict's `auto_map` names (None for a stock config)."""
+    if not is_sealed(cfg):
+        return None
+    auto_map = cfg["auto_map"]
+    return RemoteClasses(model_class=auto_map["AutoModelForCausalLM"].removeprefix(_CLASS_PREFIX),
+                         config_class=auto_map["AutoConfig"].removeprefix(_CLASS_PREFIX),
+                         model_type=cfg["model_type"])
+
+
+def seal_config_file(path: Path) -> RemoteClasses | None:
+    """Rewrite a config.json that `save_pretrained` wrote into its sealed form (`sealed_config`), formatted as
+    transformers writes it. Returns the classes the checkpoint's modeling_prunekit.py must define, or None."""
+    cfg = json.loads(path.read_text())
+    sealed = sealed_config(cfg)
+    if sealed != cfg:
+        path.write_text(json.dumps(sealed, indent=2, sort_keys=True) + "\n")
+    return remote_classes(sealed)
 
 
 def drop_quantization(config: Any) -> None:

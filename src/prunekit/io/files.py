@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from prunekit.errors import CheckpointError
+from prunekit.errors import CheckpointError, MemoryLimitError
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -43,6 +43,29 @@ def open_safetensors(path: str | Path, device: str | torch.device = "cpu") -> It
             yield st
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download or re-save it") from e
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        raise MemoryLimitError(f"not enough memory to map {path} ({gib(Path(path).stat().st_size)}): "
+                               f"{memory_headroom()}; free memory or raise the limit") from e
+
+
+def gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def memory_headroom() -> str:
+    """What this process may still use, in words: free memory, and the address-space limit (`ulimit -v`)."""
+    import resource
+
+    import psutil
+
+    text = f"{gib(psutil.virtual_memory().available)} of memory is available"
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        used = psutil.Process().memory_info().vms
+        text += f", and the address-space limit (ulimit -v) leaves {gib(max(0, soft - used))} of {gib(soft)}"
+    return text
 
 
 def read_index(folder: Path) -> dict[str, str] | None:
@@ -52,9 +75,12 @@ def read_index(folder: Path) -> dict[str, str] | None:
     if not index.is_file():
         return None
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
         raise CheckpointError(f"{index} is corrupt: {e}") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and "/" not in v
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index} is corrupt: weight_map must map tensor names to shard file names")
     missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
     if missing:
         raise CheckpointError(f"{folder} is missing weight shards: {', '.join(missing)}")

@@ -39,8 +39,8 @@ from safetensors.torch import save_file
 from prunekit import __version__
 from prunekit.data import CalibrationData, token_hash
 from prunekit.drop.similarity import SimilarityAccumulator, SimilarityScores
-from prunekit.io.assets import cache_dir
-from prunekit.io.outputs import atomic_file, process_alive
+from prunekit.io.outputs import owned_file, process_alive
+from prunekit.io.paths import cache_dir
 from prunekit.width.importance import SquaredSums
 from prunekit.width.stats import LayerActivations
 
@@ -98,8 +98,8 @@ class ScoreCache:
             return None
 
     def _write(self, path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any] | None) -> Path:
-        """Write an entry all or nothing (`atomic_file`: what a killed writer left is cleaned up later)."""
-        with atomic_file(path, force=True) as tmp:
+        """Write an entry all or nothing (`owned_file`: what a killed writer left is cleaned up later)."""
+        with owned_file(path) as tmp:
             save_file(tensors, str(tmp), metadata={"info": json.dumps(info or {})})
         return path
 

@@ -16,7 +16,7 @@ from prunekit.engine.memory import STREAM_HEADROOM, available_memory_bytes, chec
 from prunekit.engine.sources import LayerSource
 from prunekit.errors import PlanError
 from prunekit.io.checkpoint import build_skeleton, resolve_model_path
-from prunekit.io.outputs import prepare_output
+from prunekit.io.outputs import input_paths, prepare_output
 from prunekit.jobs.common import Job, distributed, load_job
 from prunekit.jobs.dist import AllReduceSums, DistEnv, resolve_device
 from prunekit.jobs.repair import repair_job
@@ -96,7 +96,7 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
     if repair == "linear":
         check_repairable(get_adapter(build_skeleton(resolve_model_path(model), dtype)))
     streamed = compress_memory(model, dtype, resolve_device(device, DistEnv.from_env()), samples, seq_len, stream)
-    prepare_output(out, force)  # fail before any expensive work
+    dest = prepare_output(out, force, inputs=input_paths(model, calib))  # fail before any expensive work
     with distributed(device, offload_dir) as (env, dev):
         job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                        env=env, device=dev, stream=streamed)
@@ -110,7 +110,7 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
     if not env.is_main:
         return None
     pruned = _repair(job, model, result.plan, repair, dtype, batch_size, offload_dir, progress)
-    save(pruned, job.tokenizer, out, result.plan, force=force, progress=progress,
+    save(pruned, job.tokenizer, dest, result.plan, progress=progress,
          extras=lambda folder: write_pareto(result, folder))
     return result
 

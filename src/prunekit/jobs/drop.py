@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prunekit.drop import CRITERIA, llm_drop
 from prunekit.errors import PlanError
-from prunekit.io.outputs import prepare_output
+from prunekit.io.outputs import input_paths, prepare_output
 from prunekit.jobs.common import scoring_job
 from prunekit.jobs.repair import loss_states, repair_job
 from prunekit.plans import PruningPlan
@@ -28,7 +28,7 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
         raise PlanError(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
     if criterion not in CRITERIA:
         raise PlanError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    prepare_output(out, force)  # fail before any expensive work
+    dest = prepare_output(out, force, inputs=input_paths(model, calib))  # fail before any expensive work
     with scoring_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                      device=device, stream=stream, offload_dir=offload_dir, use_cache=use_cache,
                      progress=progress) as (job, factory):
@@ -47,5 +47,5 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
     if repair == "linear":
         pruned = repair_job(job, model, plan, dtype=dtype, batch_size=batch_size, offload_dir=offload_dir,
                             progress=progress)
-    save(pruned, job.tokenizer, out, plan, force=force, progress=progress)
+    save(pruned, job.tokenizer, dest, plan, progress=progress)
     return plan

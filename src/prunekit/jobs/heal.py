@@ -4,7 +4,6 @@ fine-tuning or distillation, full or LoRA), save it with its plan and the run's 
 from __future__ import annotations
 
 import gc
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +11,12 @@ from torch import nn
 
 from prunekit.errors import RecoveryError
 from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
-from prunekit.io.outputs import prepare_output
-from prunekit.plans import PLAN_FILE, PruningPlan
+from prunekit.io.outputs import input_paths, prepare_output
+from prunekit.plans import PruningPlan, checkpoint_plan
 from prunekit.recovery import DEFAULT_LR, check_hidden, check_settings, check_teacher, recover
 from prunekit.recovery.distill import check_tokenizers
 from prunekit.recovery.sources import check_text_spec, default_samples, parse_text_spec, training_data
+from prunekit.recovery.state import remove_state
 from prunekit.recovery.teacher_cache import DEFAULT_TOPK, TeacherLogitsCache, teacher_logits_cache
 from prunekit.save import save
 
@@ -50,7 +50,9 @@ def heal_checkpoint(model: str, out: str, *, text: str = "mix", samples: int | N
     if samples is None:
         samples = default_samples(sources, steps=steps, batch_size=batch_size, seq_len=seq_len)
     check_text_spec(sources, samples=samples, seq_len=seq_len, batch_size=batch_size, has_teacher=teacher is not None)
-    prepare_output(out, force)
+    # The source's plan goes into the output: a bad one fails here, before any model is loaded.
+    plan = checkpoint_plan(resolve_model_path(model)) or PruningPlan(method="none")
+    dest = prepare_output(out, force, inputs=input_paths(model, teacher, text, prompt_text))
     gen = dict(prompt_text=prompt_text, gen_temperature=gen_temperature, seed=seed, use_cache=use_cache,
                progress=progress)
     signal: nn.Module | TeacherLogitsCache | None = None
@@ -74,8 +76,6 @@ def heal_checkpoint(model: str, out: str, *, text: str = "mix", samples: int | N
             if hidden_weight:
                 check_hidden(net, signal)
         data, records = training_data(tok, sources, samples, seq_len, fit=fit, teacher=signal, **gen)
-    plan_file = Path(resolve_model_path(model)) / PLAN_FILE
-    plan = PruningPlan.load(plan_file) if plan_file.is_file() else PruningPlan(method="none")
     rec = recover(net, data, steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, weight_decay=weight_decay,
                   seed=seed, teacher=signal, alpha=alpha, temperature=temperature,
                   teacher_topk=None if teacher_cache else teacher_topk, lora=lora, hidden_weight=hidden_weight,
@@ -84,8 +84,9 @@ def heal_checkpoint(model: str, out: str, *, text: str = "mix", samples: int | N
     rec["teacher"] = str(teacher) if teacher is not None else None
     rec["data_sources"] = records
     plan.recovery.append(rec)
-    save(net, tok, out, plan, force=force)
-    shutil.rmtree(state_dir(out), ignore_errors=True)  # the run is complete: nothing left to resume
+    save(net, tok, dest, plan)
+    if save_every:  # the run is complete: nothing left to resume (a folder this run did not use is not ours)
+        remove_state(state_dir(out))
     return rec
 
 

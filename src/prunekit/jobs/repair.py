@@ -3,7 +3,6 @@ statistics come from, which source takes the folds, and what is saved afterwards
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +11,7 @@ from prunekit.engine.sources import LayerSource, ResidentLayers
 from prunekit.engine.streamed import StreamedLayers
 from prunekit.errors import CheckpointError
 from prunekit.io.checkpoint import load_model
+from prunekit.io.outputs import scratch_dir
 from prunekit.jobs.common import Job
 from prunekit.plans import PruningPlan
 from prunekit.repair import linear_repair, removed_spans
@@ -67,5 +67,5 @@ def loss_states(streamed: bool, offload_dir: str | Path | None) -> Iterator[Path
     if not streamed or offload_dir is None:
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="prunekit-loss-", dir=offload_dir) as tmp:
-        yield Path(tmp)
+    with scratch_dir("loss", offload_dir) as tmp:
+        yield tmp

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunekit.io.outputs import prepare_output
+from prunekit.io.outputs import input_paths, prepare_output
 from prunekit.jobs.common import distributed, load_job, width_collector
 from prunekit.plans import PruningPlan
 from prunekit.save import save
@@ -26,7 +26,7 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
     layer from the files already cut to the widths so far; the plan equals the in-memory one (tests)."""
     check_width_options(mlp_keep=mlp_keep, heads_keep=heads_keep, mode=mode, shots=shots, scorer=scorer,
                         head_mode=head_mode, min_layer_keep=min_layer_keep, multiple_of=multiple_of)
-    prepare_output(out, force)  # fail before any expensive work
+    dest = prepare_output(out, force, inputs=input_paths(model, calib))  # fail before any expensive work
     with distributed(device, offload_dir) as (env, dev):
         job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                        env=env, device=dev, stream=stream)
@@ -41,5 +41,5 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
         finally:
             inner.cleanup()  # the hidden states; width runs resume from the cache, not from them
         if env.is_main:
-            save(job.source, job.tokenizer, out, plan, force=force, progress=progress)
+            save(job.source, job.tokenizer, dest, plan, progress=progress)
     return (plan, job.streamed) if env.is_main else None

@@ -27,7 +27,7 @@ from torch import nn
 from prunekit.data import CalibrationData, calibration_data, token_hash, token_stream, windows
 from prunekit.errors import DataError, RecoveryError
 from prunekit.io.assets import BUILTIN_CORPORA, builtin_corpus_path, cache_dir
-from prunekit.io.outputs import atomic_file
+from prunekit.io.outputs import owned_file
 
 TEACHER = "teacher"
 # `--text mix`: every built-in text, each weighted by its size, so the windows spread over all of them and
@@ -212,7 +212,7 @@ def teacher_text(teacher: nn.Module, tokenizer: Any, n_tokens: int, seq_len: int
 def _save_atomic(ids: torch.Tensor, path: Path) -> None:
     from safetensors.torch import save_file
 
-    with atomic_file(path, force=True) as tmp:
+    with owned_file(path) as tmp:
         save_file({"input_ids": ids.contiguous()}, str(tmp))
 
 

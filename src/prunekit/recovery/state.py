@@ -8,7 +8,8 @@ same weights and losses as an uninterrupted run; one with other settings is refu
 mean anything), so a stale state can never leak into a different run.
 
 The file is written to a temporary sibling and renamed, so a kill while saving keeps the previous state.
-The job removes the state once the healed checkpoint is saved.
+The job removes the state once the healed checkpoint is saved. It holds only tensors and plain containers
+and is read with `weights_only=True`: a file planted there can fail to load, but it cannot run code.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import RecoveryError
-from prunekit.io.outputs import atomic_file
+from prunekit.io.outputs import owned_file
 
 STATE_FILE = "training_state.pt"
 
@@ -37,7 +38,7 @@ def run_key(model: nn.Module, settings: dict[str, Any]) -> str:
 
 
 def save_state(folder: Path, state: dict[str, Any]) -> None:
-    with atomic_file(folder / STATE_FILE, force=True) as tmp:  # a kill while saving keeps the previous state
+    with owned_file(folder / STATE_FILE) as tmp:  # a kill while saving keeps the previous state
         torch.save(state, tmp)
 
 
@@ -48,13 +49,22 @@ def load_state(folder: Path, key: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say so instead of a pickle traceback
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, foreign or code-carrying file: say so instead of a pickle traceback
         raise RecoveryError(f"cannot read the training state {path}: {e}; remove it to start again") from e
-    if state.get("key") != key:
+    if not isinstance(state, dict) or state.get("key") != key:
         raise RecoveryError(f"{path} holds the state of a run with other settings, model or data; remove it to "
                             "start again, or rerun with the settings it was written with")
     return state
+
+
+def remove_state(folder: Path) -> None:
+    """Remove a finished run's state, and its folder once empty (anything else found there is left alone)."""
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def capture(key: str, net: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,

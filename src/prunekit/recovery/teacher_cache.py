@@ -27,8 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.data import CalibrationData
-from prunekit.io.assets import cache_dir
-from prunekit.io.outputs import atomic_dir
+from prunekit.io.outputs import owned_dir
+from prunekit.io.paths import cache_dir
 from prunekit.losses import topk_reference
 from prunekit.recovery.distill import vocab_size
 from prunekit.recovery.sources import fingerprint
@@ -83,7 +83,7 @@ def teacher_logits_cache(teacher: nn.Module, data: CalibrationData, topk: int = 
             "seq_len": int(data.input_ids.shape[1]), "data_sha256": data.sha256, "shard_windows": SHARD_WINDOWS}
     cached = use_cache and (final / "meta.json").is_file()
     if not cached:
-        with atomic_dir(final, force=True) as tmp:  # --no-cache over an existing one replaces it
+        with owned_dir(final) as tmp:  # --no-cache over an existing one replaces it
             _write_shards(teacher, data, topk, tmp, batch_size=batch_size, progress=progress)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     record = {**meta, "cache": str(final), "cached": cached}

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from prunekit.adapters import ModelAdapter
-from prunekit.plans import PruningPlan
+from prunekit.plans import PruningPlan, check_layers
 from prunekit.surgery.structure import compact, count_parameters, mark_drops, refresh_config
 from prunekit.surgery.widths import apply_widths
 
@@ -36,6 +36,8 @@ def apply_plan(adapter: ModelAdapter, plan: PruningPlan) -> dict[str, Any] | Non
     key = _fingerprint(plan)
     if key in applied:
         return getattr(adapter.model.config, "prunekit", None)
+    # Before any change: a negative index would silently count from the end, a large one fail halfway.
+    check_layers(plan, adapter.num_layers)
     if plan.widths:
         apply_widths(adapter, plan.widths)
     mark_drops(adapter, plan.dropped)
