@@ -13,19 +13,25 @@ tokens (`plan.options["forward_passes"]`) and the wall time. Prints a table and 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from common import (
+    add_json,
+    add_model,
+    add_samples,
+    heldout_perplexity,
+    heldout_windows,
+    machine_info,
+    parser,
+    write_results,
+)
 
 from prunekit.adapters import get_adapter
-from prunekit.data import calibration_data, eval_windows
+from prunekit.data import calibration_data
 from prunekit.drop import llm_drop
-from prunekit.evaluation.perplexity import perplexity
 from prunekit.io.checkpoint import load_model
-from prunekit.io.outputs import write_json
 
 CRITERIA = ("cosine", "loss", "kl")
 
@@ -38,37 +44,35 @@ def row(criterion: str, a: argparse.Namespace, windows: torch.Tensor) -> dict[st
                     prefilter=a.prefilter, progress=False)
     seconds = time.perf_counter() - t0
     return {"criterion": criterion, "dropped": [f"{d.module}@{d.layer}" for d in plan.dropped],
-            "wiki_perplexity": perplexity(model, windows, progress=False)["perplexity"],
+            "wiki_perplexity": heldout_perplexity(model, windows),
             "forward_passes": plan.options.get("forward_passes"), "choose_seconds": round(seconds, 1)}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p = parser(__doc__)
+    add_model(p)
     p.add_argument("--target", default="attn", choices=("attn", "mlp", "block", "joint"))
     p.add_argument("--n", type=int, default=8, help="modules to drop (default 8)")
     p.add_argument("--prefilter", type=int, default=8, help="loss/kl candidates per step (default 8)")
-    p.add_argument("--samples", type=int, default=16, help="calibration sequences of 512 (default 16)")
+    add_samples(p, help="calibration sequences of 512 (default 16)")
     p.add_argument("--windows", type=int, default=10, help="held-out wiki windows of 1024 (default 10)")
     p.add_argument("--criteria", default=",".join(CRITERIA), help="rows, in order (default cosine,loss,kl)")
-    p.add_argument("--json", default="benchmarks/results/criterion.json")
+    add_json(p, "benchmarks/results/criterion.json")
     a = p.parse_args()
     wanted = a.criteria.split(",")
     if set(wanted) - set(CRITERIA):
         p.error(f"criteria are {', '.join(CRITERIA)}")
     dense, tok = load_model(a.model)
-    windows = eval_windows(tok, "wiki", a.windows, 1024)
+    windows = heldout_windows(tok, a.windows, 1024)
     rows: list[dict[str, Any]] = [{"criterion": "dense", "dropped": [], "forward_passes": 0, "choose_seconds": 0,
-                                   "wiki_perplexity": perplexity(dense, windows, progress=False)["perplexity"]}]
+                                   "wiki_perplexity": heldout_perplexity(dense, windows)}]
     del dense
     out = {"settings": {k: v for k, v in vars(a).items() if k != "json"}, "rows": rows,
-           "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads()}}
+           "machine": machine_info(("platform", "torch", "threads"))}
     for c in wanted:
         rows.append(row(c, a, windows))
         print(f"{c}: {rows[-1]}", flush=True)
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, a.json, force=True)  # after every row: a run cut short keeps what it measured
+        write_results(out, a.json)  # after every row: a run cut short keeps what it measured
     print("\n| criterion | dropped | wiki ppl | forward passes | seconds |\n|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['criterion']} | {' '.join(r['dropped'])} | {r['wiki_perplexity']:.2f} | "

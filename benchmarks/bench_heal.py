@@ -33,7 +33,7 @@ from torch import nn
 
 from prunekit.adapters import get_adapter
 from prunekit.compress import DEFAULT_SAMPLES, compress, parse_budget
-from prunekit.data import calibration_data, eval_windows
+from prunekit.data import TextSource, calibration_data, eval_windows, parse_text_spec
 from prunekit.data import windows as cut_windows
 from prunekit.drop import llm_drop
 from prunekit.evaluation.bench import PeakRSS
@@ -42,7 +42,7 @@ from prunekit.evaluation.task_data import prepare_paper_task
 from prunekit.io.checkpoint import load_model
 from prunekit.io.outputs import write_json
 from prunekit.recovery import DEFAULT_LR, TEACHER_ALPHA, recover
-from prunekit.recovery.sources import TextSource, default_samples, parse_text_spec, training_data
+from prunekit.recovery.sources import default_samples, training_data
 from prunekit.surgery import count_parameters
 from prunekit.width import width_prune
 

@@ -29,11 +29,11 @@ import torch
 from bench_heal import add_prune_args, ppl, prune
 from torch import nn
 
-from prunekit.data import token_stream
+from prunekit.data import parse_text_spec, token_stream
 from prunekit.io.checkpoint import load_model
 from prunekit.io.outputs import write_json
 from prunekit.recovery import recover
-from prunekit.recovery.sources import parse_text_spec, training_data
+from prunekit.recovery.sources import training_data
 
 SELECT_TEXTS = ("wiki", "c4")
 

@@ -10,11 +10,10 @@ lowers the loss on the other 1/4). Prints a table and writes benchmarks/results/
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import time
-from pathlib import Path
+
+from common import add_json, add_model, add_samples, heldout_perplexity, heldout_windows, parser, write_results
 
 import prunekit
 from prunekit.drop import plan_from_scores
@@ -24,34 +23,34 @@ ROWS = {"attention drop 8": ("attn", 8), "block drop 4": ("block", 4), "MLP drop
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p = parser(__doc__)
+    add_model(p)
     p.add_argument("--calib", default="c4")
     p.add_argument("--text", default="wiki")
-    p.add_argument("--samples", type=int, default=16)
+    add_samples(p)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=10)
     p.add_argument("--window-len", type=int, default=1024)
     p.add_argument("--ridge", type=float, default=1e-2)
-    p.add_argument("--json", default="benchmarks/results/repair.json")
+    add_json(p, "benchmarks/results/repair.json")
     a = p.parse_args()
 
     dense, tok = prunekit.load_model(a.model)
     ad = prunekit.get_adapter(dense)
     calib = prunekit.calibration_data(tok, a.calib, a.samples, a.seq_len)
-    windows = prunekit.eval_windows(tok, a.text, a.windows, a.window_len)
+    windows = heldout_windows(tok, a.windows, a.window_len, a.text)
     scores = prunekit.score_model(dense, ad, calib, progress=False)
-    dense_ppl = prunekit.perplexity(dense, windows, progress=False)["perplexity"]
+    dense_ppl = heldout_perplexity(dense, windows)
     rows = [{"model": "dense", "perplexity": dense_ppl}]
     for name, (target, n) in ROWS.items():
         pruned = copy.deepcopy(dense)
         plan = plan_from_scores(scores, prunekit.get_adapter(pruned), calib, target=target, n=n, source=a.model)
         prunekit.apply_plan(prunekit.get_adapter(pruned), plan)
-        before = prunekit.perplexity(pruned, windows, progress=False)["perplexity"]
+        before = heldout_perplexity(pruned, windows)
         t0 = time.time()
         rec = linear_repair(dense, pruned, plan, calib, ridge=a.ridge, progress=False)
         seconds = time.time() - t0
-        after = prunekit.perplexity(pruned, windows, progress=False)["perplexity"]
+        after = heldout_perplexity(pruned, windows)
         rows.append({"model": name, "dropped": [f"{d.module}@{d.layer}" for d in plan.dropped],
                      "perplexity": before, "perplexity_repaired": after,
                      "spans": len(rec["spans"]), "spans_applied": sum(s["applied"] for s in rec["spans"]),
@@ -60,8 +59,7 @@ def main() -> None:
         del pruned
     out = {"model": a.model, "calibration": calib.describe(), "eval": {"text": a.text, "windows": a.windows,
            "window_len": a.window_len}, "ridge": a.ridge, "rows": rows}
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    write_results(out, a.json)
     print(f"{a.model}: calibration {a.samples}x{a.seq_len} {a.calib}; perplexity on {a.windows}x{a.window_len} "
           f"held-out {a.text}; ridge {a.ridge}")
     print(f"{'model':20s} {'unrepaired':>11s} {'repaired':>9s} {'maps kept':>10s}")

@@ -9,14 +9,11 @@ in the same batches. Prints a table and writes JSON. Times are medians of --repe
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import add_json, add_model, add_samples, machine_info, parser, write_results
 
 from prunekit.adapters import get_adapter
 from prunekit.data import calibration_data
@@ -40,14 +37,14 @@ def interleaved(fns: dict[str, object], rounds: int) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p = parser(__doc__)
+    add_model(p)
     p.add_argument("--calib", default="c4")
-    p.add_argument("--samples", type=int, default=16)
+    add_samples(p)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", default="benchmarks/results/scoring.json")
+    add_json(p, "benchmarks/results/scoring.json")
     a = p.parse_args()
 
     model, tok = load_model(a.model)
@@ -75,11 +72,10 @@ def main() -> None:
     for name, t, r in rows:
         print(f"{name:40s} {t:9.2f} {r:10.2f}")
     result = {"model": a.model, "samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
-              "repeats": a.repeats, "threads": torch.get_num_threads(), "machine": platform.machine(),
+              "repeats": a.repeats, **machine_info(("threads", "machine")),
               "forward_s": fwd, "score_pairwise_s": sc, "score_s": sc_np,
               "ratio_pairwise": r_pair, "ratio": r_plain, "peak_rss_bytes": peak_rss_bytes()}
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, a.json)
     print(f"-> {a.json}")
 
 

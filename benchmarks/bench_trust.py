@@ -137,8 +137,8 @@ def run_all(c: Cases) -> None:
     (w / "out7.heal-state").mkdir()
     (w / "out7.heal-state" / "notes.txt").write_text("mine")
     c.case("7", "heal without --save-every, OUT.heal-state/ exists", 0,
-           lambda: c.cli("heal", str(ck), "--steps", "1", "--batch-size", "1", "--samples", "2", "--seq-len", "64",
-                         "--out", str(w / "out7")),
+           lambda: c.cli("heal", str(ck), "--text", "c4", "--steps", "1", "--batch-size", "1", "--samples", "2",
+                         "--seq-len", "64", "--out", str(w / "out7")),
            lambda: (w / "out7.heal-state" / "notes.txt").read_text() == "mine")
 
     # 8. what refused or killed runs leave
@@ -190,7 +190,9 @@ with torch.no_grad():
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
                          env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")}, timeout=600)
-    text = " ".join(line for line in out.stdout.splitlines() if line.startswith(("refused", "loaded", "max")))
+    # transformers may print its trust_remote_code question on the same line, before our answer.
+    text = " ".join(line[line.find(w):] for line in out.stdout.splitlines()
+                    for w in ("refused", "loaded without", "max logit") if w in line)
     good = "refused" in text and "max logit difference 0.0" in text
     return ("ok: " if good else "bad: ") + text
 

@@ -11,30 +11,31 @@ Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from common import (
+    add_json,
+    add_model,
+    add_samples,
+    heldout_perplexity,
+    heldout_windows,
+    machine_info,
+    parser,
+    write_results,
+)
 from torch import nn
 
 from prunekit.adapters import get_adapter
-from prunekit.data import calibration_data, eval_windows
+from prunekit.data import calibration_data
 from prunekit.drop import plan_drops
 from prunekit.drop.scorer import SimilarityScorer
-from prunekit.evaluation.perplexity import perplexity as evaluate_perplexity
 from prunekit.io.checkpoint import load_model
 from prunekit.plans import PruningPlan
 from prunekit.surgery import apply_plan, count_parameters
 from prunekit.width import width_prune
-
-
-def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
-    return float(evaluate_perplexity(model, windows, progress=False)["perplexity"])
 
 
 def width_summary(model: nn.Module) -> dict[str, Any]:
@@ -46,30 +47,30 @@ def width_summary(model: nn.Module) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="model to prune (default the built-in SmolLM2-135M)")
+    p = parser(__doc__)
+    add_model(p, help="model to prune (default the built-in SmolLM2-135M)")
     p.add_argument("--calib", default="c4", help="calibration text (default c4)")
     p.add_argument("--eval", default="wiki", help="evaluation text (default wiki, its held-out half)")
-    p.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
+    add_samples(p, help="calibration sequences (default 16)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--windows", type=int, default=8, help="perplexity windows (default 8)")
     p.add_argument("--window-len", type=int, default=512, help="tokens per perplexity window (default 512)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
     p.add_argument("--shots", type=int, default=8, help="shots of the iterative rows (default 8)")
     p.add_argument("--scorer", default="activation", help="width importance scorer (default activation)")
-    p.add_argument("--json", default="benchmarks/results/width.json", help="where to write the results")
+    add_json(p, "benchmarks/results/width.json", help="where to write the results")
     a = p.parse_args()
     torch.manual_seed(0)
 
     t0 = time.perf_counter()
     dense, tok = load_model(a.model)
     calib = calibration_data(tok, a.calib, a.samples, a.seq_len)
-    windows = eval_windows(tok, a.eval, a.windows, a.window_len)
+    windows = heldout_windows(tok, a.windows, a.window_len, a.eval)
     dense_params = count_parameters(dense)
     rows: list[dict[str, Any]] = []
 
     def add(name: str, model: nn.Module, seconds: float, **extra: Any) -> None:
-        ppl = perplexity(model, windows)
+        ppl = heldout_perplexity(model, windows)
         removed = dense_params - count_parameters(model)
         rows.append({"name": name, "params": count_parameters(model), "removed": removed,
                      "removed_pct": 100.0 * removed / dense_params, "perplexity": ppl, "prune_s": seconds,
@@ -124,16 +125,15 @@ def main() -> None:
     table = "\n".join(lines)
     print()
     print(table)
+    machine = machine_info()
     result = {
         "model": a.model, "dense_params": dense_params, "calibration": calib.describe(),
         "eval": {"source": a.eval, "windows": a.windows, "window_len": a.window_len},
-        "scorer": a.scorer, "shots": a.shots, "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(), "total_s": time.perf_counter() - t0, "rows": rows,
+        "scorer": a.scorer, "shots": a.shots, "platform": machine["platform"],
+        "torch_threads": machine["threads"], "total_s": time.perf_counter() - t0, "rows": rows,
         "table": table,
     }
-    out = Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results(result, a.json)
     print(f"\nwrote {out} ({result['total_s']:.0f}s)")
 
 

@@ -121,3 +121,16 @@ def whole_model_loss(model, calib, batch_size: int = 4) -> float:
         nll, n = token_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
         total, count = total + float(nll), count + n
     return total / count
+
+
+def gguf_ready_checkpoint(folder):
+    """A saved tiny Llama whose vocabulary is exactly its tokenizer's, as GGUF export requires."""
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.io.checkpoint import save_checkpoint
+
+    tok = tiny_tokenizer()
+    cfg = tiny_config("llama")
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(0)
+    return save_checkpoint(AutoModelForCausalLM.from_config(cfg).eval(), tok, folder)

@@ -78,3 +78,27 @@ def test_compare_with_only_a_width_pruned_model(tiny_checkpoint, tmp_path):
     base, pruned = report["rows"]
     assert pruned["ratios"]["params"] < 1 and pruned["ratios"]["kv_bytes_per_token"] == 1
     assert (out / "similarity.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_stdout_holds_only_the_json_summary(tiny_checkpoint, tmp_path, capfd):
+    """Without -q, progress goes to stderr: stdout of `compare` and `eval` parses as one JSON object."""
+    ck, text = tiny_checkpoint
+    quiz = tmp_path / "quiz.jsonl"
+    quiz.write_text("\n".join(json.dumps({"question": f"pick {i}", "choices": ["fox dog", "lazy network"],
+                                          "answer": i % 2}) for i in range(4)))
+    from prunekit.evaluation.zeroshot import make_jsonl_task
+
+    make_jsonl_task("quiz", quiz, tmp_path / "tasks")
+    capfd.readouterr()
+    out = tmp_path / "report"
+    assert main(["compare", str(ck), str(ck), "--out", str(out), "--text", str(text), "--windows", "2",
+                 "--window-len", "32", "--context", "16", "--new-tokens", "2", "--repeats", "2",
+                 "--calib", str(text)]) == 0
+    captured = capfd.readouterr()
+    assert json.loads(captured.out)["out"] == str(out)
+    assert "[compare]" in captured.err
+    dest = tmp_path / "eval.json"
+    assert main(["eval", str(ck), "--text", str(text), "--windows", "2", "--window-len", "32", "--tasks", "quiz",
+                 "--task-dir", str(tmp_path / "tasks"), "--json", str(dest)]) == 0
+    summary = json.loads(capfd.readouterr().out)
+    assert summary["json"] == str(dest) and summary["tasks"]["quiz"]["n"] == 4

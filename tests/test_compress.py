@@ -14,8 +14,10 @@ from conftest import random_calib, tiny_model, whole_model_loss
 from prunekit.adapters import get_adapter
 from prunekit.compress.allocate import allocate, near_uniform_mlp, uniform_mlp
 from prunekit.compress.budget import Budget, SublayerCost, parse_budget, removal_target, removed, sublayer_costs
+from prunekit.compress.candidate import plan_for
 from prunekit.compress.curves import RIDGE, Curve, error_curve, obs_order, refit, unit_columns
-from prunekit.compress.search import _Model, compress, plan_for
+from prunekit.compress.editable import EditableModel
+from prunekit.compress.search import compress
 from prunekit.compress.stats import SublayerStats, collect_stats
 from prunekit.engine.sources import ResidentLayers
 from prunekit.errors import PlanError
@@ -224,7 +226,7 @@ def test_zeroed_and_refitted_candidate_equals_the_physically_pruned_model(family
     model = tiny_model(family)
     ad = get_adapter(model)
     costs = sublayer_costs(ad)
-    m = _Model(ResidentLayers(model, ad), costs)
+    m = EditableModel(ResidentLayers(model, ad), costs)
     calib = random_calib(4, 16)
     stats = collect_stats(model, calib, adapter=ad, progress=False)
     curves = m.curves(stats, 16)
@@ -383,7 +385,7 @@ def test_compress_repair_where_the_architecture_cannot_take_it(tmp_path):
 
 
 def test_memory_estimate_counts_the_statistics_exactly():
-    from prunekit.compress.search import memory_estimate
+    from prunekit.compress.memory import memory_estimate
 
     model = tiny_model("gemma3_text")
     ad = get_adapter(model)
@@ -392,7 +394,7 @@ def test_memory_estimate_counts_the_statistics_exactly():
     est = memory_estimate(ad, 8, 16)
     assert est["grams"] + est["fishers"] == held
     assert est["largest_gram"] == max(st.gram.numel() * 8 for st in stats.layers.values())
-    m = _Model(ResidentLayers(model, ad), sublayer_costs(ad))
+    m = EditableModel(ResidentLayers(model, ad), sublayer_costs(ad))
     projections = [m.weight(s) for s in m.costs]
     assert est["weights"] == 3 * sum(w.numel() * w.element_size() for w in projections)
     assert est["states"] == 6 * 16 * ad.hidden_size * ad.num_layers * 4  # the fit part: 6 of 8 samples
@@ -516,7 +518,7 @@ def test_streamed_edits_are_read_reverted_and_saved_cut_by_the_plan(tiny_checkpo
 
     ck, _ = tiny_checkpoint
     src = StreamedLayers(ck)
-    name = _Model(src, sublayer_costs(src.adapter)).names[(1, "mlp")] + ".weight"
+    name = EditableModel(src, sublayer_costs(src.adapter)).names[(1, "mlp")] + ".weight"
     width = src.adapter.mlp_width(src.adapter.layers()[1])
     edited = torch.randn_like(src.read(name))
     src.write(name, edited)
@@ -542,7 +544,7 @@ def test_streamed_edits_are_read_reverted_and_saved_cut_by_the_plan(tiny_checkpo
 def test_compress_streams_by_itself_only_when_the_model_in_memory_would_not_fit(tiny_checkpoint, monkeypatch):
     """Default (no --stream flag): in memory when weights plus the search fit; streamed when only one layer's
     weights beside the search fit; --no-stream then is one clear error naming --stream."""
-    from prunekit.compress.search import memory_estimate
+    from prunekit.compress.memory import memory_estimate
     from prunekit.engine.memory import STREAM_HEADROOM, checkpoint_bytes
     from prunekit.io.checkpoint import build_skeleton
     from prunekit.jobs import compress as job

@@ -13,20 +13,21 @@ from conftest import random_calib, tiny_model, whole_model_loss
 
 from prunekit.adapters import get_adapter
 from prunekit.compress import correct as correct_mod
-from prunekit.compress import search
 from prunekit.compress.budget import Budget, sublayer_costs
+from prunekit.compress.candidate import Candidate
 from prunekit.compress.correct import Edits, correct_model
-from prunekit.compress.search import _Model, compress
+from prunekit.compress.editable import EditableModel
+from prunekit.compress.search import compress
 from prunekit.engine.sources import ResidentLayers
 from prunekit.losses import split_check
 
 
 def _edits(model, edits, kept):
-    """`Edits` over a model in memory through the search's own `_Model`: every sub-layer refitted, `kept[s]`
-    (input columns) where it is cut."""
+    """`Edits` over a model in memory through the search's own `EditableModel`: every sub-layer refitted,
+    `kept[s]` (input columns) where it is cut."""
     ad = get_adapter(model)
     src = ResidentLayers(model, ad)
-    m = _Model(src, sublayer_costs(ad))
+    m = EditableModel(src, sublayer_costs(ad))
     columns = {s: kept.get(s, torch.arange(m.weight(s).shape[1])) for s in m.costs}
     return src, Edits(columns, edits, m.weight, m.write, ad.output_projection, ad.output_norm)
 
@@ -181,8 +182,8 @@ def test_a_correction_that_checks_worse_is_not_kept(monkeypatch):
 def test_a_kept_correction_is_the_model_compress_returns(monkeypatch):
     """With the corrected candidate made to win, the physically cut model is the corrected one: its loss on
     the check part is the corrected candidate's, not the uncorrected one's, and it keeps the same units."""
-    value = search.Candidate.value
-    monkeypatch.setattr(search.Candidate, "value",
+    value = Candidate.value
+    monkeypatch.setattr(Candidate, "value",
                         property(lambda c: value.fget(c) - (10.0 if c.name.endswith("+ correction") else 0.0)))
     model, result = _compress()
     corr = result.plan.options["correction"]
@@ -203,8 +204,8 @@ def test_the_second_best_candidates_correction_can_win_and_is_the_model_returned
     _, plain = _compress(correct=False)
     at_budget = sorted((c for c in plain.candidates if c["at_budget"]), key=lambda c: c["check_loss"])
     second = f"{at_budget[1]['name']} + correction"
-    value = search.Candidate.value
-    monkeypatch.setattr(search.Candidate, "value",
+    value = Candidate.value
+    monkeypatch.setattr(Candidate, "value",
                         property(lambda c: value.fget(c) - (10.0 if c.name == second else 0.0)))
     model, result = _compress()
     assert result.chosen == second

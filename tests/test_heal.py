@@ -10,18 +10,13 @@ import torch
 from conftest import random_calib, tiny_model, tiny_tokenizer
 
 from prunekit.adapters import get_adapter
+from prunekit.data import calibration_texts, parse_text_spec, share_samples
 from prunekit.errors import DataError, RecoveryError
 from prunekit.io.checkpoint import load_model, save_checkpoint
 from prunekit.losses import hidden_match_loss
 from prunekit.plans import PLAN_FILE, DropTarget, LayerWidth, PruningPlan
 from prunekit.recovery import add_lora, kl_distill_loss, lora_targets, merge_lora, recover
-from prunekit.recovery.sources import (
-    calibration_texts,
-    parse_text_spec,
-    share_samples,
-    teacher_text,
-    training_data,
-)
+from prunekit.recovery.sources import teacher_text, training_data
 from prunekit.recovery.state import STATE_FILE
 from prunekit.surgery import apply_plan, count_parameters
 

@@ -10,8 +10,9 @@ from conftest import random_calib, tiny_model, whole_model_loss
 from prunekit.adapters import get_adapter
 from prunekit.compress.budget import Budget, sublayer_costs
 from prunekit.compress.curves import Curve
+from prunekit.compress.editable import EditableModel
 from prunekit.compress.measure import SPREAD, Probe, probe_counts, probe_part, rescaled
-from prunekit.compress.search import _Model, compress
+from prunekit.compress.search import compress
 from prunekit.compress.stats import collect_stats
 from prunekit.engine.sources import ResidentLayers
 
@@ -21,7 +22,7 @@ def test_probes_in_any_order_equal_whole_model_losses(family, top_first):
     model = tiny_model(family)
     ad = get_adapter(model)
     src = ResidentLayers(model, ad)
-    m = _Model(src, sublayer_costs(ad))
+    m = EditableModel(src, sublayer_costs(ad))
     calib = random_calib(6, 16, pad_last=3)
     stats = collect_stats(model, calib, adapter=ad, progress=False)
     curves = m.curves(stats, 16)

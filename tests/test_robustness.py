@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import gguf_ready_checkpoint, tiny_model, tiny_tokenizer
 
 from prunekit.cli import main
 from prunekit.io.checkpoint import save_checkpoint
@@ -251,18 +251,6 @@ def test_outputs_follow_the_umask(tiny_checkpoint, tmp_path):
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
 
 
-def _gguf_ready(tmp: Path) -> Path:
-    """A tiny Llama whose vocabulary is exactly its tokenizer's, as GGUF export requires."""
-    from conftest import tiny_config
-    from transformers import AutoModelForCausalLM
-
-    tok = tiny_tokenizer()
-    cfg = tiny_config("llama")
-    cfg.vocab_size = len(tok)
-    torch.manual_seed(0)
-    return save_checkpoint(AutoModelForCausalLM.from_config(cfg).eval(), tok, tmp / "gguf-ready")
-
-
 def _scratch_commands(ck: Path, text: Path, tmp: Path) -> dict[str, tuple[list, Path]]:
     """A command that reaches each scratch folder, and the folder its scratch lives in."""
     from prunekit.evaluation.user_tasks import make_jsonl_task
@@ -275,7 +263,7 @@ def _scratch_commands(ck: Path, text: Path, tmp: Path) -> dict[str, tuple[list, 
     make_jsonl_task("quiz", quiz, tmp / "tasks")
     return {
         "compress": (["compress", ck, "--budget", "params=0.8", *calib, "--out", tmp / "run" / "out"], temp_root),
-        "tok": (["export", _gguf_ready(tmp), "--format", "gguf", "--quant", "f32", "--out", tmp / "run" / "out.gguf"], temp_root),
+        "tok": (["export", gguf_ready_checkpoint(tmp / "gguf-ready"), "--format", "gguf", "--quant", "f32", "--out", tmp / "run" / "out.gguf"], temp_root),
         "tasks": (["eval", ck, "--text", text, "--windows", 1, "--window-len", 32, "--tasks", "quiz", "--task-dir",
                    tmp / "tasks", "--limit", 2, "--json", tmp / "run" / "out.json"], temp_root),
         "loss": (["drop", ck, "--target", "attn", "--n", 1, *calib, "--criterion", "loss", "--stream",

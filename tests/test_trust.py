@@ -265,7 +265,7 @@ def test_an_unmappable_weight_file_is_one_clear_error(tiny_checkpoint, monkeypat
 
 
 def test_out_of_memory_anywhere_is_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    import prunekit.jobs
+    import prunekit.jobs.drop
 
     ck, text = tiny_checkpoint
 
@@ -273,7 +273,7 @@ def test_out_of_memory_anywhere_is_one_line(tiny_checkpoint, tmp_path, capsys, m
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
                            "you tried to allocate 4294967296 bytes.\nsecond line")
 
-    monkeypatch.setattr(prunekit.jobs, "drop_job", oom)
+    monkeypatch.setattr(prunekit.jobs.drop, "drop_job", oom)
     assert run("drop", ck, "--target", "attn", "--n", 1, *calib(text), "--out", tmp_path / "out") == 2
     line = one_error_line(capsys)
     assert "out of memory" in line and "4294967296 bytes" in line and "available" in line

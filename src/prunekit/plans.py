@@ -78,7 +78,22 @@ class PruningPlan:
             # Only when there is one, so plans of un-healed models read exactly as before.
             **({"recovery": self.recovery} if self.recovery else {}),
             **({"repair": self.repair} if self.repair else {}),
+            # What the saved weights hold beyond this structure (see `weight_edits`); absent when nothing.
+            **({"weight_edits": self.weight_edits()} if self.weight_edits() else {}),
         }
+
+    def weight_edits(self) -> list[str]:
+        """What the model saved with this plan holds beyond its structure, which the plan alone cannot rebuild:
+        compress's least-squares refit of the kept projections (and its error correction), kept linear-repair
+        maps, healing. Empty: the plan applied to a fresh copy of the base model gives the saved model."""
+        edits = []
+        if self.method == "compress":
+            edits.append("compress's refitted projections")
+        if self.repair and any(s.get("applied") for s in self.repair.get("spans", [])):
+            edits.append("linear repair")
+        if self.recovery:
+            edits.append("healing")
+        return edits
 
     @classmethod
     def from_json(cls, data: Any) -> "PruningPlan":

@@ -129,7 +129,7 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path | T
     pruned = StreamedLayers(src_dir, dtype=dtype)
     ad = pruned.adapter
     original = {id(layer): i for i, layer in enumerate(ad.layers())}
-    apply_plan(ad, plan)
+    apply_plan(ad, plan, structure_only=True)  # the edited weights come from `overrides`
     keep = [original[id(layer)] for layer in ad.layers()]
     values_source = StreamedLayers(src_dir, dtype=dtype)
     values_source.overrides = dict(overrides or {})

@@ -1,4 +1,4 @@
-"""Command line: `prunekit {score,drop,width,compress,heal,eval,bench,compare,export,demo} ...` (also `python -m prunekit`).
+"""Command line: `prunekit {score,drop,width,compress,heal,eval,bench,compare,export,run,demo} ...` (also `python -m prunekit`).
 
 One parser with shared option groups (`options`), one module per family of commands, one handler
 convention (`cmd_<name>(args) -> int`, registered by each module's `register`), one output convention (one
@@ -16,12 +16,12 @@ import signal
 import sys
 from typing import Callable
 
-from prunekit.cli import compress, demo, drop, evaluate, export, heal, width
+from prunekit.cli import compress, demo, drop, evaluate, export, heal, run, width
 from prunekit.cli.options import Parser
 from prunekit.errors import PrunekitError
 from prunekit.io.paths import cache_dir as _cache_dir
 
-COMMANDS = (drop, width, compress, heal, evaluate, export, demo)
+COMMANDS = (drop, width, compress, heal, evaluate, export, run, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from prunekit.cli.options import MODEL_HELP, add_force, emit, positive_int, progress
+from prunekit.cli.options import add_force, emit, positive_int, progress
+from prunekit.options import MODEL_HELP
 
 
 def register(sub: Any) -> None:

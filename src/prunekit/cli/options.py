@@ -12,16 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+from dataclasses import fields
 from typing import Any, NoReturn
 
 from prunekit.errors import OptionError
-from prunekit.io.outputs import Target, input_paths, prepare_output, write_json
+from prunekit.options import REQUIRED, Options, parse_keep, positive_int, positive_ints
 
-__all__ = ["Parser", "check_json_output", "emit", "say", "write_json"]
-
-MODEL_HELP = "built-in name (smollm2-135m, gemma3-270m), local HF checkpoint directory, or hub id"
-TEXT_HELP = "built-in corpus (wiki, c4, tiny, code, technical, multilingual), or a local .txt/.jsonl file"
+__all__ = ["Parser", "add_options", "emit", "options_from_args", "parse_keep", "positive_int", "positive_ints", "run_one",
+           "say"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,62 +31,14 @@ class Parser(argparse.ArgumentParser):
 
 
 # --- value parsers (argparse `type=`): a bad value is a usage error, before anything is loaded -------------------
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def positive_ints(value: str) -> tuple[int, ...]:
-    out = tuple(positive_int(v) for v in csv(value))
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {value!r}")
-    return out
-
-
-def parse_keep(text: str) -> float | int:
-    """A keep target: a value containing '.' or at most 1 is a ratio (float), otherwise a count (int)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a ratio like 0.75 or a count like 96, got {text!r}") from None
-    if "." in text or value <= 1:
-        return value
-    if not value.is_integer():
-        raise argparse.ArgumentTypeError(f"a count must be a whole number, got {text!r}")
-    return int(value)
-
-
 # --- option groups ------------------------------------------------------------------------------------------------
-def add_model(p: argparse.ArgumentParser, *, help: str = MODEL_HELP) -> None:
-    p.add_argument("model", help=help)
-    add_device(p)
-
-
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="weights dtype for loading and computing (default float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-
-
-def add_calib(p: argparse.ArgumentParser, *, flag: str = "--calib", default: str = "c4", samples: int | None = 16,
-              what: str = "calibration", text_help: str | None = None) -> None:
-    """Text options; `samples=None` leaves the number of sequences to the job (heal: as many as it reads)."""
-    p.add_argument(flag, default=default,
-                   help=text_help or f"{what} text: {TEXT_HELP}; or several, mixed by weight, e.g. "
-                                     f"c4:2,technical:1 (default {default}; first halves only)")
-    p.add_argument("--samples", type=positive_int, default=samples,
-                   help=f"number of {what} sequences (default "
-                        f"{samples if samples is not None else 'steps x batch size: each read once'})")
-    p.add_argument("--seq-len", type=positive_int, default=512, help=f"tokens per {what} sequence (default 512)")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per forward pass (default 4)")
 
 
 def add_output(p: argparse.ArgumentParser, *, help: str = "output checkpoint directory") -> None:
@@ -104,20 +54,6 @@ def add_json(p: argparse.ArgumentParser, *, required: bool = True) -> None:
 
 def add_force(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--force", action="store_true", help=f"replace {what} if it exists")
-
-
-def add_scale(p: argparse.ArgumentParser) -> None:
-    """Options for models larger than memory (layer streaming) and the score cache."""
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="load one decoder layer at a time from the safetensors files (--no-stream: whole model "
-                        "in memory; default: stream only when the model would not fit in free memory)")
-    p.add_argument("--offload-dir", default=None,
-                   help="directory for the calibration hidden states of a streamed run (default: score and drop "
-                        "keep them in the cache directory so an interrupted run resumes, or in RAM with --no-cache; "
-                        "width keeps them in RAM)")
-    p.add_argument("--no-cache", action="store_true",
-                   help="neither read nor write the score cache ($PRUNEKIT_CACHE/scores: similarity sums, and "
-                        "width statistics per shot), no resuming")
 
 
 def add_tasks(p: argparse.ArgumentParser) -> None:
@@ -140,17 +76,51 @@ def add_bench(p: argparse.ArgumentParser) -> None:
                    help="timed repeats after one warm-up; median reported (default 3)")
 
 
+# --- flags from the typed options (`prunekit.options`) --------------------------------------------------------------
+def add_options(p: argparse.ArgumentParser, cls: type[Options]) -> None:
+    """One argparse argument per field of `cls`, from the field's metadata: the options are the single source
+    of the flags, their defaults and their help."""
+    for f in fields(cls):
+        meta = f.metadata["opt"]
+        kind, flag, name = meta["kind"], meta["flag"] or "--" + f.name.replace("_", "-"), f.name
+        if kind == "positional":
+            p.add_argument(name, help=meta["help"])
+        elif kind == "store_true":
+            p.add_argument(flag, dest=name, action="store_true", help=meta["help"])
+        elif kind == "store_false":
+            p.add_argument(flag, dest=name, action="store_false", help=meta["help"])
+        elif kind == "optional_bool":
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=meta["help"])
+        elif kind == "choice_flags":
+            group = p.add_mutually_exclusive_group()
+            for choice_flag, (value, help) in meta["flags"].items():
+                group.add_argument(choice_flag, dest=name, action="store_const", const=value, help=help)
+            p.set_defaults(**{name: f.default})
+        else:
+            required = f.default is REQUIRED
+            p.add_argument(flag, dest=name, type=meta["parse"], choices=meta["choices"], metavar=meta["metavar"],
+                           required=required, default=None if required else f.default, help=meta["help"])
+
+
+def options_from_args(cls: type[Options], args: argparse.Namespace) -> Options:
+    """The typed options of a parsed command line (validated: one `OptionError` per bad field)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def run_one(cls: type[Options], args: argparse.Namespace, out: str) -> int:
+    """A command as a one-stage recipe: its typed options, checked, then the stage; prints its summary (rank 0)."""
+    from prunekit.jobs.recipe import one_stage, run_recipe
+
+    (summary,) = run_recipe(one_stage(options_from_args(cls, args)), out, force=args.force, progress=progress(args))
+    return 0 if summary is None else emit(summary)
+
+
 def progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "quiet", False)
 
 
 # --- outputs --------------------------------------------------------------------------------------------------------
-def check_json_output(args: argparse.Namespace, *inputs: str | Path | None) -> Target:
-    """`--json`, checked now, not after the work: not an existing file without `--force`, not a directory, not
-    an input of the run (`inputs`: the model, text files), and in a folder that can be written."""
-    return prepare_output(args.json, args.force, kind="file", inputs=input_paths(*inputs))
-
-
 def emit(summary: dict[str, Any]) -> int:
     """Print a command's JSON summary on stdout (the output convention); returns the exit code 0."""
     print(json.dumps(summary, indent=2))

@@ -45,11 +45,6 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor | None) -> float:
     return float(values.double().sum())
 
 
-def cosine_sum(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> float:
-    """Sum over tokens of cos(a_t, b_t), in float64, skipping tokens where `mask` is 0."""
-    return masked_sum(cosines(token_dot(a, b), token_dot(a, a), token_dot(b, b)), mask)
-
-
 def unit_rows(h: torch.Tensor, mask: torch.Tensor | None, sq_norm: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens of `h` scaled to unit length, flattened to [tokens * hidden], pad tokens zeroed: the dot
     product of two such vectors is the sum over tokens of their cosines."""

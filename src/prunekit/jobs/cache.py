@@ -131,9 +131,6 @@ class ScoreCache:
         """Work directory of a streamed run with this key (hidden states and progress, for resuming)."""
         return self.root / "runs" / key
 
-    def clear_run(self, key: str) -> None:
-        shutil.rmtree(self.run_dir(key), ignore_errors=True)
-
 
 class RunLock:
     """An exclusive lock on a keyed work directory (flock on `locks/<key>.lock` in the score cache), held

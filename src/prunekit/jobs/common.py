@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from prunekit.adapters import get_adapter
-from prunekit.data import CalibrationData
+from prunekit.data import CalibrationData, calibration_texts
 from prunekit.drop.scorer import SimilarityScorer
 from prunekit.engine.memory import should_stream
 from prunekit.engine.sources import LayerSource, ResidentLayers
@@ -38,7 +38,6 @@ from prunekit.jobs.dist import (
     resolve_device,
     shard_calibration,
 )
-from prunekit.recovery.sources import calibration_texts
 from prunekit.width.importance import SCORERS
 from prunekit.width.stats import ActivationCollector
 

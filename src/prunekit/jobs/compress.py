@@ -10,8 +10,17 @@ from pathlib import Path
 import torch
 
 from prunekit.adapters import get_adapter
-from prunekit.compress import DEFAULT_SAMPLES, Budget, CompressResult, compress, parse_budget, write_pareto
-from prunekit.compress.search import DEFAULT_PROBE_SAMPLES, check_criterion, memory_estimate
+from prunekit.compress import (
+    DEFAULT_PROBE_SAMPLES,
+    DEFAULT_SAMPLES,
+    Budget,
+    CompressResult,
+    check_criterion,
+    compress,
+    memory_estimate,
+    parse_budget,
+    write_pareto,
+)
 from prunekit.engine.memory import STREAM_HEADROOM, available_memory_bytes, checkpoint_bytes, device_free_bytes
 from prunekit.engine.sources import LayerSource
 from prunekit.errors import PlanError

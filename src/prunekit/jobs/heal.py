@@ -9,13 +9,14 @@ from typing import Any
 
 from torch import nn
 
+from prunekit.data import parse_text_spec
 from prunekit.errors import RecoveryError
 from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
 from prunekit.io.outputs import input_paths, prepare_output
 from prunekit.plans import PruningPlan, checkpoint_plan
 from prunekit.recovery import DEFAULT_LR, check_hidden, check_settings, check_teacher, recover
 from prunekit.recovery.distill import check_tokenizers
-from prunekit.recovery.sources import check_text_spec, default_samples, parse_text_spec, training_data
+from prunekit.recovery.sources import check_text_spec, default_samples, training_data
 from prunekit.recovery.state import remove_state
 from prunekit.recovery.teacher_cache import DEFAULT_TOPK, TeacherLogitsCache, teacher_logits_cache
 from prunekit.save import save

@@ -1,13 +1,11 @@
 """Training text for recovery: several sources mixed by weight, and text sampled from the teacher.
 
-Syntax (`--text`): comma-separated sources, each `SOURCE[:WEIGHT]`, e.g. `c4:0.7,wiki:0.3`; weights default
-to 1 and are normalised; `mix` stands for every built-in text, weighted by file size, and a text named twice
-is one source with the summed weight; `--samples` windows are shared out by weight (largest remainder, every
-listed source gets at least one). `teacher:N` is N tokens written by the teacher itself: N // seq_len windows of
-`seq_len` tokens, each a `prompt_len`-token prompt cut from the CALIBRATION half of the prompt text and the
-teacher's continuation, sampled at temperature `gen_temperature` (0 means greedy) with a seeded generator;
-they come on top of the `--samples` windows of the other sources. Every text source contributes windows
-from its calibration half only, so training never sees the evaluation half of any text.
+Syntax (`--text`): a text spec as `prunekit.data` parses it, e.g. `c4:0.7,wiki:0.3` or `mix`; `--samples` windows
+are shared out by weight over the texts. `teacher:N` is N tokens written by the teacher itself: N // seq_len
+windows of `seq_len` tokens, each a `prompt_len`-token prompt cut from the CALIBRATION half of the prompt text and
+the teacher's continuation, sampled at temperature `gen_temperature` (0 means greedy) with a seeded generator; they
+come on top of the `--samples` windows of the other sources. Every text source contributes windows from its
+calibration half only, so training never sees the evaluation half of any text.
 
 Teacher text is generated once and kept in `$PRUNEKIT_CACHE/teacher_text/<key>.safetensors` (written to a
 temporary sibling and renamed), keyed by the teacher's weights fingerprint and every generation setting.
@@ -17,104 +15,36 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunekit.data import CalibrationData, calibration_data, token_hash, token_stream, windows
-from prunekit.errors import DataError, RecoveryError
-from prunekit.io.assets import BUILTIN_CORPORA, builtin_corpus_path, cache_dir
+from prunekit.data import (
+    TEACHER,
+    CalibrationData,
+    TextSource,
+    calibration_texts,
+    parse_text_spec,
+    share_samples,
+    text_windows,
+    token_hash,
+    token_stream,
+    windows,
+)
+from prunekit.errors import RecoveryError
+from prunekit.io.assets import cache_dir
 from prunekit.io.outputs import owned_file
 
-TEACHER = "teacher"
-# `--text mix`: every built-in text, each weighted by its size, so the windows spread over all of them and
-# a long training run reads each window about once instead of cycling one short text (c4's calibration
-# half is 76 windows of 512; the mix's halves hold about 800).
-MIX = "mix"
+__all__ = ["GEN_BATCH", "calibration_texts", "check_text_spec", "default_samples", "fingerprint", "teacher_text",
+           "training_data"]
+# `calibration_texts` lives in prunekit.data (the pruning jobs need it without recovery); it stays importable
+# from here for benchmarks/bench_compress_calibration.py.
+
 # Sequences sampled together: each generation step reads every weight for one token per sequence, so a
 # bigger batch makes more tokens per weight read; 32 keeps the KV cache small (SmolLM2: 0.75 GB at 512 tokens).
 GEN_BATCH = 32
-
-
-@dataclass(frozen=True)
-class TextSource:
-    """One entry of `--text`: a text (with its mixing weight), or `teacher:N` (N tokens from the teacher)."""
-
-    name: str
-    weight: float = 1.0
-    teacher_tokens: int | None = None
-
-
-def parse_text_spec(spec: str) -> list[TextSource]:
-    """`c4:0.7,wiki:0.3`, `teacher:20000`, or a single source name/path; `DataError` for a malformed one."""
-    out: list[TextSource] = []
-    for item in (s.strip() for s in str(spec).split(",")):
-        if not item:
-            raise DataError(f"empty source in --text {spec!r}")
-        head, sep, tail = item.rpartition(":")
-        if sep and head == TEACHER:
-            try:
-                n = int(tail)
-            except ValueError:
-                raise DataError(f"teacher:N needs a whole number of tokens, got {item!r}") from None
-            if n < 1:
-                raise DataError(f"teacher:N needs N >= 1 tokens, got {item!r}")
-            out.append(TextSource(TEACHER, teacher_tokens=n))
-            continue
-        if item == TEACHER:
-            raise DataError("give the number of teacher tokens: teacher:N")
-        try:
-            weight = float(tail) if sep else None
-        except ValueError:
-            weight = None  # a path with ':' in it: the whole item is the name
-        name = item if weight is None else head
-        if weight is not None and not weight > 0:
-            raise DataError(f"the weight of {head!r} must be > 0, got {tail}")
-        out.extend(_expand(name, 1.0 if weight is None else weight))
-    if sum(s.teacher_tokens is not None for s in out) > 1:
-        raise DataError("give teacher:N once")
-    return _merge(out)
-
-
-def _merge(sources: list[TextSource]) -> list[TextSource]:
-    """A text named twice (e.g. `mix,c4`) becomes one source with the summed weight, so its windows never
-    overlap."""
-    weights: dict[str, float] = {}
-    for s in sources:
-        if s.teacher_tokens is None:
-            weights[s.name] = weights.get(s.name, 0.0) + s.weight
-    return [TextSource(n, w) for n, w in weights.items()] + [s for s in sources if s.teacher_tokens is not None]
-
-
-def _expand(name: str, weight: float) -> list[TextSource]:
-    """One source, or for `mix` (when no file of that name exists) every built-in text, sharing `weight` by
-    file size."""
-    if name != MIX or Path(name).exists():
-        return [TextSource(name, weight)]
-    sizes = {c: builtin_corpus_path(c).stat().st_size for c in BUILTIN_CORPORA}
-    total = sum(sizes.values())
-    return [TextSource(c, weight * n / total) for c, n in sizes.items()]
-
-
-def share_samples(sources: list[TextSource], samples: int) -> list[int]:
-    """Windows per text source: `samples` split by weight (largest remainder), at least one each."""
-    texts = [s for s in sources if s.teacher_tokens is None]
-    if len(texts) > samples:
-        raise DataError(f"{len(texts)} text sources need at least {len(texts)} samples, got {samples}")
-    total = sum(s.weight for s in texts)
-    exact = [samples * s.weight / total for s in texts]
-    counts = [max(1, int(e)) for e in exact]
-    order = sorted(range(len(texts)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
-    i = 0
-    while sum(counts) < samples:
-        counts[order[i % len(order)]] += 1
-        i += 1
-    while sum(counts) > samples:  # the at-least-one rule overshot: take from the largest
-        counts[max(range(len(counts)), key=counts.__getitem__)] -= 1
-    return counts
 
 
 def default_samples(sources: list[TextSource], *, steps: int, batch_size: int, seq_len: int) -> int:
@@ -224,18 +154,7 @@ def training_data(tokenizer: Any, spec: str | list[TextSource], samples: int, se
     (name, weight, windows, sha256). `fit`: a source asked for more windows than its calibration half holds
     gives all it has instead of an error (for the default `samples`, which the user did not choose)."""
     sources = parse_text_spec(spec) if isinstance(spec, str) else spec
-    texts = [s for s in sources if s.teacher_tokens is None]
-    counts = share_samples(sources, samples) if texts else []
-    parts: list[torch.Tensor] = []
-    records: list[dict[str, Any]] = []
-    for s, n in zip(texts, counts):
-        stream = token_stream(tokenizer, s.name, "calib")
-        if fit:
-            n = max(1, min(n, len(stream) // seq_len))
-        ids = windows(stream, n, seq_len, what=f"the calib split of {s.name}")
-        parts.append(ids)
-        records.append({"source": s.name, "weight": s.weight, "samples": n, "split": "calib",
-                        "sha256": token_hash(ids)})
+    parts, records = text_windows(tokenizer, sources, samples, seq_len, fit=fit)
     for s in sources:
         if s.teacher_tokens is not None:
             if teacher is None:
@@ -248,21 +167,3 @@ def training_data(tokenizer: Any, spec: str | list[TextSource], samples: int, se
     ids = torch.cat(parts)
     name = ",".join(s.name if s.teacher_tokens is None else f"{TEACHER}:{s.teacher_tokens}" for s in sources)
     return CalibrationData(ids, torch.ones_like(ids), name, token_hash(ids)), records
-
-
-def calibration_texts(tokenizer: Any, spec: str | Path, samples: int, seq_len: int) -> CalibrationData:
-    """Calibration windows of one text (`calibration_data`) or of several, given as `--text` takes them (e.g.
-    `c4:2,technical:1,tiny:1`: `samples` shared out by weight, each text's from its calibration half). Several
-    texts' windows are interleaved, each text spread evenly over the rows, so that a held-out last quarter
-    (`split_check`) holds every text in its share. `teacher:N` is refused (it needs a teacher)."""
-    sources = parse_text_spec(str(spec))
-    if any(s.teacher_tokens is not None for s in sources):
-        raise DataError("calibration text cannot be teacher:N; name texts, e.g. c4 or c4:2,technical:1")
-    if len(sources) == 1:
-        return calibration_data(tokenizer, sources[0].name, samples, seq_len)
-    data, records = training_data(tokenizer, sources, samples, seq_len)
-    # Row k of a text with n rows goes (k + 0.5) / n of the way down.
-    keys = [(k + 0.5) / r["samples"] for r in records for k in range(r["samples"])]
-    ids = data.input_ids[torch.tensor(sorted(range(len(keys)), key=keys.__getitem__))]
-    name = ",".join(f"{s.name}:{s.weight:g}" for s in sources)
-    return CalibrationData(ids, torch.ones_like(ids), name, token_hash(ids))

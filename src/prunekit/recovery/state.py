@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,12 @@ def load_state(folder: Path, key: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on a foreign pickle is not for prunekit's users
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or code-carrying file: say so instead of a pickle traceback
-        raise RecoveryError(f"cannot read the training state {path}: {e}; remove it to start again") from e
+        raise RecoveryError(f"cannot read the training state {path}: it is damaged or was not written by prunekit "
+                            f"({type(e).__name__}); nothing in it was run; remove it to start again") from e
     if not isinstance(state, dict) or state.get("key") != key:
         raise RecoveryError(f"{path} holds the state of a run with other settings, model or data; remove it to "
                             "start again, or rerun with the settings it was written with")
