@@ -180,3 +180,21 @@ def test_a_plan_with_edited_weights_says_so_and_is_not_applied_as_if_it_rebuilt_
     apply_plan(get_adapter(a), plain)
     apply_plan(get_adapter(b), healed, structure_only=True)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_real_compress_and_heal_recipe_reproduces_bit_for_bit(tmp_path):
+    """SmolLM2-135M: compress (small calibration) then a short heal, run as a recipe, then the saved recipe run
+    again into another folder: the same weights, byte for byte."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("""
+stages:
+- command: compress
+  options: {model: smollm2-135m, budget: params=0.9, rounds: 1, samples: 8, seq_len: 128, batch_size: 4}
+- command: heal
+  options: {text: c4, samples: 8, seq_len: 128, batch_size: 2, steps: 4}
+""")
+    assert run("run", recipe, "--out", tmp_path / "a") == 0
+    assert run("run", tmp_path / "a" / RECIPE_FILE, "--out", tmp_path / "b") == 0
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") and _digest(tmp_path / "a")
