@@ -5,6 +5,8 @@ it, and the algorithms (`prunekit.drop`, `prunekit.width`) choose it.
 Every saved checkpoint carries its plan (`prunekit_plan.json`) with the scores, options and the hash of the
 calibration tokens that produced it. A plan read back is checked field by field (`PruningPlan.from_json`), and
 against the model it meets (`check_layers`, `checkpoint_plan`), so a damaged or hand-edited one is one `PlanError`.
+A plan holds the structure only: what else the saved weights carry (refits, repair maps, healing) is named by
+`weight_edits`, and the recipe saved beside it (`prunekit_recipe.yaml`) rebuilds the whole model.
 """
 
 from __future__ import annotations

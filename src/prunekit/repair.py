@@ -33,7 +33,7 @@ from torch import nn
 
 from prunekit.adapters import ModelAdapter
 from prunekit.data import CalibrationData
-from prunekit.engine.head import LossObserver
+from prunekit.engine.head import HeldOutCheck
 from prunekit.engine.runner import LayerRunner, Observer, TensorStore
 from prunekit.engine.sources import LayerSource, as_source
 from prunekit.errors import PlanError
@@ -200,15 +200,11 @@ class _CheckLoss:
     layer's input remembered, so a change at layer j re-runs only layers j.. ."""
 
     def __init__(self, source: LayerSource, check: CalibrationData, batch_size: int, work_dir: Path | None):
-        self.source = source
-        self.runner = LayerRunner(source, check, batch_size=batch_size, work_dir=work_dir, remember_inputs=True,
-                                  progress=False)
+        self.check = HeldOutCheck(source, check, batch_size=batch_size, work_dir=work_dir)
 
     def __call__(self, changed_at: int) -> float:
         self.changed(changed_at)
-        obs = LossObserver(self.source, self.runner.batches)
-        self.runner.run([obs], start_layer=changed_at)
-        return obs.loss
+        return self.check.value(changed_at)
 
     def changed(self, layer: int) -> None:
-        self.runner.invalidate_from(layer)
+        self.check.invalidate_from(layer)

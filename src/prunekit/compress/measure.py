@@ -24,10 +24,8 @@ import torch
 from prunekit.compress.curves import Curve
 from prunekit.compress.stats import Sublayer
 from prunekit.data import CalibrationData
-from prunekit.engine.head import LossObserver
-from prunekit.engine.runner import LayerRunner
+from prunekit.engine.head import HeldOutCheck
 from prunekit.engine.sources import LayerSource
-from prunekit.losses import KL_TOPK, Reference, means
 
 # How far one sub-layer's scale may stray from the median scale: a probe whose loss barely moved (or fell,
 # by the noise of a few thousand tokens) would otherwise make that sub-layer's every cut, removal included,
@@ -85,25 +83,11 @@ class Probe:
 
     def __init__(self, source: LayerSource, calib: CalibrationData, batch_size: int, kl: bool,
                  total: Callable[[torch.Tensor], torch.Tensor], work_dir: Path | None):
-        self.source, self.total = source, total
-        self.runner = LayerRunner(source, calib, batch_size=batch_size, work_dir=work_dir, remember_inputs=True,
-                                  progress=False)
-        self.reference: Reference | None = None
-        obs = LossObserver(source, self.runner.batches, keep_topk=KL_TOPK if kl else 0)
-        self.runner.run([obs])
-        self.base = 0.0  # the dense model's KL from itself
-        if kl:
-            self.reference = [obs.kept[b] for b in range(len(self.runner.batches))]
-        else:
-            self.base = self._value(obs)
+        self.check = HeldOutCheck(source, calib, batch_size=batch_size, kl=kl, total=total, work_dir=work_dir)
+        self.base = self.check.dense_value()
 
     def increase(self, layer: int) -> float:
         """How much the value rose over the dense model's, with the edit at `layer` in place."""
-        obs = LossObserver(self.source, self.runner.batches, reference=self.reference)
-        self.runner.run([obs], start_layer=layer)
-        self.runner.invalidate_from(layer)
-        return self._value(obs) - self.base
-
-    def _value(self, obs: LossObserver) -> float:
-        loss, kl = means(self.total(obs.sums), self.reference is not None)
-        return loss if kl is None else kl
+        value = self.check.value(layer)
+        self.check.invalidate_from(layer)
+        return value - self.base

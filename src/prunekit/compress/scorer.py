@@ -10,11 +10,9 @@ from pathlib import Path
 import torch
 
 from prunekit.data import CalibrationData
-from prunekit.engine.head import LossObserver
-from prunekit.engine.runner import LayerRunner
+from prunekit.engine.head import HeldOutCheck
 from prunekit.engine.sources import LayerSource
 from prunekit.errors import PlanError
-from prunekit.losses import KL_TOPK, Reference, means
 
 CRITERIA = ("loss", "kl")
 
@@ -33,17 +31,11 @@ class HeldOutScorer:
 
     def __init__(self, source: LayerSource, check: CalibrationData, *, batch_size: int, kl: bool,
                  total: Callable[[torch.Tensor], torch.Tensor], work_dir: Path | None):
-        self.source, self.total = source, total
-        self.runner = LayerRunner(source, check, batch_size=batch_size, work_dir=work_dir, progress=False)
-        self.reference: Reference | None = None
-        if kl:
-            obs = LossObserver(source, self.runner.batches, keep_topk=KL_TOPK)
-            self.runner.run([obs])
-            self.reference = [obs.kept[b] for b in range(len(self.runner.batches))]
+        # A candidate edits layers anywhere: only layer 0's inputs are worth remembering.
+        self.check = HeldOutCheck(source, check, batch_size=batch_size, kl=kl, total=total, work_dir=work_dir,
+                                  remember_inputs=False)
 
     def score(self) -> tuple[float, float | None]:
         """(mean loss, KL from the dense model or None) of the model as edited now."""
-        self.runner.invalidate_from(0)
-        obs = LossObserver(self.source, self.runner.batches, reference=self.reference)
-        self.runner.run([obs])
-        return means(self.total(obs.sums), self.reference is not None)
+        self.check.invalidate_from(0)
+        return self.check.measure(0)

@@ -15,11 +15,12 @@ from torch import nn
 from prunekit.adapters import ModelAdapter
 from prunekit.data import CalibrationData
 from prunekit.drop.choose import TARGETS, Target, available_modules, candidates, check_n, plan_drops
-from prunekit.drop.loss import KL_TOPK, LossSearch
+from prunekit.drop.loss import LossSearch
 from prunekit.drop.scorer import SimilarityScorer
 from prunekit.drop.similarity import SimilarityScores
 from prunekit.engine.sources import LayerSource
 from prunekit.errors import PlanError
+from prunekit.losses import KL_TOPK
 from prunekit.plans import DropTarget, PruningPlan, normalize_drops
 from prunekit.surgery import apply_plan, mark_drops
 

@@ -22,18 +22,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from prunekit.adapters import ModelAdapter
 from prunekit.data import CalibrationData
 from prunekit.drop.choose import Target, candidates
 from prunekit.drop.similarity import SimilarityScores
-from prunekit.engine.head import LossObserver
-from prunekit.engine.runner import LayerRunner
+from prunekit.engine.head import HeldOutCheck
 from prunekit.engine.sources import LayerSource, as_source
 from prunekit.losses import KL_TOPK
 from prunekit.plans import DropTarget
+
+__all__ = ["KL_TOPK", "LossSearch"]
 
 
 def _parts(d: DropTarget) -> list[str]:
@@ -51,24 +51,19 @@ class LossSearch:
         source = as_source(model, adapter)
         self.adapter = source.adapter
         self.criterion = criterion
-        self.reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.runner = LayerRunner(source, calib, batch_size=batch_size, work_dir=work_dir,
-                                  remember_inputs=True, state_budget_bytes=1 << 62, progress=False)
+        # Every layer's input stays remembered (no recomputation from an earlier layer).
+        self.check = HeldOutCheck(source, calib, batch_size=batch_size, kl=criterion == "kl", work_dir=work_dir,
+                                  state_budget_bytes=1 << 62)
         self.progress = progress
-        self.passes = 0.0  # forward-pass equivalents spent (layers run / L)
+
+    @property
+    def passes(self) -> float:
+        """Forward-pass equivalents spent (layers run / L)."""
+        return self.check.passes
 
     def _loss(self, start: int) -> float:
-        """The criterion on the current model, re-running layers `start`.. The first call (the dense model)
-        also keeps the KL criterion's reference."""
-        first = self.criterion == "kl" and self.reference is None
-        obs = LossObserver(self.runner.source, self.runner.batches, reference=self.reference,
-                           keep_topk=KL_TOPK if first else 0)
-        begin = self.runner.run([obs], start_layer=start, desc=self.criterion)
-        self.passes += (self.adapter.num_layers - begin) / self.adapter.num_layers
-        if first:
-            self.reference = [obs.kept[b] for b in range(len(self.runner.batches))]
-            return 0.0  # the dense model against itself
-        return obs.loss
+        """The criterion on the current model, re-running layers `start`.."""
+        return self.check.value(start)
 
     def trial(self, d: DropTarget) -> float:
         """Calibration loss with `d` removed as well (the model is left as it was)."""
@@ -81,14 +76,14 @@ class LossSearch:
         finally:
             for modules in saved.values():
                 self.adapter.restore(layer, modules)
-            self.runner.invalidate_from(d.layer)
+            self.check.invalidate_from(d.layer)
 
     def run(self, scores: SimilarityScores, target: Target, n: int, *,
             prefilter: int | None = 8) -> tuple[list[DropTarget], list[dict[str, Any]]]:
         """The `n` modules chosen one at a time, and the history (loss of every trial, per step)."""
         chosen: set[DropTarget] = set()
         history: list[dict[str, Any]] = []
-        base = self._loss(0)
+        base = self.check.dense_value()
         current = scores
         for step in range(n):
             pool = [d for _, d in candidates(current, target, exclude=chosen)]

@@ -1,6 +1,7 @@
 """Observers at the top of the decoder stack: the next-token loss of the last layer's output (final norm and
 LM head through `adapter.logits`, on the source's `head`), and its gradient, which `LayerRunner.backward`
-carries down the layers.
+carries down the layers; and `HeldOutCheck`, the one held-out check (loss or KL from the dense model, re-run
+from the layer that changed) that every search, probe and repair uses.
 
 Both take one sequence of a batch at a time through the head: its logits, [seq, vocab] floats several times
 over (the log-softmax, a float copy, a gradient), are the memory peak of a pass (Gemma-3-270m's 262k
@@ -9,15 +10,18 @@ vocabulary: 0.5 GiB per 512-token sequence each), and the sums do not depend on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from prunekit.engine.runner import Observer
+from prunekit.data import CalibrationData
+from prunekit.engine.runner import LayerRunner, Observer
 from prunekit.engine.sources import LayerSource
 from prunekit.errors import ActivationOverflowError
-from prunekit.losses import Reference, token_kl, token_nll, top_logits
+from prunekit.losses import KL_TOPK, Reference, means, token_kl, token_nll, top_logits
 
 
 class _Head(Observer):
@@ -109,3 +113,55 @@ class LossGradient(_Head):
             self.sums[0] += float(nll.detach())
             self.sums[1] += n
         self.grads[b] = torch.cat(grads)
+
+
+class HeldOutCheck:
+    """The one held-out check of a model being edited: over `data`, the mean causal-LM loss or (`kl`) the top-K
+    KL(dense || model) from the dense model's next-token distributions, taken when the check is built (so
+    build it before any edit). With every layer's input remembered (`remember_inputs`), an edit at layer j is
+    checked by re-running layers j.. only. `total` sums the observers' sums over processes (data parallel).
+    `passes` counts the layers run, in passes of the whole stack."""
+
+    def __init__(self, source: LayerSource, data: CalibrationData, *, batch_size: int, kl: bool = False,
+                 total: Callable[[torch.Tensor], torch.Tensor] | None = None, work_dir: Path | None = None,
+                 remember_inputs: bool = True, state_budget_bytes: int = 2 << 30):
+        self.source = source
+        self.total = total or (lambda sums: sums)
+        self.runner = LayerRunner(source, data, batch_size=batch_size, work_dir=work_dir,
+                                  remember_inputs=remember_inputs, state_budget_bytes=state_budget_bytes,
+                                  progress=False)
+        self.reference: Reference | None = None
+        self.passes = 0.0
+        if kl:
+            obs = LossObserver(source, self.runner.batches, keep_topk=KL_TOPK)
+            self._run(obs, 0)
+            self.reference = [obs.kept[b] for b in range(len(self.runner.batches))]
+
+    @property
+    def kl(self) -> bool:
+        return self.reference is not None
+
+    def measure(self, start: int = 0) -> tuple[float, float | None]:
+        """(mean loss, KL from the dense model or None) of the model as it is now; layers below `start` must not
+        have changed since they last ran."""
+        obs = LossObserver(self.source, self.runner.batches, reference=self.reference)
+        self._run(obs, start)
+        return means(self.total(obs.sums), self.kl)
+
+    def value(self, start: int = 0) -> float:
+        """The criterion: the KL with `kl`, else the loss."""
+        loss, kl = self.measure(start)
+        return loss if kl is None else kl
+
+    def dense_value(self) -> float:
+        """The criterion of the model as built (the dense one): its KL from itself is 0, no pass needed."""
+        return 0.0 if self.kl else self.value(0)
+
+    def invalidate_from(self, layer: int) -> None:
+        """Forget the states from `layer` up (the model changed there)."""
+        self.runner.invalidate_from(layer)
+
+    def _run(self, obs: LossObserver, start: int) -> None:
+        n = self.source.adapter.num_layers
+        begin = self.runner.run([obs], start_layer=start)
+        self.passes += (n - begin) / n
