@@ -307,3 +307,26 @@ def test_zero_shot_eval_writes_nothing_outside_the_cache(tiny_checkpoint, tmp_pa
     assert "fatal" not in proc.stderr
     assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
     assert (tmp_path / "cache" / "datasets").is_dir()
+
+
+def test_a_killed_recipe_leaves_no_scratch_stage_after_the_next_run(tiny_checkpoint, tmp_path):
+    """SIGKILL while the first stage saves into the recipe's scratch folder (a hidden sibling of the final
+    output), then the same recipe again: it succeeds and nothing hidden is left beside the output."""
+    ck, text = tiny_checkpoint
+    (tmp_path / "run").mkdir()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"stages": [
+        {"command": "drop", "options": {"model": str(ck), "target": "attn", "n": 1, "calib": str(text),
+                                        "samples": 4, "seq_len": 24, "batch_size": 2}},
+        {"command": "heal", "options": {"text": str(text), "samples": 2, "seq_len": 24, "batch_size": 2,
+                                        "steps": 1}}]}))
+    argv = ["run", recipe, "--out", tmp_path / "run" / "out"]
+    proc = _cli(tmp_path, argv, pause="saving")
+    _wait_for_pause(tmp_path, proc)
+    assert _hidden(tmp_path / "run")  # the scratch stage folder is there
+    proc.kill()
+    proc.communicate(timeout=60)
+    rerun = _cli(tmp_path, argv)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-2000:]
+    assert _hidden(tmp_path / "run") == [] and (tmp_path / "run" / "out" / "prunekit_recipe.yaml").is_file()

@@ -318,3 +318,18 @@ def test_a_corrupt_shard_index_is_one_clear_error(tmp_path, weight_map):
     (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(CheckpointError, match="is corrupt"):
         read_index(tmp_path)
+
+
+def test_demo_writes_its_folder_all_at_once_and_replaces_it_only_with_force(tiny_checkpoint, tmp_path, capsys):
+    ck, text = tiny_checkpoint
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", ck, "--calib", text, "--text", text, "--samples", 4, "--seq-len", 32, "--windows", 1,
+            "--window-len", 32, "--drops", 1, "--out", out]
+    assert run(*argv) == 0
+    assert json.loads(capsys.readouterr().out)["report"] == str(out / "report.md")
+    assert {"report.md", "results.json", "scores.json", "similarity.png", "attn-drop-1"} <= {p.name for p in
+                                                                                             out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert run(*argv) == 2
+    assert "exists; pass --force" in one_error_line(capsys)
+    assert run(*argv, "--force") == 0
