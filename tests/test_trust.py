@@ -186,25 +186,24 @@ def test_rename_noreplace_never_replaces_an_empty_folder(tmp_path):
 
 
 # --- 7. heal removes only the state it wrote -----------------------------------------------------------------------
-def test_heal_without_save_every_leaves_an_existing_state_folder_alone(tiny_checkpoint, tmp_path):
+def _heal_beside_a_user_file(tiny_checkpoint, tmp_path: Path, *extra: object) -> Path:
+    """Heal into `out` while `out.heal-state/` already holds a file of the user's; returns that folder."""
     ck, text = tiny_checkpoint
-    out = tmp_path / "out"
     state = tmp_path / "out.heal-state"
     state.mkdir()
     (state / "notes.txt").write_text("mine")
-    assert run("heal", ck, "--text", text, "--samples", 2, "--seq-len", 24, "--batch-size", 1, "--steps", 1,
-               "--out", out) == 0
+    assert run("heal", ck, "--text", text, "--samples", 2, "--seq-len", 24, "--batch-size", 1, *extra,
+               "--out", tmp_path / "out") == 0
+    return state
+
+
+def test_heal_without_save_every_leaves_an_existing_state_folder_alone(tiny_checkpoint, tmp_path):
+    state = _heal_beside_a_user_file(tiny_checkpoint, tmp_path, "--steps", 1)
     assert (state / "notes.txt").read_text() == "mine"
 
 
 def test_heal_with_save_every_removes_its_state_but_not_other_files(tiny_checkpoint, tmp_path):
-    ck, text = tiny_checkpoint
-    out = tmp_path / "out"
-    state = tmp_path / "out.heal-state"
-    state.mkdir()
-    (state / "notes.txt").write_text("mine")
-    assert run("heal", ck, "--text", text, "--samples", 2, "--seq-len", 24, "--batch-size", 1, "--steps", 2,
-               "--save-every", 1, "--out", out) == 0
+    state = _heal_beside_a_user_file(tiny_checkpoint, tmp_path, "--steps", 2, "--save-every", 1)
     assert sorted(p.name for p in state.iterdir()) == ["notes.txt"]
 
 

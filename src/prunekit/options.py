@@ -16,6 +16,7 @@ and `check` (a function returning an error message, or None, for a value of the 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
@@ -47,8 +48,6 @@ def fraction(v: float) -> str | None:
 
 
 def positive_int(text: str) -> int:
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -59,8 +58,6 @@ def positive_int(text: str) -> int:
 
 
 def positive_ints(value: str) -> tuple[int, ...]:
-    import argparse
-
     out = tuple(positive_int(v.strip()) for v in value.split(",") if v.strip())
     if not out:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {value!r}")
@@ -69,8 +66,6 @@ def positive_ints(value: str) -> tuple[int, ...]:
 
 def parse_keep(text: str) -> float | int:
     """A keep target: a value containing '.' or at most 1 is a ratio (float), otherwise a count (int)."""
-    import argparse
-
     try:
         value = float(text)
     except ValueError:

@@ -71,7 +71,7 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def _headroom() -> str:
-    from prunekit.io.files import memory_headroom
+    from prunekit.io.limits import memory_headroom
 
     return memory_headroom()
 

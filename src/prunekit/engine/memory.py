@@ -4,24 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import psutil
 import torch
 
 from prunekit.io.checkpoint import parse_dtype, resolve_model_path
 from prunekit.io.files import CheckpointFiles
-
-
-def available_memory_bytes() -> int:
-    """Memory this process can still use: MemAvailable, capped by a cgroup v2 limit (containers) when set."""
-    avail = int(psutil.virtual_memory().available)
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-        if limit != "max":
-            avail = min(avail, max(0, int(limit) - used))
-    except (OSError, ValueError):
-        pass
-    return avail
+from prunekit.io.limits import available_memory_bytes
 
 
 def device_free_bytes(device: torch.device) -> int:

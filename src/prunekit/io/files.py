@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from prunekit.errors import CheckpointError, MemoryLimitError
+from prunekit.io.limits import gib, memory_headroom
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -49,23 +50,6 @@ def open_safetensors(path: str | Path, device: str | torch.device = "cpu") -> It
         raise MemoryLimitError(f"not enough memory to map {path} ({gib(Path(path).stat().st_size)}): "
                                f"{memory_headroom()}; free memory or raise the limit") from e
 
-
-def gib(n: float) -> str:
-    return f"{n / 2 ** 30:.2f} GiB"
-
-
-def memory_headroom() -> str:
-    """What this process may still use, in words: free memory, and the address-space limit (`ulimit -v`)."""
-    import resource
-
-    import psutil
-
-    text = f"{gib(psutil.virtual_memory().available)} of memory is available"
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY:
-        used = psutil.Process().memory_info().vms
-        text += f", and the address-space limit (ulimit -v) leaves {gib(max(0, soft - used))} of {gib(soft)}"
-    return text
 
 
 def read_index(folder: Path) -> dict[str, str] | None:

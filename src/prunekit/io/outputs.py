@@ -84,18 +84,23 @@ def _remove(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
-def remove_stale_siblings(out: Path) -> list[Path]:
-    """Remove the temporary siblings of `out` whose process is gone (a SIGKILL'ed run); returns them."""
+def remove_dead(folder: Path, pattern: re.Pattern[str], *, name: str | None = None) -> list[Path]:
+    """Remove what killed runs left in `folder`: the entries whose name matches `pattern` (its `pid` group
+    naming a process that is gone, and its `name` group equal to `name` when one is given); returns them."""
     removed = []
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
+    if not folder.is_dir():
         return removed
-    for p in parent.iterdir():
-        m = _STALE.match(p.name)
-        if m and m.group("name") == out.name and not process_alive(int(m.group("pid"))):
+    for p in folder.iterdir():
+        m = pattern.search(p.name)
+        if m and (name is None or m.group("name") == name) and not process_alive(int(m.group("pid"))):
             _remove(p)
             removed.append(p)
     return removed
+
+
+def remove_stale_siblings(out: Path) -> list[Path]:
+    """Remove the temporary siblings of `out` whose process is gone (a SIGKILL'ed run); returns them."""
+    return remove_dead(out.parent if str(out.parent) else Path("."), _STALE, name=out.name)
 
 
 # --- what an output must not touch -----------------------------------------------------------------------------
@@ -122,7 +127,7 @@ def input_paths(*specs: str | Path | None) -> list[Path]:
             continue
         s = str(spec)
         candidates = [s] + [part.strip().rsplit(":", 1)[0] for part in s.split(",")]
-        out += [Path(c).expanduser() for c in candidates if c and Path(c).expanduser().exists()]
+        out += [Path(c).expanduser() for c in dict.fromkeys(candidates) if c and Path(c).expanduser().exists()]
     return out
 
 
@@ -396,26 +401,13 @@ def owned_dir(path: str | Path) -> Iterator[Path]:
 
 
 # --- scratch folders ---------------------------------------------------------------------------------------------
-def remove_stale_scratch(folder: Path) -> list[Path]:
-    """Remove the scratch folders in `folder` whose process is gone (a killed run); returns them."""
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for p in folder.iterdir():
-        m = _SCRATCH.match(p.name)
-        if m and not process_alive(int(m.group("pid"))):
-            _remove(p)
-            removed.append(p)
-    return removed
-
-
 @contextmanager
 def scratch_dir(what: str, parent: str | Path | None = None) -> Iterator[Path]:
     """A scratch folder `prunekit-<what>-<pid>-<random>` under `parent` (a folder the user gave for work
     files) or `temp_root()`, removed on the way out; what killed runs left there is removed first."""
     root = Path(parent) if parent is not None else temp_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    remove_stale_scratch(root)
+    remove_dead(root, _SCRATCH)
     path = Path(tempfile.mkdtemp(prefix=f"prunekit-{what}-{os.getpid()}-", dir=root))
     try:
         pause_point(f"scratch-{what}")

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from safetensors.torch import save_file
 from prunekit import __version__
 from prunekit.data import CalibrationData, token_hash
 from prunekit.drop.similarity import SimilarityAccumulator, SimilarityScores
-from prunekit.io.outputs import owned_file, process_alive
+from prunekit.io.outputs import owned_file, remove_dead
 from prunekit.io.paths import cache_dir
 from prunekit.width.importance import SquaredSums
 from prunekit.width.stats import LayerActivations
@@ -166,12 +165,7 @@ _PRIVATE_RUN = re.compile(r"(^|-)(width-)?run-(?P<pid>\d+)-\d+$")
 def remove_dead_runs(folder: Path) -> None:
     """Remove the private (per-process, not resumable) work directories under `folder` whose process is gone:
     what a SIGKILL left behind."""
-    if not folder.is_dir():
-        return
-    for p in folder.iterdir():
-        m = _PRIVATE_RUN.search(p.name)
-        if m and p.is_dir() and not process_alive(int(m.group("pid"))):
-            shutil.rmtree(p, ignore_errors=True)
+    remove_dead(folder, _PRIVATE_RUN)
 
 
 class CachedScorer:

@@ -20,7 +20,7 @@ Every stage's options are validated, and every output checked, before the first 
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import yaml
 
 from prunekit import __version__
 from prunekit.errors import OptionError
-from prunekit.io.outputs import Target, input_paths, prepare_output, scratch_dir, sibling_scratch
+from prunekit.io.outputs import input_paths, prepare_output, scratch_dir, sibling_scratch
 from prunekit.jobs.stages import STAGES, Summary
 from prunekit.options import Options
 
@@ -131,7 +131,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
                 dest = prepare_output(scratch / f"stage-{i + 1}-{stage.command}", kind=kind.output_kind(opts))
             if kind.output == "checkpoint":
                 saved = Recipe(tuple(_as_recorded(s) for s in recipe.stages[:i + 1]))
-                dest = Target(dest.path, dest.kind, dest.force, dest.seen, ((RECIPE_FILE, saved.to_yaml()),))
+                dest = replace(dest, companions=((RECIPE_FILE, saved.to_yaml()),))
                 previous = str(dest.path)
             summaries.append(kind.run(opts, dest, progress))
     return summaries
