@@ -565,3 +565,42 @@ def test_compress_streams_by_itself_only_when_the_model_in_memory_would_not_fit(
     monkeypatch.setattr(job, "available_memory_bytes", lambda: streamed - 1)
     with pytest.raises(PlanError, match="one layer, streamed"):
         job.compress_memory(ck, "float32", cpu, 8, 24, None)
+
+
+def test_compress_statistics_are_cached_and_an_interrupted_run_resumes(tiny_checkpoint, tmp_path, isolated_cache,
+                                                                       monkeypatch):
+    """Every statistics pass (the dense model's, and each round's) is kept in the score cache: a run killed in
+    its second pass, started again, takes the first from the cache and computes only the second; a third run
+    computes none; all three give the same checkpoint, tensor for tensor, as a run without the cache."""
+    from safetensors.torch import load_file
+
+    import prunekit.compress.search as search
+    from prunekit.jobs.compress import compress_job
+
+    ck, text = tiny_checkpoint
+    opts = dict(budget="params=0.8", rounds=2, multiple_of=16, calib=text, samples=8, seq_len=24, progress=False)
+    compress_job(str(ck), tmp_path / "ref", use_cache=False, **opts)
+    assert not isolated_cache.exists()
+    real, passes = search.collect_stats, []
+
+    def counted(*args, **kwargs):
+        passes.append(kwargs["desc"])
+        if passes == ["compress statistics", "compress statistics, round 2"] and dies:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "collect_stats", counted)
+    dies = True
+    with pytest.raises(KeyboardInterrupt):
+        compress_job(str(ck), tmp_path / "killed", **opts)
+    dies, passes[:] = False, []
+    compress_job(str(ck), tmp_path / "resumed", **opts)
+    assert passes == ["compress statistics, round 2"]
+    passes[:] = []
+    again = compress_job(str(ck), tmp_path / "again", **opts)
+    assert passes == [] and again is not None
+    want = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    for out in ("resumed", "again"):
+        got = load_file(str(tmp_path / out / "model.safetensors"))
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert not (tmp_path / "killed").exists()

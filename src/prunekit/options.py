@@ -308,6 +308,9 @@ class CompressOptions(Calibration):
     offload_dir: str | None = opt(None, help="directory for the input Grams that do not fit in memory and a streamed "
                                              "run's hidden states (default: the system's temporary directory); "
                                              "removed when done")
+    use_cache: bool = opt(True, flag="--no-cache", kind="store_false",
+                          help="neither read nor write the statistics cache ($PRUNEKIT_CACHE/scores: each statistics "
+                               "pass's Grams and Fishers, so a repeated or interrupted run skips the passes done)")
 
 
 HEAL_TEXT_HELP = ("training text: SOURCE[:WEIGHT],... mixed by weight (e.g. c4:0.7,wiki:0.3; the --samples windows are "

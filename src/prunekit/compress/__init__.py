@@ -16,7 +16,15 @@ from prunekit.compress.editable import EditableModel
 from prunekit.compress.memory import memory_estimate
 from prunekit.compress.report import write_pareto
 from prunekit.compress.scorer import check_criterion
-from prunekit.compress.search import DEFAULT_PROBE_SAMPLES, DEFAULT_SAMPLES, CompressResult, compress
+from prunekit.compress.search import (
+    DEFAULT_PROBE_SAMPLES,
+    DEFAULT_SAMPLES,
+    CompressResult,
+    compress,
+    cut,
+    search_plan,
+)
 
 __all__ = ["BUDGET_KEYS", "DEFAULT_PROBE_SAMPLES", "DEFAULT_SAMPLES", "FAMILIES", "Budget", "CompressResult",
-           "EditableModel", "check_criterion", "compress", "memory_estimate", "parse_budget", "write_pareto"]
+           "EditableModel", "check_criterion", "compress", "cut", "memory_estimate", "parse_budget", "search_plan",
+           "write_pareto"]

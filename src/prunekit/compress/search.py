@@ -39,9 +39,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -57,9 +56,10 @@ from prunekit.compress.llm_drop import llm_drop_candidates
 from prunekit.compress.measure import Probe, probe_counts, probe_part, rescaled
 from prunekit.compress.memory import gram_budget, memory_estimate
 from prunekit.compress.scorer import CRITERIA, HeldOutScorer, check_criterion
-from prunekit.compress.stats import CompressStats, Sublayer, collect_stats, grams_bytes
+from prunekit.compress.stats import CompressStats, StatsStore, Sublayer, collect_stats, grams_bytes
 from prunekit.data import CalibrationData
 from prunekit.engine.sources import LayerSource, as_source
+from prunekit.engine.sums import OneProcess, Sums
 from prunekit.io.outputs import scratch_dir
 from prunekit.losses import KL_TOPK, split_check
 from prunekit.plans import PruningPlan
@@ -92,26 +92,6 @@ DEFAULT_PROBE_SAMPLES = 0
 STATS_PASSES, LLM_DROP_PASSES, CORRECTION_PASSES = 4, 1, 4
 
 
-class Sums(Protocol):
-    """How `compress` shares its passes out: `shard` gives this process's part of some calibration data and
-    `total` turns this process's float64 sums into the sums over all processes. Everything else (curves,
-    allocation, the choice) is arithmetic on those totals, so every process makes the same choices."""
-
-    def shard(self, calib: CalibrationData) -> CalibrationData: ...
-
-    def total(self, values: torch.Tensor) -> torch.Tensor: ...
-
-
-class OneProcess:
-    """`Sums` in a single process: all the data, sums as they are."""
-
-    def shard(self, calib: CalibrationData) -> CalibrationData:
-        return calib
-
-    def total(self, values: torch.Tensor) -> torch.Tensor:
-        return values
-
-
 @dataclass
 class CompressResult:
     """The chosen model's plan, the table of every candidate tried (`Candidate.row`) and the chosen one's name."""
@@ -122,14 +102,30 @@ class CompressResult:
 
 
 def compress(model: nn.Module | LayerSource, adapter: ModelAdapter | None, calib: CalibrationData,
-             budget: Budget, *, rounds: int = 2, multiple_of: int = 64, batch_size: int = 4,
-             criterion: str = "loss", progress: bool = True, source: str = "", sums: Sums | None = None,
-             gram_budget_bytes: int | None = None, work_dir: str | Path | None = None,
-             correct: bool = True, probe_samples: int = DEFAULT_PROBE_SAMPLES,
-             input_ridge: float | None = INPUT_RIDGE) -> CompressResult:
-    """Search, apply the best candidate and return its plan and the table of every candidate tried. `model`: a
-    model in memory (cut in place, physically) or any layer source (a streamed one keeps the refitted
-    weights as overrides and its skeleton is cut; `prunekit.save` writes the checkpoint from its files).
+             budget: Budget, **options: Any) -> CompressResult:
+    """`search_plan` (same options), then the chosen plan applied (`surgery.apply_plan`): a model in memory is cut
+    in place, physically; a layer source's skeleton is cut and its kept widths set (a streamed one keeps the
+    refitted weights as overrides; `prunekit.save` writes the checkpoint from its files)."""
+    src = as_source(model, adapter)
+    result = search_plan(src, None, calib, budget, **options)
+    cut(src, result.plan)
+    return result
+
+
+def cut(src: LayerSource, plan: PruningPlan) -> None:
+    """The surgery of a compress plan on the source the search ran on: its chosen weights are already written."""
+    apply_plan(src.adapter, plan, structure_only=True)
+    src.set_widths(plan.widths)
+
+
+def search_plan(model: nn.Module | LayerSource, adapter: ModelAdapter | None, calib: CalibrationData,
+           budget: Budget, *, rounds: int = 2, multiple_of: int = 64, batch_size: int = 4,
+           criterion: str = "loss", progress: bool = True, source: str = "", sums: Sums | None = None,
+           gram_budget_bytes: int | None = None, work_dir: str | Path | None = None,
+           correct: bool = True, probe_samples: int = DEFAULT_PROBE_SAMPLES,
+           input_ridge: float | None = INPUT_RIDGE, store: StatsStore | None = None) -> CompressResult:
+    """Search, write the best candidate's weights and return its plan and the table of every candidate tried;
+    the model keeps its shape (`cut` applies the plan). `model`: a model in memory or any layer source.
     `criterion`: candidates are chosen by their loss on the held-out calibration samples ("loss"), or by the
     KL divergence there from the dense model's next-token distributions ("kl", over the dense model's top
     `KL_TOPK` tokens). `sums`: data parallel (`jobs.dist.AllReduceSums` under torchrun); every process
@@ -140,13 +136,15 @@ def compress(model: nn.Module | LayerSource, adapter: ModelAdapter | None, calib
     stream (`compress.correct`), kept only where it checks better. `probe_samples`: fit sequences over which
     every sub-layer's cut alone is measured, for the candidates allocated on measured curves
     (`compress.measure`; 0: none). `input_ridge`: the correction's input maps' ridge (`compress.correct`;
-    None: no input maps)."""
+    None: no input maps). `store`: where each statistics pass is looked up before it is run and kept after
+    (`jobs.cache.PassCache`: a repeated or interrupted run skips the passes already done); a pass whose
+    Grams had to wait on disk is not kept."""
     check_criterion(criterion)
     src = as_source(model, adapter)
     with scratch_dir("compress", work_dir) as spill:
         opts = _Settings(budget, rounds, multiple_of, batch_size, criterion, progress, source, correct,
                          probe_samples, input_ridge)
-        return _Search(src, calib, opts, sums or OneProcess(), gram_budget_bytes, spill).run()
+        return _Search(src, calib, opts, sums or OneProcess(), gram_budget_bytes, spill, store).run()
 
 
 @dataclass
@@ -171,9 +169,10 @@ class _Search:
     the best applied."""
 
     def __init__(self, src: LayerSource, calib: CalibrationData, opts: _Settings, sums: Sums,
-                 gram_budget_bytes: int | None, spill: Path):
+                 gram_budget_bytes: int | None, spill: Path, store: StatsStore | None = None):
         self.started = time.monotonic()
         self.src, self.calib, self.opts, self.sums, self.spill = src, calib, opts, sums, spill
+        self.store = store
         self.costs = sublayer_costs(src.adapter)
         self.need = removal_target(src.adapter.model, self.costs, opts.budget)
         self.fit, self.check = split_check(calib, "compress")
@@ -194,16 +193,23 @@ class _Search:
         """Where a pass's hidden states wait: on disk for a streamed model, in RAM for a resident one."""
         return Path(tempfile.mkdtemp(dir=self.spill)) if self.src.resumable else None
 
-    def collect(self, desc: str) -> CompressStats:
+    def collect(self, desc: str, step: str) -> CompressStats:
+        """The statistics of the model as edited now (`step` names it for the store)."""
+        kept = self.store.get(step) if self.store is not None else None
+        if kept is not None:
+            return kept
         work = self.states()
         self.fit_passes += STATS_PASSES
         try:
-            return collect_stats(self.src, self.my_fit, batch_size=self.opts.batch_size, progress=self.opts.progress,
-                                 desc=desc, total=self.sums.total, gram_budget_bytes=self.gram_budget,
-                                 spill_dir=Path(tempfile.mkdtemp(dir=self.spill)), work_dir=work)
+            stats = collect_stats(self.src, self.my_fit, batch_size=self.opts.batch_size, progress=self.opts.progress,
+                                  desc=desc, total=self.sums.total, gram_budget_bytes=self.gram_budget,
+                                  spill_dir=Path(tempfile.mkdtemp(dir=self.spill)), work_dir=work)
         finally:  # the remembered layer inputs are not needed once the statistics are summed
             if work is not None:
                 shutil.rmtree(work, ignore_errors=True)
+        if self.store is not None and not stats.grams_on_disk:
+            self.store.put(step, stats)
+        return stats
 
     def score(self, name: str, at_budget: bool) -> Candidate:
         """The model as edited now, scored on the check part and remembered as a candidate."""
@@ -215,7 +221,7 @@ class _Search:
 
     def run(self) -> CompressResult:
         self.score("dense", False)
-        dense_stats = self.collect("compress statistics")
+        dense_stats = self.collect("compress statistics", "dense")
         by_order = self.one_shot(dense_stats)
         self.llm_drop(dense_stats, by_order["norm"])
         order = better_order(self.tried.values())
@@ -299,7 +305,7 @@ class _Search:
                 # Emptied, not just replaced: the caller's reference would otherwise keep two sets of Grams
                 # alive (or on disk) while the next ones are taken.
                 stats.release()
-                stats = self.collect(f"compress statistics, round {r + 1}")
+                stats = self.collect(f"compress statistics, round {r + 1}", f"{name} round {r}/{rounds}")
         m.reset()
 
     def corrected(self) -> Candidate:
@@ -348,8 +354,8 @@ class _Search:
                              progress=self.opts.progress)
 
     def apply(self, best: Candidate) -> PruningPlan:
-        """The best candidate's weights written and kept, and its plan applied: a resident model is cut
-        physically, a streamed one's skeleton is (its overrides are cut to the kept units when read or
+        """The best candidate's weights written and kept, and its plan (`cut` applies it: a resident model is
+        cut physically, a streamed one's skeleton is, and its overrides are cut to the kept units when read or
         saved)."""
         m = self.m
         for s, w in best.weights.items():
@@ -361,9 +367,7 @@ class _Search:
                         "multiple_of": self.opts.multiple_of, "chosen": best.name, "removal_target": self.need}
         plan.history = self.tried.rows(self.totals)
         plan.calibration = self.calib.describe()
-        plan.model = {"source": self.opts.source}
-        apply_plan(m.adapter, plan, structure_only=True)  # the refitted weights are already written
-        m.source.set_widths(plan.widths)
+        plan.model = {"source": self.opts.source, "num_hidden_layers": m.adapter.num_layers}
         return plan
 
     def record(self, plan: PruningPlan) -> None:

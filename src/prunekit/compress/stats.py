@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ from prunekit.data import CalibrationData
 from prunekit.engine.head import LossGradient
 from prunekit.engine.runner import FiniteCheck, LayerRunner, Observer
 from prunekit.engine.sources import LayerSource, as_source
+from prunekit.engine.sums import CONSTANT
 from prunekit.width.importance import masked_rows
 
 Sublayer = tuple[int, str]  # (layer index, "attn" | "mlp")
@@ -71,12 +72,45 @@ class CompressStats:
         assert st.gram_file is not None
         return SublayerStats(torch.load(st.gram_file, weights_only=True), st.fisher, st.tokens)
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The sums by name (`engine.sums.Summable`): "<layer>.<part>.gram|fisher|tokens", the token count and
+        the mean loss (as it is: a mean is not summed). Spilled Grams are read back, so this is for statistics
+        that fit in memory."""
+        out = {f"{CONSTANT}loss": torch.tensor([self.loss], dtype=torch.float64),
+               "tokens": torch.tensor([float(self.tokens)], dtype=torch.float64)}
+        for (i, part) in sorted(self.layers):
+            st = self.layer((i, part))
+            assert st.gram is not None
+            out[f"{i}.{part}.gram"], out[f"{i}.{part}.fisher"] = st.gram, st.fisher
+            out[f"{i}.{part}.tokens"] = torch.tensor([float(st.tokens)], dtype=torch.float64)
+        return {k: v.detach().to("cpu", torch.float64).contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "CompressStats":
+        tokens = int(tensors["tokens"][0])
+        stats = cls(loss=float(tensors[f"{CONSTANT}loss"][0]), tokens=tokens)
+        for name in sorted(tensors):
+            if name.endswith(".gram"):
+                i, part, _ = name.split(".")
+                stats.layers[(int(i), part)] = SublayerStats(tensors[name], tensors[f"{i}.{part}.fisher"],
+                                                             int(tensors[f"{i}.{part}.tokens"][0]))
+        return stats
+
     def release(self) -> None:
         """Forget every sum and delete the spilled Grams (a later round's statistics replace these)."""
         for st in self.layers.values():
             if st.gram_file is not None:
                 st.gram_file.unlink(missing_ok=True)
         self.layers.clear()
+
+
+class StatsStore(Protocol):
+    """Where finished statistics passes are kept between runs (`jobs.cache.PassCache`): `step` names the
+    pass within one search (the model it was taken on follows from the search's options and the step)."""
+
+    def get(self, step: str) -> CompressStats | None: ...
+
+    def put(self, step: str, stats: CompressStats) -> None: ...
 
 
 def _outer(rows: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Resumable score cache: LLM-Drop accumulator sums kept on disk under `$PRUNEKIT_CACHE/scores`.
+"""Resumable statistics cache: the float64 sums of a statistics pass kept on disk under `$PRUNEKIT_CACHE/scores`.
+
+Entries. Every pass's accumulator is an `engine.sums.Summable`, so an entry is its named tensors in one
+safetensors file, whatever the algorithm (LLM-Drop's cosine sums, TransAct's squared activation sums,
+compress's Grams and Fishers); this module never reads an algorithm's fields.
 
 Key. sha256 over (format, prunekit version, model fingerprint, calibration-token hash, options).
 
@@ -12,7 +16,7 @@ Key. sha256 over (format, prunekit version, model fingerprint, calibration-token
   batch shapes), pairwise on/off, dtype, device type.
 
 What is cached: the accumulator's float64 *sums* and token counts, not the means, so data-parallel ranks can
-cache their shard and the shards still add up (`prunekit.jobs.dist`).
+cache their shard and the shards still add up (`engine.sums.totalled`).
 
 Resuming. An interrupted streamed run resumes from its last finished layer: the states at the layer boundary
 and the sums so far live in the run's work directory (`run_dir(key)`, see `drop.scorer.SimilarityScorer`), written
@@ -38,12 +42,12 @@ from safetensors.torch import save_file
 from prunekit import __version__
 from prunekit.data import CalibrationData, token_hash
 from prunekit.drop.similarity import SimilarityAccumulator, SimilarityScores
+from prunekit.engine.sums import S, Summable
 from prunekit.io.outputs import owned_file, remove_dead
 from prunekit.io.paths import cache_dir
-from prunekit.width.importance import SquaredSums
-from prunekit.width.stats import LayerActivations
+from prunekit.width.stats import WidthStats
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.index.json", "config.json")
 
 
@@ -79,12 +83,6 @@ class ScoreCache:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else cache_dir() / "scores"
 
-    def _file(self, key: str) -> Path:
-        return self.root / f"{key}.safetensors"
-
-    def _width_file(self, key: str) -> Path:
-        return self.root / f"width-{key}.safetensors"
-
     @staticmethod
     def _read(path: Path) -> dict[str, torch.Tensor] | None:
         """An entry's tensors, or None when it is missing or unreadable (recompute rather than fail)."""
@@ -102,26 +100,29 @@ class ScoreCache:
             save_file(tensors, str(tmp), metadata={"info": json.dumps(info or {})})
         return path
 
-    def load(self, key: str) -> SimilarityAccumulator | None:
-        tensors = self._read(self._file(key))
+    def get(self, name: str, kind: type[S]) -> S | None:
+        """The `engine.sums.Summable` of type `kind` stored under `name`, or None (missing or damaged: a miss)."""
+        tensors = self._read(self.root / f"{name}.safetensors")
         try:
-            return SimilarityAccumulator.from_tensors(tensors) if tensors is not None else None
+            return kind.from_tensors(tensors) if tensors is not None else None
         except Exception:  # a damaged entry is a miss
             return None
+
+    def put(self, name: str, sums: Summable, info: dict[str, Any] | None = None) -> Path:
+        return self._write(self.root / f"{name}.safetensors", sums.to_tensors(), info)
+
+    # One entry format for every pass; the prefixes only keep the kinds apart when listing the folder.
+    def load(self, key: str) -> SimilarityAccumulator | None:
+        return self.get(key, SimilarityAccumulator)
 
     def store(self, key: str, acc: SimilarityAccumulator, info: dict[str, Any] | None = None) -> Path:
-        return self._write(self._file(key), acc.to_tensors(), info)
+        return self.put(key, acc, info)
 
-    def load_width(self, key: str) -> dict[int, Any] | None:
-        """Width statistics (`width.LayerActivations` by layer) stored under `key`, or None (miss/damaged)."""
-        tensors = self._read(self._width_file(key))
-        try:
-            return width_stats_from_tensors(tensors) if tensors is not None else None
-        except Exception:  # a damaged entry is a miss
-            return None
+    def load_width(self, key: str) -> WidthStats | None:
+        return self.get(f"width-{key}", WidthStats)
 
-    def store_width(self, key: str, stats: dict[int, Any], info: dict[str, Any] | None = None) -> Path:
-        return self._write(self._width_file(key), width_stats_tensors(stats), info)
+    def store_width(self, key: str, stats: WidthStats, info: dict[str, Any] | None = None) -> Path:
+        return self.put(f"width-{key}", stats, info)
 
     def lock_file(self, key: str) -> Path:
         return self.root / "locks" / f"{key}.lock"
@@ -206,44 +207,6 @@ class CachedScorer:
         return self.inner.score(start_layer)
 
 
-# --- width statistics (TransAct importances) ---------------------------------------------------------------------
-# Flat tensor names: "<layer>.<attn|mlp>.<sums|tokens|weight>"; a layer with neither part is stored as an
-# empty marker so the layer set round-trips.
-
-def width_stats_tensors(stats: dict[int, Any]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for i, st in stats.items():
-        out[f"{i}.present"] = torch.zeros(0)
-        for part in ("attn", "mlp"):
-            acc = getattr(st, part)
-            if acc is None:
-                continue
-            out[f"{i}.{part}.sums"] = acc.sums.detach().to("cpu", torch.float64).contiguous()
-            out[f"{i}.{part}.tokens"] = torch.tensor([acc.tokens], dtype=torch.int64)
-            w = getattr(st, f"{part}_weight")
-            if w is not None:
-                out[f"{i}.{part}.weight"] = w.detach().to("cpu", torch.float64).contiguous()
-    return out
-
-
-def width_stats_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, Any]:
-    layers = sorted({int(k.split(".")[0]) for k in tensors})
-    stats: dict[int, Any] = {}
-    for i in layers:
-        st = LayerActivations()
-        for part in ("attn", "mlp"):
-            sums = tensors.get(f"{i}.{part}.sums")
-            if sums is None:
-                continue
-            acc = SquaredSums(sums.shape[0])
-            acc.sums.copy_(sums)
-            acc.tokens = int(tensors[f"{i}.{part}.tokens"][0])
-            setattr(st, part, acc)
-            setattr(st, f"{part}_weight", tensors.get(f"{i}.{part}.weight"))
-        stats[i] = st
-    return stats
-
-
 class CachedWidthCollector:
     """Wraps a `width.WidthCollector`: every shot's statistics are looked up in / stored to the cache under
     `key` plus the parts asked for plus the widths cut so far (the kept original indices, which together
@@ -267,7 +230,7 @@ class CachedWidthCollector:
         return self.hits > 0
 
     def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring",
-                widths: Any = None) -> dict[int, Any]:
+                widths: Any = None) -> WidthStats:
         cut = {str(i): w.to_json() for i, w in sorted((widths or {}).items())}
         key = hashlib.sha256(json.dumps([self.key, attn, mlp, cut], sort_keys=True).encode()).hexdigest()
         cached = self.cache.load_width(key)
@@ -278,3 +241,27 @@ class CachedWidthCollector:
         stats = self.inner.collect(attn=attn, mlp=mlp, desc=desc, widths=widths)
         self.cache.store_width(key, stats, self.info)
         return stats
+
+
+class PassCache:
+    """Finished statistics passes of one run, by step (`compress.stats.StatsStore`, or any pass whose result
+    is `Summable`): entry `<prefix>-<sha256(key, step)>`. `key` must fix everything the passes depend on
+    (model files, calibration tokens, options), so a run started again finds the passes an interrupted or
+    earlier identical run finished and computes from the first missing one."""
+
+    def __init__(self, cache: ScoreCache, key: str, kind: type[Summable], prefix: str,
+                 info: dict[str, Any] | None = None):
+        self.cache, self.key, self.kind, self.prefix, self.info = cache, key, kind, prefix, info
+        self.hits: list[str] = []
+
+    def _name(self, step: str) -> str:
+        return f"{self.prefix}-{hashlib.sha256(json.dumps([self.key, step]).encode()).hexdigest()}"
+
+    def get(self, step: str) -> Any:
+        found = self.cache.get(self._name(step), self.kind)
+        if found is not None:
+            self.hits.append(step)
+        return found
+
+    def put(self, step: str, sums: Summable) -> None:
+        self.cache.put(self._name(step), sums, {**(self.info or {}), "step": step})

@@ -18,6 +18,7 @@ from prunekit.drop.scorer import SimilarityScorer
 from prunekit.engine.memory import should_stream
 from prunekit.engine.sources import LayerSource, ResidentLayers
 from prunekit.engine.streamed import StreamedLayers
+from prunekit.engine.sums import OneProcess, Sums
 from prunekit.errors import CheckpointError
 from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
 from prunekit.io.outputs import check_writable
@@ -33,6 +34,7 @@ from prunekit.jobs.cache import (
 from prunekit.jobs.dist import (
     AllReduceCollector,
     AllReduceScorer,
+    AllReduceSums,
     DistEnv,
     process_group,
     resolve_device,
@@ -65,7 +67,7 @@ def distributed(device: str, offload_dir: str | Path | None) -> Iterator[tuple[D
 @dataclass
 class Job:
     """What a job has loaded: the model as a layer source, its tokenizer and calibration data (all of it, and
-    this rank's shard)."""
+    this rank's shard), and how this rank's sums become totals (`sums`)."""
 
     env: DistEnv
     device: torch.device
@@ -76,6 +78,7 @@ class Job:
     calib: CalibrationData
     shard: CalibrationData
     streamed: bool
+    sums: Sums
 
 
 def load_job(model: str, *, calib: str | Path, samples: int, seq_len: int, batch_size: int, dtype: str,
@@ -93,10 +96,12 @@ def load_job(model: str, *, calib: str | Path, samples: int, seq_len: int, batch
         net, tok = load_model(path, dtype=dtype, device=device)
         source = ResidentLayers(net, get_adapter(net))
     data = calibration_texts(tok, calib, samples, seq_len)
-    return Job(env, device, str(model), local, source, tok, data, shard_calibration(data, batch_size, env), streamed)
+    sums = AllReduceSums(env, device, batch_size) if env.is_distributed else OneProcess()
+    return Job(env, device, str(model), local, source, tok, data, shard_calibration(data, batch_size, env), streamed,
+               sums)
 
 
-def _cache_key(job: Job, options: dict[str, Any]) -> str:
+def cache_key(job: Job, options: dict[str, Any]) -> str:
     assert job.local is not None
     return score_key(model_fingerprint(job.local), job.shard, {**options, "device": job.device.type})
 
@@ -145,7 +150,7 @@ class ScorerFactory:
         job = self.job
         key = None
         if self.cache is not None:
-            key = _cache_key(job, {"batch_size": self.batch_size, "pairwise": pairwise, "dtype": str(self.dtype)})
+            key = cache_key(job, {"batch_size": self.batch_size, "pairwise": pairwise, "dtype": str(self.dtype)})
         work, keyed = self._work_dir(key)
         scorer = SimilarityScorer(job.source, job.shard, batch_size=self.batch_size, pairwise=pairwise,
                                   rescore=rescore, work_dir=work, progress=self.progress)
@@ -156,7 +161,7 @@ class ScorerFactory:
                                    info={"model": job.spec, "calibration": job.shard.describe()})
             self.cached.append(wrapped)
         if job.env.is_distributed:
-            wrapped = AllReduceScorer(wrapped, job.calib.describe(), job.device)
+            wrapped = AllReduceScorer(wrapped, job.calib.describe(), job.sums)
         return wrapped
 
     def cleanup(self, success: bool) -> None:
@@ -204,10 +209,10 @@ def width_collector(job: Job, *, scorer: str, batch_size: int, dtype: str, offlo
                                 keep_weights=keep_weights, progress=progress and job.env.is_main)
     collector: Any = inner
     if use_cache and job.local is not None:
-        key = _cache_key(job, {"kind": "width", "batch_size": batch_size, "dtype": str(dtype), "weights": keep_weights})
+        key = cache_key(job, {"kind": "width", "batch_size": batch_size, "dtype": str(dtype), "weights": keep_weights})
         collector = CachedWidthCollector(collector, ScoreCache(), key,
                                          info={"model": job.spec, "calibration": job.shard.describe()})
     if job.env.is_distributed:
-        collector = AllReduceCollector(collector, job.device)
+        collector = AllReduceCollector(collector, job.sums)
     return collector, inner
 

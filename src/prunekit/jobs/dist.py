@@ -21,7 +21,9 @@ import torch.distributed as dist
 
 from prunekit.data import CalibrationData, token_hash
 from prunekit.drop.similarity import SimilarityAccumulator, SimilarityScores
+from prunekit.engine.sums import Sums, totalled
 from prunekit.errors import DataError, DeviceError, DistributedError
+from prunekit.width.stats import WidthStats
 
 
 @dataclass(frozen=True)
@@ -122,19 +124,9 @@ def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.cpu()
 
 
-def all_reduce_accumulator(acc: SimilarityAccumulator, device: torch.device) -> SimilarityAccumulator:
-    """A new accumulator holding the sums over all ranks (`acc` itself is left as this rank's)."""
-    out = SimilarityAccumulator(acc.num_layers, acc.pair is not None)
-    for name in ("block", "attn", "mlp", "tokens", "pair"):
-        mine = getattr(acc, name)
-        if mine is not None:
-            getattr(out, name).copy_(all_reduce_sum(mine, device))
-    return out
-
-
 class AllReduceSums:
-    """`compress`'s data parallel `Sums`: each rank takes its whole batches of every calibration part (a short
-    held-out part may leave a rank none) and the float64 sums are all-reduced, so every rank searches on
+    """The data parallel `engine.sums.Sums`: each rank takes its whole batches of every calibration part (a
+    short held-out part may leave a rank none) and the float64 sums are all-reduced, so every rank works on
     the same totals and chooses the same model."""
 
     def __init__(self, env: DistEnv, device: torch.device, batch_size: int):
@@ -150,39 +142,29 @@ class AllReduceSums:
 
 
 class AllReduceScorer:
-    """Wraps a scorer that sees this rank's shard: every `score` all-reduces its sums (every rank gets the
-    global scores, so iterative dropping picks the same module everywhere)."""
+    """Wraps a scorer that sees this rank's shard: every `score` totals its sums over the ranks (every rank
+    gets the global scores, so iterative dropping picks the same module everywhere)."""
 
-    def __init__(self, inner: Any, calibration: dict[str, Any], device: torch.device):
+    def __init__(self, inner: Any, calibration: dict[str, Any], sums: Sums):
         self.inner = inner
         self.calibration = calibration
-        self.device = device
+        self.sums = sums
         self.acc: SimilarityAccumulator | None = None
 
     def score(self, start_layer: int = 0) -> SimilarityScores:
         self.inner.score(start_layer)
-        self.acc = all_reduce_accumulator(self.inner.acc, self.device)
+        self.acc = totalled(self.inner.acc, self.sums.total)
         return self.acc.result(self.calibration)
 
 
 class AllReduceCollector:
-    """Wraps a `width.WidthCollector` that sees this rank's shard: every `collect` all-reduces the squared
-    sums and token counts, so every rank plans the same widths. The weight columns are the same on every
-    rank (same weights) and are left alone."""
+    """Wraps a `width.WidthCollector` that sees this rank's shard: every `collect` totals its statistics over
+    the ranks, so every rank plans the same widths."""
 
-    def __init__(self, inner: Any, device: torch.device):
+    def __init__(self, inner: Any, sums: Sums):
         self.inner = inner
-        self.device = device
+        self.sums = sums
 
     def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring",
-                widths: Any = None) -> dict[int, Any]:
-        stats = self.inner.collect(attn=attn, mlp=mlp, desc=desc, widths=widths)
-        # Same layers and parts on every rank (same model), so the collectives pair up in this order.
-        for i in sorted(stats):
-            for part in ("attn", "mlp"):
-                acc = getattr(stats[i], part)
-                if acc is None:
-                    continue
-                acc.sums.copy_(all_reduce_sum(acc.sums, self.device))
-                acc.tokens = int(all_reduce_sum(torch.tensor([acc.tokens]), self.device).item())
-        return stats
+                widths: Any = None) -> WidthStats:
+        return totalled(self.inner.collect(attn=attn, mlp=mlp, desc=desc, widths=widths), self.sums.total)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunekit.drop import CRITERIA, llm_drop
+from prunekit.drop import CRITERIA, choose_drops
 from prunekit.errors import PlanError
 from prunekit.io.outputs import input_paths, prepare_output
 from prunekit.jobs.common import scoring_job
@@ -13,6 +13,7 @@ from prunekit.jobs.repair import loss_states, repair_job
 from prunekit.plans import PruningPlan
 from prunekit.repair import REPAIRS, check_repairable
 from prunekit.save import save
+from prunekit.surgery import apply_plan
 
 
 def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: bool = False,
@@ -36,10 +37,11 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
         if repair == "linear":
             check_repairable(ad)
         with loss_states(job.streamed and criterion != "cosine", offload_dir) as work:
-            plan = llm_drop(ad.model, ad, job.calib, target=target, n=n,  # type: ignore[arg-type]
-                            consecutive=consecutive, iterative=iterative, batch_size=batch_size,
-                            progress=progress, source=str(model), make_scorer=factory, criterion=criterion,
-                            prefilter=prefilter, layers=job.source, work_dir=work)
+            plan = choose_drops(ad.model, ad, job.calib, target=target, n=n,  # type: ignore[arg-type]
+                                consecutive=consecutive, iterative=iterative, batch_size=batch_size,
+                                progress=progress, source=str(model), make_scorer=factory, criterion=criterion,
+                                prefilter=prefilter, layers=job.source, work_dir=work)
+        apply_plan(ad, plan)
     # Repair and save outside the process group's block: only rank 0 does them, with no collectives.
     if not job.env.is_main:
         return None

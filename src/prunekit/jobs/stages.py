@@ -104,7 +104,7 @@ def run_compress(o: CompressOptions, dest: Target, progress: bool) -> Summary | 
                           samples=o.samples, seq_len=o.seq_len, batch_size=o.batch_size, criterion=o.criterion,
                           repair=o.repair, dtype=o.dtype, device=o.device, stream=o.stream,
                           offload_dir=o.offload_dir, progress=progress, correct=o.correct,
-                          probe_samples=o.probe_samples)
+                          probe_samples=o.probe_samples, use_cache=o.use_cache)
     if result is None:
         return None
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)

@@ -20,6 +20,7 @@ from prunekit.adapters import ModelAdapter
 from prunekit.data import CalibrationData
 from prunekit.engine.runner import FiniteCheck, LayerRunner, Observer
 from prunekit.engine.sources import LayerSource, as_source
+from prunekit.engine.sums import CONSTANT
 from prunekit.plans import LayerWidth
 from prunekit.width.importance import SquaredSums, weight_columns
 
@@ -38,13 +39,52 @@ class LayerActivations:
     mlp_weight: torch.Tensor | None = None
 
 
+class WidthStats(dict[int, LayerActivations]):
+    """`LayerActivations` by layer index: `engine.sums.Summable`, so totals over processes and the cache
+    need no knowledge of its fields. Names are "<layer>.<attn|mlp>.<sums|tokens>" and the weight columns
+    (the same in every process) "const:<layer>.<part>.weight"; a layer with neither part keeps an empty
+    marker so the layer set round-trips."""
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, st in self.items():
+            out[f"{i}.present"] = torch.zeros(0, dtype=torch.float64)
+            for part in ("attn", "mlp"):
+                acc = getattr(st, part)
+                if acc is None:
+                    continue
+                out[f"{i}.{part}.sums"] = acc.sums.detach().to("cpu", torch.float64).contiguous()
+                out[f"{i}.{part}.tokens"] = torch.tensor([float(acc.tokens)], dtype=torch.float64)
+                w = getattr(st, f"{part}_weight")
+                if w is not None:
+                    out[f"{CONSTANT}{i}.{part}.weight"] = w.detach().to("cpu", torch.float64).contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "WidthStats":
+        stats = cls()
+        for i in sorted({int(k.removeprefix(CONSTANT).split(".")[0]) for k in tensors}):
+            st = LayerActivations()
+            for part in ("attn", "mlp"):
+                sums = tensors.get(f"{i}.{part}.sums")
+                if sums is None:
+                    continue
+                acc = SquaredSums(sums.shape[0])
+                acc.sums.copy_(sums)
+                acc.tokens = int(tensors[f"{i}.{part}.tokens"][0])
+                setattr(st, part, acc)
+                setattr(st, f"{part}_weight", tensors.get(f"{CONSTANT}{i}.{part}.weight"))
+            stats[i] = st
+        return stats
+
+
 class WidthCollector(Protocol):
     """Gathers `LayerActivations` for every layer of the model as it is now. `widths` are the current kept
     widths as ORIGINAL indices (what `width_prune` has cut so far); an in-memory model is already narrowed
     and ignores them, a streamed one needs them to cut each layer as it reads it from the files."""
 
     def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring",
-                widths: Mapping[int, LayerWidth] | None = None) -> dict[int, LayerActivations]: ...
+                widths: Mapping[int, LayerWidth] | None = None) -> WidthStats: ...
 
 
 def watch_layer(adapter: ModelAdapter, layer: nn.Module, pending: dict[str, torch.Tensor], *, attn: bool = True,
@@ -93,7 +133,7 @@ class WidthStatsObserver(Observer):
     def __init__(self, adapter: ModelAdapter, *, attn: bool = True, mlp: bool = True, keep_weights: bool = False):
         self.adapter = adapter
         self.attn, self.mlp, self.keep_weights = attn, mlp, keep_weights
-        self.stats: dict[int, LayerActivations] = {}
+        self.stats = WidthStats()
         self._pending: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
@@ -128,7 +168,7 @@ class ActivationCollector:
         self.check = check_overflow
 
     def collect(self, *, attn: bool = True, mlp: bool = True, desc: str = "width scoring",
-                widths: Mapping[int, LayerWidth] | None = None) -> dict[int, LayerActivations]:
+                widths: Mapping[int, LayerWidth] | None = None) -> WidthStats:
         self.source.set_widths(dict(widths or {}))
         obs = WidthStatsObserver(self.source.adapter, attn=attn, mlp=mlp, keep_weights=self.keep_weights)
         self.runner.run([FiniteCheck(), obs] if self.check else [obs], start_layer=0, desc=desc)
