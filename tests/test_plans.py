@@ -10,6 +10,7 @@ import shutil
 from typing import Any, Callable
 
 import pytest
+import torch
 from conftest import random_calib, tiny_model
 
 from prunekit.adapters import get_adapter
@@ -295,3 +296,30 @@ def test_cli_compare_and_heal_refuse_a_bad_plan_at_once(tiny_checkpoint, tmp_pat
         assert out.out == ""
     assert not (tmp_path / "report").exists() and not (tmp_path / "healed").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad", "tiny-llama", "text.txt"])
+
+
+def test_a_model_that_has_the_plans_structure_is_not_cut_again(tmp_path):
+    """Whether a plan is already applied is told from the modules (`surgery.carries`), not from a record on
+    the model object: a reloaded pruned checkpoint (whose layers were renumbered by the drop of a whole
+    block and whose layers were narrowed) takes its own plan again unchanged, its original takes it as the
+    first time, and the plan's structure is recognised only on the pruned model."""
+    from conftest import tiny_tokenizer
+
+    from prunekit.io.checkpoint import load_model, save_checkpoint
+    from prunekit.surgery import apply_plan, carries
+
+    base = tiny_model("llama")
+    plan = PruningPlan(dropped=[DropTarget(0, "block"), DropTarget(2, "attn")], method="test",
+                       widths={1: LayerWidth(heads=[0, 1], kv_heads=[0], channels=list(range(0, 128, 4)))},
+                       model={"num_hidden_layers": get_adapter(base).num_layers})
+    assert not carries(get_adapter(base), plan)
+    apply_plan(get_adapter(base), plan)
+    x = random_calib(2, 12).input_ids
+    with torch.no_grad():
+        want = base(input_ids=x).logits
+    reloaded, _ = load_model(save_checkpoint(base, tiny_tokenizer(), tmp_path / "pruned", plan), tokenizer=False)
+    ad = get_adapter(reloaded)
+    assert carries(ad, plan) and ad.num_layers == plan.model["num_hidden_layers"] - 1
+    apply_plan(ad, plan)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=x).logits, want)

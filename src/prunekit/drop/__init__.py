@@ -3,9 +3,9 @@
 end to end (`llm_drop`)."""
 
 from prunekit.drop.choose import TARGETS, Target, candidates, check_n, plan_drops
-from prunekit.drop.llm_drop import CRITERIA, llm_drop, model_info, plan_from_scores, score_model
+from prunekit.drop.llm_drop import CRITERIA, choose_drops, llm_drop, model_info, plan_from_scores, score_model
 from prunekit.drop.scorer import SimilarityObserver, SimilarityScorer
 from prunekit.drop.similarity import SimilarityAccumulator, SimilarityScores
 
 __all__ = ["CRITERIA", "TARGETS", "SimilarityAccumulator", "SimilarityObserver", "SimilarityScorer", "SimilarityScores",
-           "Target", "candidates", "check_n", "llm_drop", "model_info", "plan_drops", "plan_from_scores", "score_model"]
+           "Target", "candidates", "check_n", "choose_drops", "llm_drop", "model_info", "plan_drops", "plan_from_scores", "score_model"]

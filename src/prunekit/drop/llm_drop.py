@@ -47,13 +47,23 @@ def score_model(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
                             progress=progress).score()
 
 
-def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, target: Target, n: int,
-             consecutive: bool = False, iterative: bool = False, batch_size: int = 4, progress: bool = True,
-             source: str | None = None, make_scorer: Callable[[bool, bool], Any] | None = None,
-             criterion: str = "cosine", prefilter: int | None = 8, layers: LayerSource | None = None,
-             work_dir: Path | None = None) -> PruningPlan:
-    """Choose what to drop and drop it: `model` is pruned in place (`surgery.apply_plan`) when this returns,
-    and the returned plan rebuilds the same model from a fresh copy of the original.
+def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, **options: Any) -> PruningPlan:
+    """Choose what to drop (`choose_drops`, same options) and drop it (`surgery.apply_plan`): `model` is pruned
+    in place when this returns, and the returned plan rebuilds the same model from a fresh copy of the
+    original."""
+    plan = choose_drops(model, adapter, calib, **options)
+    apply_plan(adapter, plan)
+    return plan
+
+
+def choose_drops(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *, target: Target, n: int,
+                 consecutive: bool = False, iterative: bool = False, batch_size: int = 4, progress: bool = True,
+                 source: str | None = None, make_scorer: Callable[[bool, bool], Any] | None = None,
+                 criterion: str = "cosine", prefilter: int | None = 8, layers: LayerSource | None = None,
+                 work_dir: Path | None = None) -> PruningPlan:
+    """The LLM-Drop plan for `model`: what to drop, chosen by redundancy. The model keeps all its layers; an
+    iterative choice leaves the chosen sub-layers replaced by stand-ins (each re-score sees the model
+    without them), which `surgery.apply_plan` then completes.
 
     `make_scorer(pairwise, rescore)` builds the scorer (anything with `score(start_layer=0)`, like
     `SimilarityScorer`): the layer-streamed, cached and data-parallel scorers plug in here; default: an
@@ -89,7 +99,6 @@ def llm_drop(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData, *,
     plan = _plan(dropped, scores, calib, info, target=target, n=n, consecutive=consecutive, iterative=iterative,
                  batch_size=batch_size, history=history)
     plan.options.update(extra)
-    apply_plan(adapter, plan)
     return plan
 
 

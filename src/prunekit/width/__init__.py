@@ -47,8 +47,9 @@ the layers that lost most), so the total stays within m/2 of the target. Interme
 
 Width pruning edits the model in place and returns a `PruningPlan` whose `widths` hold kept indices into the
 ORIGINAL layers (composed across shots), so `surgery.apply_plan(plan)` on a fresh copy of the original
-model rebuilds the same model (and `apply_plan` on the already narrowed model changes nothing, see
-`surgery.widths`). Layer keys are the model's layer indices at the time of the call (layers whose attention
+model rebuilds the same model (and `apply_plan` on the already narrowed model changes nothing: it has the
+plan's structure, `surgery.carries`). Each shot's statistics are taken on the model as narrowed so far, so
+this method cuts as it goes (with the surgery's own `apply_widths`) rather than proposing a plan first. Layer keys are the model's layer indices at the time of the call (layers whose attention
 or MLP was already removed are skipped for that sub-layer).
 """
 

@@ -12,7 +12,7 @@ from torch import nn
 from prunekit.adapters import ModelAdapter
 from prunekit.data import CalibrationData
 from prunekit.plans import LayerWidth, PruningPlan
-from prunekit.surgery import apply_plan, apply_widths, count_parameters, refresh_config
+from prunekit.surgery import apply_widths, count_parameters, refresh_config
 from prunekit.width.importance import Scorer, get_scorer
 from prunekit.width.ranking import (
     LayerUnits,
@@ -113,7 +113,6 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
         calibration=calib.describe(),
         model=model_info,
     )
-    apply_plan(adapter, plan)  # already narrowed: this records the plan and refreshes the config
     return plan
 
 
