@@ -571,7 +571,8 @@ def test_compress_statistics_are_cached_and_an_interrupted_run_resumes(tiny_chec
                                                                        monkeypatch):
     """Every statistics pass (the dense model's, and each round's) is kept in the score cache: a run killed in
     its second pass, started again, takes the first from the cache and computes only the second; a third run
-    computes none; all three give the same checkpoint, tensor for tensor, as a run without the cache."""
+    computes none; all three give the same checkpoint, tensor for tensor, as a run without the cache. Another
+    budget takes the dense model's pass from the cache too."""
     from safetensors.torch import load_file
 
     import prunekit.compress.search as search
@@ -599,6 +600,8 @@ def test_compress_statistics_are_cached_and_an_interrupted_run_resumes(tiny_chec
     passes[:] = []
     again = compress_job(str(ck), tmp_path / "again", **opts)
     assert passes == [] and again is not None
+    compress_job(str(ck), tmp_path / "other-budget", **{**opts, "budget": "params=0.85"})
+    assert passes == ["compress statistics, round 2"]  # the dense model's pass serves every budget
     want = load_file(str(tmp_path / "ref" / "model.safetensors"))
     for out in ("resumed", "again"):
         got = load_file(str(tmp_path / out / "model.safetensors"))

@@ -33,6 +33,7 @@ The search counts the passes over the fit part as it runs them (`_Search.fit_pas
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -193,6 +194,12 @@ class _Search:
         """Where a pass's hidden states wait: on disk for a streamed model, in RAM for a resident one."""
         return Path(tempfile.mkdtemp(dir=self.spill)) if self.src.resumable else None
 
+    def step(self, name: str) -> str:
+        """A statistics pass's name for the store: the model it is taken on follows from the search's options
+        and the step reached (the dense model's pass, "dense", depends on neither)."""
+        o = self.opts
+        return json.dumps([name, o.budget.describe(), o.rounds, o.multiple_of, o.criterion, o.probe_samples])
+
     def collect(self, desc: str, step: str) -> CompressStats:
         """The statistics of the model as edited now (`step` names it for the store)."""
         kept = self.store.get(step) if self.store is not None else None
@@ -305,7 +312,7 @@ class _Search:
                 # Emptied, not just replaced: the caller's reference would otherwise keep two sets of Grams
                 # alive (or on disk) while the next ones are taken.
                 stats.release()
-                stats = self.collect(f"compress statistics, round {r + 1}", f"{name} round {r}/{rounds}")
+                stats = self.collect(f"compress statistics, round {r + 1}", self.step(f"{name} round {r}/{rounds}"))
         m.reset()
 
     def corrected(self) -> Candidate:

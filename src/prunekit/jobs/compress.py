@@ -119,9 +119,7 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
         job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                        env=env, device=dev, stream=streamed)
         # `search_plan` checks the budget against the model (an impossible one fails) before any pass.
-        store = _stats_store(job, use_cache, {
-            "budget": b.describe(), "rounds": rounds, "multiple_of": multiple_of, "batch_size": batch_size,
-            "criterion": criterion, "probe_samples": probe_samples, "dtype": dtype})
+        store = _stats_store(job, use_cache, {"batch_size": batch_size, "dtype": dtype})
         result = search_plan(job.source, None, job.calib, b, rounds=rounds, multiple_of=multiple_of,
                              batch_size=batch_size, criterion=criterion, progress=progress and env.is_main,
                              source=str(model), sums=job.sums, work_dir=offload_dir, correct=correct,
@@ -138,7 +136,8 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
 
 def _stats_store(job: Job, use_cache: bool, options: dict[str, Any]) -> PassCache | None:
     """The cache of this run's statistics passes: keyed by the model files, this rank's calibration tokens
-    and every option the search's path depends on (a local checkpoint only: its files identify it)."""
+    and the options every pass depends on (the search names each pass by the options its model follows
+    from, so the dense model's pass serves every budget); a local checkpoint only: its files identify it."""
     if not use_cache or job.local is None:
         return None
     return PassCache(ScoreCache(), cache_key(job, {"kind": "compress", **options}), CompressStats, "compress",
