@@ -107,6 +107,18 @@ def test_a_bad_recipe_is_refused_before_any_work(tmp_path, stages, match):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_recipe_of_several_stages_is_refused_under_torchrun(tmp_path, monkeypatch):
+    """Only rank 0 writes a stage's checkpoint, so the next stage could not start on the other ranks: refused
+    with one error before any work (a one-stage recipe, like every CLI command, runs data parallel)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    stages = [{"command": "drop", "options": {"model": "m", "target": "attn", "n": 1}},
+              {"command": "heal", "options": {"model": "@previous"}}]
+    with pytest.raises(OptionError, match="one stage per command"):
+        run_recipe(Recipe.from_data({"stages": stages}, "r"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def _digest(path: Path) -> dict[str, str]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".gguf"))
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}

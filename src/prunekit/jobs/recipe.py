@@ -29,6 +29,7 @@ import yaml
 from prunekit import __version__
 from prunekit.errors import OptionError
 from prunekit.io.outputs import input_paths, prepare_output, scratch_dir, sibling_scratch
+from prunekit.jobs.dist import DistEnv
 from prunekit.jobs.stages import STAGES, Summary
 from prunekit.options import Options
 
@@ -109,6 +110,11 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
     if final_out is None and kinds[-1].output != "json?":
         raise OptionError("the last stage has no output: give --out (or `out:` in the recipe's last stage)")
     _check_chain(recipe)
+    if len(recipe.stages) > 1 and DistEnv.from_env().is_distributed:
+        # Each stage is its own process group and only rank 0 writes, so a later stage on another rank
+        # would not find the checkpoint it starts from.
+        raise OptionError("a recipe of several stages runs in one process; under torchrun run one stage per "
+                          "command (prunekit drop/width/compress ..., or a one-stage recipe)")
     final = None if final_out is None else prepare_output(final_out, force, kind=kinds[-1].output_kind(last.options),
                                                            inputs=_inputs(last.options))
     given = {i: prepare_output(s.out, force, kind=kinds[i].output_kind(s.options), inputs=_inputs(s.options))
