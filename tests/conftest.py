@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _scores_apart(tmp_path_factory):
+    """The statistics the tests cache go to a folder of this session, not the user's cache (every tiny model
+    is new, so its entries would only pile up there); the converted built-in models and prepared data are
+    shared from the user's cache through links, so they are not made again."""
+    user = Path(os.environ.get("PRUNEKIT_CACHE") or os.path.join("~", ".cache", "prunekit")).expanduser()
+    session = tmp_path_factory.mktemp("prunekit-cache")
+    user.mkdir(parents=True, exist_ok=True)
+    for name in ("models", "gguf", "datasets", "tasks", "wheels"):
+        (user / name).mkdir(exist_ok=True)
+        (session / name).symlink_to(user / name)
+    old = os.environ.get("PRUNEKIT_CACHE")
+    os.environ["PRUNEKIT_CACHE"] = str(session)
+    yield
+    if old is None:
+        os.environ.pop("PRUNEKIT_CACHE", None)
+    else:
+        os.environ["PRUNEKIT_CACHE"] = old
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             num_hidden_layers=4, vocab_size=256, max_position_embeddings=512)
