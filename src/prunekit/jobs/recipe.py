@@ -31,8 +31,8 @@ from prunekit.errors import OptionError
 from prunekit.io.outputs import input_paths, prepare_output, scratch_dir, sibling_scratch
 from prunekit.jobs.stages import STAGES, Summary
 from prunekit.options import Options
+from prunekit.plans import RECIPE_FILE
 
-RECIPE_FILE = "prunekit_recipe.yaml"
 PREVIOUS = "@previous"
 
 
