@@ -112,7 +112,8 @@ def front_matter(facts: CardFacts) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if facts.base.name:
         data["base_model"] = facts.base.name
-    data["library_name"] = "transformers" if facts.export is None else "vllm"
+    if facts.export is None:  # an export is served by an engine (vLLM), not loaded by transformers
+        data["library_name"] = "transformers"
     data["pipeline_tag"] = "text-generation"
     data["tags"] = ["prunekit", *(["pruned"] if _pruned(plan) else []), *method_tags(plan),
                     *([facts.export] if facts.export else [])]
@@ -122,7 +123,7 @@ def front_matter(facts: CardFacts) -> dict[str, Any]:
 
 
 def render_card(facts: CardFacts) -> str:
-    """The whole card: front matter, then the sections, then an empty "Measured quality" section."""
+    """The whole card: the front matter, then the sections (a checkpoint's "Measured quality" one still empty)."""
     head = "---\n" + yaml.safe_dump(front_matter(facts), sort_keys=False, allow_unicode=True) + "---\n"
     # An export is measured through the checkpoint it came from: `eval --card` updates prunekit checkpoints only.
     measured = "" if facts.export else measured_section(_NOT_MEASURED)
@@ -564,10 +565,17 @@ def checkpoint_facts(folder: Path, plan: PruningPlan, source: str | Path | None 
                      files=sorted(p.name for p in folder.iterdir()))
 
 
-def write_model_card(folder: Path, plan: PruningPlan, source: str | Path | None = None) -> Path:
-    """Write `folder/README.md` for the checkpoint being saved there (see the module docstring)."""
+def write_model_card(folder: Path, plan: PruningPlan, source: str | Path | None = None) -> Path | None:
+    """Write `folder/README.md` for the checkpoint being saved there (see the module docstring). None for an
+    architecture prunekit has no adapter for (healing takes any causal LM): its shapes cannot be read."""
+    from prunekit.errors import UnsupportedArchitectureError
+
+    try:
+        facts = checkpoint_facts(folder, plan, source)
+    except UnsupportedArchitectureError:
+        return None
     path = folder / CARD_FILE
-    path.write_text(render_card(checkpoint_facts(folder, plan, source)), encoding="utf-8")
+    path.write_text(render_card(facts), encoding="utf-8")
     return path
 
 
