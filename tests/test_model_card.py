@@ -137,6 +137,7 @@ def test_width_card_widths_and_parameters_equal_the_plans(tiny_checkpoint, tmp_p
     front, body = card_of(out)
     check_front_matter(front, ck.name, {"transact"})
     plan = PruningPlan.load(out / PLAN_FILE)
+    assert plan.model["source"] == str(ck)  # the base, named in the plan as drop and compress name it
     assert check_sizes(body, ck, out) == (plan.options["parameters_before"], plan.options["parameters_after"])
     check_drops(body, plan)
     for i, w in plan.widths.items():

@@ -271,7 +271,7 @@ def _how(f: CardFacts) -> str:
     if opts:
         lines += ["", "| option | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in opts.items()]]
     lines += _calibration(plan.calibration)
-    lines += _repair(plan) + _healing(plan)
+    lines += _correction(plan) + _repair(plan) + _healing(plan)
     edits = plan.weight_edits()
     if edits:
         lines += ["", f"The weights also carry {', '.join(edits)}, which `prunekit_plan.json` (the structure) cannot "
@@ -296,6 +296,16 @@ def _calibration(calib: dict[str, Any]) -> list[str]:
     return ["", f"Calibration text: `{calib.get('source', '?')}`, {calib.get('samples', '?')} sequences of "
                 f"{calib.get('seq_len', '?')} tokens ({_n(calib['tokens']) if 'tokens' in calib else '?'} tokens); "
                 f"sha256 of the token ids: `{calib.get('sha256', '?')}`."]
+
+
+def _correction(plan: PruningPlan) -> list[str]:
+    corr = plan.options.get("correction")
+    if not isinstance(corr, dict) or not corr.get("applied"):
+        return []
+    what = "KL from the base model" if plan.options.get("criterion") == "kl" else "loss"
+    return ["", "**Error correction**: the kept projections were refitted once more to the base model's outputs, "
+                f"from the inputs the pruned model itself computes; it lowered the held-out calibration {what} from "
+                f"{corr['check_value_uncorrected']:.4f} to {corr['check_value']:.4f}."]
 
 
 def _repair(plan: PruningPlan) -> list[str]:
