@@ -198,7 +198,7 @@ def compare(models: Sequence[str], out_dir: str | Path, opts: CompareOptions, *,
     for spec in models:
         check_model_spec(spec)
         _plan_of(spec)  # a bad plan or bad scores fail now, not after every model was evaluated
-    card_row = None if card is None else _card_row(models, card)
+    card_row = None if card is None else _card_row(models, card)  # before the measuring
     dest = prepare_output(out_dir, force, inputs=input_paths(*models, opts.text, opts.calib, opts.task_dir))
     with atomic_dir(dest) as out:
         report = _compare(models, out, opts)
