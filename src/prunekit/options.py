@@ -390,6 +390,9 @@ class EvalOptions(Model):
     limit: int | None = opt(None, parse=positive_int, check=at_least(1),
                             help="at most this many examples per task (quick runs)")
     seed: int = opt(1234, parse=int, help="seed for lm-eval and the benchmark inputs (default 1234)")
+    card: bool = opt(False, kind="store_true",
+                     help="also write the results into the 'Measured quality' section of the model's card (its "
+                          "README.md; the model must be a prunekit checkpoint folder)")
 
     def task_list(self) -> list[str]:
         return [t.strip() for t in (self.tasks or "").split(",") if t.strip()]

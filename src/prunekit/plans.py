@@ -22,6 +22,8 @@ from prunekit.errors import PlanError
 
 Module = Literal["attn", "mlp", "block"]
 PLAN_FILE = "prunekit_plan.json"
+# The recipe saved beside the plan (`prunekit.jobs.recipe`), read back by the model card.
+RECIPE_FILE = "prunekit_recipe.yaml"
 PLAN_FORMAT = 1
 MODULES: tuple[str, ...] = ("attn", "mlp", "block")
 WIDTH_FIELDS: tuple[str, ...] = ("heads", "kv_heads", "channels")

@@ -160,7 +160,7 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path | T
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        write_companions(tmp, tokenizer, _save_configs(pruned.model, tmp), plan)
+        write_companions(tmp, tokenizer, _save_configs(pruned.model, tmp), plan, source=src_dir)
         if extras is not None:
             extras(tmp)
         pause_point("saving")

@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
                        description="Perplexity = exp(mean NLL) over non-overlapping windows of held-out text "
                                    "(the second half of the source).")
     add_options(p, EvalOptions)
-    add_json(p)
+    add_json(p, required=False)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="prefill/decode speed, peak memory and KV-cache bytes",
@@ -46,6 +46,9 @@ def register(sub: Any) -> None:
     p.add_argument("pruned", nargs="+", help="pruned checkpoints (or any other models) to compare")
     p.add_argument("--out", required=True, help="output directory for the report")
     add_force(p, "--out")
+    p.add_argument("--card", default=None, metavar="DIR",
+                   help="one of the pruned checkpoints: write its results beside the base model's into the "
+                        "'Measured quality' section of its model card (DIR/README.md)")
     p.add_argument("--text", default="wiki", help="perplexity text (default wiki; second half used)")
     p.add_argument("--windows", type=positive_int, default=10, help="perplexity windows (default 10)")
     p.add_argument("--window-len", type=positive_int, default=1024, help="perplexity window length (default 1024)")
@@ -76,6 +79,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           seed=args.seed, contexts=args.context, new_tokens=args.new_tokens, batch=args.batch,
                           repeats=args.repeats, bench=not args.no_bench, interleave=not args.no_interleave,
                           calib=args.calib, device=args.device, dtype=args.dtype, progress=progress(args))
-    compare([args.base, *args.pruned], args.out, opts, force=args.force)
+    compare([args.base, *args.pruned], args.out, opts, force=args.force, card=args.card)
     say((Path(args.out) / "report.md").read_text())
-    return emit({"out": str(args.out), "report": str(Path(args.out) / "report.md")})
+    card = {"card": str(Path(args.card) / "README.md")} if args.card else {}
+    return emit({"out": str(args.out), "report": str(Path(args.out) / "report.md"), **card})

@@ -24,12 +24,14 @@ from prunekit import __version__
 from prunekit.adapters import get_adapter
 from prunekit.data import calibration_data, eval_windows, token_hash
 from prunekit.drop import SimilarityScores, score_model
+from prunekit.errors import CheckpointError
 from prunekit.evaluation.bench import analytic_kv_bytes, benchmark, merge_rounds
 from prunekit.evaluation.perplexity import attention_layers, decode_flops_per_token, model_summary, perplexity
 from prunekit.evaluation.report import human_bytes, markdown_table, pyplot, save_figure, similarity_heatmap
 from prunekit.evaluation.zeroshot import evaluate_tasks
 from prunekit.io.checkpoint import check_model_spec, load_model, resolve_model_path
 from prunekit.io.files import weight_bytes
+from prunekit.io.model_card import check_card_folder, compare_quality, update_measured_quality
 from prunekit.io.outputs import atomic_dir, input_paths, prepare_output
 from prunekit.plans import PruningPlan, checkpoint_plan
 
@@ -188,16 +190,31 @@ def _plots(rows: list[dict[str, Any]], out: Path, scores: SimilarityScores | Non
 
 
 def compare(models: Sequence[str], out_dir: str | Path, opts: CompareOptions, *,
-            force: bool = False) -> dict[str, Any]:
+            force: bool = False, card: str | Path | None = None) -> dict[str, Any]:
     """Measure every model with the same data and settings; write report.md/report.json/plots to out_dir (all
     or nothing; every model and the output folder are checked before the first is measured; an existing
-    out_dir is replaced only with `force`)."""
+    out_dir is replaced only with `force`). `card`: one of the pruned models (a prunekit checkpoint folder) whose
+    model card gets the results beside the base model's ("Measured quality")."""
     for spec in models:
         check_model_spec(spec)
         _plan_of(spec)  # a bad plan or bad scores fail now, not after every model was evaluated
+    card_row = None if card is None else _card_row(models, card)  # before the measuring
     dest = prepare_output(out_dir, force, inputs=input_paths(*models, opts.text, opts.calib, opts.task_dir))
     with atomic_dir(dest) as out:
-        return _compare(models, out, opts)
+        report = _compare(models, out, opts)
+    if card is not None and card_row is not None:
+        update_measured_quality(card, compare_quality(report, card_row))
+    return report
+
+
+def _card_row(models: Sequence[str], card: str | Path) -> int:
+    """The row of `card` among the compared models (not the base, row 0), checked before any measuring."""
+    folder = check_card_folder(card).resolve()
+    for i, spec in enumerate(models[1:], 1):
+        if Path(resolve_model_path(spec)).resolve() == folder:
+            return i
+    raise CheckpointError(f"--card {card} is not one of the pruned models compared; give one of them "
+                          "(the base model is the first)")
 
 
 def _compare(models: Sequence[str], out: Path, opts: CompareOptions) -> dict[str, Any]:

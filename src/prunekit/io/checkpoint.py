@@ -1,7 +1,7 @@
 """Loading models (built-in names, local checkpoints, hub ids) and saving pruned checkpoints atomically.
 
 A saved checkpoint is physically smaller (removed weights are gone from the safetensors), carries its
-tokenizer and `prunekit_plan.json`, and loads with plain transformers: a homogeneous result through its
+tokenizer, `prunekit_plan.json` and a model card (`README.md`, `io.model_card`), and loads with plain transformers: a homogeneous result through its
 stock config, a heterogeneous one through `modeling_prunekit.py` (copied in, imports only torch and
 transformers) with `trust_remote_code=True`, or through `prunekit.load_model` without remote code. A
 heterogeneous config.json is sealed (`config_edit.sealed_config`: model_type `prunekit_<stock>`), so plain
@@ -34,6 +34,7 @@ from prunekit.io import config_edit
 from prunekit.io.assets import BUILTIN_MODELS, builtin_model_dir
 from prunekit.io.config_edit import REMOTE_MODULE, RemoteClasses
 from prunekit.io.files import read_index
+from prunekit.io.model_card import write_model_card
 from prunekit.io.outputs import Target, atomic_dir, input_paths
 from prunekit.plans import PLAN_FILE, PruningPlan
 
@@ -222,15 +223,19 @@ def remote_code_source(remote: RemoteClasses) -> str:
     )
 
 
-def write_companions(folder: Path, tokenizer: Any, remote: RemoteClasses | None, plan: PruningPlan | None) -> None:
+def write_companions(folder: Path, tokenizer: Any, remote: RemoteClasses | None, plan: PruningPlan | None, *,
+                     source: str | Path | None = None) -> None:
     """Everything a checkpoint carries beside its weights and config: the tokenizer, the remote-code loader
-    (heterogeneous checkpoints: `remote`, as `config_edit.seal_config_file` returned it) and the plan."""
+    (heterogeneous checkpoints: `remote`, as `config_edit.seal_config_file` returned it), the plan, and with a plan
+    the model card (`io.model_card`; `source`: the folder the model was loaded from, its base when the plan does
+    not name one). Called by every checkpoint writer, inside its temporary folder."""
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if remote is not None:
         (folder / f"{REMOTE_MODULE}.py").write_text(remote_code_source(remote))
     if plan is not None:
         plan.save(folder / PLAN_FILE)
+        write_model_card(folder, plan, source)
 
 
 def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path | Target, plan: PruningPlan | None = None,
@@ -241,7 +246,8 @@ def save_checkpoint(model: nn.Module, tokenizer: Any, out: str | Path | Target, 
     loaded_from = input_paths(getattr(model, "name_or_path", None) or None)
     with atomic_dir(out, force, inputs=loaded_from) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        write_companions(tmp, tokenizer, config_edit.seal_config_file(tmp / "config.json"), plan)
+        write_companions(tmp, tokenizer, config_edit.seal_config_file(tmp / "config.json"), plan,
+                         source=getattr(model, "name_or_path", None) or None)
         if extras is not None:
             extras(tmp)
         pause_point("saving")

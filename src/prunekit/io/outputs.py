@@ -299,15 +299,16 @@ def _parents_made(path: Path) -> Iterator[None]:
 
 @contextmanager
 def atomic_dir(out: str | Path | Target, force: bool = False, *, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
-    """A temporary sibling folder to write into; published to `out` (with the target's companion files) when the
-    block completes, removed when it raises (KeyboardInterrupt included)."""
+    """A temporary sibling folder to write into, holding the target's companion files already; published to
+    `out` when the block completes, removed when it raises (KeyboardInterrupt included)."""
     target = prepare_output(out, force, kind="dir", inputs=inputs)
     with _parents_made(target.path):
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.path, "tmp"), dir=target.path.parent))
         try:
-            yield tmp
+            # Companions first, so that what the block writes (a checkpoint's model card) can read them.
             for name, text in target.companions:
                 (tmp / name).write_text(text, encoding="utf-8")
+            yield tmp
             publish(tmp, target)
         finally:
             if tmp.exists():

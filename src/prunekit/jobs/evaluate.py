@@ -14,17 +14,21 @@ from prunekit.evaluation.perplexity import model_summary, perplexity
 from prunekit.evaluation.zeroshot import check_tasks, evaluate_tasks
 from prunekit.io.checkpoint import load_model, resolve_model_path
 from prunekit.io.files import weight_bytes
+from prunekit.io.model_card import check_card_folder, eval_quality, update_measured_quality
 from prunekit.jobs.dist import check_device
 
 
 def eval_job(model: str, *, text: str | Path = "wiki", windows: int = 10, window_len: int = 1024,
              batch_size: int = 1, tasks: Sequence[str] = (), task_dir: str | Path | None = None,
              limit: int | None = None, seed: int = 1234, dtype: str = "float32", device: str = "cpu",
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, card: bool = False) -> dict[str, Any]:
     """Perplexity over `windows` non-overlapping `window_len`-token windows of the evaluation half of `text`,
     parameter count and KV-cache bytes per token, and (with `tasks`) lm-eval's zero-shot results under
-    `"zeroshot"`; `disk_bytes` for a local checkpoint folder."""
+    `"zeroshot"`; `disk_bytes` for a local checkpoint folder. `card`: also put them into the "Measured quality"
+    section of the model's card (a prunekit checkpoint folder; its path is returned under `"card"`)."""
     check_device(device)
+    if card:
+        check_card_folder(model)
     tasks = list(tasks)
     check_tasks(tasks, task_dir=task_dir)  # before the perplexity run, not after it
     lm, tok = load_model(model, dtype=dtype, device=device)
@@ -37,6 +41,8 @@ def eval_job(model: str, *, text: str | Path = "wiki", windows: int = 10, window
     local = Path(str(model))
     if local.is_dir():
         result["disk_bytes"] = weight_bytes(local)
+    if card:
+        result["card"] = str(update_measured_quality(model, eval_quality(result, dtype=dtype)))
     return result
 
 

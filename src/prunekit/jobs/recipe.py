@@ -32,8 +32,8 @@ from prunekit.io.outputs import input_paths, prepare_output, scratch_dir, siblin
 from prunekit.jobs.dist import DistEnv
 from prunekit.jobs.stages import STAGES, Summary
 from prunekit.options import Options
+from prunekit.plans import RECIPE_FILE
 
-RECIPE_FILE = "prunekit_recipe.yaml"
 PREVIOUS = "@previous"
 
 

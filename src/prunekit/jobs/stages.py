@@ -146,20 +146,24 @@ def run_export(o: ExportOptions, dest: Target, progress: bool) -> Summary:
     return {"out": str(out), "format": o.format, "quant": o.quant}
 
 
-def run_eval(o: EvalOptions, dest: Target, progress: bool) -> Summary:
+def run_eval(o: EvalOptions, dest: Target | None, progress: bool) -> Summary:
+    from prunekit.errors import OptionError
     from prunekit.io.outputs import write_json
     from prunekit.jobs.evaluate import eval_job
 
+    if dest is None and not o.card:
+        raise OptionError("eval writes its results to --json, to the model card (--card), or both; give one")
     tasks = o.task_list()
     result = eval_job(o.model, text=o.text, windows=o.windows, window_len=o.window_len, batch_size=o.batch_size,
                       tasks=tasks, task_dir=o.task_dir, limit=o.limit, seed=o.seed, dtype=o.dtype, device=o.device,
-                      progress=progress)
-    write_json(result, dest)
+                      progress=progress, card=o.card)
+    if dest is not None:
+        write_json(result, dest)
     summary = {k: result[k] for k in ("perplexity", "params", "kv_bytes_per_token")}
     if tasks:
         summary["tasks"] = {name: {"acc": t["acc"], "acc_stderr": t["acc_stderr"], "n": t["n"]}
                             for name, t in result["zeroshot"]["tasks"].items()}
-    return {"json": str(dest), **summary}
+    return {"json": None if dest is None else str(dest), **({"card": result["card"]} if o.card else {}), **summary}
 
 
 def run_bench(o: BenchOptions, dest: Target | None, progress: bool) -> Summary:
@@ -182,6 +186,6 @@ STAGES: dict[str, StageKind] = {
     "compress": StageKind(CompressOptions, run_compress, "checkpoint"),
     "heal": StageKind(HealOptions, run_heal, "checkpoint"),
     "export": StageKind(ExportOptions, run_export, "export"),
-    "eval": StageKind(EvalOptions, run_eval, "json"),
+    "eval": StageKind(EvalOptions, run_eval, "json?"),
     "bench": StageKind(BenchOptions, run_bench, "json?"),
 }

@@ -37,7 +37,7 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
             plan = width_prune(ad.model, ad, job.calib, mlp_keep=mlp_keep, heads_keep=heads_keep, mode=mode,  # type: ignore[arg-type]
                                shots=shots, scorer=scorer, head_mode=head_mode,  # type: ignore[arg-type]
                                min_layer_keep=min_layer_keep, multiple_of=multiple_of, batch_size=batch_size,
-                               progress=progress and env.is_main, collector=collector)
+                               progress=progress and env.is_main, collector=collector, source=str(model))
         finally:
             inner.cleanup()  # the hidden states; width runs resume from the cache, not from them
         if env.is_main:

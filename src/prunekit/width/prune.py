@@ -48,8 +48,10 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
                 shots: int = 8, scorer: str = "activation", head_mode: HeadMode = "kv-groups",
                 min_layer_keep: float = 0.1, multiple_of: int = 64, batch_size: int = 4,
                 between_shots: Callable[[nn.Module, int], None] | None = None,
-                progress: bool = True, collector: WidthCollector | None = None) -> PruningPlan:
+                progress: bool = True, collector: WidthCollector | None = None,
+                source: str | None = None) -> PruningPlan:
     """Narrow `model` in place to the kept widths and return the plan (kept indices into the original layers).
+    `source`: how the run named the model, recorded in the plan (as `llm_drop` does).
 
     `mlp_keep` / `heads_keep`: a float ratio (0 < r <= 1) of each layer's width or an int count per layer
     (see the module docstring for what `heads_keep` counts in each `head_mode`); None leaves that part alone.
@@ -64,7 +66,7 @@ def width_prune(model: nn.Module, adapter: ModelAdapter, calib: CalibrationData,
                         head_mode=head_mode, min_layer_keep=min_layer_keep, multiple_of=multiple_of)
     dims = build_dims(adapter, mlp_keep, heads_keep, head_mode, mode, min_layer_keep, multiple_of)
     layers = adapter.layers()
-    model_info = _model_info(adapter)
+    model_info = {"source": source, **_model_info(adapter)}
     params_before = count_parameters(model)
     origins = _Origins.of(adapter)
     ranker = _Ranker(adapter, get_scorer(scorer), mode, multiple_of)
