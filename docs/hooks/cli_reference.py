@@ -71,7 +71,8 @@ def _command(name: str, parser: argparse.ArgumentParser, help_line: str, options
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
             continue
-        lines.append(f"| {_flags(action)} | {_default(action)} | {_cell(action.help or '')} |")
+        help_text = parser._get_formatter()._expand_help(action) if action.help else ""  # as --help prints it
+        lines.append(f"| {_flags(action)} | {_default(action)} | {_cell(help_text)} |")
     return lines + [""]
 
 
