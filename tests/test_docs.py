@@ -113,6 +113,23 @@ def test_every_readme_command_exists_with_the_flags_shown():
         parser.parse_args(argv[2:])  # the whole line parses (values of the right type and choice)
 
 
+def test_every_flag_the_docs_show_exists():
+    parsers = _subparsers()
+    pages = [p for p in (ROOT / "docs").rglob("*.md") if p.name != "cli.md"]
+    checked = 0
+    for page in pages:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+            for line in block.splitlines():
+                words = line.split("#", 1)[0].split()
+                if len(words) < 2 or words[0] != "prunekit":
+                    continue
+                known = {s for a in parsers[words[1]]._actions for s in a.option_strings}
+                checked += 1
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(words[2:])):
+                    assert flag in known, f"{page.name}: prunekit {words[1]} has no {flag}"
+    assert checked >= 10
+
+
 def test_every_command_in_the_readme_table_links_to_its_reference():
     text = README.read_text()
     for name in _subparsers():
