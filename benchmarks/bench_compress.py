@@ -1,5 +1,5 @@
-"""`compress` against the single-method baselines at the same removed parameters (issue: at 10% and 20% removed,
-compress reaches at most 0.7x the perplexity of the best baseline, on SmolLM2 and Gemma-3-270m, no training).
+"""`compress` against the single-method baselines at the same removed parameters (target: at 10% and 20% removed,
+at most 0.7x the perplexity of the best baseline, with no training).
 
 Everything is calibrated on the first half of c4 (`--samples` x 512 tokens, default compress's own default) and
 measured on held-out wiki windows (its second half, never seen in calibration). Baselines, one-shot from one LLM-Drop scoring pass:

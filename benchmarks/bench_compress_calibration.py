@@ -2,7 +2,7 @@
 
 `compress` refits every kept output projection by least squares from its input Gram, so it depends on the
 amount of calibration text more than the choosing-only commands do. This runs `compress --budget
-params=0.8` on SmolLM2 with 16 x 512 tokens (2 rounds, the earlier default), 16 x 512 with 4 rounds, and
+params=0.8` on SmolLM2 with 16 x 512 tokens (2 rounds, the other commands' default), 16 x 512 with 4 rounds, and
 64 x 512 (2 rounds), all from c4's calibration half, and measures perplexity on 10 x 1024 tokens of LAMBADA
 (lambada_openai test passages, novels: in no built-in text, used for no other decision or table here),
 which decides the default, and, for the record, on wiki's evaluation half. Writes

@@ -1,5 +1,5 @@
-"""`prunekit compress --stream` against the same command in memory (issue: compress "works with --stream like
-the other jobs"). Each run is a separate process, exactly `prunekit compress MODEL --budget B` (default
+"""`prunekit compress --stream` against the same command in memory: the streamed search must choose the same
+model with the same weights. Each run is a separate process, exactly `prunekit compress MODEL --budget B` (default
 calibration: c4's calibration half, 16 x 512 tokens) with `--no-stream` or `--stream`, so that its own peak RSS
 and wall time are measured. Then both checkpoints are loaded and compared: the chosen candidate and plan, every
 candidate's held-out check loss, the largest logit difference on a held-out window, and wiki perplexity on the

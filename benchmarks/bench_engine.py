@@ -44,7 +44,8 @@ from prunekit.export.gguf import gguf_arch
 from prunekit.plans import DropTarget, LayerWidth, PruningPlan
 from prunekit.surgery import apply_plan
 
-# The issue's goals, for variants with at least MIN_REMOVED of the weights gone, at the largest context.
+# The targets, for variants with at least MIN_REMOVED of the weights gone, at the largest context: decode at least
+# DECODE_GOAL of the ideal (bytes) ratio, prefill at least PREFILL_GOAL of the FLOP ratio.
 MIN_REMOVED, DECODE_GOAL, PREFILL_GOAL = 0.20, 0.90, 0.80
 
 
@@ -183,7 +184,7 @@ def rows(samples: dict, costs: dict[tuple[str, str], EngineCosts], info: dict, n
 
 
 def goals(runs: list[dict], top: int) -> list[dict]:
-    """The issue's check, per >= 20%-removed variant at the largest context."""
+    """The targets' check, per >= 20%-removed variant at the largest context."""
     out = []
     for r in runs:
         if r["variant"] == "dense" or r["context"] != top or r["removed"] < MIN_REMOVED:

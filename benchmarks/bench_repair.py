@@ -1,4 +1,4 @@
-"""Training-free linear repair (issue: it must improve attention drop 8 and block drop 4 on SmolLM2).
+"""Training-free linear repair (target: it improves attention drop 8 and block drop 4 on SmolLM2).
 
 One LLM-Drop scoring pass on the calibration text (first half of c4), the one-shot plans for each row,
 then held-out perplexity (second half of wiki, never seen in calibration) of the dropped model without and

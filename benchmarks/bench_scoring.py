@@ -1,4 +1,4 @@
-"""Scoring cost vs one plain forward pass (issue: scoring must cost at most 1.2x a forward).
+"""Scoring cost vs one plain forward pass (target: scoring costs at most 1.2x a forward).
 
 LLM-Drop scoring runs the decoder over the calibration tokens once, with hooks that accumulate float64
 cosine sums; the reference is a plain `model(input_ids)` forward (with the LM head) over the same tokens

@@ -27,13 +27,11 @@ up).
 Input maps (`input_ridge`, off by default): before a sub-layer's output projection is refitted, a [d, d] map
 M = argmin sum_t ||M x_t - x_dense_t||^2 + lam ||M - I||^2 from the pruned input of its input projections to
 the dense one can be merged into them (W -> W M), so that q/k/v (gate/up) read what they read in the dense
-model. Two more passes per layer. On SmolLM2 at params=0.8 they did not help (`INPUT_RIDGE` says how much).
+model. Two more passes per layer; off by default, because the output refit already absorbs what a linear map
+of the input can see.
 
-Measured before it was built in (SmolLM2 at params=0.8, wiki's calibration half, selection perplexity 40.13
-without): ridge 1e-3 gave 40.63 (fits the calibration text too closely), 0.1 gave 39.27, 1.0 gave 39.10; a
-bias term added nothing (39.16). On Gemma-3-270m (uniform MLP width 1216 of 2048 with the least-squares
-refit, 8 calibration sequences, wiki's calibration half): 77.11 uncorrected, 73.93 corrected, 76.14 with only
-the MLPs refitted, 75.82 at ridge 0.1.
+The ridge is strong (1.0 times the mean Gram diagonal) because a weaker one fits the calibration text rather
+than the dense model; the selection runs behind both choices are in docs/decisions.md ("compress").
 """
 
 from __future__ import annotations
@@ -56,8 +54,7 @@ from prunekit.width.importance import masked_rows
 
 RIDGE = 1.0
 # The input maps' ridge, relative to the mean diagonal of the pruned inputs' Gram; None: no input maps (the
-# default: on SmolLM2 at params=0.8 they gave check perplexity 54.60 / 55.06 / 55.85 at ridge 1 / 0.1 / 0.01
-# against 54.58 without, for 55% more correction time; benchmarks/bench_correct_inputs.py).
+# default: they cost two more passes per layer and the held-out check does not improve; docs/decisions.md).
 INPUT_RIDGE: float | None = None
 PARTS = ("attn", "mlp")
 

@@ -4,8 +4,8 @@ curves rescaled to agree with it.
 A curve's errors (`curves`) are second-order estimates taken at the sub-layer's own output: they say well how
 the refit stands in locally, but not what the layers above make of the change (through attention, the norms,
 Gemma 3's post-norms). The allocation trades one sub-layer's error against another's, so it is their relative
-scale that matters, and that is what goes wrong: on Gemma-3-270m at params=0.9 the per-layer widths the
-estimate chose checked at 200.7 perplexity against uniform width's 149.2. A probe cuts one sub-layer alone to
+scale that matters, and that is what goes wrong when a model's layers amplify a change differently (Gemma 3's
+per-layer widths; docs/decisions.md). A probe cuts one sub-layer alone to
 one count (refitted, as a candidate is), runs the layers from there up over a few fit sequences (their inputs
 remembered, the top layer probed first so that each probe re-runs only the layers above it) and reads the
 loss increase; each curve is then rescaled so that it passes through its probe. What a probe cannot see is

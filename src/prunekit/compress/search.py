@@ -73,20 +73,13 @@ __all__ = ["CORRECTED", "CRITERIA", "DEFAULT_PROBE_SAMPLES", "DEFAULT_SAMPLES", 
            "OneProcess", "Sums", "check_criterion", "compress", "memory_estimate", "plan_for"]
 
 # Calibration sequences (of 512 tokens) `prunekit compress` takes by default: more than the other commands'
-# 16, because it fits as well as it chooses. Every kept projection is refitted by least squares from the
-# Grams, and 12 fitting sequences (6k tokens) are few beside a 1536-wide MLP's Gram. Measured on SmolLM2 at
-# params=0.8 and judged on LAMBADA, a text used for no reported number: 64 sequences gave LAMBADA
-# perplexity 72.8 against 88.1 with 16, at 3.5x the time (385 s vs 110 s). 128 sequences of a mix
-# (c4:2,technical:1,tiny:1) gave 65.5 (wiki 46.25 against 46.81) at 1.7x the time and twice the memory for
-# hidden states; the same mix at 64 gave 67.0 but wiki 47.86 (README, "More and other calibration text").
+# 16, because it fits as well as it chooses: every kept projection is refitted by least squares from the
+# Grams, and 12 fitting sequences (6k tokens) are few beside a 1536-wide MLP's Gram (docs/decisions.md).
 DEFAULT_SAMPLES = 64
 # Fit sequences the probes of `compress.measure` run over (`--probe-samples`); 8 when asked for: each probe is
 # a partial pass over them, and there is one per sub-layer, so few (a loss difference on the same tokens is
-# far less noisy than either loss). Off by default: measured on both models, at 8, they cost 25-50% more
-# time and the chosen model got no better (SmolLM2 params=0.8: the best measured candidate checked 57.16
-# against 55.93; Gemma-3-270m params=0.9: 132.67 against 135.93 before the correction, but that one did
-# not take the correction and ended at 81.93 on wiki against 68.99), though they did fix the per-layer
-# widths' scale on Gemma (`width` 200.68 -> 132.93).
+# far less noisy than either loss). Off by default: they add a pass per sub-layer and the held-out check
+# already catches a misjudged scale (docs/decisions.md).
 DEFAULT_PROBE_SAMPLES = 0
 # Passes over the fit part: the statistics (a forward, a re-run and a backward), LLM-Drop's cosine scores (one
 # forward), an error correction (the dense model once and the pruned one three times).
@@ -317,8 +310,8 @@ class _Search:
 
     def corrected(self) -> Candidate:
         """The best `CORRECTED` candidates, each with every kept projection refitted against the dense residual
-        stream (`compress.correct`), a candidate of its own: the correction can change their order (Gemma-3-270m
-        at params=0.9: the best one checked 2.4% ahead of the next before it, 21% behind after it). Returns the
+        stream (`compress.correct`), a candidate of its own: the correction can change their order, so the best
+        uncorrected candidate is not always the best corrected one (docs/decisions.md). Returns the
         best of them all, written when it is a corrected one (else the model is dense again)."""
         ranked = self.tried.ranked()[:CORRECTED]
         # The best last: its correction, the likeliest winner, is the one left written.

@@ -10,9 +10,8 @@ g_t the gradient of the summed calibration loss with respect to that projection'
 
 Where the projection's output passes through an RMS norm before the residual add (Gemma 3), g_t is taken
 with the norm's rms held fixed (`postnorm`): the true gradient there is orthogonal to each token's own
-output (the norm undoes a change of size), the same linearisation as the error correction's. Measured on
-Gemma-3-270m it moved the estimated cost of a drop by 0.19x to 19x but did not change which drops the
-search prefers (README).
+output (the norm undoes a change of size), the same linearisation as the error correction's. Without it the
+estimate would price a change of the output's size that the norm removes.
 
 Under the Kronecker (K-FAC) approximation E[(g'Rx)^2] ~ tr(F R G R') / T, the loss increase of replacing the
 projection's weight W by W + R is about tr(F R G R') / (2T): one number per candidate that compares sub-layers

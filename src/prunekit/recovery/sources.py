@@ -49,9 +49,8 @@ GEN_BATCH = 32
 
 def default_samples(sources: list[TextSource], *, steps: int, batch_size: int, seq_len: int) -> int:
     """Text windows when `--samples` is not given: as many as the run reads (`steps` x `batch_size`, less the
-    teacher:N windows), so no window is seen twice; repeating a few windows many times fits the student to
-    them rather than to the teacher (SmolLM2, 64 c4 windows read 6.25 times: training KL 0.48 -> 0.09,
-    held-out perplexity stuck at 1.19x dense). At least one per text source."""
+    teacher:N windows), so no window is seen twice: repeating a few windows many times fits the student to
+    them rather than to the teacher (docs/decisions.md, "Healing"). At least one per text source."""
     teacher_rows = sum((s.teacher_tokens or 0) // seq_len for s in sources)
     texts = sum(s.teacher_tokens is None for s in sources)
     return max(steps * batch_size - teacher_rows, texts, 1)

@@ -118,9 +118,8 @@ def method_name(teacher: bool, alpha: float, lora: int | None, hidden_weight: fl
 
 Teacher = nn.Module | TeacherLogitsCache
 
-# The defaults were chosen on calibration-half windows that no run trains on (benchmarks/bench_heal_recipe.py,
-# 16 steps): 2e-4 beat 5e-5 for every loss, and the equal CE + KD mix ranked first with a teacher. The full
-# 204,800-token run on held-out halves agreed (benchmarks/results/heal_lr2e-4.json vs heal_mix.json).
+# A short run needs a rate high enough to move every weight in a few hundred steps; the causal-LM half keeps
+# the student on real text where the teacher is unsure. Chosen on windows no run trains on (docs/decisions.md).
 DEFAULT_LR = 2e-4
 TEACHER_ALPHA = 0.5
 

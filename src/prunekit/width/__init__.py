@@ -22,11 +22,9 @@ max(1, ceil(min_layer_keep * original units)). Scores are normalised per layer b
 dividing by the *median* unit score of that layer in the unpruned model (taken at the first shot and kept
 for later shots). Why: raw activation norms differ by orders of magnitude between layers (the residual
 stream grows with depth), so unnormalised ranking strips whole layers; the mean is dominated by the few
-outlier channels LLMs have in some layers, which makes every other channel of such a layer look negligible
-(on SmolLM2-135M, MLP keep 75% one-shot: wiki perplexity 87.7 with mean vs 82.0 with median, 8 x 128
-calibration tokens, 4 x 256 eval tokens); and a reference re-taken after each shot drifts up in layers
-already pruned hard (their weakest units are gone), so they keep losing units shot after shot (4 shots:
-about 80 re-taken vs 75.1 fixed). With only a few units per layer (e.g. 3 KV groups) the median is the
+outlier channels LLMs have in some layers, which makes every other channel of such a layer look negligible;
+and a reference re-taken after each shot drifts up in layers already pruned hard (their weakest units are
+gone), so they keep losing units shot after shot (docs/decisions.md, "TransAct"). With only a few units per layer (e.g. 3 KV groups) the median is the
 middle unit, which makes a one-shot per-layer plan close to uniform.
 
 Shots. The target is reached in `shots` steps on a geometric schedule (each shot removes about the same
