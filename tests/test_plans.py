@@ -323,3 +323,15 @@ def test_a_model_that_has_the_plans_structure_is_not_cut_again(tmp_path):
     apply_plan(ad, plan)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=x).logits, want)
+
+
+def test_api_names_that_are_also_submodules_stay_callable():
+    """`prunekit.save` and `prunekit.compress` name both a function of the API and a submodule; importing the
+    submodules (as the jobs do) must not turn `prunekit.save(...)` into "'module' object is not callable"."""
+    import prunekit
+    import prunekit.jobs  # noqa: F401  (imports prunekit.save and prunekit.compress)
+
+    with pytest.raises(TypeError, match="missing"):
+        prunekit.save()
+    with pytest.raises(TypeError, match="missing"):
+        prunekit.compress()

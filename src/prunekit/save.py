@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+from prunekit._callable import call_as
 from prunekit.engine.sources import LayerSource, ResidentLayers
 from prunekit.engine.streamed import StreamedLayers
 from prunekit.errors import CheckpointError
@@ -208,3 +209,6 @@ def _checkpoint_dtype(path: Path) -> torch.dtype:
     if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
     return CheckpointFiles(path).first_float_dtype() or torch.float32
+
+
+call_as(__name__, save)  # `prunekit.save(...)` calls `save` even once this module is the package attribute

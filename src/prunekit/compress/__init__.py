@@ -10,6 +10,7 @@ search), `scorer` (the held-out check of a candidate), `memory` (what the search
 table and plot).
 """
 
+from prunekit._callable import call_as
 from prunekit.compress.allocate import FAMILIES
 from prunekit.compress.budget import BUDGET_KEYS, Budget, parse_budget
 from prunekit.compress.editable import EditableModel
@@ -28,3 +29,5 @@ from prunekit.compress.search import (
 __all__ = ["BUDGET_KEYS", "DEFAULT_PROBE_SAMPLES", "DEFAULT_SAMPLES", "FAMILIES", "Budget", "CompressResult",
            "EditableModel", "check_criterion", "compress", "cut", "memory_estimate", "parse_budget", "search_plan",
            "write_pareto"]
+
+call_as(__name__, compress)  # `prunekit.compress(...)` calls `compress` even once this package is the attribute
