@@ -31,6 +31,7 @@ from prunekit.evaluation.zeroshot import evaluate_tasks
 from prunekit.io.checkpoint import check_model_spec, load_model, resolve_model_path
 from prunekit.io.files import weight_bytes
 from prunekit.io.outputs import atomic_dir, input_paths, prepare_output
+from prunekit.jobs.dist import check_device
 from prunekit.plans import PruningPlan, checkpoint_plan
 
 
@@ -192,6 +193,7 @@ def compare(models: Sequence[str], out_dir: str | Path, opts: CompareOptions, *,
     """Measure every model with the same data and settings; write report.md/report.json/plots to out_dir (all
     or nothing; every model and the output folder are checked before the first is measured; an existing
     out_dir is replaced only with `force`)."""
+    check_device(opts.device)
     for spec in models:
         check_model_spec(spec)
         _plan_of(spec)  # a bad plan or bad scores fail now, not after every model was evaluated
