@@ -156,10 +156,16 @@ def test_device_free_memory_is_the_cuda_allocators(monkeypatch):
 
     asked: list = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (asked.append(d), (123 << 20, 80 << 30))[1])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 0)
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 << 50)  # the host's: not what is used
     assert memory.device_free_bytes(torch.device("cuda", 1)) == 123 << 20
     assert asked == [torch.device("cuda", 1)]
     assert memory.device_free_bytes(torch.device("cpu")) == 1 << 50
+    # Blocks the caching allocator keeps after tensors were freed are this process's to reuse.
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 5 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 2 << 30)
+    assert memory.device_free_bytes(torch.device("cuda", 1)) == (123 << 20) + (3 << 30)
 
 
 def test_should_stream_compares_the_weights_with_the_gpus_free_memory(tiny_checkpoint, monkeypatch):
