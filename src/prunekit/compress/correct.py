@@ -120,10 +120,8 @@ class _LeastSquares(Observer):
         self.tt = 0.0
 
     def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        # Products in at least float32 (a bfloat16 Gram loses the fit), summed in float64 where the layer runs.
-        wide = torch.promote_types(x.dtype, torch.float32)
-        x, t = x.to(wide), t.to(wide)
-        g, c = (x.T @ x).double(), (x.T @ t).double()
+        # Summed where the layer runs (`masked_rows` gave float64 rows); `solved` takes them to the CPU once.
+        g, c = x.T @ x, x.T @ t
         self.gram = g if self.gram is None else self.gram + g
         self.cross = c if self.cross is None else self.cross + c
         self.tt += float((t * t).sum())
