@@ -22,8 +22,9 @@ Sections (each guarded: a failure or a timeout is recorded in the JSON and the n
   layer-streamed scoring's peak device memory against one layer + the head + the embedding + the
   calibration states; `compress --budget params=0.8` (small calibration) wall time and peak device memory
   against prunekit's own estimate (`compress.memory_estimate`). The on-disk checkpoint that streaming and
-  compress read has `--scale-layers` layers of the full shape (the peak does not depend on the depth, and an
-  8B compress keeps 55 GB of float64 Grams, beyond the device machine's disk).
+  compress read has `--scale-layers` layers of the full shape: the peak does not depend on the depth, and all
+  32 layers' float64 Grams (55 GB) exceed compress's share of the device machine's memory, so they would
+  spill to its 64 GB disk beside a 16 GB checkpoint.
 * speed, on the same model in memory: `bench` of the dense model and of the model with its 8 most redundant
   attention layers dropped (LLM-Drop), prefill and decode tokens/s.
 
@@ -547,7 +548,7 @@ def scale_on_disk(size: str, device: torch.device, dtype: torch.dtype, tok: Any,
                           batch_size=s["batch_size"], dtype=dtype_name, device=str(device), stream=True,
                           use_cache=False, progress=False)
         assert r is not None and r.streamed
-        near = est["layer"] + est["head"] + embed + 2 * states
+        near = est["layer"] + est["head"] + embed + 2 * states  # a layer's inputs and outputs, every batch
         return {"layer_bytes": est["layer"], "head_bytes": est["head"], "embed_bytes": embed, "states_bytes": states,
                 "expected_bytes": near, "peak_over_expected": _grown(peak) / near,
                 "whole_model_bytes": checkpoint_bytes(ck, dtype_name), **peak}
