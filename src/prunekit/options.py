@@ -47,6 +47,15 @@ def fraction(v: float) -> str | None:
     return None if 0 <= v < 1 else "must be at least 0 and below 1"
 
 
+def present_device(name: str) -> str | None:
+    """None for a device this machine has; a missing GPU or a mistyped name raises `DeviceError` with its own
+    sentence, so every command refuses it before any model is loaded."""
+    from prunekit.jobs.dist import check_device  # torch, only once options are validated
+
+    check_device(name)
+    return None
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -171,7 +180,7 @@ class Model(Options):
     model: str = opt(help=MODEL_HELP, kind="positional")
     dtype: str = opt("float32", help="weights dtype for loading and computing (default float32)",
                      choices=("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"))
-    device: str = opt("cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    device: str = opt("cpu", check=present_device, help="torch device, e.g. cpu or cuda (default cpu)")
 
 
 CALIB_HELP = (f"calibration text: {TEXT_HELP}; or several, mixed by weight, e.g. c4:2,technical:1 (default c4; "

@@ -117,7 +117,8 @@ class _LeastSquares(Observer):
         self.tt = 0.0
 
     def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        g, c = (x.T @ x).cpu(), (x.T @ t).cpu()
+        # Summed where the layer runs (`masked_rows` gave float64 rows); `solved` takes them to the CPU once.
+        g, c = x.T @ x, x.T @ t
         self.gram = g if self.gram is None else self.gram + g
         self.cross = c if self.cross is None else self.cross + c
         self.tt += float((t * t).sum())
@@ -127,7 +128,7 @@ class _LeastSquares(Observer):
         """`solve` on the sums totalled over processes."""
         assert self.gram is not None and self.cross is not None
         tt = float(total(torch.tensor([self.tt], dtype=torch.float64))[0])
-        return solve(total(self.gram), total(self.cross), tt, w0, ridge)
+        return solve(total(self.gram.cpu()), total(self.cross.cpu()), tt, w0, ridge)
 
 
 class _FitSums(_LeastSquares):
@@ -216,7 +217,9 @@ class _InputSums(_LeastSquares):
 def solve(gram: torch.Tensor, cross: torch.Tensor, tt: float, w0: torch.Tensor,
           ridge: float) -> tuple[torch.Tensor, float, float]:
     """(new [d, c] weight of the kept columns, relative residual of `w0`, of the new weight): the ridge
-    least-squares fit towards `w0` ([d, c]) from the sums of `_FitSums`."""
+    least-squares fit towards `w0` ([d, c]) from the sums of `_FitSums`, solved where the sums are (the CPU)
+    and returned on `w0`'s device."""
+    dev, w0 = w0.device, w0.to(gram.device)
     lam = ridge * float(torch.diagonal(gram).mean().clamp_min(1e-30))
     eye = torch.eye(len(gram), dtype=gram.dtype)
     w = torch.linalg.solve(gram + lam * eye, cross + lam * w0.T).T
@@ -224,7 +227,7 @@ def solve(gram: torch.Tensor, cross: torch.Tensor, tt: float, w0: torch.Tensor,
     def residual(v: torch.Tensor) -> float:  # ||X v' - T||^2 / ||T||^2 from the sums
         return float(tt - 2 * (v * cross.T).sum() + (v @ gram * v).sum()) / max(tt, 1e-30)
 
-    return w, residual(w0), residual(w)
+    return w.to(dev), residual(w0), residual(w)
 
 
 @dataclass
@@ -318,4 +321,4 @@ def _map_inputs(pruned: LayerRunner, source: LayerSource, s: Sublayer,
     m, out.inputs_before[s], out.inputs_after[s] = sums.solved(eye, ridge, total)
     for name in weights:
         w = source.read(name)
-        source.write(name, (w.detach().to(torch.float64) @ m).to(w.dtype))
+        source.write(name, (w.detach().to(torch.float64) @ m.to(w.device)).to(w.dtype))

@@ -60,6 +60,12 @@ def _ridge(st: SublayerStats, alive_cols: torch.Tensor, ridge: float) -> float:
     return ridge * float(torch.diagonal(st.gram)[alive_cols].mean().clamp_min(1e-30))
 
 
+def _on_stats(st: SublayerStats, weight: torch.Tensor) -> torch.Tensor:
+    """The weight in float64 where the statistics are (the CPU): the weights may live on a GPU."""
+    assert st.gram is not None
+    return weight.detach().to(st.gram.device, torch.float64)
+
+
 def _ordered_gram(st: SublayerStats, cols: torch.Tensor, lam: float) -> torch.Tensor:
     return st.gram[cols][:, cols] + lam * torch.eye(len(cols), dtype=st.gram.dtype)
 
@@ -81,7 +87,7 @@ def obs_order(st: SublayerStats, weight: torch.Tensor, alive: list[int], cols_pe
     cols = unit_columns(alive, cols_per_unit)
     h = torch.cholesky_inverse(torch.linalg.cholesky(_ordered_gram(st, cols, _ridge(st, cols, ridge))))
     e, u = torch.linalg.eigh(st.fisher)
-    v = (u * e.clamp_min(0).sqrt()).T @ weight.detach().to(torch.float64)[:, cols]  # [d, n cols]
+    v = (u * e.clamp_min(0).sqrt()).T @ _on_stats(st, weight)[:, cols]  # [d, n cols]
     rest = list(alive)  # the units still in, in the order of h's and v's column blocks
     removed: list[int] = []
     step = max(chunk, math.ceil(len(alive) / MAX_STEPS)) if cols_per_unit == 1 else 1
@@ -126,7 +132,7 @@ def error_curve(st: SublayerStats, weight: torch.Tensor, alive: list[int], cols_
         order = [alive[j] for j in torch.argsort(strength, descending=True, stable=True).tolist()]
     cols = unit_columns(order, cols_per_unit)
     chol = torch.linalg.cholesky(_ordered_gram(st, cols, _ridge(st, cols, ridge)))
-    m = chol.T @ weight.detach().to(torch.float64)[:, cols].T  # [in, d]
+    m = chol.T @ _on_stats(st, weight)[:, cols].T  # [in, d]
     row_err = ((m @ st.fisher) * m).sum(1)
     suffix = torch.flip(torch.cumsum(torch.flip(row_err, [0]), 0), [0]).tolist() + [0.0]
     ks = keep_options(len(order), step)
@@ -139,7 +145,7 @@ def refit(st: SublayerStats, weight: torch.Tensor, alive: list[int], kept: list[
     the output the current weight gives with all `alive` units (ridge towards the current weights)."""
     all_cols = unit_columns(alive, cols_per_unit)
     keep_cols = unit_columns(kept, cols_per_unit)
-    w = weight.detach().to(torch.float64)
+    w = _on_stats(st, weight)
     lam = _ridge(st, all_cols, ridge)
     g = _ordered_gram(st, keep_cols, lam)
     rhs = st.gram[keep_cols][:, all_cols] @ w[:, all_cols].T + lam * w[:, keep_cols].T  # [c, d]

@@ -24,20 +24,25 @@ def memory_estimate(adapter: ModelAdapter, samples: int, seq_len: int) -> dict[s
     three times over (logits, log-softmax, a gradient or float copy); `states`: every layer's input for the
     fit part of the calibration data (kept in RAM for a resident model, on disk for a streamed one); `layer`:
     the largest decoder layer's weights and `head`: the final norm's and LM head's (what a streamed model
-    holds)."""
-    out = dict.fromkeys(("grams", "largest_gram", "fishers", "weights", "logits", "states", "layer", "head"), 0)
+    holds); `layer_stats`: one layer's Grams and Fishers together, which are summed on the device the layer
+    runs on before they go to the CPU."""
+    keys = ("grams", "largest_gram", "fishers", "weights", "logits", "states", "layer", "head", "layer_stats")
+    out = dict.fromkeys(keys, 0)
     itemsize = adapter.dtype().itemsize
-    for proj in output_projections(adapter).values():
+    per_layer: dict[int, int] = {}
+    for (i, _), proj in output_projections(adapter).items():
         gram = 8 * proj.in_features ** 2
         out["grams"] += gram
         out["largest_gram"] = max(out["largest_gram"], gram)
         out["fishers"] += 8 * proj.out_features ** 2
+        per_layer[i] = per_layer.get(i, 0) + gram + 8 * proj.out_features ** 2
         out["weights"] += (1 + CORRECTED) * itemsize * proj.in_features * proj.out_features
     out["logits"] = 3 * 4 * seq_len * adapter.lm_head().out_features
     fit_samples = samples - max(1, samples // 4)  # `split_check`
     out["states"] = fit_samples * seq_len * adapter.hidden_size * adapter.num_layers * itemsize
     out["layer"] = max((_bytes(layer) for layer in adapter.layers()), default=0)
     out["head"] = _bytes(adapter.lm_head()) + _bytes(adapter.final_norm())
+    out["layer_stats"] = max(per_layer.values(), default=0)
     return out
 
 

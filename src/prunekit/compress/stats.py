@@ -113,6 +113,8 @@ class StatsStore(Protocol):
 
 
 def _outer(rows: torch.Tensor) -> torch.Tensor:
+    # In at least float32: a Gram rounded to bfloat16 is not positive definite (its Cholesky fails).
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
     return (rows.T @ rows).to(torch.float64)
 
 
@@ -148,9 +150,11 @@ class _StatsObserver(Observer):
                 continue
             proj = self.adapter.output_projection(layer, part)
             key = (i, part)
+            # Summed where the layer runs, and moved to the CPU once per layer (`end_layer`), not per batch.
+            dev = proj.weight.device
             self.stats.layers[key] = SublayerStats(
-                torch.zeros(proj.in_features, proj.in_features, dtype=torch.float64),
-                torch.zeros(proj.out_features, proj.out_features, dtype=torch.float64))
+                torch.zeros(proj.in_features, proj.in_features, dtype=torch.float64, device=dev),
+                torch.zeros(proj.out_features, proj.out_features, dtype=torch.float64, device=dev))
             st = self.stats.layers[key]
             norm = self.adapter.output_norm(layer, part)
             self.handles.append(proj.register_forward_hook(self._hook(st, fisher=norm is None)))
@@ -165,11 +169,11 @@ class _StatsObserver(Observer):
         def forward(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
             mask = self.mask
             rows = masked_rows(args[0].detach(), mask).to(args[0].dtype)
-            st.gram += _outer(rows).cpu()  # type: ignore[operator]
+            st.gram += _outer(rows)  # type: ignore[operator]
             st.tokens += int(rows.shape[0])
 
             def backward(grad: torch.Tensor) -> None:
-                st.fisher += _outer(masked_rows(grad, mask).to(grad.dtype)).cpu()
+                st.fisher += _outer(masked_rows(grad, mask).to(grad.dtype))
 
             if fisher and out.requires_grad:
                 out.register_hook(backward)
@@ -189,7 +193,7 @@ class _StatsObserver(Observer):
 
             def backward(grad: torch.Tensor) -> None:
                 g = grad.to(r.dtype) * scale.to(grad.device) / r
-                st.fisher += _outer(masked_rows(g, mask).to(grad.dtype)).cpu()
+                st.fisher += _outer(masked_rows(g, mask).to(grad.dtype))
 
             if out.requires_grad:
                 out.register_hook(backward)
@@ -202,7 +206,7 @@ class _StatsObserver(Observer):
         for key in sorted(self.keys):
             st = self.stats.layers[key]
             assert st.gram is not None
-            st.gram, st.fisher = self.total(st.gram), self.total(st.fisher)
+            st.gram, st.fisher = self.total(st.gram.cpu()), self.total(st.fisher.cpu())
             st.tokens = int(self.total(torch.tensor([float(st.tokens)], dtype=torch.float64))[0])
             if self.spill is not None:
                 st.gram_file = self.spill / f"gram-{key[0]:05d}-{key[1]}.pt"

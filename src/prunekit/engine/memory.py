@@ -12,10 +12,13 @@ from prunekit.io.limits import available_memory_bytes
 
 
 def device_free_bytes(device: torch.device) -> int:
-    """Free memory of an accelerator device, or the host's available memory for the CPU."""
+    """Free memory of a CUDA device as this process can use it, or the host's available memory for the CPU:
+    what the driver reports free plus the blocks PyTorch's caching allocator holds but no tensor uses (they
+    count as used for the driver, yet this process gets them first)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
     return available_memory_bytes()
 
 

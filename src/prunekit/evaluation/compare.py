@@ -33,6 +33,7 @@ from prunekit.io.checkpoint import check_model_spec, load_model, resolve_model_p
 from prunekit.io.files import weight_bytes
 from prunekit.io.model_card import check_card_folder, compare_quality, update_measured_quality
 from prunekit.io.outputs import atomic_dir, input_paths, prepare_output
+from prunekit.jobs.dist import check_device
 from prunekit.plans import PruningPlan, checkpoint_plan
 
 
@@ -195,6 +196,7 @@ def compare(models: Sequence[str], out_dir: str | Path, opts: CompareOptions, *,
     or nothing; every model and the output folder are checked before the first is measured; an existing
     out_dir is replaced only with `force`). `card`: one of the pruned models (a prunekit checkpoint folder) whose
     model card gets the results beside the base model's ("Measured quality")."""
+    check_device(opts.device)
     for spec in models:
         check_model_spec(spec)
         _plan_of(spec)  # a bad plan or bad scores fail now, not after every model was evaluated

@@ -65,7 +65,7 @@ def compress_memory(path: str | Path, dtype: str, device: torch.device, samples:
     def needs(streamed: bool) -> tuple[int, int]:
         """(host bytes, device bytes)."""
         held = est["layer"] + est["head"] if streamed else int(weights * STREAM_HEADROOM)
-        on_device = held + est["weights"] + est["logits"]
+        on_device = held + est["weights"] + est["logits"] + (est["layer_stats"] if device.type != "cpu" else 0)
         host = stats + (0 if streamed else est["states"]) + (on_device if device.type == "cpu" else 0)
         return host, on_device
 

@@ -73,11 +73,15 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_device(device: str | torch.device, env: DistEnv) -> torch.device:
-    """`cuda` becomes this rank's GPU (`cuda:LOCAL_RANK`) in a multi-process job."""
+    """`cuda` (or `cuda:LOCAL_RANK`) becomes this rank's GPU, `cuda:LOCAL_RANK`, in a multi-process job. Every
+    rank gets the same `--device`, so any other index would put several ranks on one GPU, which NCCL refuses
+    only after the group has formed: it is one `DeviceError` here instead."""
     dev = check_device(device)
-    if dev.type == "cuda":
-        if dev.index is None and env.is_distributed:
-            dev = torch.device("cuda", env.local_rank)
+    if dev.type == "cuda" and env.is_distributed:
+        if dev.index is not None and dev.index != env.local_rank:
+            raise DeviceError(f"--device {device} under torchrun: each process uses the GPU of its LOCAL_RANK; "
+                              "give --device cuda (and choose the GPUs with CUDA_VISIBLE_DEVICES)")
+        dev = check_device(f"cuda:{env.local_rank}")
     return dev
 
 

@@ -13,6 +13,7 @@ from prunekit.data import parse_text_spec
 from prunekit.errors import RecoveryError
 from prunekit.io.checkpoint import load_model, load_tokenizer, resolve_model_path
 from prunekit.io.outputs import input_paths, prepare_output
+from prunekit.jobs.dist import check_device
 from prunekit.plans import PruningPlan, checkpoint_plan
 from prunekit.recovery import DEFAULT_LR, check_hidden, check_settings, check_teacher, recover
 from prunekit.recovery.distill import check_tokenizers
@@ -38,6 +39,7 @@ def heal_checkpoint(model: str, out: str, *, text: str = "mix", samples: int | N
     the run reads, so none is read twice (`default_samples`). `save_every`: keep resumable training
     state in the sibling folder `state_dir(out)` every that many steps; the same command continues from it.
     `hidden_weight`: also match every layer's residual stream to the teacher's (`recover`)."""
+    check_device(device)
     check_settings(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, alpha=alpha, temperature=temperature,
                    teacher_topk=teacher_topk, lora=lora, save_every=save_every, hidden_weight=hidden_weight)
     if teacher is None and (alpha not in (None, 1.0) or temperature != 1.0 or teacher_topk is not None

@@ -100,9 +100,12 @@ class RepairStats(Observer):
                 self.store.put(f"repair{s}-c-b{b}", masked_rows(after - before, mask))
                 self.store.put(f"repair{s}-r-b{b}", masked_rows(before, mask))
             if span.end[0] == i:
-                c = self.store.get(f"repair{s}-c-b{b}").to(self.cc[s].device)
-                d = masked_rows(_before_after(span.end[1], h_in, h_mid, h_out)[1], mask).to(c.device) - \
+                # Summed where the layers run (no copy of every batch's states to the CPU); `fit_map` solves
+                # on the CPU.
+                c = self.store.get(f"repair{s}-c-b{b}").to(h_in.device)
+                d = masked_rows(_before_after(span.end[1], h_in, h_mid, h_out)[1], mask) - \
                     self.store.get(f"repair{s}-r-b{b}").to(c.device)
+                self.cc[s], self.cd[s] = self.cc[s].to(c.device), self.cd[s].to(c.device)
                 self.cc[s] += c.T @ c
                 self.cd[s] += c.T @ d
                 self.dd[s] += float((d * d).sum())
@@ -112,6 +115,7 @@ class RepairStats(Observer):
 
 def fit_map(cc: torch.Tensor, cd: torch.Tensor, dd: float, ridge: float) -> tuple[torch.Tensor, float]:
     """(T, relative residual ||C T - D||^2 / ||D||^2) of the ridge-to-identity least squares."""
+    cc, cd = cc.cpu(), cd.cpu()
     n = cc.shape[0]
     lam = ridge * float(torch.diagonal(cc).mean())  # scale-free: relative to the carrier's energy
     eye = torch.eye(n, dtype=torch.float64)
@@ -124,6 +128,7 @@ def folded(weight: torch.Tensor, bias: torch.Tensor | None,
            t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The output projection that applies `t` after itself: out = x W' + b  ->  (x W' + b) T, i.e. W -> T'W,
     b -> bT (computed in float64, returned in the weight's dtype)."""
+    t = t.to(weight.device)
     w = (t.T @ weight.to(torch.float64)).to(weight.dtype)
     return w, None if bias is None else (bias.to(torch.float64) @ t).to(bias.dtype)
 
