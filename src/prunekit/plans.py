@@ -24,7 +24,7 @@ Module = Literal["attn", "mlp", "block"]
 PLAN_FILE = "prunekit_plan.json"
 PLAN_FORMAT = 1
 MODULES: tuple[str, ...] = ("attn", "mlp", "block")
-WIDTH_FIELDS: tuple[str, ...] = ("heads", "kv_heads", "channels")
+WIDTH_FIELDS: tuple[str, ...] = ("heads", "kv_heads", "channels", "experts", "shared_channels")
 
 
 @dataclass(frozen=True, order=True)
@@ -39,11 +39,15 @@ class DropTarget:
 @dataclass
 class LayerWidth:
     """Kept indices (into the ORIGINAL layer) of one layer's query heads, KV heads and MLP channels.
-    None means "unchanged"."""
+    None means "unchanged". In a Mixture-of-Experts layer `channels` are every expert's intermediate
+    channels (one width for all experts of the layer), `experts` the kept experts (router rows with them)
+    and `shared_channels` the shared expert's channels (Qwen2-MoE)."""
 
     heads: list[int] | None = None
     kv_heads: list[int] | None = None
     channels: list[int] | None = None
+    experts: list[int] | None = None
+    shared_channels: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -14,6 +14,7 @@ makes it refuse unless `trust_remote_code=True`.
 
 `config.prunekit` holds:
     layers_path, attn, mlp, attn_norms, mlp_norms : module names (written by prunekit's adapter)
+    mlp_fields (optional)                         : config fields an MLP is rebuilt for (default intermediate_size)
     dropped_attn, dropped_mlp                     : layer indices whose sub-layer is gone
     layer_overrides                               : {"<layer>": {config field: value}} for narrowed layers
 """
@@ -120,7 +121,9 @@ def rebuild_narrowed(layer: nn.Module, layer_idx: int, config: Any, overrides: d
         new_attn = type(attn)(cfg, layer_idx)
         setattr(layer, names["attn"], new_attn.to(dtype=_dtype_of(attn)))
     mlp = getattr(layer, names["mlp"])
-    if not isinstance(mlp, DroppedMLP) and "intermediate_size" in overrides:
+    # Mixture-of-Experts adapters name the fields their MLP is built from (expert count and widths).
+    mlp_fields = names.get("mlp_fields", ["intermediate_size"])
+    if not isinstance(mlp, DroppedMLP) and any(k in overrides for k in mlp_fields):
         new_mlp = type(mlp)(cfg)
         setattr(layer, names["mlp"], new_mlp.to(dtype=_dtype_of(mlp)))
 

@@ -1,0 +1,126 @@
+"""Expert surgery, in place: remove whole experts (their slices of the fused tensors and their router rows)
+and narrow every expert of a layer to kept intermediate channels (and a shared expert to its own).
+
+Routing stays valid: top-k never exceeds the experts left, and the family's router code is untouched, so
+its normalisation (softmax over all experts, top k, renormalised or not) applies to the experts that remain.
+With renormalisation, removing an expert a token never picks changes nothing for that token; without it,
+the softmax's denominator loses that expert's share, exactly zero only for an expert whose logit is -inf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunekit.adapters import ModelAdapter
+from prunekit.adapters.moe import MoEAdapter
+from prunekit.errors import PlanError
+from prunekit.plans import LayerWidth
+
+# Integer attributes the families' modules cache: the expert count (router, experts module, block) and top-k.
+_COUNT_ATTRS = ("num_experts", "num_local_experts")
+_TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
+_WIDTH_ATTRS = ("intermediate_dim", "intermediate_size")
+
+
+def is_moe_layer(adapter: ModelAdapter, layer: nn.Module) -> bool:
+    return isinstance(adapter, MoEAdapter) and adapter.is_moe(layer)
+
+
+@dataclass
+class MoEWidth:
+    """Validated kept indices (ascending, current numbering) of one MoE layer; None: unchanged."""
+
+    experts: list[int] | None = None
+    channels: list[int] | None = None
+    shared: list[int] | None = None
+
+
+def _kept(name: str, layer: int, idx: list[int] | None, size: int) -> list[int] | None:
+    """Sorted, checked indices, or None when they keep everything (already narrowed, or a no-op)."""
+    if idx is None or len(idx) == size:
+        return None
+    out = sorted(int(i) for i in idx)
+    if not out:
+        raise PlanError(f"layer {layer}: the plan keeps no {name} (at least one must remain)")
+    if len(set(out)) != len(out):
+        raise PlanError(f"layer {layer}: the plan lists a kept {name.removesuffix('s')} twice")
+    if out[0] < 0 or out[-1] >= size:
+        raise PlanError(f"layer {layer}: kept {name} must lie in 0..{size - 1} (got {out[0]}..{out[-1]})")
+    return out
+
+
+def resolve_moe_width(adapter: MoEAdapter, i: int, layer: nn.Module, w: LayerWidth) -> MoEWidth:
+    shared = adapter.shared_projections(layer)
+    if w.shared_channels is not None and shared is None:
+        raise PlanError(f"the plan narrows the shared expert of layer {i}, which has none")
+    return MoEWidth(
+        experts=_kept("experts", i, w.experts, adapter.num_experts(layer)),
+        channels=_kept("expert channels", i, w.channels, adapter.expert_width(layer)),
+        shared=None if shared is None else _kept("shared-expert channels", i, w.shared_channels,
+                                                 shared[1].out_features),
+    )
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+
+
+def _set_ints(modules: list[nn.Module], names: tuple[str, ...], value: int) -> None:
+    for m in modules:
+        for name in names:
+            if isinstance(getattr(m, name, None), int):
+                setattr(m, name, value)
+
+
+def keep_experts(adapter: MoEAdapter, layer: nn.Module, kept: list[int]) -> None:
+    """Keep experts `kept` (current indices): their fused slices, router rows (and bias); top-k capped."""
+    experts, router = adapter.experts(layer), adapter.router(layer)
+    idx = torch.tensor(kept, device=router.weight.device)
+    for name in (adapter.moe.gate_up, adapter.moe.down):
+        _replace(experts, name, getattr(experts, name).detach().index_select(0, idx.to(getattr(experts, name).device)))
+    for name in ("weight", "bias"):
+        if isinstance(getattr(router, name, None), torch.Tensor):
+            _replace(router, name, getattr(router, name).detach().index_select(0, idx))
+    modules = [adapter.mlp(layer), router, experts]
+    top_k = min(adapter.top_k(layer), len(kept))
+    _set_ints(modules, _COUNT_ATTRS, len(kept))
+    _set_ints(modules, _TOP_K_ATTRS, top_k)
+
+
+def narrow_experts(adapter: MoEAdapter, layer: nn.Module, channels: list[int]) -> None:
+    """Keep intermediate channels `channels` of every expert: gate and up rows of gate_up, columns of down."""
+    experts = adapter.experts(layer)
+    gate_up, down = adapter.expert_tensors(layer)
+    width = down.shape[-1]
+    idx = torch.tensor(channels, device=gate_up.device)
+    _replace(experts, adapter.moe.gate_up, gate_up.detach().index_select(1, torch.cat([idx, idx + width])))
+    _replace(experts, adapter.moe.down, down.detach().index_select(2, idx.to(down.device)))
+    _set_ints([experts], _WIDTH_ATTRS, len(channels))
+
+
+def narrow_shared(adapter: MoEAdapter, layer: nn.Module, channels: list[int]) -> None:
+    """Keep channels `channels` of the shared expert: rows of its gate and up, columns of its down."""
+    projections = adapter.shared_projections(layer)
+    assert projections is not None
+    gate, up, down = projections
+    idx = torch.tensor(channels, device=up.weight.device)
+    for lin in (gate, up):
+        _replace(lin, "weight", lin.weight.detach().index_select(0, idx))
+        lin.out_features = len(channels)
+    _replace(down, "weight", down.weight.detach().index_select(1, idx))
+    down.in_features = len(channels)
+    _set_ints([adapter.shared_expert(layer)], ("intermediate_size",), len(channels))
+
+
+@torch.no_grad()
+def apply_moe_width(adapter: MoEAdapter, layer: nn.Module, w: MoEWidth) -> None:
+    if w.experts is not None:
+        keep_experts(adapter, layer, w.experts)
+    if w.channels is not None:
+        narrow_experts(adapter, layer, w.channels)
+    if w.shared is not None:
+        narrow_shared(adapter, layer, w.shared)
