@@ -29,6 +29,16 @@ def is_moe_layer(adapter: ModelAdapter, layer: nn.Module) -> bool:
     return isinstance(adapter, MoEAdapter) and adapter.is_moe(layer)
 
 
+def check_expert_plan(adapter: ModelAdapter, widths: dict[int, LayerWidth]) -> None:
+    """`PlanError` when a plan keeps experts or shared-expert channels of a model without experts."""
+    moe = isinstance(adapter, MoEAdapter)
+    for i, w in sorted(widths.items()):
+        if not moe and (w.experts is not None or w.shared_channels is not None):
+            raise PlanError(f"the plan keeps experts of layer {i}, but {adapter.spec.family} has no experts")
+        if moe and w.shared_channels is not None and not adapter.moe.shared_expert:  # type: ignore[attr-defined]
+            raise PlanError(f"the plan narrows the shared expert of layer {i}, but {adapter.spec.family} has none")
+
+
 @dataclass
 class MoEWidth:
     """Validated kept indices (ascending, current numbering) of one MoE layer; None: unchanged."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from prunekit.adapters import ModelAdapter
 from prunekit.errors import PlanError
+from prunekit.moe.surgery import check_expert_plan
 from prunekit.plans import PruningPlan, check_layers
 from prunekit.surgery.structure import compact, count_parameters, mark_drops, refresh_config
 from prunekit.surgery.widths import apply_widths
@@ -63,6 +64,7 @@ def apply_plan(adapter: ModelAdapter, plan: PruningPlan, *, structure_only: bool
         raise PlanError(f"this plan's model also carries {', '.join(edits)} in its weights, which a plan does not "
                         f"hold: load the saved checkpoint itself, rebuild it with `prunekit run "
                         f"CHECKPOINT/prunekit_recipe.yaml`, or pass structure_only=True for the pruned structure")
+    check_expert_plan(adapter, plan.widths)
     if not carries(adapter, plan):
         # Before any change: a negative index would silently count from the end, a large one fail halfway.
         check_layers(plan, adapter.num_layers)

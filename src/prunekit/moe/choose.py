@@ -1,0 +1,104 @@
+"""Expert ranking (pure functions of `ExpertStats`) and the plans that drop experts or narrow them.
+
+Scores, higher = keep:
+- `router`: how often the router picks an expert times the mean weight it then gets, which is the expert's
+  router weight summed over its tokens divided by all tokens (the "frequency x strength" of the MoE
+  compression study, arXiv 2406.02500);
+- `reap`: REAP's saliency (arXiv 2510.13999), the mean over the tokens routed to an expert of router weight
+  x the norm of the expert's output; an expert no token picks scores 0.
+Channels of a layer's experts (one width for all of them, which the fused tensors need) are ranked by the
+gate-weighted activation energy of the tokens routed to each expert, summed over the experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prunekit.adapters.moe import MoEAdapter
+from prunekit.errors import PlanError, UnsupportedArchitectureError
+from prunekit.moe.stats import ExpertStats
+from prunekit.plans import LayerWidth, PruningPlan
+
+EXPERT_SCORES: tuple[str, ...] = ("router", "reap")
+
+
+def check_moe(adapter: object, what: str) -> MoEAdapter:
+    """The adapter as a `MoEAdapter` with at least one MoE layer, or one clear error."""
+    if not isinstance(adapter, MoEAdapter) or not adapter.moe_layers():
+        family = getattr(getattr(adapter, "spec", None), "family", "this model")
+        raise UnsupportedArchitectureError(f"{what} needs a Mixture-of-Experts model; {family} has no expert layers")
+    return adapter
+
+
+def check_expert_drop(adapter: object, n: int, score: str) -> MoEAdapter:
+    """Validate `--target expert --n N --expert-score S` before any work."""
+    if score not in EXPERT_SCORES:
+        raise PlanError(f"unknown expert score {score!r}; choose one of {', '.join(EXPERT_SCORES)}")
+    ad = check_moe(adapter, "--target expert")
+    fewest = min(ad.num_experts(ad.layers()[i]) for i in ad.moe_layers())
+    if not 1 <= n < fewest:
+        raise PlanError(f"--n {n} experts per layer: must be at least 1 and below the {fewest} experts of the "
+                        f"smallest MoE layer (at least one must remain)")
+    return ad
+
+
+def expert_scores(stats: ExpertStats, score: str) -> dict[int, torch.Tensor]:
+    """One score per expert of every MoE layer (higher = more important)."""
+    out: dict[int, torch.Tensor] = {}
+    for i, st in stats.items():
+        if score == "router":
+            out[i] = st.gates / max(st.tokens, 1.0)
+        else:
+            out[i] = torch.where(st.picks > 0, st.reap / st.picks.clamp(min=1.0), torch.zeros_like(st.reap))
+    return out
+
+
+def least_important(scores: torch.Tensor, n: int) -> list[int]:
+    """The `n` lowest-scoring indices; ties go to the higher index (stable, so plans are reproducible)."""
+    order = sorted(range(scores.numel()), key=lambda e: (float(scores[e]), -e))
+    return sorted(order[:n])
+
+
+def choose_expert_drops(adapter: MoEAdapter, stats: ExpertStats, n: int, score: str = "router") -> PruningPlan:
+    """A plan keeping all but the `n` least important experts of every MoE layer."""
+    scores = expert_scores(stats, score)
+    widths = {}
+    for i, s in scores.items():
+        gone = set(least_important(s, n))
+        widths[i] = LayerWidth(experts=[e for e in range(s.numel()) if e not in gone])
+    return PruningPlan(widths=widths, method="expert-drop", options={"n": n, "expert_score": score},
+                       scores={"experts": {str(i): [float(v) for v in s] for i, s in scores.items()}},
+                       model={"num_hidden_layers": adapter.num_layers})
+
+
+def channel_scores(stats: ExpertStats) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """(expert channel scores [I], shared-expert channel scores [S] or None) of every MoE layer."""
+    return {i: (st.channels.sum(0), st.shared) for i, st in stats.items()}
+
+
+def keep_count(width: int, keep: float | int, multiple_of: int = 1) -> int:
+    """Channels kept of `width`: a fraction (float in (0, 1]) or a count, rounded down to `multiple_of` (not
+    below it), never more than `width`."""
+    k = int(keep) if isinstance(keep, int) and not isinstance(keep, bool) else math.floor(width * float(keep))
+    if multiple_of > 1 and k > multiple_of:
+        k -= k % multiple_of
+    return max(1, min(width, k))
+
+
+def top_channels(scores: torch.Tensor, k: int) -> list[int]:
+    order = sorted(range(scores.numel()), key=lambda c: (-float(scores[c]), c))
+    return sorted(order[:k])
+
+
+def choose_expert_widths(adapter: MoEAdapter, stats: ExpertStats, keep: float | int,
+                         multiple_of: int = 1) -> dict[int, LayerWidth]:
+    """Kept channels of every MoE layer's experts (and shared expert): the top `keep` by `channel_scores`."""
+    out: dict[int, LayerWidth] = {}
+    for i, (experts, shared) in channel_scores(stats).items():
+        w = LayerWidth(channels=top_channels(experts, keep_count(experts.numel(), keep, multiple_of)))
+        if shared is not None:
+            w.shared_channels = top_channels(shared, keep_count(shared.numel(), keep, multiple_of))
+        out[i] = w
+    return out

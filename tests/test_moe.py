@@ -1,0 +1,210 @@
+"""Mixture-of-Experts families: LLM-Drop on the MoE block, expert drop (router statistics and REAP), expert
+slimming, and save/reload, as exact checks on tiny in-process models (4 experts of width 128, top-2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import MOE_FAMILIES, random_calib, tiny_model
+
+from prunekit.adapters import get_adapter
+from prunekit.drop import llm_drop
+from prunekit.drop.scorer import SimilarityScorer
+from prunekit.errors import PlanError, UnsupportedArchitectureError
+from prunekit.io.checkpoint import load_model, save_checkpoint
+from prunekit.moe.choose import check_expert_drop, choose_expert_drops, choose_expert_widths, expert_scores
+from prunekit.moe.stats import ExpertStats, collect_expert_stats
+from prunekit.plans import DropTarget, LayerWidth, PruningPlan
+from prunekit.surgery import apply_plan
+
+NEVER = 1  # the planted never-routed expert
+
+
+def inputs(seed: int = 2) -> torch.Tensor:
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    return model.eval()(inputs()).logits
+
+
+@torch.no_grad()
+def plant_never_routed(model, expert: int = NEVER) -> None:
+    """Make hidden dimension 0 a positive constant of the residual stream (the embedding sets it, no sub-layer
+    writes it), then give `expert`'s router row a huge negative weight there: its logit is far below every
+    other, so no token picks it and its softmax share is exactly 0."""
+    ad = get_adapter(model)
+    ad.embed().weight[:, 0] = ad.embed().weight.std()  # positive, and no larger than the other dimensions
+    torch.manual_seed(5)
+    for layer in ad.layers():
+        ad.attn_projections(layer)[3].weight[0] = 0.0
+        _, down = ad.expert_tensors(layer)
+        down[:, 0] = 0.0
+        shared = ad.shared_projections(layer)
+        if shared is not None:
+            shared[2].weight[0] = 0.0
+        ad.router(layer).weight.normal_()  # routing that spreads tokens over the other experts
+        ad.router(layer).weight[:, 0] = 0.0  # the constant dimension favours no other expert
+        ad.router(layer).weight[expert, 0] = -1e4
+
+
+def stats_of(model, **kw) -> ExpertStats:
+    return collect_expert_stats(model, random_calib(), adapter=get_adapter(model), batch_size=3, progress=False, **kw)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_llm_drop_scores_and_drops_the_moe_block_and_reloads(family, tmp_path):
+    model = tiny_model(family)
+    ad = get_adapter(model)
+    scores = SimilarityScorer(model, adapter=ad, calib=random_calib(), progress=False).score()
+    assert all(-1.0 <= s <= 1.0 for s in scores.mlp + scores.attn + scores.block)
+    plan = llm_drop(model, ad, random_calib(), target="mlp", n=1, progress=False)
+    assert len(plan.dropped) == 1 and plan.dropped[0].module == "mlp"
+    ref = logits(model)
+    save_checkpoint(model, None, tmp_path / "mlp")
+    reloaded, _ = load_model(tmp_path / "mlp", tokenizer=False)
+    assert torch.equal(logits(reloaded), ref)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_block_drop_gives_a_stock_checkpoint(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family)
+    apply_plan(get_adapter(model), PruningPlan(dropped=[DropTarget(1, "block"), DropTarget(3, "attn")]))
+    apply_plan(get_adapter(model), PruningPlan(dropped=[DropTarget(2, "block")]))
+    ref = logits(model)
+    save_checkpoint(model, None, tmp_path / "b")
+    reloaded, _ = load_model(tmp_path / "b", tokenizer=False)
+    assert torch.equal(logits(reloaded), ref)
+    only_blocks = tiny_model(family)
+    apply_plan(get_adapter(only_blocks), PruningPlan(dropped=[DropTarget(1, "block")]))
+    save_checkpoint(only_blocks, None, tmp_path / "stock")
+    cfg = json.loads((tmp_path / "stock" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3 and "prunekit" not in cfg and "auto_map" not in cfg
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "stock")), logits(only_blocks))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_a_never_routed_expert_is_found_first_and_removing_it_changes_nothing(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family)
+    plant_never_routed(model)
+    ad = get_adapter(model)
+    stats = stats_of(model)
+    assert sorted(stats) == [0, 1, 2, 3]
+    for st in stats.values():
+        assert st.picks[NEVER] == 0 and st.picks.sum() == 2 * st.tokens and st.tokens == 6 * 24
+        assert torch.allclose(st.gates.sum(), torch.tensor(st.tokens, dtype=torch.float64))  # renormalised
+    for score in ("router", "reap"):
+        for s in expert_scores(stats, score).values():
+            assert s[NEVER] == 0 and (s[torch.arange(4) != NEVER] > 0).all()
+        plan = choose_expert_drops(ad, stats, 1, score)
+        assert all(w.experts == [0, 2, 3] for w in plan.widths.values())
+    ref = logits(model)
+    apply_plan(ad, plan)
+    assert all(ad.num_experts(layer) == 3 for layer in ad.layers())
+    assert torch.equal(logits(model), ref)
+    apply_plan(ad, plan)  # already applied: nothing changes
+    assert torch.equal(logits(model), ref)
+    save_checkpoint(model, None, tmp_path / "e", plan)
+    cfg = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert cfg[ad.moe.num_experts_field] == 3 and "prunekit" not in cfg and "auto_map" not in cfg
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "e")), ref)
+    reloaded, _ = load_model(tmp_path / "e", tokenizer=False)
+    assert torch.equal(logits(reloaded), ref)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_dropping_experts_below_top_k_keeps_routing_valid_and_per_layer_counts_reload(family, tmp_path):
+    model = tiny_model(family)
+    ad = get_adapter(model)
+    plan = PruningPlan(widths={0: LayerWidth(experts=[2]), 1: LayerWidth(experts=[0, 3]), 3: LayerWidth(experts=[1, 2, 3])})
+    apply_plan(ad, plan)
+    layers = ad.layers()
+    assert [ad.num_experts(x) for x in layers] == [1, 2, 4, 3]
+    assert [ad.top_k(x) for x in layers] == [1, 2, 2, 2]
+    ref = logits(model)
+    assert torch.isfinite(ref).all()
+    save_checkpoint(model, None, tmp_path / "het", plan)
+    cfg = json.loads((tmp_path / "het" / "config.json").read_text())
+    assert cfg["prunekit"]["layer_overrides"]["0"] == {ad.moe.num_experts_field: 1, "num_experts_per_tok": 1}
+    reloaded, _ = load_model(tmp_path / "het", tokenizer=False)
+    assert torch.equal(logits(reloaded), ref)
+    fresh = tiny_model(family)
+    apply_plan(get_adapter(fresh), PruningPlan.from_json(json.loads(json.dumps(plan.to_json()))))
+    assert torch.equal(logits(fresh), ref)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_zeroed_expert_channels_then_removed_give_the_same_logits(family, tmp_path):
+    model = tiny_model(family)
+    ad = get_adapter(model)
+    kept = list(range(0, 128, 2))
+    w = LayerWidth(channels=kept)
+    with torch.no_grad():
+        for layer in ad.layers():
+            gate_up, _ = ad.expert_tensors(layer)
+            gone = torch.tensor([c for c in range(128) if c not in kept])
+            gate_up[:, gone] = 0.0
+            gate_up[:, gone + 128] = 0.0
+            shared = ad.shared_projections(layer)
+            if shared is not None:
+                shared[0].weight[50:] = 0.0
+                shared[1].weight[50:] = 0.0
+                w = LayerWidth(channels=kept, shared_channels=list(range(50)))
+    ref = logits(model)
+    plan = PruningPlan(widths={i: w for i in range(4)})
+    apply_plan(ad, plan)
+    assert all(ad.expert_width(layer) == 64 for layer in ad.layers())
+    assert torch.allclose(logits(model), ref, rtol=0, atol=1e-5)
+    narrowed = logits(model)
+    save_checkpoint(model, None, tmp_path / "w", plan)
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert cfg[ad.moe.width_field] == 64 and "prunekit" not in cfg
+    reloaded, _ = load_model(tmp_path / "w", tokenizer=False)
+    assert torch.equal(logits(reloaded), narrowed)
+
+
+def test_channel_ranking_finds_planted_dead_channels():
+    model = tiny_model("qwen2_moe")
+    ad = get_adapter(model)
+    with torch.no_grad():
+        for layer in ad.layers():
+            gate_up, _ = ad.expert_tensors(layer)
+            gate_up[:, 128 + 5] = 0.0  # channel 5's up rows: its activation is 0 in every expert
+            ad.shared_projections(layer)[1].weight[7] = 0.0
+    widths = choose_expert_widths(ad, stats_of(model), 0.99)
+    assert all(5 not in w.channels and len(w.channels) == 126 for w in widths.values())
+    assert all(7 not in w.shared_channels and len(w.shared_channels) == 95 for w in widths.values())
+
+
+def test_expert_statistics_are_summable_and_exclude_padding():
+    model = tiny_model("mixtral")
+    ad = get_adapter(model)
+    full = collect_expert_stats(model, random_calib(pad_last=5), adapter=ad, batch_size=2, progress=False)
+    again = ExpertStats.from_tensors(full.to_tensors())
+    assert all(torch.equal(again[i].reap, full[i].reap) and again[i].tokens == full[i].tokens for i in full)
+    assert full[0].tokens == 6 * 24 - 5
+    other = collect_expert_stats(model, random_calib(pad_last=5), adapter=ad, batch_size=3, progress=False)
+    assert torch.allclose(other[2].channels, full[2].channels, rtol=1e-9)
+
+
+def test_bad_expert_requests_fail_before_work():
+    ad = get_adapter(tiny_model("olmoe"))
+    with pytest.raises(PlanError, match="below the 4 experts"):
+        check_expert_drop(ad, 4, "router")
+    with pytest.raises(PlanError, match="unknown expert score"):
+        check_expert_drop(ad, 1, "magnitude")
+    with pytest.raises(UnsupportedArchitectureError, match="Mixture-of-Experts"):
+        check_expert_drop(get_adapter(tiny_model("llama")), 1, "router")
+    with pytest.raises(PlanError, match="llama has no experts"):
+        apply_plan(get_adapter(tiny_model("llama")), PruningPlan(widths={0: LayerWidth(experts=[0])}))
+    with pytest.raises(PlanError, match="shared expert"):
+        apply_plan(ad, PruningPlan(widths={0: LayerWidth(shared_channels=[0])}))
+    with pytest.raises(PlanError, match="cannot narrow the attention heads of olmoe"):
+        apply_plan(ad, PruningPlan(widths={0: LayerWidth(heads=[0, 1], kv_heads=[0])}))
