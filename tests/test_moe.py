@@ -208,3 +208,52 @@ def test_bad_expert_requests_fail_before_work():
         apply_plan(ad, PruningPlan(widths={0: LayerWidth(shared_channels=[0])}))
     with pytest.raises(PlanError, match="cannot narrow the attention heads of olmoe"):
         apply_plan(ad, PruningPlan(widths={0: LayerWidth(heads=[0, 1], kv_heads=[0])}))
+
+
+@pytest.fixture
+def moe_checkpoint(tiny_checkpoint, tmp_path):
+    """A saved tiny Qwen2-MoE (shared expert and all) with a tokenizer, and the calibration text."""
+    from conftest import tiny_tokenizer
+
+    _, text = tiny_checkpoint
+    return save_checkpoint(tiny_model("qwen2_moe"), tiny_tokenizer(), tmp_path / "tiny-moe"), text
+
+
+@pytest.mark.usefixtures("isolated_cache")
+@pytest.mark.parametrize("score", ["router", "reap"])
+def test_cli_drops_experts_to_a_stock_checkpoint(moe_checkpoint, tmp_path, score):
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.cli import main
+
+    ck, text = moe_checkpoint
+    out = tmp_path / "experts"
+    assert main(["-q", "drop", str(ck), "--target", "expert", "--n", "3", "--expert-score", score, "--calib",
+                 str(text), "--samples", "4", "--seq-len", "32", "--out", str(out)]) == 0
+    plan = json.loads((out / "prunekit_plan.json").read_text())
+    assert plan["method"] == "expert-drop" and plan["options"]["expert_score"] == score
+    assert all(len(w["experts"]) == 1 for w in plan["widths"].values()) and len(plan["widths"]) == 4
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_experts"] == 1 and cfg["num_experts_per_tok"] == 1 and "prunekit" not in cfg
+    model, _ = load_model(out, tokenizer=False)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out)), logits(model))
+    dense, _ = load_model(ck, tokenizer=False)
+    apply_plan(get_adapter(dense), PruningPlan.load(out / "prunekit_plan.json"))
+    assert torch.equal(logits(dense), logits(model))
+
+
+@pytest.mark.usefixtures("isolated_cache")
+def test_cli_refuses_expert_drop_on_dense_models_and_layer_options(tiny_checkpoint, moe_checkpoint, tmp_path, capsys):
+    from prunekit.cli import main
+
+    dense, text = tiny_checkpoint
+    ck, _ = moe_checkpoint
+    common = ["--calib", str(text), "--samples", "4", "--seq-len", "32"]
+    assert main(["-q", "drop", str(dense), "--target", "expert", "--n", "1", *common, "--out", str(tmp_path / "a")]) == 2
+    assert "Mixture-of-Experts" in capsys.readouterr().err
+    assert main(["-q", "drop", str(ck), "--target", "expert", "--n", "4", *common, "--out", str(tmp_path / "b")]) == 2
+    assert "below the 4 experts" in capsys.readouterr().err
+    assert main(["-q", "drop", str(ck), "--target", "expert", "--n", "1", "--iterative", *common,
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "--target expert takes none of" in capsys.readouterr().err
+    assert not any((tmp_path / x).exists() for x in "abc")
