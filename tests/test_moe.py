@@ -178,7 +178,7 @@ def test_channel_ranking_finds_planted_dead_channels():
             gate_up, _ = ad.expert_tensors(layer)
             gate_up[:, 128 + 5] = 0.0  # channel 5's up rows: its activation is 0 in every expert
             ad.shared_projections(layer)[1].weight[7] = 0.0
-    widths = choose_expert_widths(ad, stats_of(model), 0.99)
+    widths = choose_expert_widths(stats_of(model), {i: (126, 95) for i in range(4)})
     assert all(5 not in w.channels and len(w.channels) == 126 for w in widths.values())
     assert all(7 not in w.shared_channels and len(w.shared_channels) == 95 for w in widths.values())
 
@@ -206,6 +206,8 @@ def test_bad_expert_requests_fail_before_work():
         apply_plan(get_adapter(tiny_model("llama")), PruningPlan(widths={0: LayerWidth(experts=[0])}))
     with pytest.raises(PlanError, match="shared expert"):
         apply_plan(ad, PruningPlan(widths={0: LayerWidth(shared_channels=[0])}))
+    with pytest.raises(PlanError, match="multiple of 8 channels"):
+        apply_plan(ad, PruningPlan(widths={0: LayerWidth(channels=list(range(50)))}))
     with pytest.raises(PlanError, match="cannot narrow the attention heads of olmoe"):
         apply_plan(ad, PruningPlan(widths={0: LayerWidth(heads=[0, 1], kv_heads=[0])}))
 
@@ -257,3 +259,41 @@ def test_cli_refuses_expert_drop_on_dense_models_and_layer_options(tiny_checkpoi
                  "--out", str(tmp_path / "c")]) == 2
     assert "--target expert takes none of" in capsys.readouterr().err
     assert not any((tmp_path / x).exists() for x in "abc")
+
+
+@pytest.mark.usefixtures("isolated_cache")
+def test_cli_width_slims_every_expert_and_the_shared_expert(moe_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.cli import main
+
+    ck, text = moe_checkpoint
+    out = tmp_path / "slim"
+    assert main(["-q", "width", str(ck), "--mlp-keep", "0.5", "--multiple-of", "1", "--shots", "2", "--calib",
+                 str(text), "--samples", "4", "--seq-len", "32", "--out", str(out)]) == 0
+    plan = PruningPlan.load(out / "prunekit_plan.json")
+    assert plan.method == "expert-slim" and sorted(plan.widths) == [0, 1, 2, 3]
+    assert all(len(w.channels) == 64 and len(w.shared_channels) == 48 for w in plan.widths.values())
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"], cfg["num_experts"]) == (64, 48, 4)
+    assert "prunekit" not in cfg
+    model, _ = load_model(out, tokenizer=False)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out)), logits(model))
+    dense, _ = load_model(ck, tokenizer=False)
+    apply_plan(get_adapter(dense), plan)
+    assert torch.equal(logits(dense), logits(model))
+    assert main(["-q", "width", str(ck), "--heads-keep", "1", "--calib", str(text), "--samples", "4",
+                 "--seq-len", "32", "--out", str(tmp_path / "heads")]) == 2
+
+
+def test_slimming_in_shots_records_original_indices():
+    from prunekit.moe.slim import slim_experts
+
+    model = tiny_model("mixtral")
+    plan = slim_experts(model, get_adapter(model), random_calib(), mlp_keep=40, shots=3, multiple_of=1,
+                        progress=False)
+    narrowed = logits(model)
+    fresh = tiny_model("mixtral")
+    apply_plan(get_adapter(fresh), plan)
+    assert all(len(w.channels) == 40 for w in plan.widths.values())
+    assert torch.equal(logits(fresh), narrowed)

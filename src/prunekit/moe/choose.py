@@ -12,8 +12,6 @@ gate-weighted activation energy of the tokens routed to each expert, summed over
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from prunekit.adapters.moe import MoEAdapter
@@ -24,12 +22,17 @@ from prunekit.plans import LayerWidth, PruningPlan
 EXPERT_SCORES: tuple[str, ...] = ("router", "reap")
 
 
+def is_moe_model(adapter: object) -> bool:
+    """Whether the adapter's model has at least one sparse expert block."""
+    return isinstance(adapter, MoEAdapter) and bool(adapter.moe_layers())
+
+
 def check_moe(adapter: object, what: str) -> MoEAdapter:
     """The adapter as a `MoEAdapter` with at least one MoE layer, or one clear error."""
-    if not isinstance(adapter, MoEAdapter) or not adapter.moe_layers():
+    if not is_moe_model(adapter):
         family = getattr(getattr(adapter, "spec", None), "family", "this model")
         raise UnsupportedArchitectureError(f"{what} needs a Mixture-of-Experts model; {family} has no expert layers")
-    return adapter
+    return adapter  # type: ignore[return-value]
 
 
 def check_expert_drop(adapter: object, n: int, score: str) -> MoEAdapter:
@@ -78,27 +81,20 @@ def channel_scores(stats: ExpertStats) -> dict[int, tuple[torch.Tensor, torch.Te
     return {i: (st.channels.sum(0), st.shared) for i, st in stats.items()}
 
 
-def keep_count(width: int, keep: float | int, multiple_of: int = 1) -> int:
-    """Channels kept of `width`: a fraction (float in (0, 1]) or a count, rounded down to `multiple_of` (not
-    below it), never more than `width`."""
-    k = int(keep) if isinstance(keep, int) and not isinstance(keep, bool) else math.floor(width * float(keep))
-    if multiple_of > 1 and k > multiple_of:
-        k -= k % multiple_of
-    return max(1, min(width, k))
-
-
 def top_channels(scores: torch.Tensor, k: int) -> list[int]:
+    """The `k` highest-scoring indices, ascending; ties go to the lower index."""
     order = sorted(range(scores.numel()), key=lambda c: (-float(scores[c]), c))
     return sorted(order[:k])
 
 
-def choose_expert_widths(adapter: MoEAdapter, stats: ExpertStats, keep: float | int,
-                         multiple_of: int = 1) -> dict[int, LayerWidth]:
-    """Kept channels of every MoE layer's experts (and shared expert): the top `keep` by `channel_scores`."""
+def choose_expert_widths(stats: ExpertStats, counts: dict[int, tuple[int, int | None]]) -> dict[int, LayerWidth]:
+    """Kept channels of every MoE layer's experts (and shared expert), the top counts[i] = (expert channels,
+    shared channels) by `channel_scores`; indices of the layers as they are now."""
     out: dict[int, LayerWidth] = {}
     for i, (experts, shared) in channel_scores(stats).items():
-        w = LayerWidth(channels=top_channels(experts, keep_count(experts.numel(), keep, multiple_of)))
-        if shared is not None:
-            w.shared_channels = top_channels(shared, keep_count(shared.numel(), keep, multiple_of))
+        k, k_shared = counts[i]
+        w = LayerWidth(channels=top_channels(experts, k))
+        if shared is not None and k_shared is not None:
+            w.shared_channels = top_channels(shared, k_shared)
         out[i] = w
     return out

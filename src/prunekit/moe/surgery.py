@@ -25,6 +25,11 @@ _TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
 _WIDTH_ATTRS = ("intermediate_dim", "intermediate_size")
 
 
+# transformers runs experts with grouped matrix kernels that need every row of `down_proj` [E, H, I] to start
+# on a 16-byte boundary: I a multiple of 8 covers 16-bit weights (and float32).
+EXPERT_WIDTH_MULTIPLE = 8
+
+
 def is_moe_layer(adapter: ModelAdapter, layer: nn.Module) -> bool:
     return isinstance(adapter, MoEAdapter) and adapter.is_moe(layer)
 
@@ -66,9 +71,13 @@ def resolve_moe_width(adapter: MoEAdapter, i: int, layer: nn.Module, w: LayerWid
     shared = adapter.shared_projections(layer)
     if w.shared_channels is not None and shared is None:
         raise PlanError(f"the plan narrows the shared expert of layer {i}, which has none")
+    channels = _kept("expert channels", i, w.channels, adapter.expert_width(layer))
+    if channels is not None and len(channels) % EXPERT_WIDTH_MULTIPLE:
+        raise PlanError(f"layer {i}: experts must keep a multiple of {EXPERT_WIDTH_MULTIPLE} channels (transformers' "
+                        f"grouped expert kernels need it), not {len(channels)}")
     return MoEWidth(
         experts=_kept("experts", i, w.experts, adapter.num_experts(layer)),
-        channels=_kept("expert channels", i, w.channels, adapter.expert_width(layer)),
+        channels=channels,
         shared=None if shared is None else _kept("shared-expert channels", i, w.shared_channels,
                                                  shared[1].out_features),
     )
