@@ -297,3 +297,35 @@ def test_slimming_in_shots_records_original_indices():
     apply_plan(get_adapter(fresh), plan)
     assert all(len(w.channels) == 40 for w in plan.widths.values())
     assert torch.equal(logits(fresh), narrowed)
+
+
+@pytest.mark.usefixtures("isolated_cache")
+def test_methods_without_expert_support_refuse_moe_models_in_one_line(moe_checkpoint, tmp_path, capsys):
+    from prunekit.cli import main
+
+    ck, text = moe_checkpoint
+    common = ["--calib", str(text), "--samples", "4", "--seq-len", "32"]
+    runs = {
+        "compress": ["compress", str(ck), "--budget", "params=0.8", *common, "--out", str(tmp_path / "c")],
+        "linear repair": ["drop", str(ck), "--target", "attn", "--n", "1", "--repair", "linear", *common,
+                          "--out", str(tmp_path / "r")],
+        "layer streaming": ["drop", str(ck), "--target", "attn", "--n", "1", "--stream", *common,
+                            "--out", str(tmp_path / "s")],
+        "GGUF": ["export", str(ck), "--format", "gguf", "--out", str(tmp_path / "m.gguf")],
+    }
+    for what, argv in runs.items():
+        assert main(["-q", *argv]) == 2, what
+        err = capsys.readouterr().err.strip()
+        assert what in err and "qwen2_moe" in err and len(err.splitlines()) == 1, err
+    assert not any((tmp_path / x).exists() for x in ("c", "r", "s", "m.gguf"))
+
+
+@pytest.mark.usefixtures("isolated_cache")
+def test_eval_counts_the_experts_a_token_runs(moe_checkpoint):
+    from prunekit.evaluation.perplexity import decode_flops_per_token
+
+    ck, _ = moe_checkpoint
+    model, _ = load_model(ck, tokenizer=False)
+    ad = get_adapter(model)
+    per_layer = 4 * 64 + 2 * 3 * 64 * 128 + 3 * 64 * 96 + 64  # router, top-2 experts, shared expert and its gate
+    assert decode_flops_per_token(ad, 8)["mlp"] == 2 * 4 * per_layer

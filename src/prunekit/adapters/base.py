@@ -236,6 +236,10 @@ class ModelAdapter:
     def check_narrow_heads(self) -> None:
         """Raise `PlanError` where this family's heads cannot be narrowed (nothing for the dense rows)."""
 
+    def mlp_macs(self, layer: nn.Module) -> int:
+        """Multiply-adds one token costs in the layer's MLP (its projections)."""
+        return sum(m.in_features * m.out_features for m in self.mlp_projections(layer) if m is not None)
+
     def width_fields(self) -> tuple[str, ...]:
         """The config fields `layer_widths` may name: the ones a uniform structure writes as stock fields."""
         return ("num_attention_heads", "num_key_value_heads", "intermediate_size")

@@ -111,6 +111,17 @@ class MoEAdapter(ModelAdapter):
                 "this method does not support Mixture-of-Experts models yet")
         return super().mlp_projections(layer)
 
+    def mlp_macs(self, layer: nn.Module) -> int:
+        """Per token: the router, the top-k experts it runs (gate, up and down) and a shared expert with its gate."""
+        if not self.is_moe(layer):
+            return super().mlp_macs(layer)
+        h, n = self.hidden_size, self.expert_width(layer)
+        macs = self.num_experts(layer) * h + self.top_k(layer) * 3 * h * n
+        shared = self.shared_projections(layer)
+        if shared is not None:
+            macs += 3 * h * shared[1].out_features + (h if self.shared_gate(layer) is not None else 0)
+        return macs
+
     def layer_widths(self, layer: nn.Module) -> dict[str, int]:
         out = super().layer_widths(layer) if not self.is_moe(layer) else self._attention_widths(layer)
         if self.is_moe(layer):
