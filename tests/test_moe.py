@@ -179,7 +179,9 @@ def test_channel_ranking_finds_planted_dead_channels():
             gate_up[:, 128 + 5] = 0.0  # channel 5's up rows: its activation is 0 in every expert
             ad.shared_projections(layer)[1].weight[7] = 0.0
     widths = choose_expert_widths(stats_of(model), {i: (126, 95) for i in range(4)})
-    assert all(5 not in w.channels and len(w.channels) == 126 for w in widths.values())
+    for w in widths.values():
+        assert len(w.expert_channels) == 4 and all(5 not in k and len(k) == 126 for k in w.expert_channels)
+        assert len({tuple(k) for k in w.expert_channels}) > 1  # each expert ranks its own channels
     assert all(7 not in w.shared_channels and len(w.shared_channels) == 95 for w in widths.values())
 
 
@@ -273,7 +275,8 @@ def test_cli_width_slims_every_expert_and_the_shared_expert(moe_checkpoint, tmp_
                  str(text), "--samples", "4", "--seq-len", "32", "--out", str(out)]) == 0
     plan = PruningPlan.load(out / "prunekit_plan.json")
     assert plan.method == "expert-slim" and sorted(plan.widths) == [0, 1, 2, 3]
-    assert all(len(w.channels) == 64 and len(w.shared_channels) == 48 for w in plan.widths.values())
+    assert all(len(w.expert_channels) == 4 and {len(k) for k in w.expert_channels} == {64}
+               and len(w.shared_channels) == 48 for w in plan.widths.values())
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"], cfg["num_experts"]) == (64, 48, 4)
     assert "prunekit" not in cfg
@@ -295,7 +298,7 @@ def test_slimming_in_shots_records_original_indices():
     narrowed = logits(model)
     fresh = tiny_model("mixtral")
     apply_plan(get_adapter(fresh), plan)
-    assert all(len(w.channels) == 40 for w in plan.widths.values())
+    assert all({len(k) for k in w.expert_channels} == {40} for w in plan.widths.values())
     assert torch.equal(logits(fresh), narrowed)
 
 
@@ -329,3 +332,42 @@ def test_eval_counts_the_experts_a_token_runs(moe_checkpoint):
     ad = get_adapter(model)
     per_layer = 4 * 64 + 2 * 3 * 64 * 128 + 3 * 64 * 96 + 64  # router, top-2 experts, shared expert and its gate
     assert decode_flops_per_token(ad, 8)["mlp"] == 2 * 4 * per_layer
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_zeroed_channels_of_each_expert_then_removed_with_experts_give_the_same_logits(family, tmp_path):
+    """Each expert keeps its own channels, one count for all; a never-routed expert goes in the same plan."""
+    model = tiny_model(family)
+    plant_never_routed(model)
+    ad = get_adapter(model)
+    g = torch.Generator().manual_seed(3)
+    per_expert = [sorted(torch.randperm(128, generator=g)[:72].tolist()) for _ in range(4)]
+    with torch.no_grad():
+        for layer in ad.layers():
+            gate_up, _ = ad.expert_tensors(layer)
+            for e, kept in enumerate(per_expert):
+                gone = torch.tensor([c for c in range(128) if c not in kept])
+                gate_up[e, gone] = 0.0
+                gate_up[e, gone + 128] = 0.0
+    ref = logits(model)
+    plan = PruningPlan(widths={i: LayerWidth(expert_channels=per_expert, experts=[0, 2, 3]) for i in range(4)})
+    plan = PruningPlan.from_json(json.loads(json.dumps(plan.to_json())))
+    apply_plan(ad, plan)
+    assert all(ad.expert_width(layer) == 72 and ad.num_experts(layer) == 3 for layer in ad.layers())
+    assert torch.allclose(logits(model), ref, rtol=0, atol=1e-5)
+    pruned = logits(model)
+    apply_plan(ad, plan)
+    assert torch.equal(logits(model), pruned)
+    save_checkpoint(model, None, tmp_path / "x", plan)
+    reloaded, _ = load_model(tmp_path / "x", tokenizer=False)
+    assert torch.equal(logits(reloaded), pruned)
+
+
+def test_bad_expert_channel_plans_fail_on_load():
+    from prunekit.errors import PlanError as E
+
+    for bad, message in (({"expert_channels": [[0, 1], [0]]}, "different numbers of channels"),
+                         ({"expert_channels": [[0], None]}, "kept-channel lists"),
+                         ({"expert_channels": [[0]], "channels": [0]}, "both channels and expert_channels")):
+        with pytest.raises(E, match=message):
+            PruningPlan.from_json({"format": 1, "widths": {"0": bad}})

@@ -162,6 +162,8 @@ class MoEAdapter(ModelAdapter):
         m = self.moe
         if w.channels is not None:
             out[m.width_field] = len(w.channels)
+        if w.expert_channels is not None:
+            out[m.width_field] = len(w.expert_channels[0])
         if w.experts is not None:
             out[m.num_experts_field] = len(w.experts)
         if w.shared_channels is not None and m.shared_width_field:

@@ -6,8 +6,8 @@ Scores, higher = keep:
   compression study, arXiv 2406.02500);
 - `reap`: REAP's saliency (arXiv 2510.13999), the mean over the tokens routed to an expert of router weight
   x the norm of the expert's output; an expert no token picks scores 0.
-Channels of a layer's experts (one width for all of them, which the fused tensors need) are ranked by the
-gate-weighted activation energy of the tokens routed to each expert, summed over the experts.
+Each expert's channels are ranked by the gate-weighted activation energy of the tokens routed to it; every
+expert of a layer keeps the same number (the fused tensors need one width), each its own.
 """
 
 from __future__ import annotations
@@ -76,11 +76,6 @@ def choose_expert_drops(adapter: MoEAdapter, stats: ExpertStats, n: int, score: 
                        model={"num_hidden_layers": adapter.num_layers})
 
 
-def channel_scores(stats: ExpertStats) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-    """(expert channel scores [I], shared-expert channel scores [S] or None) of every MoE layer."""
-    return {i: (st.channels.sum(0), st.shared) for i, st in stats.items()}
-
-
 def top_channels(scores: torch.Tensor, k: int) -> list[int]:
     """The `k` highest-scoring indices, ascending; ties go to the lower index."""
     order = sorted(range(scores.numel()), key=lambda c: (-float(scores[c]), c))
@@ -88,13 +83,14 @@ def top_channels(scores: torch.Tensor, k: int) -> list[int]:
 
 
 def choose_expert_widths(stats: ExpertStats, counts: dict[int, tuple[int, int | None]]) -> dict[int, LayerWidth]:
-    """Kept channels of every MoE layer's experts (and shared expert), the top counts[i] = (expert channels,
-    shared channels) by `channel_scores`; indices of the layers as they are now."""
+    """Kept channels of every MoE layer: each expert its own top counts[i][0] by the gate-weighted activation
+    energy of the tokens routed to it, and the shared expert its top counts[i][1]; indices of the layers as
+    they are now."""
     out: dict[int, LayerWidth] = {}
-    for i, (experts, shared) in channel_scores(stats).items():
+    for i, st in stats.items():
         k, k_shared = counts[i]
-        w = LayerWidth(channels=top_channels(experts, k))
-        if shared is not None and k_shared is not None:
-            w.shared_channels = top_channels(shared, k_shared)
+        w = LayerWidth(expert_channels=[top_channels(row, k) for row in st.channels])
+        if st.shared is not None and k_shared is not None:
+            w.shared_channels = top_channels(st.shared, k_shared)
         out[i] = w
     return out

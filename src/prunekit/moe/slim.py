@@ -1,6 +1,6 @@
 """Expert slimming (TransAct inside the experts): narrow every expert of each MoE layer to the same number of
-intermediate channels, ranked by the gate-weighted activation energy of the tokens routed to each expert
-(`moe.choose.channel_scores`), in several shots with re-scoring in between; a shared expert keeps the same
+intermediate channels, each expert its own, ranked by the gate-weighted activation energy of the tokens routed
+to it (`moe.choose.choose_expert_widths`), in several shots with re-scoring in between; a shared expert keeps the same
 fraction of its own channels. The plan holds ORIGINAL channel indices, like TransAct's."""
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def slim_experts(model: nn.Module | LayerSource, adapter: MoEAdapter, calib: Cal
     schedule = {i: (_aligned(geometric_schedule(start[i][0], k, shots), k),
                     None if ks is None else geometric_schedule(start[i][1], ks, shots))  # type: ignore[arg-type]
                 for i, (k, ks) in final.items()}
-    origin = {i: ([*range(w)], None if s is None else [*range(s)]) for i, (w, s) in start.items()}
+    origin = {i: ([[*range(w)] for _ in range(ad.num_experts(layers[i]))], None if s is None else [*range(s)])
+              for i, (w, s) in start.items()}
     before = count_parameters(ad.model)
     for shot in range(shots):
         stats = collect_expert_stats(model, calib, adapter=ad, batch_size=batch_size, sums=sums, progress=progress)
@@ -78,10 +79,10 @@ def slim_experts(model: nn.Module | LayerSource, adapter: MoEAdapter, calib: Cal
         apply_widths(ad, widths)
         for i, w in widths.items():
             kept, shared = origin[i]
-            origin[i] = ([kept[c] for c in w.channels or range(len(kept))],
+            origin[i] = ([[row[c] for c in now] for row, now in zip(kept, w.expert_channels or [])],
                          None if shared is None else [shared[c] for c in w.shared_channels or range(len(shared))])
     refresh_config(ad)
-    plan_widths = {i: LayerWidth(channels=e, shared_channels=s) for i, (e, s) in origin.items()}
+    plan_widths = {i: LayerWidth(expert_channels=e, shared_channels=s) for i, (e, s) in origin.items()}
     return PruningPlan(widths=plan_widths, method="expert-slim",
                        options={"mlp_keep": mlp_keep, "shots": shots, "multiple_of": multiple_of,
                                 "batch_size": batch_size, "parameters_before": before,

@@ -49,7 +49,7 @@ class MoEWidth:
     """Validated kept indices (ascending, current numbering) of one MoE layer; None: unchanged."""
 
     experts: list[int] | None = None
-    channels: list[int] | None = None
+    channels: list[list[int]] | None = None  # per expert (of the layer before `experts` applies)
     shared: list[int] | None = None
 
 
@@ -71,16 +71,36 @@ def resolve_moe_width(adapter: MoEAdapter, i: int, layer: nn.Module, w: LayerWid
     shared = adapter.shared_projections(layer)
     if w.shared_channels is not None and shared is None:
         raise PlanError(f"the plan narrows the shared expert of layer {i}, which has none")
-    channels = _kept("expert channels", i, w.channels, adapter.expert_width(layer))
-    if channels is not None and len(channels) % EXPERT_WIDTH_MULTIPLE:
+    n_experts, width = adapter.num_experts(layer), adapter.expert_width(layer)
+    channels = None
+    if w.channels is not None:
+        channels = _kept("expert channels", i, w.channels, width)
+        channels = None if channels is None else [channels] * n_experts
+    elif w.expert_channels is not None:
+        channels = _per_expert(i, w, n_experts, width)
+    if channels is not None and len(channels[0]) % EXPERT_WIDTH_MULTIPLE:
         raise PlanError(f"layer {i}: experts must keep a multiple of {EXPERT_WIDTH_MULTIPLE} channels (transformers' "
-                        f"grouped expert kernels need it), not {len(channels)}")
+                        f"grouped expert kernels need it), not {len(channels[0])}")
     return MoEWidth(
-        experts=_kept("experts", i, w.experts, adapter.num_experts(layer)),
+        experts=_kept("experts", i, w.experts, n_experts),
         channels=channels,
         shared=None if shared is None else _kept("shared-expert channels", i, w.shared_channels,
                                                  shared[1].out_features),
     )
+
+
+def _per_expert(i: int, w: LayerWidth, n_experts: int, width: int) -> list[list[int]] | None:
+    """Checked per-expert kept channels for the layer's current experts (the plan lists the original ones; a
+    layer whose experts the plan already removed takes the kept experts' lists), or None if unchanged."""
+    lists = w.expert_channels or []
+    if len(lists) != n_experts and w.experts is not None and len(w.experts) == n_experts:
+        lists = [lists[e] for e in sorted(w.experts) if e < len(lists)]
+    if len(lists) != n_experts:
+        raise PlanError(f"layer {i}: the plan lists the channels of {len(w.expert_channels or [])} experts, but the "
+                        f"layer has {n_experts}")
+    if len(lists[0]) == width:
+        return None
+    return [_kept("expert channels", i, k, width) or list(range(width)) for k in lists]
 
 
 def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -110,15 +130,18 @@ def keep_experts(adapter: MoEAdapter, layer: nn.Module, kept: list[int]) -> None
     _set_ints(modules, _TOP_K_ATTRS, top_k)
 
 
-def narrow_experts(adapter: MoEAdapter, layer: nn.Module, channels: list[int]) -> None:
-    """Keep intermediate channels `channels` of every expert: gate and up rows of gate_up, columns of down."""
+def narrow_experts(adapter: MoEAdapter, layer: nn.Module, channels: list[list[int]]) -> None:
+    """Keep intermediate channels `channels[e]` of each expert e (one count for all): its gate and up rows of
+    gate_up, its columns of down."""
     experts = adapter.experts(layer)
     gate_up, down = adapter.expert_tensors(layer)
     width = down.shape[-1]
-    idx = torch.tensor(channels, device=gate_up.device)
-    _replace(experts, adapter.moe.gate_up, gate_up.detach().index_select(1, torch.cat([idx, idx + width])))
-    _replace(experts, adapter.moe.down, down.detach().index_select(2, idx.to(down.device)))
-    _set_ints([experts], _WIDTH_ATTRS, len(channels))
+    idx = torch.tensor(channels, device=gate_up.device)  # [E, k]
+    rows = torch.cat([idx, idx + width], dim=1)[:, :, None].expand(-1, -1, gate_up.shape[-1])
+    _replace(experts, adapter.moe.gate_up, gate_up.detach().gather(1, rows))
+    cols = idx.to(down.device)[:, None, :].expand(-1, down.shape[1], -1)
+    _replace(experts, adapter.moe.down, down.detach().gather(2, cols))
+    _set_ints([experts], _WIDTH_ATTRS, len(channels[0]))
 
 
 def narrow_shared(adapter: MoEAdapter, layer: nn.Module, channels: list[int]) -> None:
@@ -137,9 +160,9 @@ def narrow_shared(adapter: MoEAdapter, layer: nn.Module, channels: list[int]) ->
 
 @torch.no_grad()
 def apply_moe_width(adapter: MoEAdapter, layer: nn.Module, w: MoEWidth) -> None:
+    if w.channels is not None:  # first: its lists follow the layer's experts before any are removed
+        narrow_experts(adapter, layer, w.channels)
     if w.experts is not None:
         keep_experts(adapter, layer, w.experts)
-    if w.channels is not None:
-        narrow_experts(adapter, layer, w.channels)
     if w.shared is not None:
         narrow_shared(adapter, layer, w.shared)
