@@ -65,7 +65,7 @@ MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 def tiny_moe_config(model_type: str, **overrides):
     import transformers as t
 
-    moe = dict(num_experts_per_tok=2, **TINY, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+    moe = dict(num_experts_per_tok=2, **TINY, eos_token_id=None, pad_token_id=None, bos_token_id=None)
     qwen = dict(moe, moe_intermediate_size=128, norm_topk_prob=True, num_experts=4)
     if model_type == "mixtral":
         cfg = t.MixtralConfig(**moe, num_local_experts=4, sliding_window=None)

@@ -371,3 +371,46 @@ def test_bad_expert_channel_plans_fail_on_load():
                          ({"expert_channels": [[0]], "channels": [0]}, "both channels and expert_channels")):
         with pytest.raises(E, match=message):
             PruningPlan.from_json({"format": 1, "widths": {"0": bad}})
+
+
+# LLM-Drop's own exact checks (test_drop.py), run on the MoE families: the MoE block is the MLP sub-layer.
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_llm_drop_contract_on_moe_families(family, tmp_path):
+    import test_drop
+
+    test_drop.test_planted_identity_attention_scores_one_and_is_dropped_first(family)
+    for target in ("attn", "mlp", "block"):
+        test_drop.test_generate_with_cache_equals_no_cache_after_drop(family, target)
+    test_drop.test_block_drop_saves_stock_config_and_shrinks_exactly(family, tmp_path / "block")
+    test_drop.test_heterogeneous_checkpoint_round_trip(family, tmp_path / "het")
+
+
+def test_per_layer_expert_counts_load_without_prunekit(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_drop import _drop_editable_finder
+
+    model = tiny_model("mixtral")
+    apply_plan(get_adapter(model), PruningPlan(dropped=[DropTarget(2, "mlp")],
+                                               widths={0: LayerWidth(experts=[1, 3]), 1: LayerWidth(experts=[0])}))
+    ref = logits(model)
+    save_checkpoint(model, None, tmp_path / "het")
+    script = textwrap.dedent(f"""
+        import importlib.util
+        assert importlib.util.find_spec("prunekit") is None, "prunekit must not be importable here"
+        import torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'het')!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            torch.save(m(torch.tensor({inputs().tolist()})).logits, {str(tmp_path / 'logits.pt')!r})
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    site_filter = "import sys; sys.path = [p for p in sys.path if not p.endswith('/src')];"
+    proc = subprocess.run([sys.executable, "-I", "-c", site_filter + "\n" + _drop_editable_finder() + script],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), ref)

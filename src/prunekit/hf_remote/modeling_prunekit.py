@@ -168,7 +168,27 @@ def make_class(base: type, config_class: type | None = None) -> type:
     attrs: dict[str, Any] = {"__module__": __name__}
     if config_class is not None:
         attrs["config_class"] = config_class
-    return type(f"Prunekit{base.__name__}", (PrunekitMixin, base), attrs)
+    cls = type(f"Prunekit{base.__name__}", (PrunekitMixin, base), attrs)
+    _share_weight_conversions(cls.__name__, base)
+    return cls
+
+
+def _share_weight_conversions(class_name: str, base: type) -> None:
+    """Give the class the stock class's checkpoint conversions. transformers saves some families' weights in
+    another layout than its modules hold (Mixture-of-Experts: one tensor per expert in the files, fused 3D
+    tensors in the model) and converts them on load by model_type, but never for a class from remote code
+    unless it is registered by name."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # pragma: no cover - transformers without conversions (4.x) stores the modules' layout
+        return
+    model_type = getattr(getattr(base, "config_class", None), "model_type", None)
+    mapping = get_checkpoint_conversion_mapping(model_type) if model_type else None
+    if mapping:
+        register_checkpoint_conversion_mapping(class_name, mapping, overwrite=True)
 
 
 def stock_class(model: nn.Module) -> type:
