@@ -87,7 +87,8 @@ ADAPTERS: dict[str, ArchSpec] = {
     "mixtral": ArchSpec(family="mixtral", moe=MIXTRAL),
     "qwen2_moe": ArchSpec(family="qwen2_moe", moe=QWEN2_MOE),
     "qwen3_moe": ArchSpec(family="qwen3_moe", q_norm="q_norm", k_norm="k_norm", moe=QWEN3_MOE),
-    "olmoe": ArchSpec(family="olmoe", moe=OLMOE),
+    # OLMoE's q/k norms span the whole projection, not one head (hence `OLMOE.fixed_heads`).
+    "olmoe": ArchSpec(family="olmoe", q_norm="q_norm", k_norm="k_norm", moe=OLMOE),
 }
 
 
