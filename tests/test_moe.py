@@ -414,3 +414,16 @@ def test_per_layer_expert_counts_load_without_prunekit(tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "logits.pt"), ref)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_lora_adapts_attention_and_a_shared_expert_not_the_fused_experts(family):
+    from prunekit.recovery import lora_targets
+
+    model = tiny_model(family)
+    names = dict(model.named_modules())
+    targets = lora_targets(model)
+    assert all(t in names for t in targets)
+    mlp = [t for t in targets if ".mlp." in t]
+    assert mlp == ([f"model.layers.{i}.mlp.shared_expert.{p}" for i in range(4)
+                    for p in ("gate_proj", "up_proj", "down_proj")] if family == "qwen2_moe" else [])
