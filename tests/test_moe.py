@@ -427,3 +427,19 @@ def test_lora_adapts_attention_and_a_shared_expert_not_the_fused_experts(family)
     mlp = [t for t in targets if ".mlp." in t]
     assert mlp == ([f"model.layers.{i}.mlp.shared_expert.{p}" for i in range(4)
                     for p in ("gate_proj", "up_proj", "down_proj")] if family == "qwen2_moe" else [])
+
+
+def test_expert_statistics_of_two_shards_add_up_to_the_whole():
+    """What data-parallel runs rely on: every statistic is a sum over tokens, so shards' sums total exactly."""
+    from prunekit.data import CalibrationData
+
+    model = tiny_model("qwen2_moe")
+    ad = get_adapter(model)
+    calib = random_calib(pad_last=4)
+    halves = [CalibrationData(calib.input_ids[s], calib.attention_mask[s], "half", "x")
+              for s in (slice(0, 2), slice(2, None))]
+    whole = collect_expert_stats(model, calib, adapter=ad, batch_size=2, progress=False).to_tensors()
+    parts = [collect_expert_stats(model, h, adapter=ad, batch_size=2, progress=False).to_tensors() for h in halves]
+    assert parts[0].keys() == parts[1].keys() == whole.keys()
+    for k in whole:
+        assert torch.allclose(parts[0][k] + parts[1][k], whole[k], rtol=1e-12, atol=1e-12), k
