@@ -50,9 +50,10 @@ def moe_arch(src: ExportSource) -> str:
         raise ExportError(f"a {mt} result whose layers differ (expert counts, widths or heads) cannot be written as "
                           f"GGUF: llama.cpp's {arch} graph takes one of each for all layers")
     if ad.renormalises() != renormalises:
-        raise ExportError(f"this {mt} model {'does not renormalise' if renormalises else 'renormalises'} its top-k "
-                          f"router weights (norm_topk_prob), but llama.cpp's {arch} graph always "
-                          f"{'does' if renormalises else 'does not'}; use the Hugging Face checkpoint")
+        ours = "does not renormalise" if renormalises else "renormalises"
+        theirs = "always does" if renormalises else "never does"
+        raise ExportError(f"this {mt} model cannot be written as GGUF: it {ours} its top-k router weights "
+                          f"(norm_topk_prob), but llama.cpp's {arch} graph {theirs}; use the Hugging Face checkpoint")
     return arch
 
 

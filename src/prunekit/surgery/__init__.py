@@ -43,7 +43,8 @@ def carries(adapter: ModelAdapter, plan: PruningPlan) -> bool:
     for layer, i in zip(layers, kept):
         if adapter.has_attention(layer) == (i in attn) or adapter.has_mlp(layer) == (i in mlp):
             return False
-        if i in plan.widths and not _has_widths(adapter.layer_widths(layer), adapter.planned_widths(layer, plan.widths[i])):
+        if i in plan.widths and not _has_widths(adapter.layer_widths(layer),
+                                                adapter.planned_widths(layer, plan.widths[i])):
             return False
     return True
 
