@@ -57,9 +57,9 @@ def tiny_config(model_type: str):
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 # Mixture-of-Experts families: 4 experts of width 128 (the dense families' intermediate size), top-2; Qwen2-MoE
-# adds a shared expert of width 96. Renormalised top-k where the family lets it be chosen, so that removing an
-# expert no token picks is exact.
-MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+# adds a shared expert of width 96, gpt-oss sliding-window layers (window 8). Renormalised top-k where the
+# family lets it be chosen, so that removing an expert no token picks is exact.
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
 
 
 def tiny_moe_config(model_type: str, **overrides):
@@ -75,6 +75,10 @@ def tiny_moe_config(model_type: str, **overrides):
         cfg = t.Qwen3MoeConfig(**qwen, head_dim=16)
     elif model_type == "olmoe":
         cfg = t.OlmoeConfig(**moe, num_experts=4, norm_topk_prob=True)
+    elif model_type == "gpt_oss":
+        cfg = t.GptOssConfig(**moe, num_local_experts=4, head_dim=16, sliding_window=8,
+                             layer_types=["sliding_attention", "full_attention"] * 2,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     else:
         raise ValueError(model_type)
     for key, value in overrides.items():

@@ -34,6 +34,7 @@ CONFIGS = {
     "qwen2_moe": lambda: tiny_config("qwen2_moe"),
     "qwen3_moe": lambda: tiny_config("qwen3_moe"),
     "olmoe": lambda: tiny_config("olmoe"),
+    "gpt_oss": lambda: tiny_config("gpt_oss"),
 }
 
 
@@ -45,6 +46,7 @@ MOE_WIDTHS = {
                   "shared_expert_intermediate_size": 96},
     "qwen3_moe": {"num_local_experts": 4, "moe_intermediate_size": 128, "num_experts_per_tok": 2},
     "olmoe": {"num_experts": 4, "intermediate_size": 128, "num_experts_per_tok": 2},
+    "gpt_oss": {"num_local_experts": 4, "intermediate_size": 128, "num_experts_per_tok": 2},
 }
 
 
@@ -122,8 +124,9 @@ def test_identity_and_mixed_plans_round_trip(model_type, tmp_path):
     apply_plan(ad, PruningPlan(method="identity"))
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
-    # OLMoE's q/k norms span every head, so it refuses narrowing heads (`ArchSpec.moe.fixed_heads`).
-    heads = {} if model_type == "olmoe" else {"heads": [2, 3], "kv_heads": [1]}
+    # OLMoE's q/k norms span every head and gpt-oss has per-head sinks: they refuse narrowing heads
+    # (`ArchSpec.moe.fixed_heads`).
+    heads = {} if model_type in ("olmoe", "gpt_oss") else {"heads": [2, 3], "kv_heads": [1]}
     plan = PruningPlan(dropped=[DropTarget(1, "attn"), DropTarget(2, "mlp")], method="test",
                        widths={0: LayerWidth(**heads, channels=list(range(0, 128, 2)))})
     apply_plan(ad, plan)

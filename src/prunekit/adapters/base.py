@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.adapters.moe_layouts import MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, MoESpec
+from prunekit.adapters.moe_layouts import GPT_OSS, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, MoESpec
 from prunekit.errors import UnsupportedArchitectureError
 from prunekit.hf_remote.modeling_prunekit import DroppedAttention, DroppedMLP, drop_attention, drop_mlp
 from prunekit.plans import LayerWidth
@@ -89,6 +89,7 @@ ADAPTERS: dict[str, ArchSpec] = {
     "qwen3_moe": ArchSpec(family="qwen3_moe", q_norm="q_norm", k_norm="k_norm", moe=QWEN3_MOE),
     # OLMoE's q/k norms span the whole projection, not one head (hence `OLMOE.fixed_heads`).
     "olmoe": ArchSpec(family="olmoe", q_norm="q_norm", k_norm="k_norm", moe=OLMOE),
+    "gpt_oss": ArchSpec(family="gpt_oss", moe=GPT_OSS),
 }
 
 

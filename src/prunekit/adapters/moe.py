@@ -2,11 +2,14 @@
 routers and shared experts live (after the family's `MoESpec` row, `adapters.moe_layouts`).
 
 Prunable units of a sparse MLP block, and the tensor slices each owns (E experts, I channels per expert,
-H hidden size, gate_up [E, 2I, H], down [E, H, I], router weight [E, H]):
+H hidden size, gate_up [E, 2I, H], down [E, H, I], router weight [E, H]; gpt-oss's interleaved layout in
+brackets):
 
-- an expert e: `gate_up[e]`, `down[e]` and the router row `weight[e]` (and `bias[e]` where there is one);
-- an expert channel c (shared by every expert of the layer, since the fused tensors need one width):
-  `gate_up[:, c]`, `gate_up[:, I + c]` and `down[:, :, c]`;
+- an expert e: `gate_up[e]`, `down[e]`, the router row `weight[e]` (and the expert and router biases' entry
+  e where there are some);
+- channel c of expert e (every expert of a layer keeps the same number, since the fused tensors need one
+  width): `gate_up[e, c]`, `gate_up[e, I + c]` and `down[e, :, c]` [`gate_up[e, :, 2c]`, `gate_up[e, :, 2c+1]`,
+  their biases, `down[e, c]`];
 - a shared-expert channel c (Qwen2-MoE): row c of its gate and up projections, column c of its down.
 
 The config fields a layer's widths are written to are the family's (`num_local_experts` or `num_experts`,
@@ -74,7 +77,13 @@ class MoEAdapter(ModelAdapter):
         return int(self.expert_tensors(layer)[0].shape[0])
 
     def expert_width(self, layer: nn.Module) -> int:
-        return int(self.expert_tensors(layer)[1].shape[-1])
+        return int(self.expert_tensors(layer)[1].shape[1 if self.moe.layout == "interleaved" else -1])
+
+    def expert_biases(self, layer: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter | None]:
+        """(gate_up bias [E, 2I], down bias [E, H]) where the family's experts have them."""
+        ex, m = self.experts(layer), self.moe
+        return (getattr(ex, m.gate_up_bias) if m.gate_up_bias else None,
+                getattr(ex, m.down_bias) if m.down_bias else None)
 
     def top_k(self, layer: nn.Module) -> int:
         return int(self.router(layer).top_k)
@@ -93,12 +102,17 @@ class MoEAdapter(ModelAdapter):
     def expert_hidden(self, layer: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `e`'s intermediate activations act(gate x) * (up x) for tokens `x` [n, H]: [n, I]."""
         gate_up, _ = self.expert_tensors(layer)
-        gate, up = nn.functional.linear(x, gate_up[e]).chunk(2, dim=-1)
-        return self.experts(layer).act_fn(gate) * up
+        bias, _ = self.expert_biases(layer)
+        w = gate_up[e] if self.moe.layout == "interleaved" else gate_up[e].T
+        out = x @ w + (bias[e] if bias is not None else 0)
+        return self.experts(layer)._apply_gate(out)  # the family's own activation and gate/up split
 
     def expert_output(self, layer: nn.Module, e: int, hidden: torch.Tensor) -> torch.Tensor:
         """Expert `e`'s output [n, H] from its intermediate activations [n, I] (before the router weight)."""
-        return nn.functional.linear(hidden, self.expert_tensors(layer)[1][e])
+        down = self.expert_tensors(layer)[1][e]
+        _, bias = self.expert_biases(layer)
+        out = hidden @ (down if self.moe.layout == "interleaved" else down.T)
+        return out + bias[e] if bias is not None else out
 
     # --- shapes -------------------------------------------------------------------------------------------
     def mlp_width(self, layer: nn.Module) -> int:
@@ -172,4 +186,7 @@ class MoEAdapter(ModelAdapter):
 
     def structure_names(self) -> dict[str, Any]:
         # The loader rebuilds a layer's MLP from a per-layer config when one of these fields differs.
-        return {**super().structure_names(), "mlp_fields": list(self.mlp_fields())}
+        names = {**super().structure_names(), "mlp_fields": list(self.mlp_fields())}
+        if self.moe.mlp_returns_tuple:  # the stand-in for a removed MLP returns (output, None) as the block does
+            names["mlp_output"] = "tuple"
+        return names

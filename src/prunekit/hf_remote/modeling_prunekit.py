@@ -15,6 +15,7 @@ makes it refuse unless `trust_remote_code=True`.
 `config.prunekit` holds:
     layers_path, attn, mlp, attn_norms, mlp_norms : module names (written by prunekit's adapter)
     mlp_fields (optional)                         : config fields an MLP is rebuilt for (default intermediate_size)
+    mlp_output (optional)                         : "tuple" where the MLP returns (output, router scores)
     dropped_attn, dropped_mlp                     : layer indices whose sub-layer is gone
     layer_overrides                               : {"<layer>": {config field: value}} for narrowed layers
 """
@@ -54,10 +55,16 @@ class DroppedAttention(nn.Module):
 
 
 class DroppedMLP(nn.Module):
-    """Stands in for a removed MLP sub-layer: contributes nothing to the residual stream."""
+    """Stands in for a removed MLP sub-layer: contributes nothing to the residual stream. `returns_tuple`: the
+    family's MLP returns (output, router scores) and its decoder layer unpacks them (gpt-oss)."""
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
+    def __init__(self, returns_tuple: bool = False):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = torch.zeros_like(hidden_states)
+        return (out, None) if self.returns_tuple else out
 
 
 class PassThrough(nn.Module):
@@ -97,7 +104,7 @@ def drop_attention(layer: nn.Module, layer_idx: int, names: dict[str, Any]) -> N
 
 
 def drop_mlp(layer: nn.Module, names: dict[str, Any]) -> None:
-    setattr(layer, names["mlp"], DroppedMLP())
+    setattr(layer, names["mlp"], DroppedMLP(names.get("mlp_output") == "tuple"))
     for norm in names["mlp_norms"]:
         setattr(layer, norm, PassThrough())
 

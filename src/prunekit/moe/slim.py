@@ -72,6 +72,7 @@ def slim_experts(model: nn.Module | LayerSource, adapter: MoEAdapter, calib: Cal
     origin = {i: ([[*range(w)] for _ in range(ad.num_experts(layers[i]))], None if s is None else [*range(s)])
               for i, (w, s) in start.items()}
     before = count_parameters(ad.model)
+    history: list[dict[str, object]] = []
     for shot in range(shots):
         stats = collect_expert_stats(model, calib, adapter=ad, batch_size=batch_size, sums=sums, progress=progress)
         counts = {i: (e[shot], None if s is None else s[shot]) for i, (e, s) in schedule.items()}
@@ -81,13 +82,15 @@ def slim_experts(model: nn.Module | LayerSource, adapter: MoEAdapter, calib: Cal
             kept, shared = origin[i]
             origin[i] = ([[row[c] for c in now] for row, now in zip(kept, w.expert_channels or [])],
                          None if shared is None else [shared[c] for c in w.shared_channels or range(len(shared))])
+        history.append({"shot": shot + 1, "parameters": count_parameters(ad.model),
+                        "widths": {str(i): ad.layer_widths(layers[i]) for i in range(len(layers))}})
     refresh_config(ad)
     plan_widths = {i: LayerWidth(expert_channels=e, shared_channels=s) for i, (e, s) in origin.items()}
     return PruningPlan(widths=plan_widths, method="expert-slim",
                        options={"mlp_keep": mlp_keep, "shots": shots, "multiple_of": multiple_of,
                                 "batch_size": batch_size, "parameters_before": before,
                                 "parameters_after": count_parameters(ad.model)},
-                       calibration=calib.describe(), model={"num_hidden_layers": ad.num_layers})
+                       history=history, calibration=calib.describe(), model={"num_hidden_layers": ad.num_layers})
 
 
 def _aligned(widths: list[int], target: int) -> list[int]:

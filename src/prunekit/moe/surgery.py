@@ -25,8 +25,9 @@ _TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
 _WIDTH_ATTRS = ("intermediate_dim", "intermediate_size")
 
 
-# transformers runs experts with grouped matrix kernels that need every row of `down_proj` [E, H, I] to start
-# on a 16-byte boundary: I a multiple of 8 covers 16-bit weights (and float32).
+# transformers runs experts with grouped matrix kernels that need every row of the fused tensors to start on a
+# 16-byte boundary (`down_proj` [E, H, I], gpt-oss's `gate_up_proj` [E, H, 2I]): I a multiple of 8 covers
+# 16-bit weights (and float32).
 EXPERT_WIDTH_MULTIPLE = 8
 
 
@@ -119,8 +120,11 @@ def keep_experts(adapter: MoEAdapter, layer: nn.Module, kept: list[int]) -> None
     """Keep experts `kept` (current indices): their fused slices, router rows (and bias); top-k capped."""
     experts, router = adapter.experts(layer), adapter.router(layer)
     idx = torch.tensor(kept, device=router.weight.device)
-    for name in (adapter.moe.gate_up, adapter.moe.down):
-        _replace(experts, name, getattr(experts, name).detach().index_select(0, idx.to(getattr(experts, name).device)))
+    m = adapter.moe
+    for name in (m.gate_up, m.down, m.gate_up_bias, m.down_bias):
+        if name:
+            t = getattr(experts, name)
+            _replace(experts, name, t.detach().index_select(0, idx.to(t.device)))
     for name in ("weight", "bias"):
         if isinstance(getattr(router, name, None), torch.Tensor):
             _replace(router, name, getattr(router, name).detach().index_select(0, idx))
@@ -131,16 +135,25 @@ def keep_experts(adapter: MoEAdapter, layer: nn.Module, kept: list[int]) -> None
 
 
 def narrow_experts(adapter: MoEAdapter, layer: nn.Module, channels: list[list[int]]) -> None:
-    """Keep intermediate channels `channels[e]` of each expert e (one count for all): its gate and up rows of
-    gate_up, its columns of down."""
-    experts = adapter.experts(layer)
+    """Keep intermediate channels `channels[e]` of each expert e (one count for all): its gate and up slices of
+    gate_up (and their biases) and its slice of down, in the family's layout."""
+    experts, m = adapter.experts(layer), adapter.moe
     gate_up, down = adapter.expert_tensors(layer)
-    width = down.shape[-1]
+    gate_up_bias, _ = adapter.expert_biases(layer)
+    width = adapter.expert_width(layer)
     idx = torch.tensor(channels, device=gate_up.device)  # [E, k]
-    rows = torch.cat([idx, idx + width], dim=1)[:, :, None].expand(-1, -1, gate_up.shape[-1])
-    _replace(experts, adapter.moe.gate_up, gate_up.detach().gather(1, rows))
-    cols = idx.to(down.device)[:, None, :].expand(-1, down.shape[1], -1)
-    _replace(experts, adapter.moe.down, down.detach().gather(2, cols))
+    if m.layout == "interleaved":  # gate_up [E, H, 2I] (gate 2c, up 2c + 1), down [E, I, H]
+        pairs = torch.stack([2 * idx, 2 * idx + 1], dim=-1).reshape(idx.shape[0], -1)  # [E, 2k]
+        _replace(experts, m.gate_up, gate_up.detach().gather(2, pairs[:, None, :].expand(-1, gate_up.shape[1], -1)))
+        if gate_up_bias is not None:
+            _replace(experts, m.gate_up_bias, gate_up_bias.detach().gather(1, pairs.to(gate_up_bias.device)))
+        rows = idx.to(down.device)[:, :, None].expand(-1, -1, down.shape[-1])
+        _replace(experts, m.down, down.detach().gather(1, rows))
+    else:  # gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I]
+        rows = torch.cat([idx, idx + width], dim=1)[:, :, None].expand(-1, -1, gate_up.shape[-1])
+        _replace(experts, m.gate_up, gate_up.detach().gather(1, rows))
+        cols = idx.to(down.device)[:, None, :].expand(-1, down.shape[1], -1)
+        _replace(experts, m.down, down.detach().gather(2, cols))
     _set_ints([experts], _WIDTH_ATTRS, len(channels[0]))
 
 
