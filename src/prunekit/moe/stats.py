@@ -41,10 +41,14 @@ class LayerExpertSums:
     shared: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, experts: int, width: int, shared: int | None) -> "LayerExpertSums":
-        return cls(0.0, torch.zeros(experts, dtype=_F64), torch.zeros(experts, dtype=_F64),
-                   torch.zeros(experts, dtype=_F64), torch.zeros(experts, width, dtype=_F64),
-                   None if shared is None else torch.zeros(shared, dtype=_F64))
+    def empty(cls, experts: int, width: int, shared: int | None,
+              device: torch.device | None = None) -> "LayerExpertSums":
+        """Zero sums on `device` (the layer's: no host round trip per batch; `to_tensors` moves them)."""
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=_F64, device=device)
+
+        return cls(0.0, zeros(experts), zeros(experts), zeros(experts), zeros(experts, width),
+                   None if shared is None else zeros(shared))
 
 
 class ExpertStats(dict[int, LayerExpertSums]):
@@ -88,16 +92,16 @@ def add_batch(adapter: MoEAdapter, layer: nn.Module, x: torch.Tensor, mask: torc
         hidden = adapter.expert_hidden(layer, e, h[token])
         out = adapter.expert_output(layer, e, hidden)
         st.picks[e] += token.numel()
-        st.gates[e] += g.sum().cpu()
-        st.reap[e] += (g * out.to(_F64).norm(dim=-1)).sum().cpu()
-        st.channels[e] += ((g[:, None] * hidden.to(_F64)) ** 2).sum(0).cpu()
+        st.gates[e] += g.sum()
+        st.reap[e] += (g * out.to(_F64).norm(dim=-1)).sum()
+        st.channels[e] += ((g[:, None] * hidden.to(_F64)) ** 2).sum(0)
     shared = adapter.shared_projections(layer)
     if shared is not None and st.shared is not None:
         gate, up, _ = shared
         act = adapter.shared_expert(layer).act_fn(gate(h)) * up(h)  # type: ignore[union-attr]
         scale = adapter.shared_gate(layer)
-        s = torch.sigmoid(scale(h)).to(_F64) if scale is not None else torch.ones(h.shape[0], 1, dtype=_F64)
-        st.shared += ((s * act.to(_F64)) ** 2).sum(0).cpu()
+        s = torch.sigmoid(scale(h)).to(_F64) if scale is not None else 1.0
+        st.shared += ((s * act.to(_F64)) ** 2).sum(0)
 
 
 class ExpertStatsObserver(Observer):
@@ -108,6 +112,7 @@ class ExpertStatsObserver(Observer):
         self.stats = ExpertStats()
         self._input: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
+        self._layer: nn.Module | None = None  # the MoE layer being observed
 
     def begin_layer(self, i: int, layer: nn.Module) -> None:
         ad = self.adapter
@@ -115,7 +120,8 @@ class ExpertStatsObserver(Observer):
             return
         shared = ad.shared_projections(layer)
         self.stats[i] = LayerExpertSums.empty(ad.num_experts(layer), ad.expert_width(layer),
-                                              None if shared is None else shared[1].out_features)
+                                              None if shared is None else shared[1].out_features,
+                                              ad.expert_tensors(layer)[0].device)
 
         def remember(module: nn.Module, args: tuple[Any, ...]) -> None:
             self._input["x"] = args[0].detach()
@@ -126,7 +132,7 @@ class ExpertStatsObserver(Observer):
     def observe(self, i: int, b: int, h_in: torch.Tensor, h_mid: torch.Tensor, h_out: torch.Tensor,
                 mask: torch.Tensor | None) -> None:
         x = self._input.pop("x", None)
-        if x is not None and i in self.stats:
+        if x is not None and i in self.stats and self._layer is not None:
             add_batch(self.adapter, self._layer, x, mask, self.stats[i])
 
     def end_layer(self, i: int, layer: nn.Module) -> None:
