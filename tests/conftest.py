@@ -50,10 +50,40 @@ def tiny_config(model_type: str):
     if model_type == "gemma3_text":
         return t.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8,
                                   layer_types=["sliding_attention", "full_attention"] * 2)
+    if model_type in MOE_FAMILIES:
+        return tiny_moe_config(model_type)
     raise ValueError(model_type)
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+# Mixture-of-Experts families: 4 experts of width 128 (the dense families' intermediate size), top-2; Qwen2-MoE
+# adds a shared expert of width 96, gpt-oss sliding-window layers (window 8). Renormalised top-k where the
+# family lets it be chosen, so that removing an expert no token picks is exact.
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
+
+
+def tiny_moe_config(model_type: str, **overrides):
+    import transformers as t
+
+    moe = dict(num_experts_per_tok=2, **TINY, eos_token_id=None, pad_token_id=None, bos_token_id=None)
+    qwen = dict(moe, moe_intermediate_size=128, norm_topk_prob=True, num_experts=4)
+    if model_type == "mixtral":
+        cfg = t.MixtralConfig(**moe, num_local_experts=4, sliding_window=None)
+    elif model_type == "qwen2_moe":
+        cfg = t.Qwen2MoeConfig(**qwen, shared_expert_intermediate_size=96)
+    elif model_type == "qwen3_moe":
+        cfg = t.Qwen3MoeConfig(**qwen, head_dim=16)
+    elif model_type == "olmoe":
+        cfg = t.OlmoeConfig(**moe, num_experts=4, norm_topk_prob=True)
+    elif model_type == "gpt_oss":
+        cfg = t.GptOssConfig(**moe, num_local_experts=4, head_dim=16, sliding_window=8,
+                             layer_types=["sliding_attention", "full_attention"] * 2,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    else:
+        raise ValueError(model_type)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
 
 
 def tiny_model(model_type: str = "llama", seed: int = 0):

@@ -30,6 +30,23 @@ CONFIGS = {
     "qwen3": lambda: tiny_config("qwen3"),
     "gemma3_text": lambda: tiny_config("gemma3_text"),
     "gemma3": _gemma3_multimodal,
+    "mixtral": lambda: tiny_config("mixtral"),
+    "qwen2_moe": lambda: tiny_config("qwen2_moe"),
+    "qwen3_moe": lambda: tiny_config("qwen3_moe"),
+    "olmoe": lambda: tiny_config("olmoe"),
+    "gpt_oss": lambda: tiny_config("gpt_oss"),
+}
+
+
+# A Mixture-of-Experts layer's widths, by its family's config fields: expert count, expert width, top-k (and
+# the shared expert's width), in place of the dense MLP's intermediate size.
+MOE_WIDTHS = {
+    "mixtral": {"num_local_experts": 4, "intermediate_size": 128, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "moe_intermediate_size": 128, "num_experts_per_tok": 2,
+                  "shared_expert_intermediate_size": 96},
+    "qwen3_moe": {"num_local_experts": 4, "moe_intermediate_size": 128, "num_experts_per_tok": 2},
+    "olmoe": {"num_experts": 4, "intermediate_size": 128, "num_experts_per_tok": 2},
+    "gpt_oss": {"num_local_experts": 4, "intermediate_size": 128, "num_experts_per_tok": 2},
 }
 
 
@@ -60,7 +77,8 @@ def test_adapter_answers_every_shape_question(model_type):
         assert ad.has_attention(layer) and ad.has_mlp(layer)
         assert ad.attention_shape(layer) == (TINY["num_attention_heads"], TINY["num_key_value_heads"])
         assert ad.mlp_width(layer) == TINY["intermediate_size"]
-        assert ad.layer_widths(layer) == {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
+        assert ad.layer_widths(layer) == {"num_attention_heads": 4, "num_key_value_heads": 2,
+                                          **MOE_WIDTHS.get(model_type, {"intermediate_size": 128})}
         # Module paths: the layer's tensor names are where the adapter says (streaming reads them by name).
         q = ad.attn_projections(layer)[0]
         assert params[f"{ad.layer_prefix(i)}{ad.spec.attn}.{ad.spec.q_proj}.weight"] is q.weight
@@ -106,8 +124,11 @@ def test_identity_and_mixed_plans_round_trip(model_type, tmp_path):
     apply_plan(ad, PruningPlan(method="identity"))
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
+    # OLMoE's q/k norms span every head and gpt-oss has per-head sinks: they refuse narrowing heads
+    # (`ArchSpec.moe.fixed_heads`).
+    heads = {} if model_type in ("olmoe", "gpt_oss") else {"heads": [2, 3], "kv_heads": [1]}
     plan = PruningPlan(dropped=[DropTarget(1, "attn"), DropTarget(2, "mlp")], method="test",
-                       widths={0: LayerWidth(heads=[2, 3], kv_heads=[1], channels=list(range(0, 128, 2)))})
+                       widths={0: LayerWidth(**heads, channels=list(range(0, 128, 2)))})
     apply_plan(ad, plan)
     apply_plan(ad, plan)  # a plan already applied to this model is not applied twice
     with torch.no_grad():

@@ -218,10 +218,12 @@ class ScoreOptions(Scale):
 @dataclass(frozen=True)
 class DropOptions(Scale):
     command: ClassVar[str] = "drop"
-    target: str = opt(choices=("attn", "mlp", "block", "joint"),
-                      help="attn: Attention Drop; mlp: MLP Drop; block: Block Drop; joint: attention and MLP modules "
-                           "ranked together")
-    n: int = opt(parse=int, check=at_least(1), help="number of modules (layers, for block) to drop")
+    target: str = opt(choices=("attn", "mlp", "block", "joint", "expert"),
+                      help="attn: Attention Drop; mlp: MLP Drop (on a Mixture-of-Experts model, the MoE block); "
+                           "block: Block Drop; joint: attention and MLP modules ranked together; expert: n experts "
+                           "from every MoE layer (Mixture-of-Experts models)")
+    n: int = opt(parse=int, check=at_least(1), help="number of modules (layers, for block; experts per MoE layer, "
+                                                     "for expert) to drop")
     consecutive: bool = opt(False, kind="store_true",
                             help="Block Drop of the best consecutive run of n blocks (by cos(h_i, h_{i+n}))")
     iterative: bool = opt(False, kind="store_true",
@@ -237,6 +239,10 @@ class DropOptions(Scale):
                       help="linear: fold a training-free linear map into the projection before each removed span, "
                            "estimated on the calibration text and kept only where it lowers the loss on held-out "
                            "calibration samples (Llama/Mistral/Qwen; in memory or streamed) (default none)")
+    expert_score: str = opt("router", choices=("router", "reap"),
+                            help="--target expert: router = how often the router picks an expert times its mean "
+                                 "weight then; reap = REAP, the mean over its tokens of router weight x the norm of "
+                                 "its output (default router)")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ PLAN_FILE = "prunekit_plan.json"
 RECIPE_FILE = "prunekit_recipe.yaml"
 PLAN_FORMAT = 1
 MODULES: tuple[str, ...] = ("attn", "mlp", "block")
-WIDTH_FIELDS: tuple[str, ...] = ("heads", "kv_heads", "channels")
+WIDTH_FIELDS: tuple[str, ...] = ("heads", "kv_heads", "channels", "experts", "shared_channels", "expert_channels")
 
 
 @dataclass(frozen=True, order=True)
@@ -41,11 +41,17 @@ class DropTarget:
 @dataclass
 class LayerWidth:
     """Kept indices (into the ORIGINAL layer) of one layer's query heads, KV heads and MLP channels.
-    None means "unchanged"."""
+    None means "unchanged". In a Mixture-of-Experts layer `channels` are the intermediate channels every
+    expert keeps (the same ones), `expert_channels` instead one list per expert of the original layer (each
+    its own channels; all of one length, since the fused expert tensors need one width), `experts` the kept
+    experts (router rows with them) and `shared_channels` the shared expert's channels (Qwen2-MoE)."""
 
     heads: list[int] | None = None
     kv_heads: list[int] | None = None
     channels: list[int] | None = None
+    experts: list[int] | None = None
+    shared_channels: list[int] | None = None
+    expert_channels: list[list[int]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -260,10 +266,27 @@ def parse_kept(value: Any, name: str) -> list[int] | None:
     return kept
 
 
+def parse_expert_channels(value: Any, name: str) -> list[list[int]] | None:
+    """null, or one non-empty list of kept channels per expert, all of the same length."""
+    if value is None:
+        return None
+    lists = [parse_kept(v, f"{name}[{e}]") for e, v in enumerate(_list(value, name))]
+    if not lists or any(k is None for k in lists):
+        raise _bad(name, value, "null or a list of kept-channel lists, one per expert")
+    if len({len(k) for k in lists}) != 1:  # type: ignore[arg-type]
+        raise PlanError(f"{name} keeps different numbers of channels in different experts (the fused expert "
+                        "tensors need one width)")
+    return lists  # type: ignore[return-value]
+
+
 def parse_layer_width(value: Any, name: str) -> LayerWidth:
     w = _object(value, name)
     _only_keys(w, WIDTH_FIELDS, name)
-    return LayerWidth(**{k: parse_kept(w[k], f"{name}.{k}") for k in WIDTH_FIELDS if k in w})
+    out = LayerWidth(**{k: parse_kept(w[k], f"{name}.{k}") for k in WIDTH_FIELDS if k in w and k != "expert_channels"})
+    out.expert_channels = parse_expert_channels(w.get("expert_channels"), f"{name}.expert_channels")
+    if out.channels is not None and out.expert_channels is not None:
+        raise PlanError(f"{name} has both channels and expert_channels; give one")
+    return out
 
 
 def parse_widths(value: Any, name: str = "widths") -> dict[int, LayerWidth]:

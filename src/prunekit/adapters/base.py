@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.adapters.moe_layouts import GPT_OSS, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, MoESpec
 from prunekit.errors import UnsupportedArchitectureError
 from prunekit.hf_remote.modeling_prunekit import DroppedAttention, DroppedMLP, drop_attention, drop_mlp
+from prunekit.plans import LayerWidth
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class ArchSpec:
     # Whether a norm follows each sub-layer's output projection before the residual add (Gemma 3): then a
     # linear map cannot be folded into that projection (`repair`).
     output_norms: bool = False
+    # Mixture-of-Experts families: where the experts, the router and a shared expert live (`adapters.moe`).
+    moe: MoESpec | None = None
 
 
 _LLAMA = ArchSpec(family="llama")
@@ -80,6 +84,12 @@ ADAPTERS: dict[str, ArchSpec] = {
     "qwen3": _QWEN3,
     "gemma3_text": _GEMMA3_TEXT,
     "gemma3": _GEMMA3_MM,
+    "mixtral": ArchSpec(family="mixtral", moe=MIXTRAL),
+    "qwen2_moe": ArchSpec(family="qwen2_moe", moe=QWEN2_MOE),
+    "qwen3_moe": ArchSpec(family="qwen3_moe", q_norm="q_norm", k_norm="k_norm", moe=QWEN3_MOE),
+    # OLMoE's q/k norms span the whole projection, not one head (hence `OLMOE.fixed_heads`).
+    "olmoe": ArchSpec(family="olmoe", q_norm="q_norm", k_norm="k_norm", moe=OLMOE),
+    "gpt_oss": ArchSpec(family="gpt_oss", moe=GPT_OSS),
 }
 
 
@@ -225,6 +235,26 @@ class ModelAdapter:
             out["intermediate_size"] = self.mlp_width(layer)
         return out
 
+    def check_narrow_heads(self) -> None:
+        """Raise `PlanError` where this family's heads cannot be narrowed (nothing for the dense rows)."""
+
+    def mlp_macs(self, layer: nn.Module) -> int:
+        """Multiply-adds one token costs in the layer's MLP (its projections)."""
+        return sum(m.in_features * m.out_features for m in self.mlp_projections(layer) if m is not None)
+
+    def width_fields(self) -> tuple[str, ...]:
+        """The config fields `layer_widths` may name: the ones a uniform structure writes as stock fields."""
+        return ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+    def planned_widths(self, layer: nn.Module, w: LayerWidth) -> dict[str, int]:
+        """The widths (by config field, as `layer_widths` names them) that `w` gives a layer."""
+        out: dict[str, int] = {}
+        for key, kept in (("num_attention_heads", w.heads), ("num_key_value_heads", w.kv_heads),
+                          ("intermediate_size", w.channels)):
+            if kept is not None:
+                out[key] = len(kept)
+        return out
+
     def output_projection(self, layer: nn.Module, part: str) -> nn.Linear:
         """The projection whose output a sub-layer (`attn` or `mlp`) adds to the residual stream."""
         return self.attn_projections(layer)[3] if part == "attn" else self.mlp_projections(layer)[2]
@@ -292,4 +322,8 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         raise UnsupportedArchitectureError(
             f"prunekit has no adapter for model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
         )
+    if spec.moe is not None:
+        from prunekit.adapters.moe import MoEAdapter  # it subclasses ModelAdapter
+
+        return MoEAdapter(model, spec)
     return ModelAdapter(model, spec)

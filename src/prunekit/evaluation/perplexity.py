@@ -80,8 +80,7 @@ def decode_flops_per_token(adapter: ModelAdapter, context: int) -> dict[str, int
             heads = q.out_features // hd
             attn += 2 * proj + 2 * 2 * context * heads * hd  # projections + scores and weighted sum
         if adapter.has_mlp(layer):
-            mats = [m for m in adapter.mlp_projections(layer) if m is not None]
-            mlp += 2 * sum(m.in_features * m.out_features for m in mats)
+            mlp += 2 * adapter.mlp_macs(layer)  # a Mixture-of-Experts block counts the experts a token runs
     head = adapter.lm_head()
     head_flops = 2 * head.in_features * head.out_features
     return {"attn": attn, "mlp": mlp, "layers": attn + mlp, "lm_head": head_flops, "total": attn + mlp + head_flops}

@@ -72,8 +72,9 @@ def layer_shapes(adapter: ModelAdapter) -> list[LayerShape]:
     out = []
     for layer in adapter.layers():
         w = adapter.layer_widths(layer)
+        # mlp_width: a Mixture-of-Experts layer's expert width, under its family's config field
         out.append(LayerShape(w.get("num_attention_heads", 0), w.get("num_key_value_heads", 0),
-                              w.get("intermediate_size", 0)))
+                              adapter.mlp_width(layer) if adapter.has_mlp(layer) else 0))
     return out
 
 

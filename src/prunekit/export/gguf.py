@@ -6,7 +6,9 @@ Which llama.cpp architecture carries which result:
   -> `deci`, llama.cpp's graph for NVIDIA's Nemotron-NAS models, which reads per-layer
   `attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays (0 = sub-layer gone);
 - uniform Gemma 3 -> `gemma3` (`gguf_gemma3.py`: 1 + w norms, sliding-window keys); a heterogeneous Gemma 3
-  has no llama.cpp graph and is refused.
+  has no llama.cpp graph and is refused;
+- uniform Mixtral -> `llama` with expert tensors, Qwen2-MoE -> `qwen2moe`, Qwen3-MoE -> `qwen3moe`, OLMoE ->
+  `olmoe` (`gguf_moe.py`); per-layer expert counts or widths have no llama.cpp graph and are refused.
 The tokenizer part is `gguf_vocab.py`.
 
 References read (written independently, cited for the conventions they fix):
@@ -31,6 +33,7 @@ import torch
 
 from prunekit.export.common import ExportError, ExportSource, LayerShape, to_numpy
 from prunekit.export.gguf_gemma3 import check_gemma3, gemma3_tensors, write_gemma3_keys
+from prunekit.export.gguf_moe import MOE_ARCHS, moe_arch, moe_ffn_tensors, needs_output, write_moe_keys
 from prunekit.export.gguf_vocab import bpe_pre_name, write_vocab
 
 __all__ = ["DIRECT_TYPES", "QUANT_TYPES", "bpe_pre_name", "gguf_arch", "permute_qk", "quantizer", "write_gguf"]
@@ -68,8 +71,11 @@ def gguf_arch(src: ExportSource) -> str:
                 "export the uniform model or use the Hugging Face checkpoint"
             )
         return "gemma3"
+    if mt in MOE_ARCHS:
+        return moe_arch(src)
     if mt not in _FAMILIES:
-        raise ExportError(f"GGUF export supports model types {', '.join(sorted(_FAMILIES))}; got {mt!r}")
+        raise ExportError(f"GGUF export supports model types {', '.join(sorted([*_FAMILIES, *MOE_ARCHS]))}; "
+                          f"got {mt!r}")
     stock, _, deci_ok = _FAMILIES[mt]
     if not src.heterogeneous:
         return stock
@@ -174,7 +180,10 @@ def _tensors(src: ExportSource, arch: str) -> list[tuple[str, torch.Tensor]]:
             if qn is not None:
                 out.append((_tensor_name(T.ATTN_Q_NORM, i), qn.weight))
                 out.append((_tensor_name(T.ATTN_K_NORM, i), kn.weight))
-        if shape.has_mlp:
+        if shape.has_mlp and src.model_type in MOE_ARCHS:
+            out.append((_tensor_name(T.FFN_NORM, i), getattr(layer, a.spec.mlp_norms[0]).weight))
+            out += moe_ffn_tensors(src, layer, i)
+        elif shape.has_mlp:
             out.append((_tensor_name(T.FFN_NORM, i), getattr(layer, a.spec.mlp_norms[0]).weight))
             gate, up, down = a.mlp_projections(layer)
             out += [(_tensor_name(T.FFN_GATE, i), gate.weight), (_tensor_name(T.FFN_UP, i), up.weight),
@@ -186,7 +195,7 @@ def _tensors(src: ExportSource, arch: str) -> list[tuple[str, torch.Tensor]]:
                     (_tensor_name(T.FFN_UP, i), torch.zeros(n, hidden)),
                     (_tensor_name(T.FFN_DOWN, i), torch.zeros(hidden, n))]
     out.append((_tensor_name(T.OUTPUT_NORM), a.final_norm().weight))
-    if not src.tied:  # llama.cpp reuses token_embd when `output` is absent
+    if not src.tied or needs_output(arch):  # llama.cpp reuses token_embd when `output` is absent, where it can
         out.append((_tensor_name(T.OUTPUT), a.lm_head().weight))
     return out
 
@@ -235,6 +244,8 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
     rope_freqs = _write_rope(w, cfg, hd)
     if arch == "gemma3":
         write_gemma3_keys(w, src)
+    if src.model_type in MOE_ARCHS:
+        write_moe_keys(w, src, arch)
     file_type = gguf.LlamaFileType.ALL_F32 if ftype == "f32" else gguf.LlamaFileType.MOSTLY_F16
     w.add_file_type(file_type)
     write_vocab(w, src.tokenizer, int(cfg.vocab_size))

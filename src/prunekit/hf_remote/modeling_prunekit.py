@@ -14,6 +14,8 @@ makes it refuse unless `trust_remote_code=True`.
 
 `config.prunekit` holds:
     layers_path, attn, mlp, attn_norms, mlp_norms : module names (written by prunekit's adapter)
+    mlp_fields (optional)                         : config fields an MLP is rebuilt for (default intermediate_size)
+    mlp_output (optional)                         : "tuple" where the MLP returns (output, router scores)
     dropped_attn, dropped_mlp                     : layer indices whose sub-layer is gone
     layer_overrides                               : {"<layer>": {config field: value}} for narrowed layers
 """
@@ -53,10 +55,16 @@ class DroppedAttention(nn.Module):
 
 
 class DroppedMLP(nn.Module):
-    """Stands in for a removed MLP sub-layer: contributes nothing to the residual stream."""
+    """Stands in for a removed MLP sub-layer: contributes nothing to the residual stream. `returns_tuple`: the
+    family's MLP returns (output, router scores) and its decoder layer unpacks them (gpt-oss)."""
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
+    def __init__(self, returns_tuple: bool = False):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = torch.zeros_like(hidden_states)
+        return (out, None) if self.returns_tuple else out
 
 
 class PassThrough(nn.Module):
@@ -96,7 +104,7 @@ def drop_attention(layer: nn.Module, layer_idx: int, names: dict[str, Any]) -> N
 
 
 def drop_mlp(layer: nn.Module, names: dict[str, Any]) -> None:
-    setattr(layer, names["mlp"], DroppedMLP())
+    setattr(layer, names["mlp"], DroppedMLP(names.get("mlp_output") == "tuple"))
     for norm in names["mlp_norms"]:
         setattr(layer, norm, PassThrough())
 
@@ -120,7 +128,9 @@ def rebuild_narrowed(layer: nn.Module, layer_idx: int, config: Any, overrides: d
         new_attn = type(attn)(cfg, layer_idx)
         setattr(layer, names["attn"], new_attn.to(dtype=_dtype_of(attn)))
     mlp = getattr(layer, names["mlp"])
-    if not isinstance(mlp, DroppedMLP) and "intermediate_size" in overrides:
+    # Mixture-of-Experts adapters name the fields their MLP is built from (expert count and widths).
+    mlp_fields = names.get("mlp_fields", ["intermediate_size"])
+    if not isinstance(mlp, DroppedMLP) and any(k in overrides for k in mlp_fields):
         new_mlp = type(mlp)(cfg)
         setattr(layer, names["mlp"], new_mlp.to(dtype=_dtype_of(mlp)))
 
@@ -165,7 +175,27 @@ def make_class(base: type, config_class: type | None = None) -> type:
     attrs: dict[str, Any] = {"__module__": __name__}
     if config_class is not None:
         attrs["config_class"] = config_class
-    return type(f"Prunekit{base.__name__}", (PrunekitMixin, base), attrs)
+    cls = type(f"Prunekit{base.__name__}", (PrunekitMixin, base), attrs)
+    _share_weight_conversions(cls.__name__, base)
+    return cls
+
+
+def _share_weight_conversions(class_name: str, base: type) -> None:
+    """Give the class the stock class's checkpoint conversions. transformers saves some families' weights in
+    another layout than its modules hold (Mixture-of-Experts: one tensor per expert in the files, fused 3D
+    tensors in the model) and converts them on load by model_type, but never for a class from remote code
+    unless it is registered by name."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # pragma: no cover - transformers without conversions (4.x) stores the modules' layout
+        return
+    model_type = getattr(getattr(base, "config_class", None), "model_type", None)
+    mapping = get_checkpoint_conversion_mapping(model_type) if model_type else None
+    if mapping:
+        register_checkpoint_conversion_mapping(class_name, mapping, overwrite=True)
 
 
 def stock_class(model: nn.Module) -> type:

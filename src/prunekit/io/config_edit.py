@@ -26,10 +26,26 @@ def per_layer_fields(config: Any) -> list[str]:
 def keep_layers(config: Any, keep: Sequence[int]) -> None:
     """Shrink the config to the decoder layers `keep` (original indices, ascending)."""
     keep = list(keep)
-    for name in per_layer_fields(config):
+    names = [f for f in per_layer_fields(config) if f != "mlp_only_layers"]  # layer indices, not per layer
+    _keep_dense_layers(config, keep)
+    for name in names:
         values = getattr(config, name)
         setattr(config, name, [values[i] for i in keep])
     config.num_hidden_layers = len(keep)
+
+
+def _keep_dense_layers(config: Any, keep: Sequence[int]) -> None:
+    """Qwen MoE configs say which layers have a dense MLP by index (`mlp_only_layers`, `decoder_sparse_step`):
+    renumber them for the layers kept, listing every dense one (and a step of 1, which then means none)."""
+    only = getattr(config, "mlp_only_layers", None)
+    step = getattr(config, "decoder_sparse_step", None)
+    if only is None or not isinstance(step, int):
+        return
+    n_experts = getattr(config, "num_experts", 0) or 0
+    dense = {i for i in range(int(config.num_hidden_layers))
+             if i in only or not (n_experts > 0 and (i + 1) % step == 0)}
+    config.mlp_only_layers = [new for new, old in enumerate(keep) if old in dense]
+    config.decoder_sparse_step = 1
 
 
 def set_uniform_width(config: Any, *, num_attention_heads: int | None = None,
@@ -44,6 +60,13 @@ def set_uniform_width(config: Any, *, num_attention_heads: int | None = None,
         config.num_key_value_heads = int(num_key_value_heads)
     if intermediate_size is not None:
         config.intermediate_size = int(intermediate_size)
+
+
+def set_expert_fields(config: Any, fields: dict[str, int]) -> None:
+    """Stock Mixture-of-Experts fields of a model whose MoE layers all agree: the expert count, each
+    expert's width, top-k and the shared expert's width, by the family's field names (`adapters.moe`)."""
+    for key, value in fields.items():
+        setattr(config, key, int(value))
 
 
 def ensure_head_dim(config: Any) -> None:

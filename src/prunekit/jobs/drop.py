@@ -9,7 +9,9 @@ from prunekit.drop import CRITERIA, choose_drops
 from prunekit.errors import PlanError
 from prunekit.io.outputs import input_paths, prepare_output
 from prunekit.jobs.common import scoring_job
+from prunekit.jobs.experts import check_expert_options, expert_drop_plan
 from prunekit.jobs.repair import loss_states, repair_job
+from prunekit.moe.support import refuse_moe
 from prunekit.plans import PruningPlan
 from prunekit.repair import REPAIRS, check_repairable
 from prunekit.save import save
@@ -21,10 +23,14 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
              batch_size: int = 4, dtype: str = "float32", device: str = "cpu", stream: bool | None = None,
              offload_dir: str | Path | None = None, use_cache: bool = True, force: bool = False,
              repair: str = "none", criterion: str = "cosine", prefilter: int | None = 8,
-             progress: bool = True) -> PruningPlan | None:
+             expert_score: str = "router", progress: bool = True) -> PruningPlan | None:
     """Score, choose, save the pruned checkpoint to `out` (rank 0 saves; the plan is returned on rank 0, None
     elsewhere). Options as in `score_job`. `repair="linear"`: fold a training-free linear map into the
-    weights before each removed span (`prunekit.repair`; architectures that allow it, in memory or streamed)."""
+    weights before each removed span (`prunekit.repair`; architectures that allow it, in memory or streamed).
+    `target="expert"`: remove the `n` least important experts of every MoE layer, ranked by `expert_score`
+    (`prunekit.moe`)."""
+    if target == "expert":
+        check_expert_options(consecutive=consecutive, iterative=iterative, criterion=criterion, repair=repair)
     if repair not in REPAIRS:
         raise PlanError(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
     if criterion not in CRITERIA:
@@ -35,7 +41,14 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
                      progress=progress) as (job, factory):
         ad = job.source.adapter
         if repair == "linear":
+            refuse_moe(ad.model.config.model_type, "linear repair")
             check_repairable(ad)
+        if target == "expert":
+            plan = expert_drop_plan(job, n=n, expert_score=expert_score, batch_size=batch_size, progress=progress)
+            apply_plan(ad, plan)
+            if job.env.is_main:
+                save(job.source, job.tokenizer, dest, plan, progress=progress)
+            return plan if job.env.is_main else None
         with loss_states(job.streamed and criterion != "cosine", offload_dir) as work:
             plan = choose_drops(ad.model, ad, job.calib, target=target, n=n,  # type: ignore[arg-type]
                                 consecutive=consecutive, iterative=iterative, batch_size=batch_size,

@@ -63,11 +63,14 @@ def run_drop(o: DropOptions, dest: Target, progress: bool) -> Summary | None:
     plan = drop_job(o.model, dest, target=o.target, n=o.n, consecutive=o.consecutive, iterative=o.iterative,
                     calib=o.calib, samples=o.samples, seq_len=o.seq_len, batch_size=o.batch_size, dtype=o.dtype,
                     device=o.device, stream=o.stream, offload_dir=o.offload_dir, use_cache=o.use_cache,
-                    repair=o.repair, criterion=o.criterion, prefilter=o.prefilter, progress=progress)
+                    repair=o.repair, criterion=o.criterion, prefilter=o.prefilter, expert_score=o.expert_score,
+                    progress=progress)
     if plan is None:
         return None
     summary: Summary = {"out": str(dest), "method": plan.method,
                         "dropped": [f"{d.module}@{d.layer}" for d in plan.dropped]}
+    if any(w.experts is not None for w in plan.widths.values()):  # expert drop: the experts kept per layer
+        summary["experts_kept"] = {str(i): w.experts for i, w in sorted(plan.widths.items())}
     if plan.repair:
         summary["repair"] = {k: plan.repair[k] for k in ("check_loss_unrepaired", "check_loss")}
         summary["repair"]["applied"] = sum(s["applied"] for s in plan.repair["spans"])

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from prunekit.io.outputs import input_paths, prepare_output
 from prunekit.jobs.common import distributed, load_job, width_collector
+from prunekit.moe.choose import is_moe_model
+from prunekit.moe.slim import check_slim_options, slim_experts
 from prunekit.plans import PruningPlan
 from prunekit.save import save
 from prunekit.width import check_width_options, width_prune
@@ -30,6 +32,15 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
     with distributed(device, offload_dir) as (env, dev):
         job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                        env=env, device=dev, stream=stream)
+        if is_moe_model(job.source.adapter):
+            check_slim_options(heads_keep=heads_keep, mode=mode, scorer=scorer, streamed=job.streamed)
+            plan = slim_experts(job.source, job.source.adapter, job.shard, mlp_keep=mlp_keep,  # type: ignore[arg-type]
+                                shots=shots, multiple_of=multiple_of, batch_size=batch_size, sums=job.sums,
+                                progress=progress and env.is_main)
+            plan.calibration = job.calib.describe()
+            if env.is_main:
+                save(job.source, job.tokenizer, dest, plan, progress=progress)
+            return (plan, job.streamed) if env.is_main else None
         collector, inner = width_collector(job, scorer=scorer, batch_size=batch_size, dtype=dtype,
                                            offload_dir=offload_dir, use_cache=use_cache, progress=progress)
         ad = job.source.adapter

@@ -15,6 +15,7 @@ from torch import nn
 
 from prunekit.adapters import get_adapter
 from prunekit.errors import RecoveryError
+from prunekit.moe.surgery import is_moe_layer
 
 
 def check_rank(rank: int | None) -> None:
@@ -31,7 +32,11 @@ def lora_targets(model: nn.Module) -> list[str]:
         prefix = ad.layer_prefix(i)
         if ad.has_attention(layer):
             out += [f"{prefix}{s.attn}.{name}" for name in (s.q_proj, s.k_proj, s.v_proj, s.o_proj)]
-        if ad.has_mlp(layer):
+        if is_moe_layer(ad, layer):  # LoRA cannot wrap the fused expert tensors; a shared expert is plain Linear
+            shared = s.moe.shared_expert if s.moe else None
+            out += [f"{prefix}{s.mlp}.{shared}.{name}" for name in (s.gate_proj, s.up_proj, s.down_proj)
+                    if shared and name]
+        elif ad.has_mlp(layer):
             out += [f"{prefix}{s.mlp}.{name}" for name in (s.gate_proj, s.up_proj, s.down_proj) if name]
     if not out:
         raise RecoveryError("the model has no attention or MLP projections left for LoRA to adapt")

@@ -16,7 +16,8 @@ from typing import Any
 
 from prunekit.adapters import ModelAdapter
 from prunekit.errors import PlanError
-from prunekit.plans import LayerWidth, PruningPlan, check_layers
+from prunekit.moe.surgery import check_expert_plan
+from prunekit.plans import PruningPlan, check_layers
 from prunekit.surgery.structure import compact, count_parameters, mark_drops, refresh_config
 from prunekit.surgery.widths import apply_widths
 
@@ -42,17 +43,14 @@ def carries(adapter: ModelAdapter, plan: PruningPlan) -> bool:
     for layer, i in zip(layers, kept):
         if adapter.has_attention(layer) == (i in attn) or adapter.has_mlp(layer) == (i in mlp):
             return False
-        if i in plan.widths and not _has_widths(adapter.layer_widths(layer), plan.widths[i]):
+        if i in plan.widths and not _has_widths(adapter.layer_widths(layer),
+                                                adapter.planned_widths(layer, plan.widths[i])):
             return False
     return True
 
 
-def _has_widths(have: dict[str, int], want: LayerWidth) -> bool:
-    for key, kept in (("num_attention_heads", want.heads), ("num_key_value_heads", want.kv_heads),
-                      ("intermediate_size", want.channels)):
-        if kept is not None and key in have and have[key] != len(kept):
-            return False
-    return True
+def _has_widths(have: dict[str, int], want: dict[str, int]) -> bool:
+    return all(have[key] == n for key, n in want.items() if key in have)
 
 
 def apply_plan(adapter: ModelAdapter, plan: PruningPlan, *, structure_only: bool = False) -> dict[str, Any] | None:
@@ -67,6 +65,7 @@ def apply_plan(adapter: ModelAdapter, plan: PruningPlan, *, structure_only: bool
         raise PlanError(f"this plan's model also carries {', '.join(edits)} in its weights, which a plan does not "
                         f"hold: load the saved checkpoint itself, rebuild it with `prunekit run "
                         f"CHECKPOINT/prunekit_recipe.yaml`, or pass structure_only=True for the pruned structure")
+    check_expert_plan(adapter, plan.widths)
     if not carries(adapter, plan):
         # Before any change: a negative index would silently count from the end, a large one fail halfway.
         check_layers(plan, adapter.num_layers)

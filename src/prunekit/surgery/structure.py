@@ -58,7 +58,7 @@ def refresh_config(adapter: ModelAdapter) -> dict[str, Any] | None:
     widths = [adapter.layer_widths(layer) for layer in layers]
     # Stock fields take the most common width so that the fewest layers need overrides.
     stock: dict[str, int] = {}
-    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+    for key in adapter.width_fields():
         values = [w[key] for w in widths if key in w]
         # Only values the config class accepts on reload (Llama/Gemma3 configs insist that hidden_size be a
         # multiple of num_attention_heads even with an explicit head_dim); with none, the field keeps its
@@ -68,7 +68,9 @@ def refresh_config(adapter: ModelAdapter) -> dict[str, Any] | None:
             stock[key] = max(ok, key=lambda v: (values.count(v), v))
     if stock.get("num_attention_heads", cfg.num_attention_heads) != cfg.num_attention_heads:
         config_edit.ensure_head_dim(cfg)
-    config_edit.set_uniform_width(cfg, **stock)
+    dense = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    config_edit.set_uniform_width(cfg, **{k: v for k, v in stock.items() if k in dense})
+    config_edit.set_expert_fields(cfg, {k: v for k, v in stock.items() if k not in dense})
     overrides = {
         str(i): {k: v for k, v in w.items() if v != stock.get(k)}
         for i, w in enumerate(widths)

@@ -26,6 +26,7 @@ from torch import nn
 
 from prunekit.adapters import ModelAdapter
 from prunekit.errors import PlanError
+from prunekit.moe.surgery import MoEWidth, apply_moe_width, is_moe_layer, resolve_moe_width
 from prunekit.plans import LayerWidth
 
 # Head-count attributes some attention implementations cache on the module (HF Llama-style modules only
@@ -128,6 +129,7 @@ def apply_widths(adapter: ModelAdapter, widths: Mapping[int, LayerWidth]) -> Non
     raises `PlanError` without touching the model. `hidden_size` never changes."""
     layers = adapter.layers()
     todo: list[tuple[nn.Module, tuple[list[int], list[int]] | None, list[int] | None]] = []
+    moe: list[tuple[nn.Module, MoEWidth]] = []
     for key, w in sorted(widths.items()):
         i = int(key)
         if not 0 <= i < len(layers):
@@ -137,12 +139,17 @@ def apply_widths(adapter: ModelAdapter, widths: Mapping[int, LayerWidth]) -> Non
         if w.heads is not None or w.kv_heads is not None:
             if not adapter.has_attention(layer):
                 raise PlanError(f"the plan narrows the attention of layer {i}, which has no attention")
+            adapter.check_narrow_heads()
             nh, nkv = adapter.attention_shape(layer)
             want = (nh if w.heads is None else len(w.heads), nkv if w.kv_heads is None else len(w.kv_heads))
             if want != (nh, nkv):  # equal: already narrowed (or keeps everything), see the module docstring
                 heads_kv = _resolve_heads(i, w, nh, nkv)
         channels = None
-        if w.channels is not None:
+        if is_moe_layer(adapter, layer):
+            moe.append((layer, resolve_moe_width(adapter, i, layer, w)))  # type: ignore[arg-type]
+        elif w.experts is not None or w.shared_channels is not None:
+            raise PlanError(f"the plan keeps experts of layer {i}, whose MLP is not a block of experts")
+        elif w.channels is not None:
             if not adapter.has_mlp(layer):
                 raise PlanError(f"the plan narrows the MLP of layer {i}, which has no MLP")
             width = adapter.mlp_width(layer)
@@ -155,6 +162,8 @@ def apply_widths(adapter: ModelAdapter, widths: Mapping[int, LayerWidth]) -> Non
                 narrow_attention(adapter, layer, *heads_kv)
             if channels is not None:
                 narrow_mlp(adapter, layer, channels)
+        for layer, mw in moe:
+            apply_moe_width(adapter, layer, mw)  # type: ignore[arg-type]
 
 
 def width_slices(adapter: ModelAdapter, layer: nn.Module, w: LayerWidth) -> dict[str, tuple[int, torch.Tensor]]:

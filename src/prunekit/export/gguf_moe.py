@@ -1,0 +1,109 @@
+"""GGUF for uniform Mixture-of-Experts results: llama.cpp's graphs for Mixtral (`llama` with expert tensors),
+Qwen2-MoE (`qwen2moe`), Qwen3-MoE (`qwen3moe`) and OLMoE (`olmoe`).
+
+Those graphs take one expert count, top-k and expert width for every layer, and each fixes whether the top-k
+router weights are renormalised (`llama` and `qwen3moe` do, `qwen2moe` and `olmoe` do not), so a result with
+per-layer expert counts or widths, a removed sub-layer, dense MLP layers, or a config whose `norm_topk_prob`
+disagrees with its graph is refused with one error.
+
+Tensor layout (GGUF shapes are PyTorch's reversed): `ffn_gate_inp` is the router [E, H]; `ffn_gate_exps`
+and `ffn_up_exps` [E, I, H] are the two halves of transformers' fused `gate_up_proj` [E, 2I, H];
+`ffn_down_exps` [E, H, I] is `down_proj` as it is; Qwen2-MoE's shared expert is `ffn_{gate,up,down}_shexp`
+and its sigmoid gate `ffn_gate_inp_shexp`, a vector [H].
+
+References read (conventions only): llama.cpp `src/models/{qwen2moe,qwen3moe,olmoe}.cpp` (tensors, which
+keys they read, the renormalisation each passes to `build_moe_ffn`), gguf-py `gguf/constants.py` (names).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gguf
+import torch
+
+from prunekit.adapters.moe import MoEAdapter
+from prunekit.export.common import ExportError, ExportSource
+
+# model_type -> (llama.cpp arch, whether its graph renormalises the top-k weights)
+MOE_ARCHS: dict[str, tuple[str, bool]] = {
+    "mixtral": ("llama", True),
+    "qwen2_moe": ("qwen2moe", False),
+    "qwen3_moe": ("qwen3moe", True),
+    "olmoe": ("olmoe", False),
+}
+# Graphs that read `output` even when the model ties it to the embedding.
+_NEEDS_OUTPUT = ("qwen2moe", "olmoe")
+
+
+def moe_arch(src: ExportSource) -> str:
+    """The llama.cpp architecture of a uniform MoE result, or one clear `ExportError`."""
+    mt = src.model_type
+    arch, renormalises = MOE_ARCHS[mt]
+    ad = _adapter(src)
+    layers = ad.layers()
+    if not all(ad.is_moe(layer) and ad.has_attention(layer) for layer in layers):
+        raise ExportError(f"a {mt} result without some attention or MoE blocks, or with dense MLP layers, cannot be "
+                          f"written as GGUF: llama.cpp's {arch} graph needs both in every layer; export a result "
+                          "of expert drop or slimming alone, or use the Hugging Face checkpoint")
+    if len({_moe_shape(ad, layer) for layer in layers}) > 1 or len(set(src.shapes)) > 1:
+        raise ExportError(f"a {mt} result whose layers differ (expert counts, widths or heads) cannot be written as "
+                          f"GGUF: llama.cpp's {arch} graph takes one of each for all layers")
+    if ad.renormalises() != renormalises:
+        ours = "does not renormalise" if renormalises else "renormalises"
+        theirs = "always does" if renormalises else "never does"
+        raise ExportError(f"this {mt} model cannot be written as GGUF: it {ours} its top-k router weights "
+                          f"(norm_topk_prob), but llama.cpp's {arch} graph {theirs}; use the Hugging Face checkpoint")
+    return arch
+
+
+def _adapter(src: ExportSource) -> MoEAdapter:
+    assert isinstance(src.adapter, MoEAdapter)
+    return src.adapter
+
+
+def _moe_shape(ad: MoEAdapter, layer: Any) -> tuple[int, int, int, int]:
+    shared = ad.shared_projections(layer)
+    return (ad.num_experts(layer), ad.top_k(layer), ad.expert_width(layer),
+            0 if shared is None else shared[1].out_features)
+
+
+def write_moe_keys(w: Any, src: ExportSource, arch: str) -> None:
+    """Expert count, top-k and widths (all layers agree: `moe_arch` checked it)."""
+    ad = _adapter(src)
+    experts, top_k, width, shared = _moe_shape(ad, ad.layers()[0])
+    w.add_expert_count(experts)
+    w.add_expert_used_count(top_k)
+    if arch in ("qwen2moe", "qwen3moe"):
+        w.add_expert_feed_forward_length(width)
+    if arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(shared)
+
+
+def moe_ffn_tensors(src: ExportSource, layer: Any, i: int) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor) of one layer's router, experts and shared expert."""
+    T = gguf.MODEL_TENSOR
+    ad = _adapter(src)
+    gate_up, down = ad.expert_tensors(layer)
+    width = down.shape[-1]
+    out = [(_name(T.FFN_GATE_INP, i), ad.router(layer).weight),
+           (_name(T.FFN_GATE_EXP, i), gate_up[:, :width]),
+           (_name(T.FFN_UP_EXP, i), gate_up[:, width:]),
+           (_name(T.FFN_DOWN_EXP, i), down)]
+    shared = ad.shared_projections(layer)
+    if shared is not None:
+        gate, up, down_s = shared
+        out += [(_name(T.FFN_GATE_SHEXP, i), gate.weight), (_name(T.FFN_UP_SHEXP, i), up.weight),
+                (_name(T.FFN_DOWN_SHEXP, i), down_s.weight)]
+        shared_gate = ad.shared_gate(layer)
+        if shared_gate is not None:
+            out.append((_name(T.FFN_GATE_INP_SHEXP, i), shared_gate.weight.reshape(-1)))
+    return out
+
+
+def needs_output(arch: str) -> bool:
+    return arch in _NEEDS_OUTPUT
+
+
+def _name(kind: Any, bid: int) -> str:
+    return gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight"

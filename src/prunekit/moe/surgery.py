@@ -1,0 +1,181 @@
+"""Expert surgery, in place: remove whole experts (their slices of the fused tensors and their router rows)
+and narrow every expert of a layer to kept intermediate channels (and a shared expert to its own).
+
+Routing stays valid: top-k never exceeds the experts left, and the family's router code is untouched, so
+its normalisation (softmax over all experts, top k, renormalised or not) applies to the experts that remain.
+With renormalisation, removing an expert a token never picks changes nothing for that token; without it,
+the softmax's denominator loses that expert's share, exactly zero only for an expert whose logit is -inf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunekit.adapters import ModelAdapter
+from prunekit.adapters.moe import MoEAdapter
+from prunekit.errors import PlanError
+from prunekit.plans import LayerWidth
+
+# Integer attributes the families' modules cache: the expert count (router, experts module, block) and top-k.
+_COUNT_ATTRS = ("num_experts", "num_local_experts")
+_TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
+_WIDTH_ATTRS = ("intermediate_dim", "intermediate_size")
+
+
+# transformers runs experts with grouped matrix kernels that need every row of the fused tensors to start on a
+# 16-byte boundary (`down_proj` [E, H, I], gpt-oss's `gate_up_proj` [E, H, 2I]): I a multiple of 8 covers
+# 16-bit weights (and float32).
+EXPERT_WIDTH_MULTIPLE = 8
+
+
+def is_moe_layer(adapter: ModelAdapter, layer: nn.Module) -> bool:
+    return isinstance(adapter, MoEAdapter) and adapter.is_moe(layer)
+
+
+def check_expert_plan(adapter: ModelAdapter, widths: dict[int, LayerWidth]) -> None:
+    """`PlanError` when a plan keeps experts or shared-expert channels of a model without experts."""
+    moe = isinstance(adapter, MoEAdapter)
+    for i, w in sorted(widths.items()):
+        if not moe and (w.experts is not None or w.shared_channels is not None):
+            raise PlanError(f"the plan keeps experts of layer {i}, but {adapter.spec.family} has no experts")
+        if moe and w.shared_channels is not None and not adapter.moe.shared_expert:  # type: ignore[attr-defined]
+            raise PlanError(f"the plan narrows the shared expert of layer {i}, but {adapter.spec.family} has none")
+
+
+@dataclass
+class MoEWidth:
+    """Validated kept indices (ascending, current numbering) of one MoE layer; None: unchanged."""
+
+    experts: list[int] | None = None
+    channels: list[list[int]] | None = None  # per expert (of the layer before `experts` applies)
+    shared: list[int] | None = None
+
+
+def _kept(name: str, layer: int, idx: list[int] | None, size: int) -> list[int] | None:
+    """Sorted, checked indices, or None when they keep everything (already narrowed, or a no-op)."""
+    if idx is None or len(idx) == size:
+        return None
+    out = sorted(int(i) for i in idx)
+    if not out:
+        raise PlanError(f"layer {layer}: the plan keeps no {name} (at least one must remain)")
+    if len(set(out)) != len(out):
+        raise PlanError(f"layer {layer}: the plan lists a kept {name.removesuffix('s')} twice")
+    if out[0] < 0 or out[-1] >= size:
+        raise PlanError(f"layer {layer}: kept {name} must lie in 0..{size - 1} (got {out[0]}..{out[-1]})")
+    return out
+
+
+def resolve_moe_width(adapter: MoEAdapter, i: int, layer: nn.Module, w: LayerWidth) -> MoEWidth:
+    shared = adapter.shared_projections(layer)
+    if w.shared_channels is not None and shared is None:
+        raise PlanError(f"the plan narrows the shared expert of layer {i}, which has none")
+    n_experts, width = adapter.num_experts(layer), adapter.expert_width(layer)
+    channels = None
+    if w.channels is not None:
+        channels = _kept("expert channels", i, w.channels, width)
+        channels = None if channels is None else [channels] * n_experts
+    elif w.expert_channels is not None:
+        channels = _per_expert(i, w, n_experts, width)
+    if channels is not None and len(channels[0]) % EXPERT_WIDTH_MULTIPLE:
+        raise PlanError(f"layer {i}: experts must keep a multiple of {EXPERT_WIDTH_MULTIPLE} channels (transformers' "
+                        f"grouped expert kernels need it), not {len(channels[0])}")
+    return MoEWidth(
+        experts=_kept("experts", i, w.experts, n_experts),
+        channels=channels,
+        shared=None if shared is None else _kept("shared-expert channels", i, w.shared_channels,
+                                                 shared[1].out_features),
+    )
+
+
+def _per_expert(i: int, w: LayerWidth, n_experts: int, width: int) -> list[list[int]] | None:
+    """Checked per-expert kept channels for the layer's current experts (the plan lists the original ones; a
+    layer whose experts the plan already removed takes the kept experts' lists), or None if unchanged."""
+    lists = w.expert_channels or []
+    if len(lists) != n_experts and w.experts is not None and len(w.experts) == n_experts:
+        lists = [lists[e] for e in sorted(w.experts) if e < len(lists)]
+    if len(lists) != n_experts:
+        raise PlanError(f"layer {i}: the plan lists the channels of {len(w.expert_channels or [])} experts, but the "
+                        f"layer has {n_experts}")
+    if len(lists[0]) == width:
+        return None
+    return [_kept("expert channels", i, k, width) or list(range(width)) for k in lists]
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+
+
+def _set_ints(modules: list[nn.Module], names: tuple[str, ...], value: int) -> None:
+    for m in modules:
+        for name in names:
+            if isinstance(getattr(m, name, None), int):
+                setattr(m, name, value)
+
+
+def keep_experts(adapter: MoEAdapter, layer: nn.Module, kept: list[int]) -> None:
+    """Keep experts `kept` (current indices): their fused slices, router rows (and bias); top-k capped."""
+    experts, router = adapter.experts(layer), adapter.router(layer)
+    idx = torch.tensor(kept, device=router.weight.device)
+    m = adapter.moe
+    for name in (m.gate_up, m.down, m.gate_up_bias, m.down_bias):
+        if name:
+            t = getattr(experts, name)
+            _replace(experts, name, t.detach().index_select(0, idx.to(t.device)))
+    for name in ("weight", "bias"):
+        if isinstance(getattr(router, name, None), torch.Tensor):
+            _replace(router, name, getattr(router, name).detach().index_select(0, idx))
+    modules = [adapter.mlp(layer), router, experts]
+    top_k = min(adapter.top_k(layer), len(kept))
+    _set_ints(modules, _COUNT_ATTRS, len(kept))
+    _set_ints(modules, _TOP_K_ATTRS, top_k)
+
+
+def narrow_experts(adapter: MoEAdapter, layer: nn.Module, channels: list[list[int]]) -> None:
+    """Keep intermediate channels `channels[e]` of each expert e (one count for all): its gate and up slices of
+    gate_up (and their biases) and its slice of down, in the family's layout."""
+    experts, m = adapter.experts(layer), adapter.moe
+    gate_up, down = adapter.expert_tensors(layer)
+    gate_up_bias, _ = adapter.expert_biases(layer)
+    width = adapter.expert_width(layer)
+    idx = torch.tensor(channels, device=gate_up.device)  # [E, k]
+    if m.layout == "interleaved":  # gate_up [E, H, 2I] (gate 2c, up 2c + 1), down [E, I, H]
+        pairs = torch.stack([2 * idx, 2 * idx + 1], dim=-1).reshape(idx.shape[0], -1)  # [E, 2k]
+        _replace(experts, m.gate_up, gate_up.detach().gather(2, pairs[:, None, :].expand(-1, gate_up.shape[1], -1)))
+        if gate_up_bias is not None:
+            _replace(experts, m.gate_up_bias, gate_up_bias.detach().gather(1, pairs.to(gate_up_bias.device)))
+        rows = idx.to(down.device)[:, :, None].expand(-1, -1, down.shape[-1])
+        _replace(experts, m.down, down.detach().gather(1, rows))
+    else:  # gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I]
+        rows = torch.cat([idx, idx + width], dim=1)[:, :, None].expand(-1, -1, gate_up.shape[-1])
+        _replace(experts, m.gate_up, gate_up.detach().gather(1, rows))
+        cols = idx.to(down.device)[:, None, :].expand(-1, down.shape[1], -1)
+        _replace(experts, m.down, down.detach().gather(2, cols))
+    _set_ints([experts], _WIDTH_ATTRS, len(channels[0]))
+
+
+def narrow_shared(adapter: MoEAdapter, layer: nn.Module, channels: list[int]) -> None:
+    """Keep channels `channels` of the shared expert: rows of its gate and up, columns of its down."""
+    projections = adapter.shared_projections(layer)
+    assert projections is not None
+    gate, up, down = projections
+    idx = torch.tensor(channels, device=up.weight.device)
+    for lin in (gate, up):
+        _replace(lin, "weight", lin.weight.detach().index_select(0, idx))
+        lin.out_features = len(channels)
+    _replace(down, "weight", down.weight.detach().index_select(1, idx))
+    down.in_features = len(channels)
+    _set_ints([adapter.shared_expert(layer)], ("intermediate_size",), len(channels))
+
+
+@torch.no_grad()
+def apply_moe_width(adapter: MoEAdapter, layer: nn.Module, w: MoEWidth) -> None:
+    if w.channels is not None:  # first: its lists follow the layer's experts before any are removed
+        narrow_experts(adapter, layer, w.channels)
+    if w.experts is not None:
+        keep_experts(adapter, layer, w.experts)
+    if w.shared is not None:
+        narrow_shared(adapter, layer, w.shared)
