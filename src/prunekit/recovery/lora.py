@@ -25,14 +25,13 @@ def check_rank(rank: int | None) -> None:
 def lora_targets(model: nn.Module) -> list[str]:
     """Full paths of the projection modules that LoRA adapts, read from the adapter."""
     ad = get_adapter(model)
-    s = ad.spec
     out: list[str] = []
     for i, layer in enumerate(ad.layers()):
         prefix = ad.layer_prefix(i)
         if ad.has_attention(layer):
-            out += [f"{prefix}{s.attn}.{name}" for name in (s.q_proj, s.k_proj, s.v_proj, s.o_proj)]
+            out += [prefix + name for name in ad.projection_names("attn")]
         if ad.has_mlp(layer):
-            out += [f"{prefix}{s.mlp}.{name}" for name in (s.gate_proj, s.up_proj, s.down_proj) if name]
+            out += [prefix + name for name in ad.projection_names("mlp")]
     if not out:
         raise RecoveryError("the model has no attention or MLP projections left for LoRA to adapt")
     return out

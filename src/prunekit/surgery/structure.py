@@ -16,6 +16,7 @@ from prunekit.adapters import ModelAdapter
 from prunekit.hf_remote.modeling_prunekit import stock_class
 from prunekit.io import config_edit
 from prunekit.plans import DropTarget
+from prunekit.surgery.widths import sync_attention_configs
 
 
 def mark_drops(adapter: ModelAdapter, drops: Iterable[DropTarget]) -> None:
@@ -69,6 +70,7 @@ def refresh_config(adapter: ModelAdapter) -> dict[str, Any] | None:
     if stock.get("num_attention_heads", cfg.num_attention_heads) != cfg.num_attention_heads:
         config_edit.ensure_head_dim(cfg)
     config_edit.set_uniform_width(cfg, **stock)
+    sync_attention_configs(adapter)
     overrides = {
         str(i): {k: v for k, v in w.items() if v != stock.get(k)}
         for i, w in enumerate(widths)
