@@ -50,12 +50,27 @@ def tiny_config(model_type: str):
     if model_type == "gemma3_text":
         return t.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8,
                                   layer_types=["sliding_attention", "full_attention"] * 2)
+    if model_type == "gemma2":
+        return t.Gemma2Config(**TINY, head_dim=16, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"] * 2)
+    if model_type == "olmo2":
+        return t.Olmo2Config(**TINY)
+    if model_type == "granite":
+        # Multipliers away from 1, so that a step which forgot one of them cannot pass.
+        return t.GraniteConfig(**TINY, embedding_multiplier=2.0, residual_multiplier=0.7,
+                               attention_multiplier=0.2, logits_scaling=0.25,
+                               eos_token_id=None)  # its default (2) comes up in greedy generation by chance
+    if model_type == "smollm3":
+        # Layer 1 has no rotary embedding: dropping a layer must keep the pattern with the layers that stay.
+        return t.SmolLM3Config(**TINY, no_rope_layers=[1, 0, 1, 1], pad_token_id=0)
+    if model_type == "phi3":
+        return t.Phi3Config(**TINY, pad_token_id=0)
     if model_type in MOE_FAMILIES:
         return tiny_moe_config(model_type)
     raise ValueError(model_type)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "olmo2", "granite", "smollm3", "phi3"]
 # Mixture-of-Experts families: 4 experts of width 128 (the dense families' intermediate size), top-2; Qwen2-MoE
 # adds a shared expert of width 96, gpt-oss sliding-window layers (window 8). Renormalised top-k where the
 # family lets it be chosen, so that removing an expert no token picks is exact.

@@ -30,6 +30,7 @@ CONFIGS = {
     "qwen3": lambda: tiny_config("qwen3"),
     "gemma3_text": lambda: tiny_config("gemma3_text"),
     "gemma3": _gemma3_multimodal,
+    **{f: (lambda f=f: tiny_config(f)) for f in ("gemma2", "olmo2", "granite", "smollm3", "phi3")},
     "mixtral": lambda: tiny_config("mixtral"),
     "qwen2_moe": lambda: tiny_config("qwen2_moe"),
     "qwen3_moe": lambda: tiny_config("qwen3_moe"),
@@ -80,8 +81,9 @@ def test_adapter_answers_every_shape_question(model_type):
         assert ad.layer_widths(layer) == {"num_attention_heads": 4, "num_key_value_heads": 2,
                                           **MOE_WIDTHS.get(model_type, {"intermediate_size": 128})}
         # Module paths: the layer's tensor names are where the adapter says (streaming reads them by name).
-        q = ad.attn_projections(layer)[0]
-        assert params[f"{ad.layer_prefix(i)}{ad.spec.attn}.{ad.spec.q_proj}.weight"] is q.weight
+        for part in ("attn",) if model_type in MOE_WIDTHS else ("attn", "mlp"):  # experts: fused tensors
+            for name, module in zip(ad.projection_names(part), ad.projections(layer, part)):
+                assert params[f"{ad.layer_prefix(i)}{name}.weight"] is module.weight
     assert params[f"{ad.spec.embed}.weight"] is ad.embed().weight
     assert all(any(n.startswith(prefix) for n in model.state_dict()) or not list(m.state_dict())
                for prefix, m in ad.aux_modules())

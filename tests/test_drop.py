@@ -35,7 +35,7 @@ def inputs(seed: int = 2) -> torch.Tensor:
 def plant_identity_attention(model, layer: int) -> None:
     ad = get_adapter(model)
     with torch.no_grad():
-        ad.attn_projections(ad.layers()[layer])[3].weight.zero_()
+        ad.output_projection(ad.layers()[layer], "attn").weight.zero_()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -43,7 +43,7 @@ def test_planted_identity_attention_scores_one_and_is_dropped_first(family):
     model = tiny_model(family)
     plant_identity_attention(model, 2)
     if family == "qwen2":  # o_proj has no bias in Qwen2, but check that nothing else feeds the residual
-        assert get_adapter(model).attn_projections(get_adapter(model).layers()[2])[3].bias is None
+        assert get_adapter(model).output_projection(get_adapter(model).layers()[2], "attn").bias is None
     ad = get_adapter(model)
     scores = SimilarityScorer(model, adapter=ad, calib=calib(), progress=False).score()
     assert scores.attn[2] == 1.0

@@ -37,7 +37,9 @@ UNIFORM = PruningPlan(method="test", dropped=[DropTarget(2, "block")],
                               for i in range(4)})
 CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-           "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
+           "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+           "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "granite": ("GraniteConfig", "GraniteForCausalLM"),
+           "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM")}
 
 
 def inputs(seed: int = 2) -> torch.Tensor:

@@ -78,9 +78,10 @@ def lopsided(model: nn.Module, head_mode: str) -> nn.Module:
     sees it; no activation can single out a query head inside its group without touching attention)."""
     ad = get_adapter(model)
     layer, hd = ad.layers()[0], ad.head_dim
-    _, _, v, o = ad.attn_projections(layer)
+    v, v_start = value_rows(ad, layer)
+    o = ad.output_projection(layer, "attn")
     if head_mode == "kv-groups":
-        rows = slice(hd, 3 * hd)
+        rows = slice(v_start + hd, v_start + 3 * hd)
         v.weight[rows] *= 0.01
         if v.bias is not None:
             v.bias[rows] *= 0.01
@@ -88,6 +89,17 @@ def lopsided(model: nn.Module, head_mode: str) -> nn.Module:
         for k in range(4):
             o.weight[:, (4 * k + 1) * hd:(4 * k + 3) * hd] *= 0.01
     return model
+
+
+def value_rows(ad, layer: nn.Module) -> tuple[nn.Module, int]:
+    """The module holding a layer's value rows (v_proj, or a fused qkv_proj) and where they start in it."""
+    block = ad.unit_blocks(ad.unit_widths(layer), "attn")["kv_heads"][1]
+    return layer.get_submodule(block.module), block.offset
+
+
+# Families whose q/k norms span every head: removing heads renormalises the heads that stay, so no zeroing of
+# the removed ones gives the same model (tests/test_units.py checks their slices and their exact channels).
+FULL_WIDTH_QK_NORMS = {"olmo2": "OLMo 2's q/k norms span all heads: no zeroing equals removing heads"}
 
 
 SCORER_FOR = {"kv-groups": "activation", "query-heads": "weight-activation"}
@@ -204,14 +216,13 @@ def _zeroed_reference(model: nn.Module, plan: PruningPlan) -> nn.Module:
         for i, w in plan.widths.items():
             layer = ad.layers()[i]
             if w.channels is not None:
-                gate, up, _ = ad.mlp_projections(layer)
-                gone = [c for c in range(up.out_features) if c not in w.channels]
-                up.weight[gone] = 0
-                if gate is not None:
-                    gate.weight[gone] = 0
+                for block in ad.unit_blocks(ad.unit_widths(layer), "mlp")["channels"]:
+                    if block.dim == 0:  # rows of up and gate (separate or fused)
+                        gone = [block.offset + c for c in range(block.count) if c not in w.channels]
+                        layer.get_submodule(block.module).weight[gone] = 0
             if w.heads is not None:
-                q, _, _, o = ad.attn_projections(layer)
-                for h in range(q.out_features // hd):
+                o = ad.output_projection(layer, "attn")
+                for h in range(o.in_features // hd):
                     if h not in w.heads:
                         o.weight[:, h * hd:(h + 1) * hd] = 0
     return ref
@@ -220,6 +231,8 @@ def _zeroed_reference(model: nn.Module, plan: PruningPlan) -> nn.Module:
 @pytest.mark.parametrize("mode", ["uniform", "per-layer"])
 @pytest.mark.parametrize("head_mode", ["kv-groups", "query-heads"])
 def test_removing_equals_zeroing(family, mode, head_mode):
+    if family in FULL_WIDTH_QK_NORMS:
+        pytest.skip(FULL_WIDTH_QK_NORMS[family])
     original = lopsided(wide_model(family), head_mode) if mode == "per-layer" else tiny_model(family)
     heads_keep = {("uniform", "kv-groups"): 1, ("uniform", "query-heads"): 2,
                   ("per-layer", "kv-groups"): 3, ("per-layer", "query-heads"): 12}[(mode, head_mode)]
@@ -451,9 +464,10 @@ def test_width_and_depth_compose(family, tmp_path):
     assert model.config.prunekit["dropped_attn"] == [1] and model.config.prunekit["dropped_mlp"] == [2]
     ref = logits(model)
     # Same as silencing the removed widths and then dropping the modules.
-    zeroed = _zeroed_reference(original, plan)
-    apply_plan(get_adapter(zeroed), PruningPlan(dropped=plan.dropped))
-    assert (logits(zeroed) - ref).abs().max().item() < 1e-5
+    if family not in FULL_WIDTH_QK_NORMS:
+        zeroed = _zeroed_reference(original, plan)
+        apply_plan(get_adapter(zeroed), PruningPlan(dropped=plan.dropped))
+        assert (logits(zeroed) - ref).abs().max().item() < 1e-5
     out = save_checkpoint(model, None, tmp_path / "both", plan)
     reloaded, _ = load_model(out, tokenizer=False)
     assert torch.equal(logits(reloaded), ref)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters.moe_layouts import GPT_OSS, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, MoESpec
+from prunekit.adapters.units import UnitBlock, UnitKind, Widths, attention_blocks, mlp_blocks
 from prunekit.errors import UnsupportedArchitectureError
 from prunekit.hf_remote.modeling_prunekit import DroppedAttention, DroppedMLP, drop_attention, drop_mlp
 from prunekit.plans import LayerWidth
@@ -38,9 +39,15 @@ class ArchSpec:
     gate_proj: str | None = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
-    # Per-head norms applied to q and k (Qwen3, Gemma3): shaped [head_dim], shared across heads.
+    # Fused projections (Phi-3): one module holding q, k and v rows (in that order), or gate and up rows. When
+    # set, they replace q_proj/k_proj/v_proj (gate_proj/up_proj); `units` says which rows each unit owns.
+    qkv_proj: str | None = None
+    gate_up_proj: str | None = None
+    # Norms applied to q and k: per head (Qwen3, Gemma3: [head_dim], shared by all heads) unless
+    # `qk_norm_full_width` (OLMo 2: one gain per projection row, so narrowing heads slices them too).
     q_norm: str | None = None
     k_norm: str | None = None
+    qk_norm_full_width: bool = False
     # Sub-config holding the text decoder's settings (multimodal wrappers), or None for the config itself.
     text_config: str | None = None
     # Whether a norm follows each sub-layer's output projection before the residual add (Gemma 3): then a
@@ -48,6 +55,9 @@ class ArchSpec:
     output_norms: bool = False
     # Mixture-of-Experts families: where the experts, the router and a shared expert live (`adapters.moe`).
     moe: MoESpec | None = None
+    # Whether the attention module reads its head counts from its `config` at call time (Phi-3 splits the
+    # fused qkv output by `config.num_attention_heads`): a narrowed attention then gets its own config copy.
+    attn_reads_config: bool = False
 
 
 _LLAMA = ArchSpec(family="llama")
@@ -75,8 +85,32 @@ _GEMMA3_MM = ArchSpec(
     text_config="text_config",
 )
 
-# Keyed by `config.model_type`. Mistral and Qwen2 share Llama's module names (Qwen2 adds q/k/v biases,
-# which the width surgery handles generically).
+# Gemma 2: Gemma 3's pre/post norms and soft-capping without q/k norms.
+_GEMMA2 = ArchSpec(
+    family="gemma2",
+    output_norms=True,
+    attn_norms=_GEMMA3_TEXT.attn_norms,
+    mlp_norms=_GEMMA3_TEXT.mlp_norms,
+    mid_residual=_GEMMA3_TEXT.mid_residual,
+)
+# OLMo 2: no pre-norms; each sub-layer's output is normed before the residual add, so the MLP itself is the
+# first module that reads the residual stream between the sub-layers.
+_OLMO2 = ArchSpec(
+    family="olmo2",
+    output_norms=True,
+    attn_norms=("post_attention_layernorm",),
+    mlp_norms=("post_feedforward_layernorm",),
+    mid_residual="mlp",
+    q_norm="q_norm",
+    k_norm="k_norm",
+    qk_norm_full_width=True,
+)
+_PHI3 = ArchSpec(family="phi3", qkv_proj="qkv_proj", gate_up_proj="gate_up_proj", attn_reads_config=True)
+
+# Keyed by `config.model_type`. Mistral, Qwen2, Granite and SmolLM3 share Llama's module names (Qwen2 adds
+# q/k/v biases, which the width surgery handles generically; Granite's multipliers are scalars that layer
+# drops and width cuts leave exact, its logit divisor is in `ModelAdapter.logits`; SmolLM3's per-layer
+# `no_rope_layers` is sliced with the layers by `config_edit.keep_layers`).
 ADAPTERS: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": ArchSpec(family="mistral"),
@@ -84,6 +118,11 @@ ADAPTERS: dict[str, ArchSpec] = {
     "qwen3": _QWEN3,
     "gemma3_text": _GEMMA3_TEXT,
     "gemma3": _GEMMA3_MM,
+    "gemma2": _GEMMA2,
+    "olmo2": _OLMO2,
+    "granite": ArchSpec(family="granite"),
+    "smollm3": ArchSpec(family="smollm3"),
+    "phi3": _PHI3,
     "mixtral": ArchSpec(family="mixtral", moe=MIXTRAL),
     "qwen2_moe": ArchSpec(family="qwen2_moe", moe=QWEN2_MOE),
     "qwen3_moe": ArchSpec(family="qwen3_moe", q_norm="q_norm", k_norm="k_norm", moe=QWEN3_MOE),
@@ -163,9 +202,12 @@ class ModelAdapter:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The model's next-token logits from the last decoder layer's output `h`, as its own forward computes
-        them: final norm, LM head, and the tanh soft-capping some families apply (Gemma 2/3's
-        `final_logit_softcapping`)."""
+        them: final norm, LM head, Granite's `logits_scaling` divisor, and the tanh soft-capping some families
+        apply (Gemma 2/3's `final_logit_softcapping`)."""
         out = self.lm_head()(self.final_norm()(h))
+        scaling = getattr(self.config, "logits_scaling", None)
+        if scaling is not None and scaling != 1:
+            out = out / scaling
         cap = getattr(self.config, "final_logit_softcapping", None)
         return out if not cap else torch.tanh(out / cap) * cap
 
@@ -179,8 +221,13 @@ class ModelAdapter:
         return getattr(layer, self.spec.mid_residual)
 
     def attn_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-        a = self.attn(layer)
+        """(q, k, v, o) of a family with separate projections; a fused family has no such four (use
+        `attn_modules` / `unit_blocks`)."""
         s = self.spec
+        if s.qkv_proj:
+            raise UnsupportedArchitectureError(f"{s.family} fuses q, k and v into one {s.qkv_proj}: this step "
+                                               "needs separate projections")
+        a = self.attn(layer)
         return getattr(a, s.q_proj), getattr(a, s.k_proj), getattr(a, s.v_proj), getattr(a, s.o_proj)
 
     def qk_norms(self, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -189,10 +236,56 @@ class ModelAdapter:
         return (getattr(a, s.q_norm) if s.q_norm else None, getattr(a, s.k_norm) if s.k_norm else None)
 
     def mlp_projections(self, layer: nn.Module) -> tuple[nn.Linear | None, nn.Linear, nn.Linear]:
-        m = self.mlp(layer)
+        """(gate or None, up, down) of a family with separate projections (see `attn_projections`)."""
         s = self.spec
+        if s.gate_up_proj:
+            raise UnsupportedArchitectureError(f"{s.family} fuses gate and up into one {s.gate_up_proj}: this "
+                                               "step needs separate projections")
+        m = self.mlp(layer)
         gate = getattr(m, s.gate_proj) if s.gate_proj else None
         return gate, getattr(m, s.up_proj), getattr(m, s.down_proj)
+
+    def input_projections(self, layer: nn.Module, part: str) -> list[nn.Linear]:
+        """The projections that read a sub-layer's (normalised) input, all from the same tensor: q/k/v (or the
+        fused qkv) for `attn`, gate/up (or the fused gate_up) for `mlp`."""
+        s = self.spec
+        if part == "attn":
+            a = self.attn(layer)
+            names = [s.qkv_proj] if s.qkv_proj else [s.q_proj, s.k_proj, s.v_proj]
+            return [getattr(a, n) for n in names]
+        m = self.mlp(layer)
+        names = [s.gate_up_proj] if s.gate_up_proj else [n for n in (s.gate_proj, s.up_proj) if n]
+        return [getattr(m, n) for n in names]
+
+    def output_projection(self, layer: nn.Module, part: str) -> nn.Linear:
+        """The projection whose output a sub-layer (`attn` or `mlp`) adds to the residual stream."""
+        if part == "attn":
+            return getattr(self.attn(layer), self.spec.o_proj)
+        return getattr(self.mlp(layer), self.spec.down_proj)
+
+    def projections(self, layer: nn.Module, part: str) -> list[nn.Linear]:
+        """Every projection module of a sub-layer, input ones first, fused or not (what LoRA adapts and what
+        parameter and FLOP counts read)."""
+        return [*self.input_projections(layer, part), self.output_projection(layer, part)]
+
+    def projection_names(self, part: str) -> list[str]:
+        """Paths of `projections` relative to the decoder layer."""
+        s = self.spec
+        if part == "attn":
+            names = [s.qkv_proj] if s.qkv_proj else [s.q_proj, s.k_proj, s.v_proj]
+            return [f"{s.attn}.{n}" for n in (*names, s.o_proj)]
+        names = [s.gate_up_proj] if s.gate_up_proj else [n for n in (s.gate_proj, s.up_proj) if n]
+        return [f"{s.mlp}.{n}" for n in (*names, s.down_proj)]
+
+    # --- prunable units (`adapters.units`) ----------------------------------------------------------------
+    def unit_widths(self, layer: nn.Module) -> Widths:
+        """A layer's unit counts as its modules are now (zero for a removed sub-layer)."""
+        nh, nkv = self.attention_shape(layer) if self.has_attention(layer) else (0, 0)
+        return Widths(nh, nkv, self.mlp_width(layer) if self.has_mlp(layer) else 0, self.head_dim)
+
+    def unit_blocks(self, widths: Widths, part: str) -> dict[UnitKind, list[UnitBlock]]:
+        """Where each unit kind of sub-layer `part` sits, for a layer with `widths` (see `adapters.units`)."""
+        return attention_blocks(self.spec, widths) if part == "attn" else mlp_blocks(self.spec, widths)
 
     # --- module paths (checkpoint tensor names follow them) ---------------------------------------------------
     @property
@@ -220,11 +313,14 @@ class ModelAdapter:
 
     def attention_shape(self, layer: nn.Module) -> tuple[int, int]:
         """(query heads, KV heads) a layer's attention currently has, read from its projections."""
-        q, k, _, _ = self.attn_projections(layer)
-        return q.out_features // self.head_dim, k.out_features // self.head_dim
+        hd = self.head_dim
+        heads = self.output_projection(layer, "attn").in_features // hd
+        if self.spec.qkv_proj:
+            return heads, (self.input_projections(layer, "attn")[0].out_features - heads * hd) // (2 * hd)
+        return heads, self.input_projections(layer, "attn")[1].out_features // hd
 
     def mlp_width(self, layer: nn.Module) -> int:
-        return self.mlp_projections(layer)[1].out_features
+        return self.output_projection(layer, "mlp").in_features
 
     def layer_widths(self, layer: nn.Module) -> dict[str, int]:
         """Widths a layer actually has, by config field name (empty for removed sub-layers)."""
@@ -240,7 +336,7 @@ class ModelAdapter:
 
     def mlp_macs(self, layer: nn.Module) -> int:
         """Multiply-adds one token costs in the layer's MLP (its projections)."""
-        return sum(m.in_features * m.out_features for m in self.mlp_projections(layer) if m is not None)
+        return sum(m.in_features * m.out_features for m in self.projections(layer, "mlp"))
 
     def width_fields(self) -> tuple[str, ...]:
         """The config fields `layer_widths` may name: the ones a uniform structure writes as stock fields."""
@@ -254,18 +350,6 @@ class ModelAdapter:
             if kept is not None:
                 out[key] = len(kept)
         return out
-
-    def output_projection(self, layer: nn.Module, part: str) -> nn.Linear:
-        """The projection whose output a sub-layer (`attn` or `mlp`) adds to the residual stream."""
-        return self.attn_projections(layer)[3] if part == "attn" else self.mlp_projections(layer)[2]
-
-    def input_projections(self, layer: nn.Module, part: str) -> list[nn.Linear]:
-        """The projections that read a sub-layer's (normalised) input, all from the same tensor: q/k/v for
-        `attn`, gate/up for `mlp`."""
-        if part == "attn":
-            return list(self.attn_projections(layer)[:3])
-        gate, up, _ = self.mlp_projections(layer)
-        return [up] if gate is None else [gate, up]
 
     def output_norm(self, layer: nn.Module, part: str) -> nn.Module | None:
         """The norm a sub-layer's output passes through before the residual add (Gemma 3's post-norms), or None

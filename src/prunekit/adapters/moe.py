@@ -118,12 +118,25 @@ class MoEAdapter(ModelAdapter):
     def mlp_width(self, layer: nn.Module) -> int:
         return self.expert_width(layer) if self.is_moe(layer) else super().mlp_width(layer)
 
+    def _no_projections(self) -> UnsupportedArchitectureError:
+        return UnsupportedArchitectureError(
+            f"{self.spec.family}'s MLP is a block of experts held in fused tensors, not three projections; "
+            "this method does not support Mixture-of-Experts models yet")
+
     def mlp_projections(self, layer: nn.Module) -> tuple[nn.Linear | None, nn.Linear, nn.Linear]:
         if self.is_moe(layer):
-            raise UnsupportedArchitectureError(
-                f"{self.spec.family}'s MLP is a block of experts held in fused tensors, not three projections; "
-                "this method does not support Mixture-of-Experts models yet")
+            raise self._no_projections()
         return super().mlp_projections(layer)
+
+    def input_projections(self, layer: nn.Module, part: str) -> list[nn.Linear]:
+        if part == "mlp" and self.is_moe(layer):
+            raise self._no_projections()
+        return super().input_projections(layer, part)
+
+    def output_projection(self, layer: nn.Module, part: str) -> nn.Linear:
+        if part == "mlp" and self.is_moe(layer):
+            raise self._no_projections()
+        return super().output_projection(layer, part)
 
     def mlp_macs(self, layer: nn.Module) -> int:
         """Per token: the router, the top-k experts it runs (gate, up and down) and a shared expert with its gate."""

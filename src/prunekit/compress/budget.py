@@ -76,13 +76,13 @@ def sublayer_costs(adapter: ModelAdapter) -> dict[tuple[int, str], SublayerCost]
     for i, layer in enumerate(adapter.layers()):
         if adapter.has_attention(layer):
             nh, nkv = adapter.attention_shape(layer)
-            projections = _numel(list(adapter.attn_projections(layer)))
+            projections = _numel(list(adapter.projections(layer, "attn")))
             norms = _numel([*adapter.qk_norms(layer)]) + _numel(
                 [getattr(layer, n) for n in adapter.spec.attn_norms])
             out[(i, "attn")] = SublayerCost(nkv, projections // nkv, 2 * adapter.head_dim, norms)
         if adapter.has_mlp(layer):
             width = adapter.mlp_width(layer)
-            projections = _numel(list(adapter.mlp_projections(layer)))
+            projections = _numel(list(adapter.projections(layer, "mlp")))
             norms = _numel([getattr(layer, n) for n in adapter.spec.mlp_norms])
             # A down_proj bias is not per channel; charging it evenly is close enough for the allocation, and
             # the report counts the real model.

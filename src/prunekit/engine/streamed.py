@@ -65,6 +65,8 @@ class StreamedLayers:
                 "follow the model's module names (re-save it with this transformers version)")
         self._aux_ready = False
         self.widths: dict[int, LayerWidth] = {}
+        # The stored tensors' unit counts, by layer module (a fused tensor's slices start at original offsets).
+        self._stored = {id(layer): self.adapter.unit_widths(layer) for layer in self.adapter.layers()}
         # Edited tensors (state-dict name -> value at the checkpoint's full shape), read instead of the files.
         self.overrides: dict[str, torch.Tensor] = {}
         self._committed: dict[str, torch.Tensor] = {}
@@ -126,7 +128,8 @@ class StreamedLayers:
         """Decoder layer `i` with its weights (narrowed to `widths[i]` when set); `release` it after use."""
         layer = self.adapter.layers()[i]
         w = self.widths.get(i)
-        self.materialise(layer, self.adapter.layer_prefix(i), width_slices(self.adapter, layer, w) if w is not None else None)
+        slices = None if w is None else width_slices(self.adapter, layer, w, self._stored.get(id(layer)))
+        self.materialise(layer, self.adapter.layer_prefix(i), slices)
         return layer
 
     # --- the LayerSource protocol ----------------------------------------------------------------------------

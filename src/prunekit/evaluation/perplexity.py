@@ -44,8 +44,7 @@ def kv_bytes_per_token(adapter: ModelAdapter, dtype_bytes: int | None = None) ->
     total = 0
     for layer in adapter.layers():
         if adapter.has_attention(layer):
-            _, k, v, _ = adapter.attn_projections(layer)
-            total += (k.out_features + v.out_features) * itemsize
+            total += 2 * adapter.attention_shape(layer)[1] * adapter.head_dim * itemsize
     return total
 
 
@@ -75,9 +74,8 @@ def decode_flops_per_token(adapter: ModelAdapter, context: int) -> dict[str, int
     hd = adapter.head_dim
     for layer in adapter.layers():
         if adapter.has_attention(layer):
-            q, k, v, o = adapter.attn_projections(layer)
-            proj = sum(m.in_features * m.out_features for m in (q, k, v, o))
-            heads = q.out_features // hd
+            proj = sum(m.in_features * m.out_features for m in adapter.projections(layer, "attn"))
+            heads = adapter.attention_shape(layer)[0]
             attn += 2 * proj + 2 * 2 * context * heads * hd  # projections + scores and weighted sum
         if adapter.has_mlp(layer):
             mlp += 2 * adapter.mlp_macs(layer)  # a Mixture-of-Experts block counts the experts a token runs

@@ -1,12 +1,14 @@
 """Write a prunekit checkpoint as one GGUF file for llama.cpp.
 
 Which llama.cpp architecture carries which result:
-- uniform Llama/Mistral -> `llama`, uniform Qwen2 -> `qwen2`, uniform Qwen3 -> `qwen3` (the stock graphs);
+- uniform Llama/Mistral -> `llama`, uniform Qwen2 -> `qwen2`, uniform Qwen3 -> `qwen3`, uniform Granite ->
+  `granite` (the stock graphs; Granite's four multipliers as its `*_scale` keys);
 - heterogeneous Llama/Mistral/Qwen2 (attention or MLP removed in some layers, per-layer head/KV/MLP widths)
   -> `deci`, llama.cpp's graph for NVIDIA's Nemotron-NAS models, which reads per-layer
   `attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays (0 = sub-layer gone);
 - uniform Gemma 3 -> `gemma3` (`gguf_gemma3.py`: 1 + w norms, sliding-window keys); a heterogeneous Gemma 3
-  has no llama.cpp graph and is refused;
+  has no llama.cpp graph and is refused, as are heterogeneous Qwen3 and Granite results and the families this
+  export does not write yet (Gemma 2, OLMo 2, SmolLM3, Phi-3: `_NOT_WRITTEN`);
 - uniform Mixtral -> `llama` with expert tensors, Qwen2-MoE -> `qwen2moe`, Qwen3-MoE -> `qwen3moe`, OLMoE ->
   `olmoe` (`gguf_moe.py`); per-layer expert counts or widths have no llama.cpp graph and are refused.
 The tokenizer part is `gguf_vocab.py`.
@@ -43,12 +45,22 @@ DIRECT_TYPES = ("f32", "f16")
 
 # Architecture families prunekit can express in GGUF, keyed by `config.model_type`:
 # (stock llama.cpp arch for uniform results, whether that arch uses llama's "normal" rope and so needs the
-# Q/K permutation, whether a heterogeneous result can go to `deci`).
-_FAMILIES: dict[str, tuple[str, bool, bool]] = {
-    "llama": ("llama", True, True),
-    "mistral": ("llama", True, True),
-    "qwen2": ("qwen2", False, True),
-    "qwen3": ("qwen3", False, False),
+# Q/K permutation, None when a heterogeneous result can go to `deci`, else why it cannot).
+_FAMILIES: dict[str, tuple[str, bool, str | None]] = {
+    "llama": ("llama", True, None),
+    "mistral": ("llama", True, None),
+    "qwen2": ("qwen2", False, None),
+    "qwen3": ("qwen3", False, "llama.cpp's `deci` graph has no q/k norms"),
+    # Granite is Llama's graph with four scalars (llama.cpp `granite`: rope NORM, so Q/K permuted as for llama).
+    "granite": ("granite", True, "llama.cpp's `deci` graph has no embedding, residual, attention or logit "
+                                 "multipliers"),
+}
+# Families with a llama.cpp graph that this export does not write yet, and why (one clear refusal).
+_NOT_WRITTEN = {
+    "gemma2": "Gemma 2's soft-capped attention and pre/post norms need their own writer",
+    "olmo2": "OLMo 2's post-norms and full-width q/k norms need their own writer",
+    "smollm3": "SmolLM3's layers without rotary embeddings need their own writer",
+    "phi3": "Phi-3's fused qkv and gate_up tensors need their own writer",
 }
 
 # A llama.cpp `deci` layer with attention but n_ff == 0 is not usable: deci.cpp `continue`s before
@@ -73,15 +85,16 @@ def gguf_arch(src: ExportSource) -> str:
         return "gemma3"
     if mt in MOE_ARCHS:
         return moe_arch(src)
+    if mt in _NOT_WRITTEN:
+        raise ExportError(f"GGUF export does not write {mt} yet ({_NOT_WRITTEN[mt]}); keep the Hugging Face checkpoint")
     if mt not in _FAMILIES:
         raise ExportError(f"GGUF export supports model types {', '.join(sorted([*_FAMILIES, *MOE_ARCHS]))}; "
                           f"got {mt!r}")
-    stock, _, deci_ok = _FAMILIES[mt]
+    stock, _, no_deci = _FAMILIES[mt]
     if not src.heterogeneous:
         return stock
-    if not deci_ok:
-        raise ExportError(f"a heterogeneous {mt} result cannot be written as GGUF: llama.cpp's `deci` graph has no "
-                          "q/k norms; export a uniform result")
+    if no_deci:
+        raise ExportError(f"a heterogeneous {mt} result cannot be written as GGUF: {no_deci}; export a uniform result")
     return "deci"
 
 
@@ -137,6 +150,15 @@ def _write_rope(w: Any, cfg: Any, head_dim: int) -> np.ndarray | None:
     raise ExportError(f"rope scaling type {kind!r} is not supported by the GGUF export (default, linear, llama3)")
 
 
+def _write_granite_keys(w: Any, cfg: Any) -> None:
+    """Granite's multipliers, always written: llama.cpp reads an absent attention scale as 1/sqrt(head size),
+    where Granite uses `attention_multiplier` in its place."""
+    w.add_attention_scale(float(cfg.attention_multiplier))
+    w.add_embedding_scale(float(cfg.embedding_multiplier))
+    w.add_residual_scale(float(cfg.residual_multiplier))
+    w.add_logit_scale(float(cfg.logits_scaling))
+
+
 # --- tensors -------------------------------------------------------------------------------------------------
 
 def _tensor_name(kind: Any, bid: int | None = None, suffix: str = "weight") -> str:
@@ -159,7 +181,7 @@ def _tensors(src: ExportSource, arch: str) -> list[tuple[str, torch.Tensor]]:
     """(GGUF name, tensor) for every weight, in llama.cpp's layout (Q/K permuted where the arch needs it)."""
     T = gguf.MODEL_TENSOR
     a = src.adapter
-    permute = arch in ("llama", "deci")
+    permute = arch == "deci" or _FAMILIES.get(src.model_type, ("", False, None))[1]
     out: list[tuple[str, torch.Tensor]] = [(_tensor_name(T.TOKEN_EMBD), a.embed().weight)]
     hidden = a.hidden_size
     for i, (layer, shape) in enumerate(zip(a.layers(), src.shapes)):
@@ -246,6 +268,8 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
         write_gemma3_keys(w, src)
     if src.model_type in MOE_ARCHS:
         write_moe_keys(w, src, arch)
+    if arch == "granite":
+        _write_granite_keys(w, cfg)
     file_type = gguf.LlamaFileType.ALL_F32 if ftype == "f32" else gguf.LlamaFileType.MOSTLY_F16
     w.add_file_type(file_type)
     write_vocab(w, src.tokenizer, int(cfg.vocab_size))

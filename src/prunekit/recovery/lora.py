@@ -31,13 +31,13 @@ def lora_targets(model: nn.Module) -> list[str]:
     for i, layer in enumerate(ad.layers()):
         prefix = ad.layer_prefix(i)
         if ad.has_attention(layer):
-            out += [f"{prefix}{s.attn}.{name}" for name in (s.q_proj, s.k_proj, s.v_proj, s.o_proj)]
+            out += [prefix + name for name in ad.projection_names("attn")]
         if is_moe_layer(ad, layer):  # LoRA cannot wrap the fused expert tensors; a shared expert is plain Linear
             shared = s.moe.shared_expert if s.moe else None
             out += [f"{prefix}{s.mlp}.{shared}.{name}" for name in (s.gate_proj, s.up_proj, s.down_proj)
                     if shared and name]
         elif ad.has_mlp(layer):
-            out += [f"{prefix}{s.mlp}.{name}" for name in (s.gate_proj, s.up_proj, s.down_proj) if name]
+            out += [prefix + name for name in ad.projection_names("mlp")]
     if not out:
         raise RecoveryError("the model has no attention or MLP projections left for LoRA to adapt")
     return out

@@ -16,6 +16,7 @@ from prunekit.adapters import ModelAdapter
 from prunekit.hf_remote.modeling_prunekit import stock_class
 from prunekit.io import config_edit
 from prunekit.plans import DropTarget
+from prunekit.surgery.widths import sync_attention_configs
 
 
 def mark_drops(adapter: ModelAdapter, drops: Iterable[DropTarget]) -> None:
@@ -71,6 +72,7 @@ def refresh_config(adapter: ModelAdapter) -> dict[str, Any] | None:
     dense = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
     config_edit.set_uniform_width(cfg, **{k: v for k, v in stock.items() if k in dense})
     config_edit.set_expert_fields(cfg, {k: v for k, v in stock.items() if k not in dense})
+    sync_attention_configs(adapter)
     overrides = {
         str(i): {k: v for k, v in w.items() if v != stock.get(k)}
         for i, w in enumerate(widths)

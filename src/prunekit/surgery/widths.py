@@ -19,12 +19,14 @@ integer head-count attribute the module happens to carry.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from prunekit.adapters import ModelAdapter
+from prunekit.adapters.units import Widths, kept_indices
 from prunekit.errors import PlanError
 from prunekit.moe.surgery import MoEWidth, apply_moe_width, is_moe_layer, resolve_moe_width
 from prunekit.plans import LayerWidth
@@ -69,38 +71,53 @@ def _resolve_heads(layer_idx: int, w: LayerWidth, num_heads: int, num_kv: int) -
     return heads, kv
 
 
-def _rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
-    return (torch.tensor(heads, device=device).unsqueeze(1) * head_dim
-            + torch.arange(head_dim, device=device)).reshape(-1)
-
-
-def slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> None:
-    """Keep rows (dim=0: output features, and the bias) or columns (dim=1: input features) of `lin`."""
+def slice_linear(lin: nn.Module, idx: torch.Tensor, dim: int) -> None:
+    """Keep rows (dim=0: output features, and the bias) or columns (dim=1: input features) of a projection, or
+    entries of a norm's weight (dim=0). Parameters are replaced by sliced copies (same dtype, device and
+    `requires_grad`); the module object stays."""
     idx = idx.to(lin.weight.device)
     w = lin.weight.detach().index_select(dim, idx).contiguous()
     lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
     if dim == 0:
-        if lin.bias is not None:
+        if getattr(lin, "bias", None) is not None:
             b = lin.bias.detach().index_select(0, idx).contiguous()
             lin.bias = nn.Parameter(b, requires_grad=lin.bias.requires_grad)
-        lin.out_features = int(idx.numel())
-    else:
+        if isinstance(lin, nn.Linear):
+            lin.out_features = int(idx.numel())
+    elif isinstance(lin, nn.Linear):
         # The bias lives on the output side: unchanged by dropping input columns.
         lin.in_features = int(idx.numel())
 
 
+def _kept(adapter: ModelAdapter, widths: Widths, part: str,
+          keep: Mapping[str, list[int] | None]) -> dict[tuple[str, int], tuple[torch.Tensor, int]]:
+    """{(module path in the layer, dim): kept indices} for sub-layer `part` of a layer with `widths`, keeping
+    units `keep[kind]` (None: all of that kind). Only modules that hold a narrowed kind are listed, but
+    there every block (narrowed kind or not) is listed, as a fused tensor holds several kinds."""
+    blocks = adapter.unit_blocks(widths, part)
+    touched = {b.module for kind, bs in blocks.items() if keep.get(kind) is not None for b in bs}
+    entries = [(b, keep.get(kind) if keep.get(kind) is not None else range(b.count))
+               for kind, bs in blocks.items() for b in bs if b.module in touched]
+    return kept_indices(entries)
+
+
+def _narrow(layer: nn.Module, kept: dict[tuple[str, int], tuple[torch.Tensor, int]]) -> None:
+    modules = dict(layer.named_modules())
+    for (name, dim), (idx, span) in kept.items():
+        module = modules[name]
+        if module.weight.shape[dim] != span:
+            raise PlanError(f"{name} has {module.weight.shape[dim]} {'rows' if dim == 0 else 'columns'}, the units "
+                            f"the adapter describes span {span}")
+        slice_linear(module, idx, dim)
+
+
 def narrow_attention(adapter: ModelAdapter, layer: nn.Module, heads: list[int], kv_heads: list[int]) -> None:
-    """Keep query heads `heads` and KV heads `kv_heads` (current indices, validated for GQA)."""
+    """Keep query heads `heads` and KV heads `kv_heads` (current indices, validated for GQA): their rows and
+    columns in every tensor the adapter's unit blocks name (q/k/v/o, a fused qkv, full-width q/k norms)."""
     attn = adapter.attn(layer)
-    q, k, v, o = adapter.attn_projections(layer)
-    hd = adapter.head_dim
-    dev = q.weight.device
-    q_rows, kv_rows = _rows(heads, hd, dev), _rows(kv_heads, hd, dev)
-    slice_linear(q, q_rows, 0)
-    slice_linear(k, kv_rows, 0)
-    slice_linear(v, kv_rows, 0)
-    slice_linear(o, q_rows, 1)
-    # q_norm / k_norm (Qwen3, Gemma3) are [head_dim] and shared by all heads: nothing to slice.
+    widths = adapter.unit_widths(layer)
+    _narrow(layer, _kept(adapter, widths, "attn", {"heads": heads, "kv_heads": kv_heads}))
+    # Per-head q_norm / k_norm (Qwen3, Gemma3) are [head_dim] and shared by all heads: nothing to slice.
     attn.num_key_value_groups = len(heads) // len(kv_heads)
     for name in _HEAD_ATTRS:
         if isinstance(getattr(attn, name, None), int):
@@ -108,16 +125,34 @@ def narrow_attention(adapter: ModelAdapter, layer: nn.Module, heads: list[int], 
     for name in _KV_ATTRS:
         if isinstance(getattr(attn, name, None), int):
             setattr(attn, name, len(kv_heads))
+    if adapter.spec.attn_reads_config:
+        _own_config(attn, adapter.config, len(heads), len(kv_heads))
+
+
+def _own_config(attn: nn.Module, shared: object, heads: int, kv_heads: int) -> None:
+    """Point an attention that reads its head counts from its config at one that has them: the shared config
+    where it agrees, else a copy of it with this layer's counts."""
+    if (shared.num_attention_heads, shared.num_key_value_heads) == (heads, kv_heads):  # type: ignore[attr-defined]
+        attn.config = shared
+        return
+    attn.config = copy.copy(shared)
+    attn.config.num_attention_heads, attn.config.num_key_value_heads = heads, kv_heads
+
+
+def sync_attention_configs(adapter: ModelAdapter) -> None:
+    """After the shared config changed (`refresh_config`): every attention that reads its head counts from its
+    config (`ArchSpec.attn_reads_config`) gets one that matches its own modules again."""
+    if not adapter.spec.attn_reads_config:
+        return
+    for layer in adapter.layers():
+        if adapter.has_attention(layer):
+            _own_config(adapter.attn(layer), adapter.config, *adapter.attention_shape(layer))
 
 
 def narrow_mlp(adapter: ModelAdapter, layer: nn.Module, channels: list[int]) -> None:
-    """Keep intermediate channels `channels` (current indices): rows of gate/up, columns of down."""
-    gate, up, down = adapter.mlp_projections(layer)
-    idx = torch.tensor(channels, device=up.weight.device)
-    if gate is not None:
-        slice_linear(gate, idx, 0)
-    slice_linear(up, idx, 0)
-    slice_linear(down, idx, 1)
+    """Keep intermediate channels `channels` (current indices): their rows of gate/up (or the fused gate_up)
+    and columns of down."""
+    _narrow(layer, _kept(adapter, adapter.unit_widths(layer), "mlp", {"channels": channels}))
     mlp = adapter.mlp(layer)
     if isinstance(getattr(mlp, "intermediate_size", None), int):
         mlp.intermediate_size = len(channels)
@@ -166,38 +201,24 @@ def apply_widths(adapter: ModelAdapter, widths: Mapping[int, LayerWidth]) -> Non
             apply_moe_width(adapter, layer, mw)  # type: ignore[arg-type]
 
 
-def width_slices(adapter: ModelAdapter, layer: nn.Module, w: LayerWidth) -> dict[str, tuple[int, torch.Tensor]]:
+def width_slices(adapter: ModelAdapter, layer: nn.Module, w: LayerWidth,
+                 original: Widths | None = None) -> dict[str, tuple[int, torch.Tensor]]:
     """What `apply_widths(adapter, {i: w})` would cut from an ORIGINAL (un-narrowed) layer, as tensor slices:
-    {tensor name relative to the layer: (dim, kept indices)}. `layer` may be the original layer or one that
-    is already narrowed to `w` (only module identities and the head size are read, not weight shapes).
+    {tensor name relative to the layer: (dim, kept indices)}. `original`: the original layer's unit counts
+    (default: `layer`'s own, right when it is not narrowed yet); a layer already narrowed to `w` needs them
+    where a fused tensor holds several kinds (their offsets are original counts).
 
     Layer streaming reads a narrowed layer straight from the original checkpoint files with these, instead
     of materialising the full layer and narrowing it."""
-    names = {id(m): n for n, m in layer.named_modules()}
-
-    def entry(module: nn.Module, dim: int, idx: torch.Tensor, out: dict[str, tuple[int, torch.Tensor]]) -> None:
-        prefix = names[id(module)] + "."
-        out[prefix + "weight"] = (dim, idx)
-        if dim == 0 and getattr(module, "bias", None) is not None:
-            out[prefix + "bias"] = (0, idx)
-
+    widths = original or adapter.unit_widths(layer)
+    modules = dict(layer.named_modules())
     out: dict[str, tuple[int, torch.Tensor]] = {}
-    if w.heads is not None or w.kv_heads is not None:
-        q, k, v, o = adapter.attn_projections(layer)
-        hd = adapter.head_dim
-        if w.heads is not None:
-            q_rows = _rows(sorted(w.heads), hd, torch.device("cpu"))
-            entry(q, 0, q_rows, out)
-            entry(o, 1, q_rows, out)
-        if w.kv_heads is not None:
-            kv_rows = _rows(sorted(w.kv_heads), hd, torch.device("cpu"))
-            entry(k, 0, kv_rows, out)
-            entry(v, 0, kv_rows, out)
-    if w.channels is not None:
-        gate, up, down = adapter.mlp_projections(layer)
-        idx = torch.tensor(sorted(w.channels))
-        if gate is not None:
-            entry(gate, 0, idx, out)
-        entry(up, 0, idx, out)
-        entry(down, 1, idx, out)
+    for part, keep in (("attn", {"heads": w.heads, "kv_heads": w.kv_heads}), ("mlp", {"channels": w.channels})):
+        if all(v is None for v in keep.values()):
+            continue
+        keep = {k: None if v is None else sorted(v) for k, v in keep.items()}
+        for (name, dim), (idx, _) in _kept(adapter, widths, part, keep).items():
+            out[f"{name}.weight"] = (dim, idx)
+            if dim == 0 and getattr(modules[name], "bias", None) is not None:
+                out[f"{name}.bias"] = (0, idx)
     return out

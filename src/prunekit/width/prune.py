@@ -238,11 +238,11 @@ class _Ranker:
         for i in d.layers:
             layer, st = layers[i], stats[i]
             if d.kind == "mlp":
-                wt = st.mlp_weight if st.mlp_weight is not None else ad.mlp_projections(layer)[2].weight
+                wt = st.mlp_weight if st.mlp_weight is not None else ad.output_projection(layer, "mlp").weight
                 u, s = rank_mlp(self.scorer, st.mlp, wt)
             else:
                 nh, nkv = ad.attention_shape(layer)
-                wt = st.attn_weight if st.attn_weight is not None else ad.attn_projections(layer)[3].weight
+                wt = st.attn_weight if st.attn_weight is not None else ad.output_projection(layer, "attn").weight
                 build = rank_kv_groups if d.kind == "kv-groups" else rank_query_heads
                 u, s = build(self.scorer, st.attn, wt, nh, nkv, ad.head_dim)
             units[i] = u

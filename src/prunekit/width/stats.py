@@ -103,13 +103,13 @@ def watch_layer(adapter: ModelAdapter, layer: nn.Module, pending: dict[str, torc
         return hook
 
     if attn and adapter.has_attention(layer):
-        o = adapter.attn_projections(layer)[3]
+        o = adapter.output_projection(layer, "attn")
         st.attn = SquaredSums(o.in_features, device=o.weight.device)
         handles.append(o.register_forward_pre_hook(remember("attn")))
         if keep_weights:
             st.attn_weight = weight_columns(o.weight).cpu()
     if mlp and adapter.has_mlp(layer):
-        down = adapter.mlp_projections(layer)[2]
+        down = adapter.output_projection(layer, "mlp")
         st.mlp = SquaredSums(down.in_features, device=down.weight.device)
         handles.append(down.register_forward_pre_hook(remember("mlp")))
         if keep_weights:

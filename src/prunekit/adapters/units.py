@@ -1,0 +1,109 @@
+"""Prunable units and the rows and columns they own, fused tensors or not.
+
+A sub-layer's width is counted in units of three kinds: `heads` (a query head: its rows of the query
+projection and its columns of the output projection), `kv_heads` (a KV head: its rows of the key and value
+projections; with GQA it serves `heads // kv_heads` query heads, which the surgery keeps consistent) and
+`channels` (an MLP intermediate channel: its rows of gate and up, its column of down). Each kind is a list of
+`UnitBlock`s, one per stretch of a tensor that the kind's units tile; a fused tensor (Phi-3's `qkv_proj`,
+`gate_up_proj`) simply holds several blocks at different offsets. Width surgery, the streamed reader's
+slices and everything else that cuts units go through these blocks, so a family with another layout needs a
+layout here, not new surgery.
+
+For Phi-3 (4 heads, 2 KV heads, head size 16, 128 channels) the blocks are:
+
+    heads:    qkv_proj rows 0..63 (16 per unit), o_proj columns 0..63 (16 per unit)
+    kv_heads: qkv_proj rows 64..95 and 96..127 (16 per unit: key, then value)
+    channels: gate_up_proj rows 0..127 and 128..255 (1 per unit: gate, then up), down_proj columns 0..127
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from prunekit.adapters.base import ArchSpec
+
+UnitKind = Literal["heads", "kv_heads", "channels"]
+ATTN_KINDS: tuple[UnitKind, ...] = ("heads", "kv_heads")
+MLP_KINDS: tuple[UnitKind, ...] = ("channels",)
+
+
+@dataclass(frozen=True)
+class UnitBlock:
+    """Units 0..count-1 of one kind tile `module`'s dimension `dim` (0: output rows and the bias; 1: input
+    columns) from `offset`, `size` rows or columns each. `module` is a path relative to the decoder layer."""
+
+    module: str
+    dim: int
+    offset: int
+    size: int
+    count: int
+
+    def indices(self, keep: Sequence[int]) -> torch.Tensor:
+        """The rows (or columns) of this block that units `keep` (ascending) own, in order."""
+        units = torch.tensor(list(keep), dtype=torch.long).unsqueeze(1)
+        return (self.offset + units * self.size + torch.arange(self.size)).reshape(-1)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.count * self.size
+
+
+@dataclass(frozen=True)
+class Widths:
+    """A sub-layer's unit counts and head size, as the layout functions need them."""
+
+    heads: int
+    kv_heads: int
+    channels: int
+    head_dim: int
+
+
+def attention_blocks(spec: ArchSpec, w: Widths) -> dict[UnitKind, list[UnitBlock]]:
+    a, hd = spec.attn, w.head_dim
+    q_rows, kv_rows = w.heads * hd, w.kv_heads * hd
+    heads = [UnitBlock(f"{a}.{spec.o_proj}", 1, 0, hd, w.heads)]
+    kv: list[UnitBlock] = []
+    if spec.qkv_proj:
+        fused = f"{a}.{spec.qkv_proj}"
+        heads.insert(0, UnitBlock(fused, 0, 0, hd, w.heads))
+        kv += [UnitBlock(fused, 0, q_rows, hd, w.kv_heads), UnitBlock(fused, 0, q_rows + kv_rows, hd, w.kv_heads)]
+    else:
+        heads.insert(0, UnitBlock(f"{a}.{spec.q_proj}", 0, 0, hd, w.heads))
+        kv += [UnitBlock(f"{a}.{spec.k_proj}", 0, 0, hd, w.kv_heads), UnitBlock(f"{a}.{spec.v_proj}", 0, 0, hd, w.kv_heads)]
+    if spec.qk_norm_full_width and spec.q_norm and spec.k_norm:
+        heads.append(UnitBlock(f"{a}.{spec.q_norm}", 0, 0, hd, w.heads))
+        kv.append(UnitBlock(f"{a}.{spec.k_norm}", 0, 0, hd, w.kv_heads))
+    return {"heads": heads, "kv_heads": kv}
+
+
+def mlp_blocks(spec: ArchSpec, w: Widths) -> dict[UnitKind, list[UnitBlock]]:
+    m, c = spec.mlp, w.channels
+    down = UnitBlock(f"{m}.{spec.down_proj}", 1, 0, 1, c)
+    if spec.gate_up_proj:
+        fused = f"{m}.{spec.gate_up_proj}"
+        return {"channels": [UnitBlock(fused, 0, 0, 1, c), UnitBlock(fused, 0, c, 1, c), down]}
+    rows = [UnitBlock(f"{m}.{name}", 0, 0, 1, c) for name in (spec.gate_proj, spec.up_proj) if name]
+    return {"channels": [*rows, down]}
+
+
+def kept_indices(blocks: Sequence[tuple[UnitBlock, Sequence[int]]]) -> dict[tuple[str, int], tuple[torch.Tensor, int]]:
+    """{(module, dim): (the indices to keep, the size the blocks span)} from blocks with their kept units. The
+    blocks of one (module, dim) must tile it from 0 without gaps (checked), so every kept index is accounted
+    for; the caller checks the span against the tensor."""
+    by_slot: dict[tuple[str, int], list[tuple[UnitBlock, Sequence[int]]]] = {}
+    for block, keep in blocks:
+        by_slot.setdefault((block.module, block.dim), []).append((block, keep))
+    out: dict[tuple[str, int], tuple[torch.Tensor, int]] = {}
+    for slot, entries in by_slot.items():
+        entries.sort(key=lambda e: e[0].offset)
+        pos = 0
+        for block, _ in entries:
+            if block.offset != pos:
+                raise ValueError(f"unit blocks of {slot[0]} (dim {slot[1]}) leave a gap or overlap at {pos}")
+            pos = block.end
+        out[slot] = (torch.cat([block.indices(keep) for block, keep in entries]), pos)
+    return out
