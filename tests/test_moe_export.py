@@ -118,6 +118,10 @@ def test_gguf_refuses_what_the_moe_graphs_cannot_express(family, tmp_path):
         with pytest.raises(ExportError, match="norm_topk_prob"):
             export_source(moe_source(family, renormalise=not MOE_ARCHS[family][1]), tmp_path / "y.gguf",
                           format="gguf", quant="f32", progress=False)
+    windowed = moe_source(family)
+    windowed.model.config.sliding_window, windowed.model.config.use_sliding_window = 8, True
+    with pytest.raises(ExportError, match="sliding window of 8"):
+        export_source(windowed, tmp_path / "w.gguf", format="gguf", quant="f32", progress=False)
     assert not any(tmp_path.iterdir())
 
 

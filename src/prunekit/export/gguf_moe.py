@@ -62,9 +62,21 @@ def moe_arch(src: ExportSource) -> str:
         theirs = "always does" if renormalises else "never does"
         raise ExportError(f"this {mt} model cannot be written as GGUF: it {ours} its top-k router weights "
                           f"(norm_topk_prob), but llama.cpp's {arch} graph {theirs}; use the Hugging Face checkpoint")
+    _check_window(src, arch)
     if arch == "olmoe":
         _check_olmoe(src)
     return arch
+
+
+def _check_window(src: ExportSource, arch: str) -> None:
+    """None of these llama.cpp graphs has a sliding window: refuse a config that attends through one shorter than
+    its context (Qwen2-MoE and Qwen3-MoE keep `sliding_window` set but unused unless `use_sliding_window`)."""
+    cfg = src.config
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if window and window < cfg.max_position_embeddings:
+        raise ExportError(f"this {src.model_type} model cannot be written as GGUF: it attends through a sliding window "
+                          f"of {window} positions, which llama.cpp's {arch} graph does not have; use the Hugging "
+                          "Face checkpoint")
 
 
 def _check_olmoe(src: ExportSource) -> None:
