@@ -75,6 +75,36 @@ def test_gguf_of_a_uniform_moe_result_holds_its_experts(family, name, tmp_path):
                                       ad.shared_gate(layer).weight.detach().numpy().reshape(-1))
     if family in ("qwen2_moe", "olmoe"):
         assert "output.weight" in tensors  # their graphs do not fall back to the embedding
+    _assert_attention_as_written(src, fields, tensors, arch)
+
+
+def _assert_attention_as_written(src, fields, tensors, arch):
+    """Mixtral goes to `llama`, whose rope rotates adjacent pairs: each head's Q/K rows are interleaved from
+    the two halves transformers rotates together. `olmoe` is multi-head only: query head h reads a copy of KV
+    head h // group, k-norm weights with it. The other graphs take the rows as they are."""
+    ad = src.adapter
+    layer = ad.layers()[1]
+    q, k, v, _ = (lin.weight.detach().numpy() for lin in ad.attn_projections(layer))
+    n_head, n_kv, hd = fields[f"{arch}.attention.head_count"], ad.config.num_key_value_heads, src.head_dim
+    got = {key: _tensor(tensors[f"blk.1.{key}.weight"]) for key in ("attn_q", "attn_k", "attn_v")}
+    if arch == "llama":
+        pairs = np.stack([np.arange(hd // 2), np.arange(hd // 2) + hd // 2], axis=1).reshape(-1)
+        for key, w, heads in (("attn_q", q, n_head), ("attn_k", k, n_kv)):
+            want = np.concatenate([w[h * hd:(h + 1) * hd][pairs] for h in range(heads)])
+            np.testing.assert_array_equal(got[key], want)
+        return
+    np.testing.assert_array_equal(got["attn_q"], q)
+    if arch != "olmoe":
+        assert fields[f"{arch}.attention.head_count_kv"] == n_kv
+        np.testing.assert_array_equal(got["attn_k"], k)
+        return
+    assert fields["olmoe.attention.head_count_kv"] == n_head
+    kn = ad.qk_norms(layer)[1].weight.detach().numpy()
+    copy = [h // (n_head // n_kv) for h in range(n_head)]
+    for key, w in (("attn_k", k), ("attn_v", v)):
+        np.testing.assert_array_equal(got[key], np.concatenate([w[j * hd:(j + 1) * hd] for j in copy]))
+    np.testing.assert_array_equal(_tensor(tensors["blk.1.attn_k_norm.weight"]),
+                                  np.concatenate([kn[j * hd:(j + 1) * hd] for j in copy]))
 
 
 @pytest.mark.parametrize("family", GGUF_FAMILIES)
@@ -88,6 +118,18 @@ def test_gguf_refuses_what_the_moe_graphs_cannot_express(family, tmp_path):
         with pytest.raises(ExportError, match="norm_topk_prob"):
             export_source(moe_source(family, renormalise=not MOE_ARCHS[family][1]), tmp_path / "y.gguf",
                           format="gguf", quant="f32", progress=False)
+    windowed = moe_source(family)
+    windowed.model.config.sliding_window, windowed.model.config.use_sliding_window = 8, True
+    with pytest.raises(ExportError, match="sliding window of 8"):
+        export_source(windowed, tmp_path / "w.gguf", format="gguf", quant="f32", progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_gguf_refuses_olmoe_with_clipped_qkv(tmp_path):
+    clipped = moe_source("olmoe")
+    clipped.model.config.clip_qkv = 8.0
+    with pytest.raises(ExportError, match="clip_qkv"):
+        export_source(clipped, tmp_path / "y.gguf", format="gguf", quant="f32", progress=False)  # not in its graph
     assert not any(tmp_path.iterdir())
 
 

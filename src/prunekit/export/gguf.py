@@ -35,7 +35,15 @@ import torch
 
 from prunekit.export.common import ExportError, ExportSource, LayerShape, to_numpy
 from prunekit.export.gguf_gemma3 import check_gemma3, gemma3_tensors, write_gemma3_keys
-from prunekit.export.gguf_moe import MOE_ARCHS, moe_arch, moe_ffn_tensors, needs_output, write_moe_keys
+from prunekit.export.gguf_moe import (
+    MHA_ONLY,
+    MOE_ARCHS,
+    moe_arch,
+    moe_ffn_tensors,
+    needs_output,
+    repeat_kv_heads,
+    write_moe_keys,
+)
 from prunekit.export.gguf_vocab import bpe_pre_name, write_vocab
 
 __all__ = ["DIRECT_TYPES", "QUANT_TYPES", "bpe_pre_name", "gguf_arch", "permute_qk", "quantizer", "write_gguf"]
@@ -44,17 +52,20 @@ __all__ = ["DIRECT_TYPES", "QUANT_TYPES", "bpe_pre_name", "gguf_arch", "permute_
 DIRECT_TYPES = ("f32", "f16")
 
 # Architecture families prunekit can express in GGUF, keyed by `config.model_type`:
-# (stock llama.cpp arch for uniform results, whether that arch uses llama's "normal" rope and so needs the
-# Q/K permutation, None when a heterogeneous result can go to `deci`, else why it cannot).
-_FAMILIES: dict[str, tuple[str, bool, str | None]] = {
-    "llama": ("llama", True, None),
-    "mistral": ("llama", True, None),
-    "qwen2": ("qwen2", False, None),
-    "qwen3": ("qwen3", False, "llama.cpp's `deci` graph has no q/k norms"),
-    # Granite is Llama's graph with four scalars (llama.cpp `granite`: rope NORM, so Q/K permuted as for llama).
-    "granite": ("granite", True, "llama.cpp's `deci` graph has no embedding, residual, attention or logit "
-                                 "multipliers"),
+# (stock llama.cpp arch for uniform results, None when a heterogeneous result can go to `deci`, else why it
+# cannot).
+_FAMILIES: dict[str, tuple[str, str | None]] = {
+    "llama": ("llama", None),
+    "mistral": ("llama", None),
+    "qwen2": ("qwen2", None),
+    "qwen3": ("qwen3", "llama.cpp's `deci` graph has no q/k norms"),
+    # Granite is Llama's graph with four scalars.
+    "granite": ("granite", "llama.cpp's `deci` graph has no embedding, residual, attention or logit multipliers"),
 }
+# llama.cpp graphs whose rope is "normal" (adjacent pairs; `llama_model_rope_type` returns NORM), so Q/K rows
+# are permuted from Hugging Face's rotate-half layout. The rope convention belongs to the graph, not the
+# Hugging Face family: Mixtral is written as `llama` and needs it; qwen2/qwen3/qwen2moe/qwen3moe/olmoe are NEOX.
+_NORM_ROPE = ("llama", "deci", "granite")
 # Families with a llama.cpp graph that this export does not write yet, and why (one clear refusal).
 _NOT_WRITTEN = {
     "gemma2": "Gemma 2's soft-capped attention and pre/post norms need their own writer",
@@ -90,7 +101,7 @@ def gguf_arch(src: ExportSource) -> str:
     if mt not in _FAMILIES:
         raise ExportError(f"GGUF export supports model types {', '.join(sorted([*_FAMILIES, *MOE_ARCHS]))}; "
                           f"got {mt!r}")
-    stock, _, no_deci = _FAMILIES[mt]
+    stock, no_deci = _FAMILIES[mt]
     if not src.heterogeneous:
         return stock
     if no_deci:
@@ -181,7 +192,8 @@ def _tensors(src: ExportSource, arch: str) -> list[tuple[str, torch.Tensor]]:
     """(GGUF name, tensor) for every weight, in llama.cpp's layout (Q/K permuted where the arch needs it)."""
     T = gguf.MODEL_TENSOR
     a = src.adapter
-    permute = arch == "deci" or _FAMILIES.get(src.model_type, ("", False, None))[1]
+    permute = arch in _NORM_ROPE
+    mha = arch in MHA_ONLY
     out: list[tuple[str, torch.Tensor]] = [(_tensor_name(T.TOKEN_EMBD), a.embed().weight)]
     hidden = a.hidden_size
     for i, (layer, shape) in enumerate(zip(a.layers(), src.shapes)):
@@ -192,6 +204,9 @@ def _tensors(src: ExportSource, arch: str) -> list[tuple[str, torch.Tensor]]:
                                      (T.ATTN_OUT, o, None)):
                 wt = lin.weight
                 bias = lin.bias
+                if mha and kind in (T.ATTN_K, T.ATTN_V):
+                    wt, bias = (None if x is None else repeat_kv_heads(x, shape.n_head_kv, shape.n_head)
+                                for x in (wt, bias))
                 if permute and heads:
                     wt = permute_qk(wt, heads)
                     bias = permute_qk(bias, heads) if bias is not None else None
@@ -201,7 +216,8 @@ def _tensors(src: ExportSource, arch: str) -> list[tuple[str, torch.Tensor]]:
             qn, kn = a.qk_norms(layer)
             if qn is not None:
                 out.append((_tensor_name(T.ATTN_Q_NORM, i), qn.weight))
-                out.append((_tensor_name(T.ATTN_K_NORM, i), kn.weight))
+                kw = repeat_kv_heads(kn.weight, shape.n_head_kv, shape.n_head) if mha else kn.weight
+                out.append((_tensor_name(T.ATTN_K_NORM, i), kw))
         if shape.has_mlp and src.model_type in MOE_ARCHS:
             out.append((_tensor_name(T.FFN_NORM, i), getattr(layer, a.spec.mlp_norms[0]).weight))
             out += moe_ffn_tensors(src, layer, i)
@@ -224,6 +240,8 @@ def _tensors(src: ExportSource, arch: str) -> list[tuple[str, torch.Tensor]]:
 
 def written_shapes(src: ExportSource, arch: str) -> list[LayerShape]:
     """Per-layer (n_head, n_head_kv, n_ff) as written into the GGUF (MLP stand-ins included)."""
+    if arch in MHA_ONLY:
+        return [LayerShape(s.n_head, s.n_head, s.n_ff) for s in src.shapes]
     if arch != "deci":
         return list(src.shapes)
     return [LayerShape(s.n_head, s.n_head_kv, s.n_ff or (_FFN_STANDIN if s.has_attn else 0)) for s in src.shapes]

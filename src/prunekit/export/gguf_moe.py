@@ -11,8 +11,14 @@ and `ffn_up_exps` [E, I, H] are the two halves of transformers' fused `gate_up_p
 `ffn_down_exps` [E, H, I] is `down_proj` as it is; Qwen2-MoE's shared expert is `ffn_{gate,up,down}_shexp`
 and its sigmoid gate `ffn_gate_inp_shexp`, a vector [H].
 
+llama.cpp's `olmoe` graph is multi-head only: its q/k norms and q/output projections are all [H] wide, so a
+grouped-query OLMoE is written with each KV head repeated for the query heads that read it (K, V and the k-norm
+weight; exact: the RMS of a vector whose parts are repeated equally often is the RMS of the original; prunekit
+never narrows OLMoE's heads, so the query width stays the hidden size), and `clip_qkv`, which the graph does
+not apply, is refused. Mixtral goes to `llama`, whose rope is "normal", so its Q/K rows are permuted there.
+
 References read (conventions only): llama.cpp `src/models/{qwen2moe,qwen3moe,olmoe}.cpp` (tensors, which
-keys they read, the renormalisation each passes to `build_moe_ffn`), gguf-py `gguf/constants.py` (names).
+keys they read, the renormalisation each passes to `build_moe_ffn`; olmoe's [H] q/k norms), gguf-py `gguf/constants.py` (names).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ MOE_ARCHS: dict[str, tuple[str, bool]] = {
 }
 # Graphs that read `output` even when the model ties it to the embedding.
 _NEEDS_OUTPUT = ("qwen2moe", "olmoe")
+# Graphs with one head count for queries and keys (grouped-query models are written with KV heads repeated).
+MHA_ONLY = ("olmoe",)
 
 
 def moe_arch(src: ExportSource) -> str:
@@ -54,7 +62,34 @@ def moe_arch(src: ExportSource) -> str:
         theirs = "always does" if renormalises else "never does"
         raise ExportError(f"this {mt} model cannot be written as GGUF: it {ours} its top-k router weights "
                           f"(norm_topk_prob), but llama.cpp's {arch} graph {theirs}; use the Hugging Face checkpoint")
+    _check_window(src, arch)
+    if arch == "olmoe":
+        _check_olmoe(src)
     return arch
+
+
+def _check_window(src: ExportSource, arch: str) -> None:
+    """None of these llama.cpp graphs has a sliding window: refuse a config that attends through one shorter than
+    its context (Qwen2-MoE and Qwen3-MoE keep `sliding_window` set but unused unless `use_sliding_window`)."""
+    cfg = src.config
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if window and window < cfg.max_position_embeddings:
+        raise ExportError(f"this {src.model_type} model cannot be written as GGUF: it attends through a sliding window "
+                          f"of {window} positions, which llama.cpp's {arch} graph does not have; use the Hugging "
+                          "Face checkpoint")
+
+
+def _check_olmoe(src: ExportSource) -> None:
+    if getattr(src.config, "clip_qkv", None) is not None:
+        raise ExportError("this olmoe model cannot be written as GGUF: it clips q/k/v (clip_qkv), which llama.cpp's "
+                          "olmoe graph does not do; use the Hugging Face checkpoint")
+
+
+def repeat_kv_heads(t: torch.Tensor, n_kv: int, n_head: int) -> torch.Tensor:
+    """K/V rows (or vector entries) with each KV head repeated for its query heads, in the order transformers'
+    `repeat_kv` reads them (query head h uses KV head h // (n_head // n_kv))."""
+    heads = t.reshape(n_kv, -1, *t.shape[1:])
+    return heads.repeat_interleave(n_head // n_kv, dim=0).reshape(-1, *t.shape[1:])
 
 
 def _adapter(src: ExportSource) -> MoEAdapter:
