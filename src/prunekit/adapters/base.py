@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters.moe_layouts import GPT_OSS, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, MoESpec
-from prunekit.adapters.units import UnitBlock, UnitKind, Widths, attention_blocks, mlp_blocks
+from prunekit.adapters.units import UnitBlock, UnitKind, Widths
 from prunekit.errors import UnsupportedArchitectureError
 from prunekit.hf_remote.modeling_prunekit import DroppedAttention, DroppedMLP, drop_attention, drop_mlp
 from prunekit.plans import LayerWidth
@@ -398,16 +398,29 @@ class ModelAdapter:
         return next(self.model.parameters()).device
 
 
-def get_adapter(model: nn.Module) -> ModelAdapter:
-    """Adapter for `model`, chosen by `model.config.model_type`; unknown types fail loudly."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    spec = ADAPTERS.get(model_type)  # type: ignore[arg-type]
-    if spec is None:
-        raise UnsupportedArchitectureError(
-            f"prunekit has no adapter for model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
-        )
-    if spec.moe is not None:
-        from prunekit.adapters.moe import MoEAdapter  # it subclasses ModelAdapter
+def attention_blocks(spec: ArchSpec, w: Widths) -> dict[UnitKind, list[UnitBlock]]:
+    a, hd = spec.attn, w.head_dim
+    q_rows, kv_rows = w.heads * hd, w.kv_heads * hd
+    heads = [UnitBlock(f"{a}.{spec.o_proj}", 1, 0, hd, w.heads)]
+    kv: list[UnitBlock] = []
+    if spec.qkv_proj:
+        fused = f"{a}.{spec.qkv_proj}"
+        heads.insert(0, UnitBlock(fused, 0, 0, hd, w.heads))
+        kv += [UnitBlock(fused, 0, q_rows, hd, w.kv_heads), UnitBlock(fused, 0, q_rows + kv_rows, hd, w.kv_heads)]
+    else:
+        heads.insert(0, UnitBlock(f"{a}.{spec.q_proj}", 0, 0, hd, w.heads))
+        kv += [UnitBlock(f"{a}.{spec.k_proj}", 0, 0, hd, w.kv_heads), UnitBlock(f"{a}.{spec.v_proj}", 0, 0, hd, w.kv_heads)]
+    if spec.qk_norm_full_width and spec.q_norm and spec.k_norm:
+        heads.append(UnitBlock(f"{a}.{spec.q_norm}", 0, 0, hd, w.heads))
+        kv.append(UnitBlock(f"{a}.{spec.k_norm}", 0, 0, hd, w.kv_heads))
+    return {"heads": heads, "kv_heads": kv}
 
-        return MoEAdapter(model, spec)
-    return ModelAdapter(model, spec)
+
+def mlp_blocks(spec: ArchSpec, w: Widths) -> dict[UnitKind, list[UnitBlock]]:
+    m, c = spec.mlp, w.channels
+    down = UnitBlock(f"{m}.{spec.down_proj}", 1, 0, 1, c)
+    if spec.gate_up_proj:
+        fused = f"{m}.{spec.gate_up_proj}"
+        return {"channels": [UnitBlock(fused, 0, 0, 1, c), UnitBlock(fused, 0, c, 1, c), down]}
+    rows = [UnitBlock(f"{m}.{name}", 0, 0, 1, c) for name in (spec.gate_proj, spec.up_proj) if name]
+    return {"channels": [*rows, down]}

@@ -19,12 +19,9 @@ For Phi-3 (4 heads, 2 KV heads, head size 16, 128 channels) the blocks are:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
-
-if TYPE_CHECKING:
-    from prunekit.adapters.base import ArchSpec
 
 UnitKind = Literal["heads", "kv_heads", "channels"]
 ATTN_KINDS: tuple[UnitKind, ...] = ("heads", "kv_heads")
@@ -60,34 +57,6 @@ class Widths:
     kv_heads: int
     channels: int
     head_dim: int
-
-
-def attention_blocks(spec: ArchSpec, w: Widths) -> dict[UnitKind, list[UnitBlock]]:
-    a, hd = spec.attn, w.head_dim
-    q_rows, kv_rows = w.heads * hd, w.kv_heads * hd
-    heads = [UnitBlock(f"{a}.{spec.o_proj}", 1, 0, hd, w.heads)]
-    kv: list[UnitBlock] = []
-    if spec.qkv_proj:
-        fused = f"{a}.{spec.qkv_proj}"
-        heads.insert(0, UnitBlock(fused, 0, 0, hd, w.heads))
-        kv += [UnitBlock(fused, 0, q_rows, hd, w.kv_heads), UnitBlock(fused, 0, q_rows + kv_rows, hd, w.kv_heads)]
-    else:
-        heads.insert(0, UnitBlock(f"{a}.{spec.q_proj}", 0, 0, hd, w.heads))
-        kv += [UnitBlock(f"{a}.{spec.k_proj}", 0, 0, hd, w.kv_heads), UnitBlock(f"{a}.{spec.v_proj}", 0, 0, hd, w.kv_heads)]
-    if spec.qk_norm_full_width and spec.q_norm and spec.k_norm:
-        heads.append(UnitBlock(f"{a}.{spec.q_norm}", 0, 0, hd, w.heads))
-        kv.append(UnitBlock(f"{a}.{spec.k_norm}", 0, 0, hd, w.kv_heads))
-    return {"heads": heads, "kv_heads": kv}
-
-
-def mlp_blocks(spec: ArchSpec, w: Widths) -> dict[UnitKind, list[UnitBlock]]:
-    m, c = spec.mlp, w.channels
-    down = UnitBlock(f"{m}.{spec.down_proj}", 1, 0, 1, c)
-    if spec.gate_up_proj:
-        fused = f"{m}.{spec.gate_up_proj}"
-        return {"channels": [UnitBlock(fused, 0, 0, 1, c), UnitBlock(fused, 0, c, 1, c), down]}
-    rows = [UnitBlock(f"{m}.{name}", 0, 0, 1, c) for name in (spec.gate_proj, spec.up_proj) if name]
-    return {"channels": [*rows, down]}
 
 
 def kept_indices(blocks: Sequence[tuple[UnitBlock, Sequence[int]]]) -> dict[tuple[str, int], tuple[torch.Tensor, int]]:

@@ -128,7 +128,7 @@ def model_shape(folder: Path, dtype: str | None = None) -> ModelShape:
     `dtype`: what the KV bytes are counted in (default the checkpoint's own)."""
     from prunekit.adapters import get_adapter
     from prunekit.evaluation.perplexity import kv_bytes_per_token
-    from prunekit.io.checkpoint import build_skeleton
+    from prunekit.io.skeleton import build_skeleton
     from prunekit.surgery import count_parameters
 
     dtype = dtype or _checkpoint_dtype(folder)
@@ -199,7 +199,7 @@ def write_model_card(folder: Path, plan: PruningPlan, source: str | Path | None 
 def write_export_card(folder: Path, exported_from: str | Path, export: str, dtype: str | None = None) -> Path:
     """Write the card of an export folder (`export`: its format; `dtype`: its weights'): the facts of the prunekit
     checkpoint it was exported from, with how to serve this layout."""
-    from prunekit.io.checkpoint import resolve_model_path
+    from prunekit.io.skeleton import resolve_model_path
     from prunekit.plans import checkpoint_plan
 
     src = Path(resolve_model_path(exported_from))
@@ -216,7 +216,7 @@ def write_export_card(folder: Path, exported_from: str | Path, export: str, dtyp
 def check_card_folder(folder: str | Path) -> Path:
     """The folder whose card `eval --card` / `compare --card` updates: one `CheckpointError` unless it is a
     prunekit checkpoint (a local folder with `prunekit_plan.json`), checked before any measuring."""
-    from prunekit.io.checkpoint import resolve_model_path
+    from prunekit.io.skeleton import resolve_model_path
     from prunekit.plans import checkpoint_plan
 
     path = Path(resolve_model_path(folder))
