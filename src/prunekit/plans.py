@@ -400,3 +400,16 @@ def checkpoint_plan(folder: str | Path) -> PruningPlan | None:
         except PlanError as e:
             raise PlanError(f"invalid plan {file}: {e}") from e
     return plan
+
+
+def check_kept(name: str, layer: int, idx: Sequence[int], size: int) -> list[int]:
+    """Kept indices of one kind of unit in one layer, sorted, or one `PlanError`: none kept, one listed twice,
+    or one outside 0..size-1 (`name` is the units' plural, e.g. "KV heads")."""
+    out = sorted(int(i) for i in idx)
+    if not out:
+        raise PlanError(f"layer {layer}: the plan keeps no {name} (at least one must remain)")
+    if len(set(out)) != len(out):
+        raise PlanError(f"layer {layer}: the plan lists a kept {name.removesuffix('s')} twice")
+    if out[0] < 0 or out[-1] >= size:
+        raise PlanError(f"layer {layer}: kept {name} must lie in 0..{size - 1} (got {out[0]}..{out[-1]})")
+    return out

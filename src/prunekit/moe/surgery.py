@@ -17,7 +17,7 @@ from torch import nn
 from prunekit.adapters import ModelAdapter
 from prunekit.adapters.moe import MoEAdapter
 from prunekit.errors import PlanError
-from prunekit.plans import LayerWidth
+from prunekit.plans import LayerWidth, check_kept
 
 # Integer attributes the families' modules cache: the expert count (router, experts module, block) and top-k.
 _COUNT_ATTRS = ("num_experts", "num_local_experts")
@@ -56,16 +56,7 @@ class MoEWidth:
 
 def _kept(name: str, layer: int, idx: list[int] | None, size: int) -> list[int] | None:
     """Sorted, checked indices, or None when they keep everything (already narrowed, or a no-op)."""
-    if idx is None or len(idx) == size:
-        return None
-    out = sorted(int(i) for i in idx)
-    if not out:
-        raise PlanError(f"layer {layer}: the plan keeps no {name} (at least one must remain)")
-    if len(set(out)) != len(out):
-        raise PlanError(f"layer {layer}: the plan lists a kept {name.removesuffix('s')} twice")
-    if out[0] < 0 or out[-1] >= size:
-        raise PlanError(f"layer {layer}: kept {name} must lie in 0..{size - 1} (got {out[0]}..{out[-1]})")
-    return out
+    return None if idx is None or len(idx) == size else check_kept(name, layer, idx, size)
 
 
 def resolve_moe_width(adapter: MoEAdapter, i: int, layer: nn.Module, w: LayerWidth) -> MoEWidth:

@@ -29,23 +29,12 @@ from prunekit.adapters import ModelAdapter
 from prunekit.adapters.units import Widths, kept_indices
 from prunekit.errors import PlanError
 from prunekit.moe.surgery import MoEWidth, apply_moe_width, is_moe_layer, resolve_moe_width
-from prunekit.plans import LayerWidth
+from prunekit.plans import LayerWidth, check_kept
 
 # Head-count attributes some attention implementations cache on the module (HF Llama-style modules only
 # cache `num_key_value_groups`; others, and older versions, keep these).
 _HEAD_ATTRS = ("num_heads", "num_attention_heads")
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
-
-
-def _check_indices(name: str, layer: int, idx: list[int], size: int) -> list[int]:
-    out = sorted(int(i) for i in idx)
-    if not out:
-        raise PlanError(f"layer {layer}: the plan keeps no {name} (at least one must remain)")
-    if len(set(out)) != len(out):
-        raise PlanError(f"layer {layer}: the plan lists a kept {name.removesuffix('s')} twice")
-    if out[0] < 0 or out[-1] >= size:
-        raise PlanError(f"layer {layer}: kept {name} must lie in 0..{size - 1} (got {out[0]}..{out[-1]})")
-    return out
 
 
 def _resolve_heads(layer_idx: int, w: LayerWidth, num_heads: int, num_kv: int) -> tuple[list[int], list[int]]:
@@ -54,9 +43,9 @@ def _resolve_heads(layer_idx: int, w: LayerWidth, num_heads: int, num_kv: int) -
     GQA rule: query head h reads KV head h // g (g = num_heads // num_kv). After narrowing, the i-th kept
     query head reads the (i // g')-th kept KV head, so every kept KV group must keep the same number g' of
     its own query heads and no query head may stay whose KV head goes."""
-    heads = _check_indices("query heads", layer_idx, w.heads if w.heads is not None else list(range(num_heads)),
+    heads = check_kept("query heads", layer_idx, w.heads if w.heads is not None else list(range(num_heads)),
                            num_heads)
-    kv = _check_indices("KV heads", layer_idx, w.kv_heads if w.kv_heads is not None else list(range(num_kv)),
+    kv = check_kept("KV heads", layer_idx, w.kv_heads if w.kv_heads is not None else list(range(num_kv)),
                         num_kv)
     g = num_heads // num_kv
     if len(heads) % len(kv):
@@ -189,7 +178,7 @@ def apply_widths(adapter: ModelAdapter, widths: Mapping[int, LayerWidth]) -> Non
                 raise PlanError(f"the plan narrows the MLP of layer {i}, which has no MLP")
             width = adapter.mlp_width(layer)
             if len(w.channels) != width:
-                channels = _check_indices("MLP channels", i, w.channels, width)
+                channels = check_kept("MLP channels", i, w.channels, width)
         todo.append((layer, heads_kv, channels))
     with torch.no_grad():
         for layer, heads_kv, channels in todo:
