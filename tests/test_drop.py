@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,24 +220,25 @@ def test_heterogeneous_checkpoint_loads_without_prunekit(tmp_path):
             g2 = m.generate(x, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
         assert torch.equal(g1, g2)
     """)
-    # A clean interpreter whose sys.path lacks the editable install's src/ and the cwd.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    site_filter = "import sys; sys.path = [p for p in sys.path if not p.endswith('/src')];"
-    # editable installs add src via a .pth path hook; -S would drop site-packages, so filter instead
-    proc = subprocess.run([sys.executable, "-I", "-c", site_filter + "\n" + _drop_editable_finder() + script],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    proc = run_without_prunekit(script, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "logits.pt"), ref)
 
 
-def _drop_editable_finder() -> str:
-    # setuptools editable installs register a meta-path finder for the package; remove it.
-    return ("import sys\n"
-            "sys.meta_path = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower() "
-            "and 'prunekit' not in repr(f).lower()]\n"
-            "sys.path_hooks = [h for h in sys.path_hooks if 'editable' not in repr(h).lower()]\n"
-            "sys.path_importer_cache.clear()\n")
+def run_without_prunekit(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`script` in a clean interpreter where prunekit cannot be imported: no PYTHONPATH, no `src/` on sys.path,
+    and without the editable install's finder and path hook (-S would drop site-packages too, so they are
+    filtered out instead)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    prelude = ("import sys\n"
+               "sys.path = [p for p in sys.path if not p.endswith('/src')]\n"
+               "sys.meta_path = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower() "
+               "and 'prunekit' not in repr(f).lower()]\n"
+               "sys.path_hooks = [h for h in sys.path_hooks if 'editable' not in repr(h).lower()]\n"
+               "sys.path_importer_cache.clear()\n")
+    return subprocess.run([sys.executable, "-I", "-c", prelude + script], capture_output=True, text=True, env=env,
+                          cwd=cwd, stdin=subprocess.DEVNULL)
 
 
 def test_bad_inputs(tmp_path):

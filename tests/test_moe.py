@@ -411,12 +411,9 @@ def test_llm_drop_contract_on_moe_families(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_per_layer_expert_counts_load_without_prunekit(family, tmp_path):
-    import os
-    import subprocess
-    import sys
     import textwrap
 
-    from test_drop import _drop_editable_finder
+    from test_drop import run_without_prunekit
 
     model = tiny_model(family)
     apply_plan(get_adapter(model), PruningPlan(dropped=[DropTarget(2, "mlp")],
@@ -432,11 +429,7 @@ def test_per_layer_expert_counts_load_without_prunekit(family, tmp_path):
         with torch.no_grad():
             torch.save(m(torch.tensor({inputs().tolist()})).logits, {str(tmp_path / 'logits.pt')!r})
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    site_filter = "import sys; sys.path = [p for p in sys.path if not p.endswith('/src')];"
-    proc = subprocess.run([sys.executable, "-I", "-c", site_filter + "\n" + _drop_editable_finder() + script],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    proc = run_without_prunekit(script, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "logits.pt"), ref)
 

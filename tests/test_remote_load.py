@@ -9,16 +9,13 @@ remote code. Uniform results keep the stock config.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import transformers
 from conftest import FAMILIES, tiny_model, tiny_tokenizer
-from test_drop import _drop_editable_finder
+from test_drop import run_without_prunekit
 
 from prunekit.adapters import get_adapter
 from prunekit.engine.streamed import StreamedLayers
@@ -138,11 +135,7 @@ def test_without_prunekit_plain_transformers_refuses_and_remote_code_is_exact(tm
                 torch.save(m(torch.tensor({inputs().tolist()})).logits, path + "/remote_logits.pt")
         json.dump(refused, open({str(tmp_path / 'refused.json')!r}, "w"))
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    site_filter = "import sys; sys.path = [p for p in sys.path if not p.endswith('/src')];"
-    proc = subprocess.run([sys.executable, "-I", "-c", site_filter + "\n" + _drop_editable_finder() + script],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    proc = run_without_prunekit(script, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     refused = json.loads((tmp_path / "refused.json").read_text())
     for name in cases:
