@@ -45,15 +45,12 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
             check_repairable(ad)
         if target == "expert":
             plan = expert_drop_plan(job, n=n, expert_score=expert_score, batch_size=batch_size, progress=progress)
-            apply_plan(ad, plan)
-            if job.env.is_main:
-                save(job.source, job.tokenizer, dest, plan, progress=progress)
-            return plan if job.env.is_main else None
-        with loss_states(job.streamed and criterion != "cosine", offload_dir) as work:
-            plan = choose_drops(ad.model, ad, job.calib, target=target, n=n,  # type: ignore[arg-type]
-                                consecutive=consecutive, iterative=iterative, batch_size=batch_size,
-                                progress=progress, source=str(model), make_scorer=factory, criterion=criterion,
-                                prefilter=prefilter, layers=job.source, work_dir=work)
+        else:
+            with loss_states(job.streamed and criterion != "cosine", offload_dir) as work:
+                plan = choose_drops(ad.model, ad, job.calib, target=target, n=n,  # type: ignore[arg-type]
+                                    consecutive=consecutive, iterative=iterative, batch_size=batch_size,
+                                    progress=progress, source=str(model), make_scorer=factory,
+                                    criterion=criterion, prefilter=prefilter, layers=job.source, work_dir=work)
         apply_plan(ad, plan)
     # Repair and save outside the process group's block: only rank 0 does them, with no collectives.
     if not job.env.is_main:
