@@ -328,8 +328,6 @@ def test_methods_without_expert_support_refuse_moe_models_in_one_line(moe_checkp
     common = ["--calib", str(text), "--samples", "4", "--seq-len", "32"]
     runs = {
         "compress": ["compress", str(ck), "--budget", "params=0.8", *common, "--out", str(tmp_path / "c")],
-        "linear repair": ["drop", str(ck), "--target", "attn", "--n", "1", "--repair", "linear", *common,
-                          "--out", str(tmp_path / "r")],
         "layer streaming": ["drop", str(ck), "--target", "attn", "--n", "1", "--stream", *common,
                             "--out", str(tmp_path / "s")],
         "GGUF": ["export", str(ck), "--format", "gguf", "--out", str(tmp_path / "m.gguf")],
@@ -338,7 +336,7 @@ def test_methods_without_expert_support_refuse_moe_models_in_one_line(moe_checkp
         assert main(["-q", *argv]) == 2, what
         err = capsys.readouterr().err.strip()
         assert what in err and "qwen2_moe" in err and len(err.splitlines()) == 1, err
-    assert not any((tmp_path / x).exists() for x in ("c", "r", "s", "m.gguf"))
+    assert not any((tmp_path / x).exists() for x in ("c", "s", "m.gguf"))
 
 
 @pytest.mark.usefixtures("isolated_cache")
@@ -461,3 +459,54 @@ def test_expert_statistics_of_two_shards_add_up_to_the_whole():
     assert parts[0].keys() == parts[1].keys() == whole.keys()
     for k in whole:
         assert torch.allclose(parts[0][k] + parts[1][k], whole[k], rtol=1e-12, atol=1e-12), k
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_a_linear_map_folds_exactly_into_every_expert_and_the_shared_expert(family):
+    """The MoE block's output times T equals the output of the block with T folded into its residual outputs
+    (every expert's down tensor and bias, the shared expert's down projection): routing reads the block's
+    input only, so the fold is exact."""
+    from prunekit.engine.sources import as_source
+    from prunekit.repair.linear import _write_fold
+
+    model = tiny_model(family)  # float32: the fused expert kernels take no float64
+    ad = get_adapter(model)
+    mlp = ad.mlp(ad.layers()[1])
+    h = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(4))
+    t = torch.eye(64) + 0.1 * torch.randn(64, 64, generator=torch.Generator().manual_seed(5))
+
+    def block(x):
+        out = mlp(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    want = block(h) @ t
+    names = [n for n, _ in ad.residual_outputs(ad.layers()[1], "mlp")]
+    before, scale = block(h), want.abs().max()
+    assert any("experts" in n for n in names) and (family != "qwen2_moe" or any("shared" in n for n in names))
+    _write_fold(as_source(model), 1, "mlp", t)
+    # float32 rounding only: the map moves the output by over 10% of its scale, a fold along a wrong axis or
+    # a missed expert or bias would leave an error of that order
+    assert (before - want).abs().max() > 0.1 * scale
+    assert (block(h) - want).abs().max() < 1e-5 * scale
+
+
+@pytest.mark.usefixtures("isolated_cache")
+def test_cli_attention_drop_with_linear_repair_on_a_moe_model_reloads(moe_checkpoint, tmp_path):
+    """The carriers of dropped attention sub-layers are MoE blocks: the repair folds into their experts, keeps
+    the structure, and the saved model reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.cli import main
+
+    ck, text = moe_checkpoint
+    out = tmp_path / "repaired"
+    assert main(["-q", "drop", str(ck), "--target", "attn", "--n", "2", "--repair", "linear", "--calib", str(text),
+                 "--samples", "8", "--seq-len", "32", "--out", str(out)]) == 0
+    plan = json.loads((out / "prunekit_plan.json").read_text())
+    spans = plan["repair"]["spans"]
+    assert spans and all(s["carrier"]["module"] in ("mlp", "attn") for s in spans)
+    assert plan["repair"]["check_loss"] <= plan["repair"]["check_loss_unrepaired"]
+    model, _ = load_model(out, tokenizer=False)
+    plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert torch.equal(logits(plain), logits(model))

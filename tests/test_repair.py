@@ -41,7 +41,7 @@ def test_fit_recovers_an_exact_linear_relation_and_fold_applies_it():
     lin = torch.nn.Linear(5, 8).double()
     x = torch.randn(3, 5, dtype=torch.float64, generator=g)
     want = lin(x) @ t_true
-    w, b = folded(lin.weight.detach(), lin.bias.detach(), t_true)
+    w, b = folded(lin.weight.detach(), t_true), folded(lin.bias.detach(), t_true)
     assert torch.allclose(torch.nn.functional.linear(x, w, b), want, atol=1e-12)
 
 

@@ -263,6 +263,14 @@ class ModelAdapter:
             return getattr(self.attn(layer), self.spec.o_proj)
         return getattr(self.mlp(layer), self.spec.down_proj)
 
+    def residual_outputs(self, layer: nn.Module, part: str) -> list[tuple[str, int]]:
+        """(tensor name relative to the layer, axis indexing the residual stream) of every tensor whose values
+        a sub-layer adds to the residual stream linearly: a linear map of the sub-layer's output folds into
+        each of them along that axis (`repair.linear`)."""
+        proj = self.output_projection(layer, part)
+        name = f"{self.spec.attn}.{self.spec.o_proj}" if part == "attn" else f"{self.spec.mlp}.{self.spec.down_proj}"
+        return [(f"{name}.weight", 0), *([(f"{name}.bias", 0)] if proj.bias is not None else [])]
+
     def projections(self, layer: nn.Module, part: str) -> list[nn.Linear]:
         """Every projection module of a sub-layer, input ones first, fused or not (what LoRA adapts and what
         parameter and FLOP counts read)."""

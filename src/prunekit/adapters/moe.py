@@ -138,6 +138,23 @@ class MoEAdapter(ModelAdapter):
             raise self._no_projections()
         return super().output_projection(layer, part)
 
+    def residual_outputs(self, layer: nn.Module, part: str) -> list[tuple[str, int]]:
+        """A MoE block's output is the router-weighted sum of its experts' outputs (plus the gated shared
+        expert's), each linear in its down projection and bias, so a map of the block's output folds into every
+        expert's down tensor and bias, and the shared expert's down projection."""
+        if part != "mlp" or not self.is_moe(layer):
+            return super().residual_outputs(layer, part)
+        m, s = self.moe, self.spec
+        experts = f"{s.mlp}.{m.experts}"
+        out = [(f"{experts}.{m.down}", 2 if m.layout == "interleaved" else 1)]
+        if m.down_bias:
+            out.append((f"{experts}.{m.down_bias}", 1))
+        shared = self.shared_projections(layer)
+        if shared is not None:
+            name = f"{s.mlp}.{m.shared_expert}.{s.down_proj}"
+            out += [(f"{name}.weight", 0), *([(f"{name}.bias", 0)] if shared[2].bias is not None else [])]
+        return out
+
     def mlp_macs(self, layer: nn.Module) -> int:
         """Per token: the router, the top-k experts it runs (gate, up and down) and a shared expert with its gate."""
         if not self.is_moe(layer):

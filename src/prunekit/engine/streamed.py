@@ -59,10 +59,12 @@ class StreamedLayers:
             self._aliases[target] = source
             self._aliases[source] = target
         first_layer = self.adapter.layer_prefix(0)
-        if self.adapter.num_layers and not any(n.startswith(first_layer) for n in self.files.names()):
+        missing = [first_layer + n for n in self.adapter.layers()[0].state_dict()
+                   if first_layer + n not in self.files] if self.adapter.num_layers else []
+        if missing:
             raise CheckpointError(
-                f"{local}: no tensors named {first_layer}*; layer streaming needs checkpoint tensor names that "
-                "follow the model's module names (re-save it with this transformers version)")
+                f"{local}: no tensor {missing[0]}; layer streaming needs checkpoint tensor names that follow the "
+                "model's module names (re-save it with this transformers version)")
         self._aux_ready = False
         self.widths: dict[int, LayerWidth] = {}
         # The stored tensors' unit counts, by layer module (a fused tensor's slices start at original offsets).

@@ -11,7 +11,6 @@ from prunekit.io.outputs import input_paths, prepare_output
 from prunekit.jobs.common import scoring_job
 from prunekit.jobs.experts import check_expert_options, expert_drop_plan
 from prunekit.jobs.repair import loss_states, repair_job
-from prunekit.moe.support import refuse_moe
 from prunekit.plans import PruningPlan
 from prunekit.repair import REPAIRS, check_repairable
 from prunekit.save import save
@@ -41,7 +40,6 @@ def drop_job(model: str, out: str | Path, *, target: str, n: int, consecutive: b
                      progress=progress) as (job, factory):
         ad = job.source.adapter
         if repair == "linear":
-            refuse_moe(ad.model.config.model_type, "linear repair")
             check_repairable(ad)
         if target == "expert":
             plan = expert_drop_plan(job, n=n, expert_score=expert_score, batch_size=batch_size, progress=progress)

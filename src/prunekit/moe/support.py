@@ -11,7 +11,6 @@ from prunekit.errors import UnsupportedArchitectureError
 WHY_NOT: dict[str, str] = {
     "compress": "its budget search weighs dense MLP channels and KV groups, not experts; use drop --target "
                 "expert and width --mlp-keep",
-    "linear repair": "it folds a map into the MLP's output projection, and an MoE block has one per expert",
     "layer streaming": "transformers saves MoE checkpoints with one tensor per expert, which the streamed "
                        "reader does not fuse into the model's expert tensors; load it in memory",
 }

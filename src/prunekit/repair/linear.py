@@ -15,7 +15,11 @@ similarity rows do. The projection W (out = x W' + b) becomes T'W and b becomes 
 
 Each span's map is kept only if it lowers the causal-LM loss on held-out calibration samples (the last
 quarter of the calibration batches, never used to fit), else skipped; the plan records the fit residual
-and both losses for every span. That check runs on the same runner over the pruned model, remembering
+and both losses for every span. A Mixture-of-Experts block's output is the router-weighted sum of its experts'
+outputs, each linear in its down tensor and bias, and the router reads only the block's input: the map folds
+into every expert (and a shared expert) exactly (`ModelAdapter.residual_outputs`).
+
+The held-out check runs on the same runner over the pruned model, remembering
 every layer's input, so trying the map of a span whose carrier is layer j re-runs only layers j.. ; the
 fold is written through the layer source, so a layer-streamed model is repaired too (its folded
 projections are kept beside the files and written into the saved checkpoint). Architectures whose sub-layer outputs pass through a norm before the
@@ -124,13 +128,13 @@ def fit_map(cc: torch.Tensor, cd: torch.Tensor, dd: float, ridge: float) -> tupl
     return t, resid / max(dd, 1e-300)
 
 
-def folded(weight: torch.Tensor, bias: torch.Tensor | None,
-           t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output projection that applies `t` after itself: out = x W' + b  ->  (x W' + b) T, i.e. W -> T'W,
-    b -> bT (computed in float64, returned in the weight's dtype)."""
-    t = t.to(weight.device)
-    w = (t.T @ weight.to(torch.float64)).to(weight.dtype)
-    return w, None if bias is None else (bias.to(torch.float64) @ t).to(bias.dtype)
+def folded(tensor: torch.Tensor, t: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """`tensor` with the map `t` applied after it along the residual `axis`: a projection out = x W' + b
+    becomes W -> T'W, b -> bT (axis 0), an expert tensor the same per expert (computed in float64, returned in
+    the tensor's dtype)."""
+    t = t.to(tensor.device, torch.float64)
+    moved = torch.movedim(tensor.to(torch.float64), axis, -1) @ t
+    return torch.movedim(moved, -1, axis).to(tensor.dtype)
 
 
 def check_repairable(adapter: ModelAdapter) -> None:
@@ -191,13 +195,9 @@ def _pruned_index(plan: PruningPlan, dense_layers: int, pruned_layers: int) -> C
 
 def _write_fold(source: LayerSource, layer: int, part: str, t: torch.Tensor) -> None:
     ad = source.adapter
-    proj = ad.output_projection(ad.layers()[layer], part)
-    name = next(n for n, m in ad.model.named_modules() if m is proj)
-    bias = source.read(name + ".bias") if proj.bias is not None else None
-    w, b = folded(source.read(name + ".weight"), bias, t)
-    source.write(name + ".weight", w)
-    if b is not None:
-        source.write(name + ".bias", b)
+    prefix = ad.layer_prefix(layer)
+    for name, axis in ad.residual_outputs(ad.layers()[layer], part):
+        source.write(prefix + name, folded(source.read(prefix + name), t, axis))
 
 
 class _CheckLoss:
