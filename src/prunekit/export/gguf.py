@@ -10,7 +10,8 @@ Which llama.cpp architecture carries which result:
   has no llama.cpp graph and is refused, as are heterogeneous Qwen3 and Granite results and the families this
   export does not write yet (Gemma 2, OLMo 2, SmolLM3, Phi-3: `_NOT_WRITTEN`);
 - uniform Mixtral -> `llama` with expert tensors, Qwen2-MoE -> `qwen2moe`, Qwen3-MoE -> `qwen3moe`, OLMoE ->
-  `olmoe` (`gguf_moe.py`); per-layer expert counts or widths have no llama.cpp graph and are refused.
+  `olmoe` (`gguf_moe.py`), gpt-oss -> `gpt-oss` (`gguf_gpt_oss.py`); per-layer expert counts or widths have no
+  llama.cpp graph and are refused.
 The tokenizer part is `gguf_vocab.py`.
 
 References read (written independently, cited for the conventions they fix):
@@ -297,7 +298,12 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
     w.add_file_type(file_type)
     write_vocab(w, src.tokenizer, int(cfg.vocab_size))
 
-    tensors = gemma3_tensors(src) if arch == "gemma3" else gpt_oss_tensors(src) if arch == "gpt-oss" else _tensors(src, arch)
+    if arch == "gemma3":
+        tensors = gemma3_tensors(src)
+    elif arch == "gpt-oss":
+        tensors = gpt_oss_tensors(src)
+    else:
+        tensors = _tensors(src, arch)
     if rope_freqs is not None:
         tensors.append((_tensor_name(gguf.MODEL_TENSOR.ROPE_FREQS), torch.from_numpy(rope_freqs)))
     _check_arch_tensors(arch, [n for n, _ in tensors])
