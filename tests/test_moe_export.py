@@ -17,7 +17,7 @@ from prunekit.export.gguf_moe import MOE_ARCHS
 from prunekit.plans import DropTarget, LayerWidth, PruningPlan
 from prunekit.surgery import apply_plan
 
-GGUF_FAMILIES = list(MOE_ARCHS)  # gpt-oss has no row: refused, see the last test
+GGUF_FAMILIES = list(MOE_ARCHS)  # gpt-oss has its own writer and checks: tests/test_export_gpt_oss.py
 DROP_ONE = PruningPlan(widths={i: LayerWidth(experts=[0, 2, 3]) for i in range(4)})
 SLIM = PruningPlan(widths={i: LayerWidth(expert_channels=[list(range(e, 128, 2))[:64] for e in range(2)] * 2,
                                          shared_channels=list(range(0, 96, 2)))
@@ -26,14 +26,16 @@ PLANS = {"dense": None, "expert-drop": DROP_ONE, "expert-slim": SLIM,
          "both": PruningPlan(widths={i: LayerWidth(experts=[1, 3], channels=list(range(64))) for i in range(4)})}
 
 
-def moe_source(family: str, plan: PruningPlan | None = None, *, renormalise: bool | None = None) -> ExportSource:
+def moe_source(family: str, plan: PruningPlan | None = None, *, renormalise: bool | None = None,
+               **overrides) -> ExportSource:
     """A tiny MoE model of `family` with the BPE tokenizer, routing normalised as llama.cpp's graph does unless
-    `renormalise` says otherwise."""
+    `renormalise` says otherwise (Mixtral and gpt-oss have no choice); `overrides` are config fields."""
     from transformers import AutoModelForCausalLM
 
     tok = bpe_tokenizer()
-    norm = MOE_ARCHS[family][1] if renormalise is None else renormalise
-    cfg = tiny_moe_config(family, vocab_size=len(tok), **({} if family == "mixtral" else {"norm_topk_prob": norm}))
+    if family not in ("mixtral", "gpt_oss"):
+        overrides["norm_topk_prob"] = MOE_ARCHS[family][1] if renormalise is None else renormalise
+    cfg = tiny_moe_config(family, vocab_size=len(tok), **overrides)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
@@ -143,12 +145,3 @@ def test_llamacpp_moe_logprobs_match_transformers_tiny(tmp_path, family, name):
     prompt = src.tokenizer(SAMPLE_TEXT[:80])["input_ids"]
     _assert_top_logprobs_match(src, out, prompt, 2e-3, f"{family}/{name}")
 
-
-def test_gguf_refuses_gpt_oss(tmp_path):
-    from conftest import tiny_model
-
-    model = tiny_model("gpt_oss")
-    ad = get_adapter(model)
-    with pytest.raises(ExportError, match="GGUF export supports model types"):
-        export_source(ExportSource(model, bpe_tokenizer(), ad, layer_shapes(ad)), tmp_path / "g.gguf",
-                      format="gguf", quant="f32", progress=False)

@@ -114,6 +114,10 @@ class MoEAdapter(ModelAdapter):
         out = hidden @ (down if self.moe.layout == "interleaved" else down.T)
         return out + bias[e] if bias is not None else out
 
+    def attention_sinks(self, layer: nn.Module) -> nn.Parameter | None:
+        """gpt-oss's learnt sink logit per query head [n_head], or None where the family has none."""
+        return getattr(self.attn(layer), "sinks", None)
+
     # --- shapes -------------------------------------------------------------------------------------------
     def mlp_width(self, layer: nn.Module) -> int:
         return self.expert_width(layer) if self.is_moe(layer) else super().mlp_width(layer)

@@ -10,7 +10,8 @@ Which llama.cpp architecture carries which result:
   has no llama.cpp graph and is refused, as are heterogeneous Qwen3 and Granite results and the families this
   export does not write yet (Gemma 2, OLMo 2, SmolLM3, Phi-3: `_NOT_WRITTEN`);
 - uniform Mixtral -> `llama` with expert tensors, Qwen2-MoE -> `qwen2moe`, Qwen3-MoE -> `qwen3moe`, OLMoE ->
-  `olmoe` (`gguf_moe.py`); per-layer expert counts or widths have no llama.cpp graph and are refused.
+  `olmoe` (`gguf_moe.py`), gpt-oss -> `gpt-oss` (`gguf_gpt_oss.py`); per-layer expert counts or widths have no
+  llama.cpp graph and are refused.
 The tokenizer part is `gguf_vocab.py`.
 
 References read (written independently, cited for the conventions they fix):
@@ -35,6 +36,7 @@ import torch
 
 from prunekit.export.common import ExportError, ExportSource, LayerShape, to_numpy
 from prunekit.export.gguf_gemma3 import check_gemma3, gemma3_tensors, write_gemma3_keys
+from prunekit.export.gguf_gpt_oss import check_gpt_oss, gpt_oss_tensors, write_gpt_oss_keys
 from prunekit.export.gguf_moe import (
     MHA_ONLY,
     MOE_ARCHS,
@@ -96,10 +98,12 @@ def gguf_arch(src: ExportSource) -> str:
         return "gemma3"
     if mt in MOE_ARCHS:
         return moe_arch(src)
+    if mt == "gpt_oss":
+        return check_gpt_oss(src)
     if mt in _NOT_WRITTEN:
         raise ExportError(f"GGUF export does not write {mt} yet ({_NOT_WRITTEN[mt]}); keep the Hugging Face checkpoint")
     if mt not in _FAMILIES:
-        raise ExportError(f"GGUF export supports model types {', '.join(sorted([*_FAMILIES, *MOE_ARCHS]))}; "
+        raise ExportError(f"GGUF export supports model types {', '.join(sorted([*_FAMILIES, *MOE_ARCHS, 'gpt_oss']))}; "
                           f"got {mt!r}")
     stock, no_deci = _FAMILIES[mt]
     if not src.heterogeneous:
@@ -281,25 +285,33 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
     w.add_value_length(hd)
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(int(cfg.vocab_size))
-    rope_freqs = _write_rope(w, cfg, hd)
+    rope_freqs = None if arch == "gpt-oss" else _write_rope(w, cfg, hd)
     if arch == "gemma3":
         write_gemma3_keys(w, src)
     if src.model_type in MOE_ARCHS:
         write_moe_keys(w, src, arch)
     if arch == "granite":
         _write_granite_keys(w, cfg)
+    if arch == "gpt-oss":
+        write_gpt_oss_keys(w, src)
     file_type = gguf.LlamaFileType.ALL_F32 if ftype == "f32" else gguf.LlamaFileType.MOSTLY_F16
     w.add_file_type(file_type)
     write_vocab(w, src.tokenizer, int(cfg.vocab_size))
 
-    tensors = gemma3_tensors(src) if arch == "gemma3" else _tensors(src, arch)
+    if arch == "gemma3":
+        tensors = gemma3_tensors(src)
+    elif arch == "gpt-oss":
+        tensors = gpt_oss_tensors(src)
+    else:
+        tensors = _tensors(src, arch)
     if rope_freqs is not None:
         tensors.append((_tensor_name(gguf.MODEL_TENSOR.ROPE_FREQS), torch.from_numpy(rope_freqs)))
     _check_arch_tensors(arch, [n for n, _ in tensors])
     big = np.float32 if ftype == "f32" else np.float16
     for tname, t in tensors:
-        # Norms, biases and rope factors stay float32 (as convert_hf_to_gguf does); matrices take the file type.
-        w.add_tensor(tname, to_numpy(t, np.float32 if t.ndim == 1 else big))
+        # Norms, biases (gpt-oss's expert biases are [E, I]) and rope factors stay float32 (as convert_hf_to_gguf
+        # does); matrices take the file type.
+        w.add_tensor(tname, to_numpy(t, np.float32 if t.ndim == 1 or tname.endswith(".bias") else big))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=progress)

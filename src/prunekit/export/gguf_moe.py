@@ -49,14 +49,7 @@ def moe_arch(src: ExportSource) -> str:
     mt = src.model_type
     arch, renormalises = MOE_ARCHS[mt]
     ad = _adapter(src)
-    layers = ad.layers()
-    if not all(ad.is_moe(layer) and ad.has_attention(layer) for layer in layers):
-        raise ExportError(f"a {mt} result without some attention or MoE blocks, or with dense MLP layers, cannot be "
-                          f"written as GGUF: llama.cpp's {arch} graph needs both in every layer; export a result "
-                          "of expert drop or slimming alone, or use the Hugging Face checkpoint")
-    if len({_moe_shape(ad, layer) for layer in layers}) > 1 or len(set(src.shapes)) > 1:
-        raise ExportError(f"a {mt} result whose layers differ (expert counts, widths or heads) cannot be written as "
-                          f"GGUF: llama.cpp's {arch} graph takes one of each for all layers")
+    check_uniform_moe(src, arch)
     if ad.renormalises() != renormalises:
         ours = "does not renormalise" if renormalises else "renormalises"
         theirs = "always does" if renormalises else "never does"
@@ -66,6 +59,21 @@ def moe_arch(src: ExportSource) -> str:
     if arch == "olmoe":
         _check_olmoe(src)
     return arch
+
+
+def check_uniform_moe(src: ExportSource, arch: str) -> None:
+    """Every layer has attention and a MoE block, all of one shape (experts, top-k, widths, heads), or one clear
+    `ExportError`: llama.cpp's MoE graphs take one of each for all layers."""
+    mt = src.model_type
+    ad = _adapter(src)
+    layers = ad.layers()
+    if not all(ad.is_moe(layer) and ad.has_attention(layer) for layer in layers):
+        raise ExportError(f"a {mt} result without some attention or MoE blocks, or with dense MLP layers, cannot be "
+                          f"written as GGUF: llama.cpp's {arch} graph needs both in every layer; export a result "
+                          "of expert drop or slimming alone, or use the Hugging Face checkpoint")
+    if len({_moe_shape(ad, layer) for layer in layers}) > 1 or len(set(src.shapes)) > 1:
+        raise ExportError(f"a {mt} result whose layers differ (expert counts, widths or heads) cannot be written as "
+                          f"GGUF: llama.cpp's {arch} graph takes one of each for all layers")
 
 
 def _check_window(src: ExportSource, arch: str) -> None:
