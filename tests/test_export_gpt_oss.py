@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import SAMPLE_TEXT
 from test_export import _assert_top_logprobs_match, _read, _tensor, needs_xllamacpp
 from test_moe_export import PLANS, moe_source
@@ -85,11 +86,21 @@ def test_gguf_gpt_oss_writes_yarn_zero_attention_biases_and_a_tied_output(tmp_pa
     np.testing.assert_array_equal(_tensor(tensors["output.weight"]), _tensor(tensors["token_embd.weight"]))
 
 
-def test_gguf_gpt_oss_writes_yarn_without_truncation_where_rounding_changes_nothing(tmp_path):
+def test_gguf_gpt_oss_writes_yarn_without_truncation_where_rounding_changes_nothing(tmp_path, caplog):
     """The correction range is clamped to [0, head_dim - 1] before llama.cpp's rounding could matter."""
     src = moe_source("gpt_oss", rope_parameters={**YARN, "truncate": False, "beta_slow": 1e-7})
     fields, _ = _read(_export(src, tmp_path / "g.gguf"))
     assert fields["gpt-oss.rope.scaling.type"] == "yarn"
+    assert "rounds" not in caplog.text
+
+
+def test_gguf_gpt_oss_writes_yarn_without_truncation_as_llamacpp_runs_it_and_says_so(tmp_path, caplog):
+    """The released checkpoints' `truncate: false`: written as the converter writes it, with one warning."""
+    src = moe_source("gpt_oss", rope_parameters={**YARN, "truncate": False})
+    fields, _ = _read(_export(src, tmp_path / "g.gguf"))
+    assert fields["gpt-oss.rope.scaling.type"] == "yarn" and fields["gpt-oss.rope.scaling.factor"] == 4.0
+    warned = [r.getMessage() for r in caplog.records if "rounds" in r.getMessage()]
+    assert len(warned) == 1 and "0.000..2.016 to 0..3" in warned[0], caplog.text
 
 
 @pytest.mark.parametrize("plan,overrides,message", [
@@ -99,7 +110,6 @@ def test_gguf_gpt_oss_writes_yarn_without_truncation_where_rounding_changes_noth
     (None, {"layer_types": ["full_attention", "sliding_attention"] * 2}, r"no longer alternate .*\(FSFS\)"),
     (None, {"swiglu_limit": 10.0}, "SwiGLU alpha 1.702 / limit 10"),
     (None, {"sliding_window": None}, "no sliding window"),
-    (None, {"rope_parameters": {**YARN, "truncate": False}}, r"truncate: false.*0\.000\.\.2\.016.*0\.\.3"),
     (None, {"rope_parameters": {**YARN, "attention_factor": 1.0}}, "it sets attention_factor"),
     (None, {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}, "'linear'"),
 ])
@@ -120,3 +130,16 @@ def test_llamacpp_gpt_oss_logprobs_match_transformers_tiny(tmp_path, name):
     prompt = src.tokenizer(SAMPLE_TEXT)["input_ids"][:48]
     assert len(prompt) == 48
     _assert_top_logprobs_match(src, out, prompt, 2e-3, name)
+
+
+@needs_xllamacpp
+def test_llamacpp_runs_untruncated_yarn_as_transformers_with_the_range_rounded(tmp_path):
+    """What the warning says, exactly: the GGUF of a `truncate: false` model gives, in llama.cpp, the
+    log-probs of the same weights in transformers with `truncate: true` (the correction range rounded)."""
+    src = moe_source("gpt_oss", rope_parameters={**YARN, "truncate": False})
+    rounded = moe_source("gpt_oss", rope_parameters=YARN)
+    for (name, a), b in zip(src.model.state_dict().items(), rounded.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    out = _export(src, tmp_path / "g.gguf")
+    prompt = src.tokenizer(SAMPLE_TEXT)["input_ids"][:48]
+    _assert_top_logprobs_match(rounded, out, prompt, 2e-3, "truncate: false")

@@ -26,12 +26,14 @@ non-MXFP4 expert layout), gguf-py `MODEL_ARCH.GPT_OSS`):
   YaRN is written as the converter writes it (type, factor, original context, beta fast/slow), and llama.cpp
   scales cos/sin by 1 + 0.1 ln(factor) as transformers does without `attention_factor`/`mscale`. ggml always
   rounds YaRN's correction range outwards (floor/ceil), which transformers does only with `truncate: true`:
-  a `truncate: false` config (the released gpt-oss checkpoints) is written only where that range is whole
-  numbers already, and refused otherwise, since its rope frequencies would differ.
+  a `truncate: false` config (the released gpt-oss checkpoints) is written as the converter writes it, so the
+  GGUF runs as llama.cpp runs the released models (the same as transformers with the range rounded, which
+  the tests check), with one warning that says so.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -43,6 +45,8 @@ from prunekit.export.common import ExportError, ExportSource
 from prunekit.export.gguf_moe import check_uniform_moe
 
 __all__ = ["ARCH", "check_gpt_oss", "gpt_oss_tensors", "write_gpt_oss_keys", "yarn_correction_range"]
+
+log = logging.getLogger(__name__)
 
 ARCH = "gpt-oss"
 # SwiGLU-OAI constants llama.cpp's build_moe_ffn hard-codes for this graph.
@@ -71,7 +75,9 @@ def check_gpt_oss(src: ExportSource) -> str:
     if problems:
         raise ExportError("this gpt_oss model cannot be written for llama.cpp's gpt-oss graph: " + "; ".join(problems))
     _check_layer_types(list(cfg.layer_types))
-    _yarn(cfg)  # its own errors
+    yarn = _yarn(cfg)  # its own errors
+    if yarn is not None and not yarn["truncate"]:
+        _warn_rounded_range(int(cfg.head_dim), yarn["theta"], yarn["original"], yarn["beta_fast"], yarn["beta_slow"])
     return ARCH
 
 
@@ -108,15 +114,20 @@ def _yarn(cfg: Any) -> dict[str, Any] | None:
                           "which the writer does not map; use the Hugging Face checkpoint")
     beta_fast, beta_slow = float(params.get("beta_fast") or 32.0), float(params.get("beta_slow") or 1.0)
     original = int(params["original_max_position_embeddings"])
-    if not params.get("truncate", True):
-        dim = int(cfg.head_dim)
-        low, high = yarn_correction_range(dim, float(params["rope_theta"]), original, beta_fast, beta_slow)
-        if low != math.floor(low) or high != min(math.ceil(high), dim - 1):
-            raise ExportError(
-                f"this gpt_oss model's YaRN rope (truncate: false) blends frequencies over correction dimensions "
-                f"{low:.3f}..{high:.3f}, but llama.cpp rounds them to {math.floor(low)}..{min(math.ceil(high), dim - 1)}, "
-                "so its rope would differ; use the Hugging Face checkpoint")
-    return {"factor": float(params["factor"]), "original": original, "beta_fast": beta_fast, "beta_slow": beta_slow}
+    return {"factor": float(params["factor"]), "original": original, "beta_fast": beta_fast, "beta_slow": beta_slow,
+            "theta": float(params["rope_theta"]), "truncate": bool(params.get("truncate", True))}
+
+
+def _warn_rounded_range(dim: int, base: float, original: int, beta_fast: float, beta_slow: float) -> None:
+    """llama.cpp runs every gpt-oss GGUF (the released ones included) with YaRN's correction range rounded
+    outwards; a pruned model exported for llama.cpp should run as llama.cpp runs the model it came from, so
+    the range is written as the converter writes it, and the difference from transformers is said once."""
+    low, high = yarn_correction_range(dim, base, original, beta_fast, beta_slow)
+    rounded = (math.floor(low), min(math.ceil(high), dim - 1))
+    if (low, high) != rounded:
+        log.warning("llama.cpp rounds this gpt_oss model's YaRN correction range %.3f..%.3f to %d..%d, as for every "
+                    "gpt-oss GGUF, so its rope frequencies differ slightly from transformers' (truncate: false)",
+                    low, high, *rounded)
 
 
 def write_gpt_oss_keys(w: Any, src: ExportSource) -> None:
