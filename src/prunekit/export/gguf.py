@@ -8,7 +8,9 @@ Which llama.cpp architecture carries which result:
   `attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays (0 = sub-layer gone);
 - uniform Gemma 3 -> `gemma3` (`gguf_gemma3.py`: 1 + w norms, sliding-window keys); a heterogeneous Gemma 3
   has no llama.cpp graph and is refused, as are heterogeneous Qwen3 and Granite results and the families this
-  export does not write yet (Gemma 2, OLMo 2, SmolLM3, Phi-3: `_NOT_WRITTEN`);
+  export does not write yet (Gemma 2, OLMo 2: `_NOT_WRITTEN`);
+- uniform Phi-3 with every query head -> `phi3` (`gguf_phi3.py`), uniform SmolLM3 -> `smollm3`
+  (`gguf_smollm3.py`: written while its layers without rope are llama.cpp's every 4th);
 - uniform Mixtral -> `llama` with expert tensors, Qwen2-MoE -> `qwen2moe`, Qwen3-MoE -> `qwen3moe`, OLMoE ->
   `olmoe` (`gguf_moe.py`); per-layer expert counts or widths have no llama.cpp graph and are refused.
 The tokenizer part is `gguf_vocab.py`.

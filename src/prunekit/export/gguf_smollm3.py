@@ -47,7 +47,8 @@ def check_smollm3(src: ExportSource) -> None:
             f"llama.cpp's rule (every {LLAMACPP_NO_ROPE_STEP}th layer: {''.join(map(str, want))}), usually "
             "because a block was dropped; export the uniform model or use the Hugging Face checkpoint")
     problems = []
-    if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+    # Hugging Face applies the window only when both are set (SmolLM3Attention).
+    if getattr(cfg, "use_sliding_window", False) and "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
         problems.append("sliding-window layers (the graph has none)")
     if _rope_kind(cfg) == "llama3":
         problems.append("llama3 rope scaling (the graph applies no per-frequency rope factors)")
