@@ -49,8 +49,8 @@ def check_phi3(src: ExportSource) -> None:
     """Refuse, with one clear error, what llama.cpp's phi3 graph would compute differently or cannot load."""
     if src.heterogeneous:
         raise ExportError("a heterogeneous phi3 result cannot be written as GGUF: llama.cpp's phi3 graph takes one "
-                          "shape for all layers and its per-layer `deci` graph has no fused qkv, partial rotary or "
-                          "long-rope factors; export a uniform result")
+                          "shape for all layers, and its per-layer `deci` graph has no partial rotary or long-rope "
+                          "factors (this export does not write Phi-3 there); export a uniform result")
     cfg = src.config
     s = src.shapes[0]
     problems = []
