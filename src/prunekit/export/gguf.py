@@ -8,7 +8,9 @@ Which llama.cpp architecture carries which result:
   `attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays (0 = sub-layer gone);
 - uniform Gemma 3 -> `gemma3` (`gguf_gemma3.py`: 1 + w norms, sliding-window keys); a heterogeneous Gemma 3
   has no llama.cpp graph and is refused, as are heterogeneous Qwen3 and Granite results and the families this
-  export does not write yet (Gemma 2, OLMo 2, SmolLM3, Phi-3: `_NOT_WRITTEN`);
+  export does not write yet (Gemma 2, OLMo 2: `_NOT_WRITTEN`);
+- uniform Phi-3 with every query head -> `phi3` (`gguf_phi3.py`), uniform SmolLM3 -> `smollm3`
+  (`gguf_smollm3.py`: written while its layers without rope are llama.cpp's every 4th);
 - uniform Mixtral -> `llama` with expert tensors, Qwen2-MoE -> `qwen2moe`, Qwen3-MoE -> `qwen3moe`, OLMoE ->
   `olmoe` (`gguf_moe.py`), gpt-oss -> `gpt-oss` (`gguf_gpt_oss.py`); per-layer expert counts or widths have no
   llama.cpp graph and are refused.
@@ -46,6 +48,8 @@ from prunekit.export.gguf_moe import (
     repeat_kv_heads,
     write_moe_keys,
 )
+from prunekit.export.gguf_phi3 import check_phi3, phi3_context_length, phi3_tensors, write_phi3_rope
+from prunekit.export.gguf_smollm3 import check_smollm3
 from prunekit.export.gguf_vocab import bpe_pre_name, write_vocab
 
 __all__ = ["DIRECT_TYPES", "QUANT_TYPES", "bpe_pre_name", "gguf_arch", "permute_qk", "quantizer", "write_gguf"]
@@ -67,13 +71,11 @@ _FAMILIES: dict[str, tuple[str, str | None]] = {
 # llama.cpp graphs whose rope is "normal" (adjacent pairs; `llama_model_rope_type` returns NORM), so Q/K rows
 # are permuted from Hugging Face's rotate-half layout. The rope convention belongs to the graph, not the
 # Hugging Face family: Mixtral is written as `llama` and needs it; qwen2/qwen3/qwen2moe/qwen3moe/olmoe are NEOX.
-_NORM_ROPE = ("llama", "deci", "granite")
+_NORM_ROPE = ("llama", "deci", "granite", "smollm3")
 # Families with a llama.cpp graph that this export does not write yet, and why (one clear refusal).
 _NOT_WRITTEN = {
     "gemma2": "Gemma 2's soft-capped attention and pre/post norms need their own writer",
     "olmo2": "OLMo 2's post-norms and full-width q/k norms need their own writer",
-    "smollm3": "SmolLM3's layers without rotary embeddings need their own writer",
-    "phi3": "Phi-3's fused qkv and gate_up tensors need their own writer",
 }
 
 # A llama.cpp `deci` layer with attention but n_ff == 0 is not usable: deci.cpp `continue`s before
@@ -100,6 +102,12 @@ def gguf_arch(src: ExportSource) -> str:
         return moe_arch(src)
     if mt == "gpt_oss":
         return check_gpt_oss(src)
+    if mt == "phi3":
+        check_phi3(src)
+        return "phi3"
+    if mt == "smollm3":
+        check_smollm3(src)
+        return "smollm3"
     if mt in _NOT_WRITTEN:
         raise ExportError(f"GGUF export does not write {mt} yet ({_NOT_WRITTEN[mt]}); keep the Hugging Face checkpoint")
     if mt not in _FAMILIES:
@@ -270,7 +278,7 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or str(getattr(cfg, "_name_or_path", "") or "prunekit model"))
     w.add_block_count(len(shapes))
-    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_context_length(phi3_context_length(cfg) if arch == "phi3" else int(cfg.max_position_embeddings))
     w.add_embedding_length(int(cfg.hidden_size))
     if arch == "deci":
         w.add_head_count([s.n_head for s in shapes])
@@ -285,7 +293,8 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
     w.add_value_length(hd)
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(int(cfg.vocab_size))
-    rope_freqs = None if arch == "gpt-oss" else _write_rope(w, cfg, hd)
+    rope_freqs = None if arch in ("gpt-oss", "phi3") else _write_rope(w, cfg, hd)
+    phi3_rope = write_phi3_rope(w, src) if arch == "phi3" else []
     if arch == "gemma3":
         write_gemma3_keys(w, src)
     if src.model_type in MOE_ARCHS:
@@ -302,6 +311,8 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
         tensors = gemma3_tensors(src)
     elif arch == "gpt-oss":
         tensors = gpt_oss_tensors(src)
+    elif arch == "phi3":
+        tensors = phi3_tensors(src) + phi3_rope
     else:
         tensors = _tensors(src, arch)
     if rope_freqs is not None:

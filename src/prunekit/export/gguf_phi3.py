@@ -1,0 +1,118 @@
+"""Phi-3 (and Phi-3.5 / Phi-4-mini, same Hugging Face class) in llama.cpp's `phi3` graph.
+
+What the graph does, and therefore what is written (references read, written independently: llama.cpp
+`src/models/phi3.cpp` (hparams, tensor shapes, graph), `llm_graph_context::build_qkv` and
+`llama_model::get_rope_factors` in `src/llama-graph.cpp` / `src/llama-model.cpp`, convert_hf_to_gguf's
+`Phi3MiniModel`, gguf-py `MODEL_ARCH.PHI3`):
+- q, k and v stay fused in `attn_qkv` (q rows, then k, then v, as Hugging Face's `qkv_proj`); `build_qkv` splits
+  them by head counts. Gate and up stay fused in `ffn_up`, gate first: the graph's SWIGLU computes
+  silu(first half) * second half, as Hugging Face's `up * silu(gate)` after `chunk(2)`.
+- the graph loads `attn_output` as hidden x hidden and the fused qkv with a hidden-wide q part, so only results
+  that keep every query head fit (MLP channels and whole layers may go; KV heads are sized by the GQA width);
+- rope is NEOX style (rotate-half, as Hugging Face): no Q/K permutation; `rope.dimension_count` is the rotated
+  part of a head (head_dim * partial_rotary_factor, Phi-4-mini's 0.75), which NEOX rotates and Hugging Face too;
+- "longrope" (Phi-3.5, Phi-4-mini): `rope_factors_short` / `rope_factors_long` tensors, the original context as
+  `rope.scaling.original_context_length` and the cos/sin factor as `rope.scaling.attn_factor`. llama.cpp uses
+  the long factors when the context it is run with exceeds the original context, Hugging Face when the
+  sequence does; within the original context both use the short ones (the case checked).
+- the graph ignores `attention.sliding_window` (llama.cpp turns Phi-3 SWA off), so the context length written is
+  capped at the sliding window: within it the window changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gguf
+import torch
+
+from prunekit.export.common import ExportError, ExportSource
+
+__all__ = ["check_phi3", "phi3_context_length", "phi3_tensors", "write_phi3_rope"]
+
+
+def _rope_params(cfg: Any) -> dict[str, Any]:
+    return dict(getattr(cfg, "rope_parameters", None) or {})
+
+
+def _rope_dims(src: ExportSource) -> int:
+    return int(src.head_dim * float(_rope_params(src.config).get("partial_rotary_factor", 1.0)))
+
+
+def _has_bias(src: ExportSource) -> bool:
+    a = src.adapter
+    return any(lin.bias is not None for layer in a.layers() for part in ("attn", "mlp")
+               for lin in a.projections(layer, part))
+
+
+def check_phi3(src: ExportSource) -> None:
+    """Refuse, with one clear error, what llama.cpp's phi3 graph would compute differently or cannot load."""
+    if src.heterogeneous:
+        raise ExportError("a heterogeneous phi3 result cannot be written as GGUF: llama.cpp's phi3 graph takes one "
+                          "shape for all layers, and its per-layer `deci` graph has no partial rotary or long-rope "
+                          "factors (this export does not write Phi-3 there); export a uniform result")
+    cfg = src.config
+    s = src.shapes[0]
+    problems = []
+    if s.n_head * src.head_dim != int(cfg.hidden_size):
+        problems.append(f"{s.n_head} query heads of {src.head_dim} (llama.cpp's phi3 graph loads the attention output "
+                        f"as hidden x hidden, so every query head must stay)")
+    kind = _rope_params(cfg).get("rope_type", "default")
+    if kind not in ("default", "longrope"):
+        problems.append(f"rope type {kind!r} (the graph computes default and longrope)")
+    act = getattr(cfg, "hidden_act", None)
+    if act != "silu":
+        problems.append(f"activation {act!r} (the graph uses SiLU)")
+    if _has_bias(src):
+        problems.append("projection biases (the graph has none)")
+    if problems:
+        raise ExportError("this phi3 model cannot be written for llama.cpp's phi3 graph: " + "; ".join(problems))
+
+
+def phi3_context_length(cfg: Any) -> int:
+    """The context length written: llama.cpp's phi3 graph has no sliding window, so it stops at the window."""
+    window = getattr(cfg, "sliding_window", None)
+    return min(int(cfg.max_position_embeddings), int(window)) if window else int(cfg.max_position_embeddings)
+
+
+def write_phi3_rope(w: Any, src: ExportSource) -> list[tuple[str, torch.Tensor]]:
+    """Rope keys; returns the long-rope factor tensors (none for default rope)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = src.config
+    params = _rope_params(cfg)
+    w.add_rope_freq_base(float(params["rope_theta"]))
+    w.add_rope_dimension_count(_rope_dims(src))
+    if params.get("rope_type", "default") != "longrope":
+        return []
+    # Hugging Face's own definition of the cos/sin factor (from `factor` or the context ratio).
+    _, attn_factor = ROPE_INIT_FUNCTIONS["longrope"](cfg)
+    w.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
+    w.add_rope_scaling_attn_factors(float(attn_factor))
+    return [(_name(gguf.MODEL_TENSOR.ROPE_FACTORS_LONG), torch.tensor(params["long_factor"], dtype=torch.float32)),
+            (_name(gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT), torch.tensor(params["short_factor"], dtype=torch.float32))]
+
+
+def _name(kind: Any, bid: int | None = None) -> str:
+    return gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight"
+
+
+def phi3_tensors(src: ExportSource) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor) for every Phi-3 weight; the fused projections are written as they are."""
+    T = gguf.MODEL_TENSOR
+    a = src.adapter
+    out: list[tuple[str, torch.Tensor]] = [(_name(T.TOKEN_EMBD), a.embed().weight)]
+    for i, layer in enumerate(a.layers()):
+        (qkv,), (gate_up,) = a.input_projections(layer, "attn"), a.input_projections(layer, "mlp")
+        out += [
+            (_name(T.ATTN_NORM, i), getattr(layer, a.spec.attn_norms[0]).weight),
+            (_name(T.ATTN_QKV, i), qkv.weight),
+            (_name(T.ATTN_OUT, i), a.output_projection(layer, "attn").weight),
+            (_name(T.FFN_NORM, i), getattr(layer, a.spec.mlp_norms[0]).weight),
+            (_name(T.FFN_UP, i), gate_up.weight),
+            (_name(T.FFN_DOWN, i), a.output_projection(layer, "mlp").weight),
+        ]
+    out.append((_name(T.OUTPUT_NORM), a.final_norm().weight))
+    if not src.tied:  # llama.cpp reuses token_embd when `output` is absent
+        out.append((_name(T.OUTPUT), a.lm_head().weight))
+    return out
