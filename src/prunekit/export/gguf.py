@@ -6,9 +6,10 @@ Which llama.cpp architecture carries which result:
 - heterogeneous Llama/Mistral/Qwen2 (attention or MLP removed in some layers, per-layer head/KV/MLP widths)
   -> `deci`, llama.cpp's graph for NVIDIA's Nemotron-NAS models, which reads per-layer
   `attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays (0 = sub-layer gone);
-- uniform Gemma 3 -> `gemma3` (`gguf_gemma3.py`: 1 + w norms, sliding-window keys); a heterogeneous Gemma 3
-  has no llama.cpp graph and is refused, as are heterogeneous Qwen3 and Granite results and the families this
-  export does not write yet (Gemma 2, OLMo 2, SmolLM3, Phi-3: `_NOT_WRITTEN`);
+- uniform Gemma 3 -> `gemma3` (`gguf_gemma3.py`: 1 + w norms, sliding-window keys), uniform Gemma 2 ->
+  `gemma2` (`gguf_gemma2.py`: soft-capping keys; what both Gemmas share is in `gguf_gemma.py`); heterogeneous
+  results of those have no llama.cpp graph and are refused, as are heterogeneous Qwen3 and Granite results and
+  the families this export does not write yet (OLMo 2, SmolLM3, Phi-3: `_NOT_WRITTEN`);
 - uniform Mixtral -> `llama` with expert tensors, Qwen2-MoE -> `qwen2moe`, Qwen3-MoE -> `qwen3moe`, OLMoE ->
   `olmoe` (`gguf_moe.py`); per-layer expert counts or widths have no llama.cpp graph and are refused.
 The tokenizer part is `gguf_vocab.py`.
@@ -34,7 +35,9 @@ import numpy as np
 import torch
 
 from prunekit.export.common import ExportError, ExportSource, LayerShape, to_numpy
-from prunekit.export.gguf_gemma3 import check_gemma3, gemma3_tensors, write_gemma3_keys
+from prunekit.export.gguf_gemma import gemma_tensors
+from prunekit.export.gguf_gemma2 import gemma2_arch, write_gemma2_keys
+from prunekit.export.gguf_gemma3 import check_gemma3, write_gemma3_keys
 from prunekit.export.gguf_moe import (
     MHA_ONLY,
     MOE_ARCHS,
@@ -68,11 +71,15 @@ _FAMILIES: dict[str, tuple[str, str | None]] = {
 _NORM_ROPE = ("llama", "deci", "granite")
 # Families with a llama.cpp graph that this export does not write yet, and why (one clear refusal).
 _NOT_WRITTEN = {
-    "gemma2": "Gemma 2's soft-capped attention and pre/post norms need their own writer",
     "olmo2": "OLMo 2's post-norms and full-width q/k norms need their own writer",
     "smollm3": "SmolLM3's layers without rotary embeddings need their own writer",
     "phi3": "Phi-3's fused qkv and gate_up tensors need their own writer",
 }
+
+# Families whose module picks (and checks) their llama.cpp arch, and graphs whose module lists their tensors.
+_OWN_ARCH: dict[str, Callable[[ExportSource], str]] = {"gemma2": gemma2_arch}
+_OWN_TENSORS: dict[str, Callable[[ExportSource], list[tuple[str, torch.Tensor]]]] = {
+    "gemma3": gemma_tensors, "gemma2": gemma_tensors}
 
 # A llama.cpp `deci` layer with attention but n_ff == 0 is not usable: deci.cpp `continue`s before
 # `inpL = cur`, dropping the attention output, and the llama.cpp in xllamacpp 2026.10 aborts on such a file
@@ -96,6 +103,8 @@ def gguf_arch(src: ExportSource) -> str:
         return "gemma3"
     if mt in MOE_ARCHS:
         return moe_arch(src)
+    if mt in _OWN_ARCH:
+        return _OWN_ARCH[mt](src)
     if mt in _NOT_WRITTEN:
         raise ExportError(f"GGUF export does not write {mt} yet ({_NOT_WRITTEN[mt]}); keep the Hugging Face checkpoint")
     if mt not in _FAMILIES:
@@ -284,6 +293,8 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
     rope_freqs = _write_rope(w, cfg, hd)
     if arch == "gemma3":
         write_gemma3_keys(w, src)
+    if arch == "gemma2":
+        write_gemma2_keys(w, src)
     if src.model_type in MOE_ARCHS:
         write_moe_keys(w, src, arch)
     if arch == "granite":
@@ -292,7 +303,7 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
     w.add_file_type(file_type)
     write_vocab(w, src.tokenizer, int(cfg.vocab_size))
 
-    tensors = gemma3_tensors(src) if arch == "gemma3" else _tensors(src, arch)
+    tensors = _OWN_TENSORS[arch](src) if arch in _OWN_TENSORS else _tensors(src, arch)
     if rope_freqs is not None:
         tensors.append((_tensor_name(gguf.MODEL_TENSOR.ROPE_FREQS), torch.from_numpy(rope_freqs)))
     _check_arch_tensors(arch, [n for n, _ in tensors])
