@@ -34,7 +34,6 @@ def test_gguf_uniform_granite_writes_its_multipliers_and_permutes_qk(tmp_path):
 
 @pytest.mark.parametrize("family,plan,message", [
     ("granite", "attn-drop", "heterogeneous granite.*multipliers"),
-    ("olmo2", None, "does not write olmo2 yet"),
     ("smollm3", None, "does not write smollm3 yet"),
     ("phi3", None, "does not write phi3 yet.*fused"),
 ])

@@ -1,26 +1,29 @@
-"""GGUF export of Gemma 2 (llama.cpp's `gemma2` graph: 1 + w norms, soft-capping, a period of sliding layers):
-keys and tensors read back, one-line refusals, and llama.cpp's log-probs against transformers where xllamacpp
-is installed."""
+"""GGUF export of Gemma 2 (llama.cpp's `gemma2` graph: 1 + w norms, soft-capping, a period of sliding layers)
+and OLMo 2 (`olmo2`: post-norms, full-width q/k norms, query heads never narrowed): keys and tensors read
+back, one-line refusals, and llama.cpp's log-probs against transformers where xllamacpp is installed."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXT
+from conftest import SAMPLE_TEXT, tiny_config
 from test_export import (
     GEMMA_PLANS,
     PLANS,
     _assert_top_logprobs_match,
     _read,
     _tensor,
+    bpe_tokenizer,
     needs_xllamacpp,
     tiny_gemma_source,
+    tiny_source,
 )
 
+from prunekit.adapters import get_adapter
 from prunekit.export import ExportError, export_source
-from prunekit.export.common import ExportSource
-from prunekit.plans import DropTarget, PruningPlan
+from prunekit.export.common import ExportSource, layer_shapes
+from prunekit.plans import DropTarget, LayerWidth, PruningPlan
 
 # Caps small enough to bend the tiny model's logits (at Gemma 2's own 50 and 30 they are nearly linear there,
 # so a graph that skipped a cap would still pass): they move its log-probs by 0.09 and 0.28.
@@ -110,3 +113,75 @@ def test_llamacpp_gemma2_logprobs_match_transformers_tiny(tmp_path, name):
     assert len(prompt) == 48
     # 3e-3, not 2e-3, as for Gemma 3: ggml's GELU reads a float16 table.
     _assert_top_logprobs_match(src, out, prompt, 3e-3, name)
+
+
+# --- OLMo 2 ----------------------------------------------------------------------------------------------------
+
+OLMO2_PLANS: dict[str, PruningPlan | None] = {
+    "dense": None,
+    # Channels only: llama.cpp's olmo2 graph sizes the q projection by the hidden size, so heads stay.
+    "uniform-width": PruningPlan(widths={i: LayerWidth(channels=list(range(0, 128, 2))) for i in range(4)}),
+    "block-drop": PLANS["block-drop"],
+}
+
+
+def test_gguf_olmo2_keys_norms_and_tensors(tmp_path):
+    src = tiny_source("olmo2")
+    f, t = _export(src, tmp_path / "o.gguf")
+    cfg = src.config
+    assert f["general.architecture"] == "olmo2"
+    assert (f["olmo2.block_count"], f["olmo2.attention.head_count"], f["olmo2.attention.head_count_kv"]) == (4, 4, 2)
+    assert f["olmo2.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.rms_norm_eps)
+    assert not [k for k in f if "sliding_window" in k]
+    layer = src.adapter.layers()[2]
+    attn = layer.self_attn
+    # Norms as stored (Olmo2RMSNorm multiplies by w); q/k norms span the whole projection; NEOX rope: no permutation.
+    for name, tensor in (("post_attention_norm", layer.post_attention_layernorm.weight),
+                         ("post_ffw_norm", layer.post_feedforward_layernorm.weight),
+                         ("attn_q_norm", attn.q_norm.weight), ("attn_k_norm", attn.k_norm.weight),
+                         ("attn_q", attn.q_proj.weight), ("attn_k", attn.k_proj.weight),
+                         ("attn_v", attn.v_proj.weight), ("attn_output", attn.o_proj.weight),
+                         ("ffn_gate", layer.mlp.gate_proj.weight), ("ffn_down", layer.mlp.down_proj.weight)):
+        np.testing.assert_array_equal(_tensor(t[f"blk.2.{name}.weight"]), _np(tensor))
+    assert _tensor(t["blk.2.attn_q_norm.weight"]).shape == (64,) and _tensor(t["blk.2.attn_k_norm.weight"]).shape == (32,)
+    assert not [n for n in t if n.endswith(("attn_norm.weight", "ffn_norm.weight")) and n.startswith("blk.")]
+    np.testing.assert_array_equal(_tensor(t["output.weight"]), _np(src.adapter.lm_head().weight))
+    np.testing.assert_array_equal(_tensor(t["output_norm.weight"]), _np(src.adapter.final_norm().weight))
+
+
+def _olmo2_with(**overrides) -> ExportSource:
+    from transformers import AutoModelForCausalLM
+
+    tok = bpe_tokenizer()
+    cfg = tiny_config("olmo2")
+    cfg.vocab_size = len(tok)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    adapter = get_adapter(model)
+    return ExportSource(model, tok, adapter, layer_shapes(adapter))
+
+
+def test_gguf_olmo2_tied_writes_the_embedding_as_output(tmp_path):
+    src = _olmo2_with(tie_word_embeddings=True)
+    assert src.tied
+    _, t = _export(src, tmp_path / "o.gguf")
+    np.testing.assert_array_equal(_tensor(t["output.weight"]), _np(src.adapter.embed().weight))
+
+
+def test_gguf_olmo2_refuses_what_the_graph_computes_differently(tmp_path):
+    _refused(tiny_source("olmo2", PLANS["attn-drop"]), tmp_path, "^a heterogeneous OLMo 2 result cannot be written")
+    _refused(tiny_source("olmo2", PLANS["uniform-width"]), tmp_path,
+             "olmo2 graph: 2 query heads of 16 .*hidden size, 64")
+    src = _olmo2_with(attention_bias=True)
+    src.config.clip_qkv = 8.0
+    _refused(src, tmp_path, r"clip_qkv=8.0 .*; attention biases \(the graph has none\)$")
+
+
+@needs_xllamacpp
+@pytest.mark.parametrize("name", list(OLMO2_PLANS))
+def test_llamacpp_olmo2_logprobs_match_transformers_tiny(tmp_path, name):
+    src = tiny_source("olmo2", OLMO2_PLANS[name])
+    out = export_source(src, tmp_path / "o.gguf", format="gguf", quant="f32", progress=False)
+    prompt = src.tokenizer(SAMPLE_TEXT[:80])["input_ids"]
+    _assert_top_logprobs_match(src, out, prompt, 2e-3, name)

@@ -7,9 +7,10 @@ Which llama.cpp architecture carries which result:
   -> `deci`, llama.cpp's graph for NVIDIA's Nemotron-NAS models, which reads per-layer
   `attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays (0 = sub-layer gone);
 - uniform Gemma 3 -> `gemma3` (`gguf_gemma3.py`: 1 + w norms, sliding-window keys), uniform Gemma 2 ->
-  `gemma2` (`gguf_gemma2.py`: soft-capping keys; what both Gemmas share is in `gguf_gemma.py`); heterogeneous
+  `gemma2` (`gguf_gemma2.py`: soft-capping keys; what both Gemmas share is in `gguf_gemma.py`), uniform OLMo 2
+  -> `olmo2` (`gguf_olmo2.py`: post-norms, full-width q/k norms, query heads never narrowed); heterogeneous
   results of those have no llama.cpp graph and are refused, as are heterogeneous Qwen3 and Granite results and
-  the families this export does not write yet (OLMo 2, SmolLM3, Phi-3: `_NOT_WRITTEN`);
+  the families this export does not write yet (SmolLM3, Phi-3: `_NOT_WRITTEN`);
 - uniform Mixtral -> `llama` with expert tensors, Qwen2-MoE -> `qwen2moe`, Qwen3-MoE -> `qwen3moe`, OLMoE ->
   `olmoe` (`gguf_moe.py`); per-layer expert counts or widths have no llama.cpp graph and are refused.
 The tokenizer part is `gguf_vocab.py`.
@@ -47,6 +48,7 @@ from prunekit.export.gguf_moe import (
     repeat_kv_heads,
     write_moe_keys,
 )
+from prunekit.export.gguf_olmo2 import olmo2_arch, olmo2_tensors
 from prunekit.export.gguf_vocab import bpe_pre_name, write_vocab
 
 __all__ = ["DIRECT_TYPES", "QUANT_TYPES", "bpe_pre_name", "gguf_arch", "permute_qk", "quantizer", "write_gguf"]
@@ -71,15 +73,14 @@ _FAMILIES: dict[str, tuple[str, str | None]] = {
 _NORM_ROPE = ("llama", "deci", "granite")
 # Families with a llama.cpp graph that this export does not write yet, and why (one clear refusal).
 _NOT_WRITTEN = {
-    "olmo2": "OLMo 2's post-norms and full-width q/k norms need their own writer",
     "smollm3": "SmolLM3's layers without rotary embeddings need their own writer",
     "phi3": "Phi-3's fused qkv and gate_up tensors need their own writer",
 }
 
 # Families whose module picks (and checks) their llama.cpp arch, and graphs whose module lists their tensors.
-_OWN_ARCH: dict[str, Callable[[ExportSource], str]] = {"gemma2": gemma2_arch}
+_OWN_ARCH: dict[str, Callable[[ExportSource], str]] = {"gemma2": gemma2_arch, "olmo2": olmo2_arch}
 _OWN_TENSORS: dict[str, Callable[[ExportSource], list[tuple[str, torch.Tensor]]]] = {
-    "gemma3": gemma_tensors, "gemma2": gemma_tensors}
+    "gemma3": gemma_tensors, "gemma2": gemma_tensors, "olmo2": olmo2_tensors}
 
 # A llama.cpp `deci` layer with attention but n_ff == 0 is not usable: deci.cpp `continue`s before
 # `inpL = cur`, dropping the attention output, and the llama.cpp in xllamacpp 2026.10 aborts on such a file
