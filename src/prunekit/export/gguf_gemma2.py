@@ -21,7 +21,7 @@ from typing import Any
 from prunekit.export.common import ExportError, ExportSource
 from prunekit.export.gguf_gemma import FULL, SLIDING, gemma_problems, swa_period
 
-__all__ = ["check_gemma2", "gemma2_arch", "write_gemma2_keys"]
+__all__ = ["gemma2_arch", "write_gemma2_keys"]
 
 _SOFTCAPS = ("attn_logit_softcapping", "final_logit_softcapping")
 
@@ -32,11 +32,11 @@ def gemma2_arch(src: ExportSource) -> str:
         raise ExportError("a heterogeneous Gemma 2 result cannot be written as GGUF: llama.cpp's gemma2 graph takes "
                           "one head count and MLP width for all layers, and its per-layer `deci` graph has no "
                           "pre/post norms or soft-capping; export a uniform result or use the Hugging Face checkpoint")
-    check_gemma2(src)
+    _check(src)
     return "gemma2"
 
 
-def check_gemma2(src: ExportSource) -> None:
+def _check(src: ExportSource) -> None:
     cfg = src.config
     problems = [f"{key} unset (the graph always soft-caps)" for key in _SOFTCAPS if getattr(cfg, key, None) is None]
     if not src.tied:
