@@ -76,12 +76,12 @@ def spm_tokenizer(vocab_size: int = 320):
                                    unk_token="<unk>")
 
 
-def tiny_gemma_source(plan: PruningPlan | None = None, seed: int = 0) -> ExportSource:
-    """Tiny Gemma 3 (layers sliding, full, sliding, full; window 8) with the Gemma-style tokenizer."""
+def tiny_gemma_source(plan: PruningPlan | None = None, seed: int = 0, family: str = "gemma3_text") -> ExportSource:
+    """Tiny Gemma 3 or 2 (layers sliding, full, sliding, full; window 8) with the Gemma-style tokenizer."""
     from transformers import AutoModelForCausalLM
 
     tok = spm_tokenizer()
-    cfg = tiny_config("gemma3_text")
+    cfg = tiny_config(family)
     cfg.vocab_size = len(tok)
     cfg.query_pre_attn_scalar = cfg.head_dim  # llama.cpp's gemma3 graph scales by 1/sqrt(head_dim)
     torch.manual_seed(seed)

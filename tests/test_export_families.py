@@ -34,8 +34,6 @@ def test_gguf_uniform_granite_writes_its_multipliers_and_permutes_qk(tmp_path):
 
 @pytest.mark.parametrize("family,plan,message", [
     ("granite", "attn-drop", "heterogeneous granite.*multipliers"),
-    ("gemma2", None, "does not write gemma2 yet"),
-    ("olmo2", None, "does not write olmo2 yet"),
 ])
 def test_gguf_refuses_what_it_does_not_write(tmp_path, family, plan, message):
     src = tiny_source(family, PLANS[plan] if plan else None)

@@ -6,11 +6,13 @@ Which llama.cpp architecture carries which result:
 - heterogeneous Llama/Mistral/Qwen2 (attention or MLP removed in some layers, per-layer head/KV/MLP widths)
   -> `deci`, llama.cpp's graph for NVIDIA's Nemotron-NAS models, which reads per-layer
   `attention.head_count`, `attention.head_count_kv` and `feed_forward_length` arrays (0 = sub-layer gone);
-- uniform Gemma 3 -> `gemma3` (`gguf_gemma3.py`: 1 + w norms, sliding-window keys); a heterogeneous Gemma 3
-  has no llama.cpp graph and is refused, as are heterogeneous Qwen3 and Granite results and the families this
-  export does not write yet (Gemma 2, OLMo 2: `_NOT_WRITTEN`);
-- uniform Phi-3 with every query head -> `phi3` (`gguf_phi3.py`), uniform SmolLM3 -> `smollm3`
-  (`gguf_smollm3.py`: written while its layers without rope are llama.cpp's every 4th);
+- uniform Gemma 3 -> `gemma3` (`gguf_gemma3.py`: 1 + w norms, sliding-window keys), uniform Gemma 2 ->
+  `gemma2` (`gguf_gemma2.py`: soft-capping keys; what both Gemmas share is in `gguf_gemma.py`), uniform OLMo 2
+  -> `olmo2` (`gguf_olmo2.py`: post-norms, full-width q/k norms, query heads never narrowed), uniform Phi-3
+  with every query head -> `phi3` (`gguf_phi3.py`: fused tensors, partial rotary, longrope factors), uniform
+  SmolLM3 -> `smollm3` (`gguf_smollm3.py`: written while its layers without rope are llama.cpp's every 4th);
+  heterogeneous results of those have no llama.cpp graph and are refused, as are heterogeneous Qwen3 and
+  Granite results;
 - uniform Mixtral -> `llama` with expert tensors, Qwen2-MoE -> `qwen2moe`, Qwen3-MoE -> `qwen3moe`, OLMoE ->
   `olmoe` (`gguf_moe.py`), gpt-oss -> `gpt-oss` (`gguf_gpt_oss.py`); per-layer expert counts or widths have no
   llama.cpp graph and are refused.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,8 +40,10 @@ import numpy as np
 import torch
 
 from prunekit.export.common import ExportError, ExportSource, LayerShape, to_numpy
-from prunekit.export.gguf_gemma3 import check_gemma3, gemma3_tensors, write_gemma3_keys
-from prunekit.export.gguf_gpt_oss import check_gpt_oss, gpt_oss_tensors, write_gpt_oss_keys
+from prunekit.export.gguf_gemma import gemma_tensors
+from prunekit.export.gguf_gemma2 import gemma2_arch, write_gemma2_keys
+from prunekit.export.gguf_gemma3 import gemma3_arch, write_gemma3_keys
+from prunekit.export.gguf_gpt_oss import gpt_oss_arch, gpt_oss_tensors, write_gpt_oss_keys
 from prunekit.export.gguf_moe import (
     MHA_ONLY,
     MOE_ARCHS,
@@ -48,8 +53,9 @@ from prunekit.export.gguf_moe import (
     repeat_kv_heads,
     write_moe_keys,
 )
-from prunekit.export.gguf_phi3 import check_phi3, phi3_context_length, phi3_tensors, write_phi3_rope
-from prunekit.export.gguf_smollm3 import check_smollm3
+from prunekit.export.gguf_olmo2 import olmo2_arch, olmo2_tensors
+from prunekit.export.gguf_phi3 import phi3_arch, phi3_context_length, phi3_tensors, write_phi3_keys
+from prunekit.export.gguf_smollm3 import smollm3_arch
 from prunekit.export.gguf_vocab import bpe_pre_name, write_vocab
 
 __all__ = ["DIRECT_TYPES", "QUANT_TYPES", "bpe_pre_name", "gguf_arch", "permute_qk", "quantizer", "write_gguf"]
@@ -72,11 +78,43 @@ _FAMILIES: dict[str, tuple[str, str | None]] = {
 # are permuted from Hugging Face's rotate-half layout. The rope convention belongs to the graph, not the
 # Hugging Face family: Mixtral is written as `llama` and needs it; qwen2/qwen3/qwen2moe/qwen3moe/olmoe are NEOX.
 _NORM_ROPE = ("llama", "deci", "granite", "smollm3")
-# Families with a llama.cpp graph that this export does not write yet, and why (one clear refusal).
-_NOT_WRITTEN = {
-    "gemma2": "Gemma 2's soft-capped attention and pre/post norms need their own writer",
-    "olmo2": "OLMo 2's post-norms and full-width q/k norms need their own writer",
+
+
+@dataclass(frozen=True)
+class Graph:
+    """What one llama.cpp graph needs beyond the common keys: its own keys, its tensor list where it is not
+    Llama's (`_tensors`), whether those keys include the rope, and its context length where it is not the
+    config's."""
+
+    keys: Callable[[Any, ExportSource], None] | None = None
+    tensors: Callable[[ExportSource], list[tuple[str, torch.Tensor]]] | None = None
+    own_rope: bool = False
+    context_length: Callable[[Any], int] | None = None
+
+
+def _granite_keys(w: Any, src: ExportSource) -> None:
+    """Granite's multipliers, always written: llama.cpp reads an absent attention scale as 1/sqrt(head size),
+    where Granite uses `attention_multiplier` in its place."""
+    cfg = src.config
+    w.add_attention_scale(float(cfg.attention_multiplier))
+    w.add_embedding_scale(float(cfg.embedding_multiplier))
+    w.add_residual_scale(float(cfg.residual_multiplier))
+    w.add_logit_scale(float(cfg.logits_scaling))
+
+
+_LLAMA_STYLE = Graph()
+_GRAPHS: dict[str, Graph] = {
+    "granite": Graph(keys=_granite_keys),
+    "gemma3": Graph(keys=write_gemma3_keys, tensors=gemma_tensors),
+    "gemma2": Graph(keys=write_gemma2_keys, tensors=gemma_tensors),
+    "olmo2": Graph(tensors=olmo2_tensors),
+    "phi3": Graph(keys=write_phi3_keys, tensors=phi3_tensors, own_rope=True, context_length=phi3_context_length),
+    "gpt-oss": Graph(keys=write_gpt_oss_keys, tensors=gpt_oss_tensors, own_rope=True),
 }
+# Families whose own module picks (and checks) their llama.cpp arch, by `config.model_type`.
+_OWN_ARCH: dict[str, Callable[[ExportSource], str]] = {
+    "gemma3": gemma3_arch, "gemma3_text": gemma3_arch, "gemma2": gemma2_arch, "olmo2": olmo2_arch,
+    "phi3": phi3_arch, "smollm3": smollm3_arch, "gpt_oss": gpt_oss_arch}
 
 # A llama.cpp `deci` layer with attention but n_ff == 0 is not usable: deci.cpp `continue`s before
 # `inpL = cur`, dropping the attention output, and the llama.cpp in xllamacpp 2026.10 aborts on such a file
@@ -90,28 +128,12 @@ _FFN_STANDIN = 32
 def gguf_arch(src: ExportSource) -> str:
     """The llama.cpp architecture this checkpoint is written as, or one clear error."""
     mt = src.model_type
-    if mt in ("gemma3", "gemma3_text"):
-        if src.heterogeneous:
-            raise ExportError(
-                "a heterogeneous Gemma 3 result cannot be written as GGUF: llama.cpp's per-layer `deci` graph has "
-                "no place for Gemma's extra pre/post norms, q/k norms, embedding scale or sliding-window layers; "
-                "export the uniform model or use the Hugging Face checkpoint"
-            )
-        return "gemma3"
     if mt in MOE_ARCHS:
         return moe_arch(src)
-    if mt == "gpt_oss":
-        return check_gpt_oss(src)
-    if mt == "phi3":
-        check_phi3(src)
-        return "phi3"
-    if mt == "smollm3":
-        check_smollm3(src)
-        return "smollm3"
-    if mt in _NOT_WRITTEN:
-        raise ExportError(f"GGUF export does not write {mt} yet ({_NOT_WRITTEN[mt]}); keep the Hugging Face checkpoint")
+    if mt in _OWN_ARCH:
+        return _OWN_ARCH[mt](src)
     if mt not in _FAMILIES:
-        raise ExportError(f"GGUF export supports model types {', '.join(sorted([*_FAMILIES, *MOE_ARCHS, 'gpt_oss']))}; "
+        raise ExportError(f"GGUF export supports model types {', '.join(sorted([*_FAMILIES, *MOE_ARCHS, *_OWN_ARCH]))}; "
                           f"got {mt!r}")
     stock, no_deci = _FAMILIES[mt]
     if not src.heterogeneous:
@@ -171,15 +193,6 @@ def _write_rope(w: Any, cfg: Any, head_dim: int) -> np.ndarray | None:
                 out.append(1.0 / ((1 - smooth) / factor + smooth))
         return np.asarray(out, dtype=np.float32)
     raise ExportError(f"rope scaling type {kind!r} is not supported by the GGUF export (default, linear, llama3)")
-
-
-def _write_granite_keys(w: Any, cfg: Any) -> None:
-    """Granite's multipliers, always written: llama.cpp reads an absent attention scale as 1/sqrt(head size),
-    where Granite uses `attention_multiplier` in its place."""
-    w.add_attention_scale(float(cfg.attention_multiplier))
-    w.add_embedding_scale(float(cfg.embedding_multiplier))
-    w.add_residual_scale(float(cfg.residual_multiplier))
-    w.add_logit_scale(float(cfg.logits_scaling))
 
 
 # --- tensors -------------------------------------------------------------------------------------------------
@@ -271,14 +284,13 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
     for i, s in enumerate(shapes):
         if s.has_attn and s.n_head % s.n_head_kv:
             raise ExportError(f"layer {i}: {s.n_head} query heads are not a multiple of {s.n_head_kv} KV heads")
-    if arch == "gemma3":
-        check_gemma3(src)
+    graph = _GRAPHS.get(arch, _LLAMA_STYLE)
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or str(getattr(cfg, "_name_or_path", "") or "prunekit model"))
     w.add_block_count(len(shapes))
-    w.add_context_length(phi3_context_length(cfg) if arch == "phi3" else int(cfg.max_position_embeddings))
+    w.add_context_length(graph.context_length(cfg) if graph.context_length else int(cfg.max_position_embeddings))
     w.add_embedding_length(int(cfg.hidden_size))
     if arch == "deci":
         w.add_head_count([s.n_head for s in shapes])
@@ -293,28 +305,16 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
     w.add_value_length(hd)
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(int(cfg.vocab_size))
-    rope_freqs = None if arch in ("gpt-oss", "phi3") else _write_rope(w, cfg, hd)
-    phi3_rope = write_phi3_rope(w, src) if arch == "phi3" else []
-    if arch == "gemma3":
-        write_gemma3_keys(w, src)
+    rope_freqs = None if graph.own_rope else _write_rope(w, cfg, hd)
+    if graph.keys is not None:
+        graph.keys(w, src)
     if src.model_type in MOE_ARCHS:
         write_moe_keys(w, src, arch)
-    if arch == "granite":
-        _write_granite_keys(w, cfg)
-    if arch == "gpt-oss":
-        write_gpt_oss_keys(w, src)
     file_type = gguf.LlamaFileType.ALL_F32 if ftype == "f32" else gguf.LlamaFileType.MOSTLY_F16
     w.add_file_type(file_type)
     write_vocab(w, src.tokenizer, int(cfg.vocab_size))
 
-    if arch == "gemma3":
-        tensors = gemma3_tensors(src)
-    elif arch == "gpt-oss":
-        tensors = gpt_oss_tensors(src)
-    elif arch == "phi3":
-        tensors = phi3_tensors(src) + phi3_rope
-    else:
-        tensors = _tensors(src, arch)
+    tensors = graph.tensors(src) if graph.tensors else _tensors(src, arch)
     if rope_freqs is not None:
         tensors.append((_tensor_name(gguf.MODEL_TENSOR.ROPE_FREQS), torch.from_numpy(rope_freqs)))
     _check_arch_tensors(arch, [n for n, _ in tensors])

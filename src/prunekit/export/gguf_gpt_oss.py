@@ -44,7 +44,7 @@ from prunekit.adapters.moe import MoEAdapter
 from prunekit.export.common import ExportError, ExportSource
 from prunekit.export.gguf_moe import check_uniform_moe
 
-__all__ = ["ARCH", "check_gpt_oss", "gpt_oss_tensors", "write_gpt_oss_keys", "yarn_correction_range"]
+__all__ = ["ARCH", "gpt_oss_arch", "gpt_oss_tensors", "write_gpt_oss_keys", "yarn_correction_range"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _adapter(src: ExportSource) -> MoEAdapter:
     return src.adapter
 
 
-def check_gpt_oss(src: ExportSource) -> str:
+def gpt_oss_arch(src: ExportSource) -> str:
     """The llama.cpp architecture (`gpt-oss`) of a result it computes as transformers does, or one clear error."""
     check_uniform_moe(src, ARCH)
     cfg = src.config

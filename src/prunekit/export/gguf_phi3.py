@@ -28,7 +28,7 @@ import torch
 
 from prunekit.export.common import ExportError, ExportSource
 
-__all__ = ["check_phi3", "phi3_context_length", "phi3_tensors", "write_phi3_rope"]
+__all__ = ["phi3_arch", "phi3_context_length", "phi3_tensors", "write_phi3_keys"]
 
 
 def _rope_params(cfg: Any) -> dict[str, Any]:
@@ -45,8 +45,8 @@ def _has_bias(src: ExportSource) -> bool:
                for lin in a.projections(layer, part))
 
 
-def check_phi3(src: ExportSource) -> None:
-    """Refuse, with one clear error, what llama.cpp's phi3 graph would compute differently or cannot load."""
+def phi3_arch(src: ExportSource) -> str:
+    """`phi3`, or one clear error for what llama.cpp's phi3 graph would compute differently or cannot load."""
     if src.heterogeneous:
         raise ExportError("a heterogeneous phi3 result cannot be written as GGUF: llama.cpp's phi3 graph takes one "
                           "shape for all layers, and its per-layer `deci` graph has no partial rotary or long-rope "
@@ -67,6 +67,7 @@ def check_phi3(src: ExportSource) -> None:
         problems.append("projection biases (the graph has none)")
     if problems:
         raise ExportError("this phi3 model cannot be written for llama.cpp's phi3 graph: " + "; ".join(problems))
+    return "phi3"
 
 
 def phi3_context_length(cfg: Any) -> int:
@@ -75,20 +76,26 @@ def phi3_context_length(cfg: Any) -> int:
     return min(int(cfg.max_position_embeddings), int(window)) if window else int(cfg.max_position_embeddings)
 
 
-def write_phi3_rope(w: Any, src: ExportSource) -> list[tuple[str, torch.Tensor]]:
-    """Rope keys; returns the long-rope factor tensors (none for default rope)."""
+def write_phi3_keys(w: Any, src: ExportSource) -> None:
+    """Rope keys (partial rotary; longrope's original context and cos/sin factor)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     cfg = src.config
     params = _rope_params(cfg)
     w.add_rope_freq_base(float(params["rope_theta"]))
     w.add_rope_dimension_count(_rope_dims(src))
+    if params.get("rope_type", "default") == "longrope":
+        # Hugging Face's own definition of the cos/sin factor (from `factor` or the context ratio).
+        _, attn_factor = ROPE_INIT_FUNCTIONS["longrope"](cfg)
+        w.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
+        w.add_rope_scaling_attn_factors(float(attn_factor))
+
+
+def _rope_factors(src: ExportSource) -> list[tuple[str, torch.Tensor]]:
+    """longrope's long and short per-frequency factors (none for default rope)."""
+    params = _rope_params(src.config)
     if params.get("rope_type", "default") != "longrope":
         return []
-    # Hugging Face's own definition of the cos/sin factor (from `factor` or the context ratio).
-    _, attn_factor = ROPE_INIT_FUNCTIONS["longrope"](cfg)
-    w.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
-    w.add_rope_scaling_attn_factors(float(attn_factor))
     return [(_name(gguf.MODEL_TENSOR.ROPE_FACTORS_LONG), torch.tensor(params["long_factor"], dtype=torch.float32)),
             (_name(gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT), torch.tensor(params["short_factor"], dtype=torch.float32))]
 
@@ -115,4 +122,4 @@ def phi3_tensors(src: ExportSource) -> list[tuple[str, torch.Tensor]]:
     out.append((_name(T.OUTPUT_NORM), a.final_norm().weight))
     if not src.tied:  # llama.cpp reuses token_embd when `output` is absent
         out.append((_name(T.OUTPUT), a.lm_head().weight))
-    return out
+    return out + _rope_factors(src)

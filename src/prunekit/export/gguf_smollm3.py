@@ -17,7 +17,7 @@ from typing import Any
 
 from prunekit.export.common import ExportError, ExportSource
 
-__all__ = ["LLAMACPP_NO_ROPE_STEP", "check_smollm3", "llamacpp_rope_layers"]
+__all__ = ["LLAMACPP_NO_ROPE_STEP", "smollm3_arch", "llamacpp_rope_layers"]
 
 # llama.cpp's SMOLLM3 hparams set this step; no GGUF key changes it.
 LLAMACPP_NO_ROPE_STEP = 4
@@ -33,8 +33,8 @@ def _rope_kind(cfg: Any) -> str:
     return str(params.get("rope_type") or "default")
 
 
-def check_smollm3(src: ExportSource) -> None:
-    """Refuse, with one clear error, what llama.cpp's smollm3 graph would compute differently."""
+def smollm3_arch(src: ExportSource) -> str:
+    """`smollm3`, or one clear error for what llama.cpp's smollm3 graph would compute differently."""
     if src.heterogeneous:
         raise ExportError("a heterogeneous smollm3 result cannot be written as GGUF: llama.cpp's per-layer `deci` "
                           "graph ropes every layer, where SmolLM3 leaves some without; export a uniform result")
@@ -59,3 +59,4 @@ def check_smollm3(src: ExportSource) -> None:
         problems.append("projection biases (not written)")
     if problems:
         raise ExportError("this smollm3 model cannot be written for llama.cpp's smollm3 graph: " + "; ".join(problems))
+    return "smollm3"
