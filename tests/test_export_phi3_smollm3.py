@@ -79,13 +79,16 @@ def _export(src, tmp_path, name="m.gguf"):
 
 # --- Phi-3: keys and tensors read back ----------------------------------------------------------------------
 
-def test_gguf_phi3_writes_fused_tensors_as_they_are(tmp_path):
+def test_gguf_phi3_writes_fused_tensors_as_they_are(tmp_path, caplog):
     src = phi3_source(CHANNELS)
     f, t = _read(_export(src, tmp_path))
     assert f["general.architecture"] == "phi3"
     assert (f["phi3.attention.head_count"], f["phi3.attention.head_count_kv"], f["phi3.feed_forward_length"]) == (4, 2, 64)
     assert f["phi3.rope.dimension_count"] == 16
-    assert f["phi3.context_length"] == 64  # the sliding window, which llama.cpp's phi3 graph does not apply
+    # as the converter writes it; llama.cpp's phi3 graph does not apply the window (64), and the export says so
+    assert f["phi3.context_length"] == src.config.max_position_embeddings > 64
+    warned = [r.getMessage() for r in caplog.records if "no sliding window" in r.getMessage()]
+    assert len(warned) == 1 and "past 64 tokens" in warned[0]
     a = src.adapter
     layer = a.layers()[1]
     (qkv,), (gate_up,) = a.input_projections(layer, "attn"), a.input_projections(layer, "mlp")
@@ -104,7 +107,7 @@ def test_gguf_phi3_longrope_writes_both_factor_sets_and_the_attention_factor(tmp
     src = phi3_source(longrope=True)
     f, t = _read(_export(src, tmp_path))
     assert f["phi3.rope.dimension_count"] == 8  # head_dim 16 * partial_rotary_factor 0.5
-    assert f["phi3.context_length"] == 64
+    assert f["phi3.context_length"] == 1024
     assert f["phi3.rope.scaling.original_context_length"] == 256
     scale = float(src.model.model.rotary_emb.attention_scaling)
     assert scale > 1.1 and f["phi3.rope.scaling.attn_factor"] == pytest.approx(scale)

@@ -54,7 +54,7 @@ from prunekit.export.gguf_moe import (
     write_moe_keys,
 )
 from prunekit.export.gguf_olmo2 import olmo2_arch, olmo2_tensors
-from prunekit.export.gguf_phi3 import phi3_arch, phi3_context_length, phi3_tensors, write_phi3_keys
+from prunekit.export.gguf_phi3 import phi3_arch, phi3_tensors, write_phi3_keys
 from prunekit.export.gguf_smollm3 import smollm3_arch
 from prunekit.export.gguf_vocab import bpe_pre_name, write_vocab
 
@@ -83,13 +83,11 @@ _NORM_ROPE = ("llama", "deci", "granite", "smollm3")
 @dataclass(frozen=True)
 class Graph:
     """What one llama.cpp graph needs beyond the common keys: its own keys, its tensor list where it is not
-    Llama's (`_tensors`), whether those keys include the rope, and its context length where it is not the
-    config's."""
+    Llama's (`_tensors`), and whether those keys include the rope."""
 
     keys: Callable[[Any, ExportSource], None] | None = None
     tensors: Callable[[ExportSource], list[tuple[str, torch.Tensor]]] | None = None
     own_rope: bool = False
-    context_length: Callable[[Any], int] | None = None
 
 
 def _granite_keys(w: Any, src: ExportSource) -> None:
@@ -108,7 +106,7 @@ _GRAPHS: dict[str, Graph] = {
     "gemma3": Graph(keys=write_gemma3_keys, tensors=gemma_tensors),
     "gemma2": Graph(keys=write_gemma2_keys, tensors=gemma_tensors),
     "olmo2": Graph(tensors=olmo2_tensors),
-    "phi3": Graph(keys=write_phi3_keys, tensors=phi3_tensors, own_rope=True, context_length=phi3_context_length),
+    "phi3": Graph(keys=write_phi3_keys, tensors=phi3_tensors, own_rope=True),
     "gpt-oss": Graph(keys=write_gpt_oss_keys, tensors=gpt_oss_tensors, own_rope=True),
 }
 # Families whose own module picks (and checks) their llama.cpp arch, by `config.model_type`.
@@ -290,7 +288,7 @@ def write_gguf(src: ExportSource, path: Path, *, ftype: str = "f16", name: str |
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or str(getattr(cfg, "_name_or_path", "") or "prunekit model"))
     w.add_block_count(len(shapes))
-    w.add_context_length(graph.context_length(cfg) if graph.context_length else int(cfg.max_position_embeddings))
+    w.add_context_length(int(cfg.max_position_embeddings))
     w.add_embedding_length(int(cfg.hidden_size))
     if arch == "deci":
         w.add_head_count([s.n_head for s in shapes])

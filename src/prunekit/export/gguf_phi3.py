@@ -15,12 +15,15 @@ What the graph does, and therefore what is written (references read, written ind
   `rope.scaling.original_context_length` and the cos/sin factor as `rope.scaling.attn_factor`. llama.cpp uses
   the long factors when the context it is run with exceeds the original context, Hugging Face when the
   sequence does; within the original context both use the short ones (the case checked).
-- the graph ignores `attention.sliding_window` (llama.cpp turns Phi-3 SWA off), so the context length written is
-  capped at the sliding window: within it the window changes nothing.
+- the graph ignores `attention.sliding_window` (llama.cpp turns Phi-3 SWA off, for the released Phi-3 GGUFs too):
+  the context length is written as the converter writes it, so the pruned model runs as llama.cpp runs the model
+  it came from, and where the window is shorter than that context the export says once that llama.cpp attends
+  past it (the same as transformers within the window, the case checked).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import gguf
@@ -28,7 +31,9 @@ import torch
 
 from prunekit.export.common import ExportError, ExportSource
 
-__all__ = ["phi3_arch", "phi3_context_length", "phi3_tensors", "write_phi3_keys"]
+__all__ = ["phi3_arch", "phi3_tensors", "write_phi3_keys"]
+
+log = logging.getLogger(__name__)
 
 
 def _rope_params(cfg: Any) -> dict[str, Any]:
@@ -67,13 +72,15 @@ def phi3_arch(src: ExportSource) -> str:
         problems.append("projection biases (the graph has none)")
     if problems:
         raise ExportError("this phi3 model cannot be written for llama.cpp's phi3 graph: " + "; ".join(problems))
+    _warn_window(cfg)
     return "phi3"
 
 
-def phi3_context_length(cfg: Any) -> int:
-    """The context length written: llama.cpp's phi3 graph has no sliding window, so it stops at the window."""
+def _warn_window(cfg: Any) -> None:
     window = getattr(cfg, "sliding_window", None)
-    return min(int(cfg.max_position_embeddings), int(window)) if window else int(cfg.max_position_embeddings)
+    if window and int(window) < int(cfg.max_position_embeddings):
+        log.warning("llama.cpp's phi3 graph has no sliding window, as for every Phi-3 GGUF: past %d tokens this model "
+                    "attends further back in llama.cpp than in transformers", int(window))
 
 
 def write_phi3_keys(w: Any, src: ExportSource) -> None:
