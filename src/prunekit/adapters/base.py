@@ -230,6 +230,25 @@ class ModelAdapter:
         a = self.attn(layer)
         return getattr(a, s.q_proj), getattr(a, s.k_proj), getattr(a, s.v_proj), getattr(a, s.o_proj)
 
+    def split_weights(self, layer: nn.Module, part: str) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of each input projection as if unfused: q, k, v for `attn`, gate, up for `mlp` (rows
+        of a fused projection, in the order the family stores them), for writers of unfused formats."""
+        s = self.spec
+        fused = s.qkv_proj if part == "attn" else s.gate_up_proj
+        if not fused:
+            if part == "attn":
+                return [(p.weight, p.bias) for p in self.attn_projections(layer)[:3]]
+            return [(p.weight, p.bias) for p in self.mlp_projections(layer)[:2] if p is not None]
+        (proj,) = self.input_projections(layer, part)
+        if part == "attn":
+            heads, kv = self.attention_shape(layer)
+            sizes = [heads * self.head_dim, kv * self.head_dim, kv * self.head_dim]
+        else:
+            sizes = [self.mlp_width(layer)] * 2
+        weights = proj.weight.split(sizes)
+        biases = proj.bias.split(sizes) if proj.bias is not None else [None] * len(sizes)
+        return list(zip(weights, biases))
+
     def qk_norms(self, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
         a = self.attn(layer)
         s = self.spec

@@ -222,11 +222,10 @@ def _tensors(src: ExportSource, arch: str) -> list[tuple[str, torch.Tensor]]:
     for i, (layer, shape) in enumerate(zip(a.layers(), src.shapes)):
         if shape.has_attn:
             out.append((_tensor_name(T.ATTN_NORM, i), getattr(layer, a.spec.attn_norms[0]).weight))
-            q, k, v, o = a.attn_projections(layer)
-            for kind, lin, heads in ((T.ATTN_Q, q, shape.n_head), (T.ATTN_K, k, shape.n_head_kv), (T.ATTN_V, v, None),
-                                     (T.ATTN_OUT, o, None)):
-                wt = lin.weight
-                bias = lin.bias
+            (q, qb), (k, kb), (v, vb) = a.split_weights(layer, "attn")  # a fused qkv (Phi-3) as three
+            o = a.output_projection(layer, "attn")
+            for kind, wt, bias, heads in ((T.ATTN_Q, q, qb, shape.n_head), (T.ATTN_K, k, kb, shape.n_head_kv),
+                                          (T.ATTN_V, v, vb, None), (T.ATTN_OUT, o.weight, o.bias, None)):
                 if mha and kind in (T.ATTN_K, T.ATTN_V):
                     wt, bias = (None if x is None else repeat_kv_heads(x, shape.n_head_kv, shape.n_head)
                                 for x in (wt, bias))
@@ -246,9 +245,9 @@ def _tensors(src: ExportSource, arch: str) -> list[tuple[str, torch.Tensor]]:
             out += moe_ffn_tensors(src, layer, i)
         elif shape.has_mlp:
             out.append((_tensor_name(T.FFN_NORM, i), getattr(layer, a.spec.mlp_norms[0]).weight))
-            gate, up, down = a.mlp_projections(layer)
-            out += [(_tensor_name(T.FFN_GATE, i), gate.weight), (_tensor_name(T.FFN_UP, i), up.weight),
-                    (_tensor_name(T.FFN_DOWN, i), down.weight)]
+            (gate, _), (up, _) = a.split_weights(layer, "mlp")
+            out += [(_tensor_name(T.FFN_GATE, i), gate), (_tensor_name(T.FFN_UP, i), up),
+                    (_tensor_name(T.FFN_DOWN, i), a.output_projection(layer, "mlp").weight)]
         elif arch == "deci" and shape.has_attn:
             n = _FFN_STANDIN
             out += [(_tensor_name(T.FFN_NORM, i), torch.ones(hidden)),

@@ -8,7 +8,11 @@ What the graph does, and therefore what is written (references read, written ind
   them by head counts. Gate and up stay fused in `ffn_up`, gate first: the graph's SWIGLU computes
   silu(first half) * second half, as Hugging Face's `up * silu(gate)` after `chunk(2)`.
 - the graph loads `attn_output` as hidden x hidden and the fused qkv with a hidden-wide q part, so only results
-  that keep every query head fit (MLP channels and whole layers may go; KV heads are sized by the GQA width);
+  that keep every query head fit (MLP channels and whole layers may go; KV heads are sized by the GQA width).
+  A result with fewer query heads, or per-layer shapes, goes to the Llama graphs instead (`llama` uniform,
+  `deci` per layer, through `gguf._tensors` with the fused projections split by the adapter and Q/K permuted
+  for their "normal" rope) where Phi-3's layer computes what a Llama layer does: default rope over the whole
+  head (Phi-3-mini, Phi-3-medium); partial rotary or longrope there is refused;
 - rope is NEOX style (rotate-half, as Hugging Face): no Q/K permutation; `rope.dimension_count` is the rotated
   part of a head (head_dim * partial_rotary_factor, Phi-4-mini's 0.75), which NEOX rotates and Hugging Face too;
 - "longrope" (Phi-3.5, Phi-4-mini): `rope_factors_short` / `rope_factors_long` tensors, the original context as
@@ -46,41 +50,53 @@ def _rope_dims(src: ExportSource) -> int:
 
 def _has_bias(src: ExportSource) -> bool:
     a = src.adapter
-    return any(lin.bias is not None for layer in a.layers() for part in ("attn", "mlp")
-               for lin in a.projections(layer, part))
+    parts = [(layer, part) for layer in a.layers() for part in ("attn", "mlp")
+             if (a.has_attention(layer) if part == "attn" else a.has_mlp(layer))]
+    return any(lin.bias is not None for layer, part in parts for lin in a.projections(layer, part))
 
 
 def phi3_arch(src: ExportSource) -> str:
-    """`phi3`, or one clear error for what llama.cpp's phi3 graph would compute differently or cannot load."""
-    if src.heterogeneous:
-        raise ExportError("a heterogeneous phi3 result cannot be written as GGUF: llama.cpp's phi3 graph takes one "
-                          "shape for all layers, and its per-layer `deci` graph has no partial rotary or long-rope "
-                          "factors (this export does not write Phi-3 there); export a uniform result")
+    """`phi3` for a uniform result with every query head; otherwise, where Phi-3 computes what a Llama layer
+    does (default rope over the whole head), `llama` (uniform) or `deci` (per-layer shapes) with the fused
+    projections split; else one clear error."""
     cfg = src.config
-    s = src.shapes[0]
-    problems = []
-    if s.n_head * src.head_dim != int(cfg.hidden_size):
-        problems.append(f"{s.n_head} query heads of {src.head_dim} (llama.cpp's phi3 graph loads the attention output "
-                        f"as hidden x hidden, so every query head must stay)")
-    kind = _rope_params(cfg).get("rope_type", "default")
-    if kind not in ("default", "longrope"):
-        problems.append(f"rope type {kind!r} (the graph computes default and longrope)")
-    act = getattr(cfg, "hidden_act", None)
-    if act != "silu":
-        problems.append(f"activation {act!r} (the graph uses SiLU)")
-    if _has_bias(src):
-        problems.append("projection biases (the graph has none)")
+    problems = _common_problems(src)
+    all_heads = all(s.n_head * src.head_dim == int(cfg.hidden_size) for s in src.shapes if s.has_attn)
+    if not src.heterogeneous and all_heads:
+        arch = "phi3"
+        kind = _rope_params(cfg).get("rope_type", "default")
+        if kind not in ("default", "longrope"):
+            problems.append(f"rope type {kind!r} (the graph computes default and longrope)")
+    else:
+        arch = "deci" if src.heterogeneous else "llama"
+        if not _llama_rope(src):
+            problems.append("fewer query heads or per-layer shapes, which llama.cpp's phi3 graph cannot load (it "
+                            "takes every query head and one shape), with partial rotary or long-rope factors, which "
+                            f"the Llama-style graphs do not compute ({_rope_dims(src)} of {src.head_dim} rotated, "
+                            f"rope {_rope_params(cfg).get('rope_type', 'default')!r})")
     if problems:
-        raise ExportError("this phi3 model cannot be written for llama.cpp's phi3 graph: " + "; ".join(problems))
+        raise ExportError("this phi3 model cannot be written as GGUF: " + "; ".join(problems))
     _warn_window(cfg)
-    return "phi3"
+    return arch
+
+
+def _llama_rope(src: ExportSource) -> bool:
+    return _rope_dims(src) == src.head_dim and _rope_params(src.config).get("rope_type", "default") == "default"
+
+
+def _common_problems(src: ExportSource) -> list[str]:
+    act = getattr(src.config, "hidden_act", None)
+    problems = [] if act == "silu" else [f"activation {act!r} (the graphs use SiLU)"]
+    if _has_bias(src):
+        problems.append("projection biases (the graphs have none)")
+    return problems
 
 
 def _warn_window(cfg: Any) -> None:
     window = getattr(cfg, "sliding_window", None)
     if window and int(window) < int(cfg.max_position_embeddings):
-        log.warning("llama.cpp's phi3 graph has no sliding window, as for every Phi-3 GGUF: past %d tokens this model "
-                    "attends further back in llama.cpp than in transformers", int(window))
+        log.warning("llama.cpp runs Phi-3 without its sliding window, as for every Phi-3 GGUF: past %d tokens this "
+                    "model attends further back in llama.cpp than in transformers", int(window))
 
 
 def write_phi3_keys(w: Any, src: ExportSource) -> None:
