@@ -155,6 +155,16 @@ class MoEAdapter(ModelAdapter):
             out += [(f"{name}.weight", 0), *([(f"{name}.bias", 0)] if shared[2].bias is not None else [])]
         return out
 
+    def has_output_projection(self, layer: nn.Module, part: str) -> bool:
+        return not (part == "mlp" and self.is_moe(layer))
+
+    def narrowable(self, layer: nn.Module, part: str) -> bool:
+        """A MoE block is kept or removed whole (its experts and their channels are units of `drop --target
+        expert` and `width`, not of `compress`); attention where the family fixes its heads likewise."""
+        if part == "attn":
+            return self.moe.fixed_heads is None
+        return not self.is_moe(layer)
+
     def mlp_macs(self, layer: nn.Module) -> int:
         """Per token: the router, the top-k experts it runs (gate, up and down) and a shared expert with its gate."""
         if not self.is_moe(layer):

@@ -21,6 +21,10 @@
    dense model's residual stream (`correct`: each corrects what the cuts below it changed); each corrected
    model is one more candidate, and the best of all is kept.
 
+On a Mixture-of-Experts model a block of experts is one unit, kept or removed whole (`budget`, `editable`;
+experts are not units of the budget), the families that give every MLP one width are skipped (`families`,
+recorded in the plan's `skipped_families`), and the correction refits attention output projections only.
+
 Every pass goes through the one layer runner, so the search runs on a model in memory or layer-streamed
 alike (`stats` for the backward sweep; candidate edits through `LayerSource.write` / `revert`).
 
@@ -52,7 +56,7 @@ from prunekit.compress.candidate import CORRECTED, Candidate, Tried, plan_for
 from prunekit.compress.correct import INPUT_RIDGE, Correction, Edits, correct_model
 from prunekit.compress.curves import Curve, unit_columns
 from prunekit.compress.editable import EditableModel
-from prunekit.compress.families import CANDIDATE_FAMILIES, MEASURED_TAG, better_order, order_tag, orders, rounds_family
+from prunekit.compress.families import MEASURED_TAG, applicable, better_order, order_tag, orders, rounds_family
 from prunekit.compress.llm_drop import llm_drop_candidates
 from prunekit.compress.measure import Probe, probe_counts, probe_part, rescaled
 from prunekit.compress.memory import gram_budget, memory_estimate
@@ -175,6 +179,8 @@ class _Search:
         self.totals = {"params": count_parameters(src.adapter.model),
                        "kv": dense_total(src.adapter.model, self.costs, "kv")}
         self.m = EditableModel(src, self.costs)
+        self.whole_mlp = any(part == "mlp" for _, part in self.m.whole)
+        self.families, self.skipped = applicable(self.whole_mlp)
         self.tried = Tried()
         self.correction: dict[str, Any] | None = None
         self.fit_passes = 0  # passes over the fit part, counted as they are run
@@ -212,9 +218,11 @@ class _Search:
         return stats
 
     def score(self, name: str, at_budget: bool) -> Candidate:
-        """The model as edited now, scored on the check part and remembered as a candidate."""
+        """The model as edited now, scored on the check part and remembered as a candidate; at the budget only
+        where it removes enough (a family may fall short: `width` where the MLPs are blocks of experts)."""
         m = self.m
         loss, kl = self.scorer.score()
+        at_budget = at_budget and m.spent(self.opts.budget.key) >= self.need
         c = Candidate(name, m.kept(), m.spent("params"), m.spent("kv"), loss, at_budget, kl)
         self.tried.add(c, m.snapshot)
         return c
@@ -238,7 +246,7 @@ class _Search:
         """Every family's one-shot allocation, each cut, scored and undone; returns the dense model's curves in
         every unit order ("norm": what LLM-Drop's candidates are zeroed along; the later steps' first curves)."""
         by_order = self.m.curves_by_order(stats, self.opts.multiple_of, orders())
-        for family in tqdm(CANDIDATE_FAMILIES, desc="compress candidates", disable=not self.opts.progress, leave=False):
+        for family in tqdm(self.families, desc="compress candidates", disable=not self.opts.progress, leave=False):
             curves = by_order[family.order]
             chosen = family.allocate(curves, self.costs, self.need, self.opts.budget.key)
             if not chosen:
@@ -266,7 +274,7 @@ class _Search:
         """The `measured` families once more, allocated on the dense model's `curves` (units in `order_by`)
         rescaled by what cutting each sub-layer alone measurably costs (`compress.measure`)."""
         m, costs, need, key, started = self.m, self.costs, self.need, self.opts.budget.key, time.monotonic()
-        counts = probe_counts(curves, uniform_mlp(curves, costs, need, key))
+        counts = probe_counts(curves, {} if self.whole_mlp else uniform_mlp(curves, costs, need, key))
         whole = probe_part(self.fit, self.opts.probe_samples)
         probe = Probe(self.src, self.sums.shard(whole), self.opts.batch_size, self.opts.criterion == "kl",
                       self.sums.total, self.states())
@@ -278,7 +286,7 @@ class _Search:
             m.reset()
         del probe  # its remembered layer inputs
         scaled = rescaled(curves, found)
-        for family in CANDIDATE_FAMILIES:
+        for family in self.families:
             chosen = family.allocate(scaled, costs, need, key) if family.measured else None
             if chosen:
                 self.try_cut(stats, scaled, chosen, True, family.name + order_tag(order_by) + MEASURED_TAG)
@@ -347,7 +355,7 @@ class _Search:
         m.reset()
         self.fit_passes += CORRECTION_PASSES
         m.alive = {s: list(base.kept.get(s, range(c.units))) for s, c in self.costs.items()}
-        columns = {s: unit_columns(a, m.cols_per_unit(s)) for s, a in m.alive.items() if a}
+        columns = {s: unit_columns(a, m.cols_per_unit(s)) for s, a in m.alive.items() if a and m.refittable(s)}
         edits = Edits(columns, base.weights, m.weight, m.write, m.adapter.output_projection, m.adapter.output_norm)
         return correct_model(self.src, self.my_fit, edits, input_ridge=self.opts.input_ridge,
                              batch_size=self.opts.batch_size, total=self.sums.total, work_dirs=self.states,
@@ -365,6 +373,8 @@ class _Search:
         plan = PruningPlan(dropped=drops, widths=widths, method="compress")
         plan.options = {"budget": self.opts.budget.describe(), "rounds": self.opts.rounds,
                         "multiple_of": self.opts.multiple_of, "chosen": best.name, "removal_target": self.need}
+        if self.skipped:
+            plan.options["skipped_families"] = dict(self.skipped)
         plan.history = self.tried.rows(self.totals)
         plan.calibration = self.calib.describe()
         plan.model = {"source": self.opts.source, "num_hidden_layers": m.adapter.num_layers}
