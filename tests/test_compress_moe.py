@@ -108,6 +108,9 @@ def test_compress_meets_the_budget_skips_the_width_families_and_reloads(family, 
                                                        "near-uniform-width": WHOLE_MLP_SKIP}
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)
     assert chosen["at_budget"] and chosen["removed_params"] == pytest.approx(1 - count_parameters(model) / n0)
+    # The best of all, corrected or not, expert drop included.
+    assert chosen["check_loss"] == min(c["check_loss"] for c in result.candidates if c["at_budget"])
+    assert {"experts (router)", "experts (reap)"} <= names
     # No candidate short of the budget counts as one at it.
     assert all(c["removed_params"] >= 0.2 - 1 / n0 for c in result.candidates if c["at_budget"])
     # The plan on the dense model gives the same structure; only attention output projections were refitted.
@@ -122,17 +125,15 @@ def test_compress_meets_the_budget_skips_the_width_families_and_reloads(family, 
     assert torch.equal(logits(reloaded), ref)
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])
+@pytest.mark.parametrize("family", sorted(FIXED_HEADS))
 def test_without_refits_the_plan_on_the_dense_model_is_the_compressed_model(family):
-    """Drops only (gpt-oss: whole attention and MoE blocks; Mixtral, asked for drops by a budget its
-    KV groups cannot meet alone) and no correction: no weight is refitted, so the plan alone reproduces it."""
+    """Heads fixed (attention and MoE blocks kept or removed whole, or experts dropped) and no correction: no
+    weight is refitted, so the plan alone reproduces the model."""
     model = tiny_model(family)
     dense = copy.deepcopy(model)
     result = compress(model, get_adapter(model), random_calib(8, 24), Budget("params", 0.7), rounds=1,
                       multiple_of=16, progress=False, correct=False)
-    chosen = result.chosen
-    if result.plan.widths:  # a refitted width candidate won: the plan alone does not hold its weights
-        pytest.skip(f"{chosen} narrows heads")
+    assert not any(w.kv_heads or w.channels for w in result.plan.widths.values())
     apply_plan(get_adapter(dense), PruningPlan.from_json(result.plan.to_json()), structure_only=True)
     assert torch.equal(logits(dense), logits(model))
 
@@ -146,6 +147,8 @@ def test_kv_budget_on_moe_models(family, tmp_path):
                       multiple_of=16, progress=False)
     chosen = next(c for c in result.candidates if c["name"] == result.chosen)
     assert chosen["removed_kv"] >= 0.5
+    assert result.plan.options["skipped_families"]["expert drop"] == "expert drop removes no KV cache"
+    assert not any(c["name"].startswith("experts") for c in result.candidates)
     if family in FIXED_HEADS:  # only whole attention sub-layers can go
         assert not result.plan.widths and all(d.module == "attn" for d in result.plan.dropped)
     ref = logits(model)
@@ -158,7 +161,7 @@ def test_kv_budget_on_moe_models(family, tmp_path):
 
 
 @pytest.mark.usefixtures("isolated_cache")
-def test_cli_compress_on_a_moe_checkpoint_saves_a_repaired_model_that_loads_back(tiny_checkpoint, tmp_path, capsys):
+def test_cli_compress_on_a_moe_checkpoint_saves_a_model_that_loads_back(tiny_checkpoint, tmp_path, capsys):
     from conftest import tiny_tokenizer
 
     from prunekit.cli import main
@@ -173,7 +176,7 @@ def test_cli_compress_on_a_moe_checkpoint_saves_a_repaired_model_that_loads_back
     plan = PruningPlan.load(out / "prunekit_plan.json")
     assert plan.method == "compress" and plan.options["chosen"] == summary["chosen"]
     assert set(plan.options["skipped_families"]) == {"uniform-width", "near-uniform-width"}
-    assert plan.repair is not None  # linear repair of the removed spans is tried on MoE models too
+    assert (plan.repair is not None) == bool(plan.dropped)  # removed spans are linearly repaired on MoE too
     model, _ = load_model(out, tokenizer=False)
     dense, _ = load_model(ck, tokenizer=False)
     assert count_parameters(model) <= 0.8 * count_parameters(dense)
@@ -199,4 +202,86 @@ def test_kl_criterion_on_a_moe_model():
                       multiple_of=16, criterion="kl", progress=False)
     rows = {c["name"]: c for c in result.candidates}
     assert rows["dense"]["check_kl"] == 0.0
-    assert rows[result.chosen]["check_kl"] == min(c["check_kl"] for c in result.candidates if c["at_budget"]) > 0
+    assert rows[result.chosen]["check_kl"] == min(c["check_kl"] for c in result.candidates if c["at_budget"])
+    assert all(rows[f"experts ({s})"]["check_kl"] > 0 for s in ("router", "reap"))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_experts_removed_for_a_check_give_the_pruned_logits_and_are_put_back_exactly(family):
+    from prunekit.compress.experts import removed_params
+    from prunekit.moe.surgery import experts_removed
+    from prunekit.plans import LayerWidth
+
+    model = tiny_model(family)
+    ad = get_adapter(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = logits(model)
+    kept = {0: [1, 3], 1: [0, 2, 3], 2: [3], 3: [0, 1, 2]}
+    pruned = copy.deepcopy(model)
+    n0 = count_parameters(pruned)
+    apply_plan(get_adapter(pruned), PruningPlan(widths={i: LayerWidth(experts=k) for i, k in kept.items()}))
+    assert n0 - count_parameters(pruned) == removed_params(ad, kept)
+    with experts_removed(ad, kept):
+        assert torch.equal(logits(model), logits(pruned))
+    assert torch.equal(logits(model), dense)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert model.config.num_experts_per_tok == 2 and ad.top_k(ad.layers()[2]) == 2
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_expert_drop_candidates_are_scored_as_the_physically_pruned_model(family):
+    from conftest import whole_model_loss
+
+    from prunekit.compress.budget import removal_target
+    from prunekit.compress.experts import expert_drop_candidates, removed_params
+    from prunekit.losses import split_check
+    from prunekit.moe.stats import collect_expert_stats
+    from prunekit.plans import LayerWidth
+
+    model = tiny_model(family)
+    dense = copy.deepcopy(model)
+    calib = random_calib(8, 24)
+    n0 = count_parameters(model)
+    result = compress(model, get_adapter(model), calib, Budget("params", 0.8), rounds=1, multiple_of=16,
+                      progress=False, correct=False)
+    rows = {c["name"]: c for c in result.candidates}
+    fit, check = split_check(calib, "compress")
+    ad = get_adapter(dense)
+    need = removal_target(dense, sublayer_costs(ad), Budget("params", 0.8))
+    stats = collect_expert_stats(dense, fit, adapter=ad, progress=False)
+    for score in ("router", "reap"):
+        row = rows[f"experts ({score})"]
+        kept = {i: k for i, k in expert_drop_candidates(ad, stats, need)[f"experts ({score})"].items()}
+        (left,) = {len(k) for k in kept.values()}  # one count for every layer: the fewest that meet the budget
+        assert removed_params(ad, {i: k + [-1] for i, k in kept.items()}) < need <= removed_params(ad, kept)
+        pruned = copy.deepcopy(dense)
+        apply_plan(get_adapter(pruned), PruningPlan(widths={i: LayerWidth(experts=k) for i, k in kept.items()}))
+        assert row["at_budget"] and count_parameters(pruned) <= 0.8 * n0
+        assert row["removed_params"] == pytest.approx(1 - count_parameters(pruned) / n0)
+        assert row["check_loss"] == pytest.approx(whole_model_loss(pruned, check), rel=1e-6)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_never_routed_experts_are_dropped_first_and_the_result_is_the_dense_model(family, tmp_path):
+    """With one expert per layer that no token picks, removing it is free (KL exactly 0 from the dense model,
+    where every drop costs some): compress chooses it, and the saved stock checkpoint gives the dense logits."""
+    from test_moe import NEVER, plant_never_routed
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family)
+    plant_never_routed(model)
+    dense = copy.deepcopy(model)
+    # At this budget one expert per layer is enough in every family (Qwen2-MoE's shared expert included).
+    result = compress(model, get_adapter(model), random_calib(8, 24), Budget("params", 0.85), rounds=1,
+                      multiple_of=16, criterion="kl", progress=False, correct=False)
+    assert result.chosen == "experts (router)"
+    assert {c["name"]: c["check_kl"] for c in result.candidates}["experts (reap)"] == 0.0
+    assert all(w.experts == [e for e in range(4) if e != NEVER] for w in result.plan.widths.values())
+    assert torch.equal(logits(model), logits(dense))
+    save(model, None, tmp_path / "c", result.plan, progress=False)
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert "auto_map" not in cfg  # one expert count for every layer: a stock config
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "c")), logits(dense))
+    apply_plan(get_adapter(dense), PruningPlan.from_json(result.plan.to_json()), structure_only=True)
+    assert torch.equal(logits(dense), logits(model))

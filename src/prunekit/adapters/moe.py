@@ -85,6 +85,13 @@ class MoEAdapter(ModelAdapter):
         return (getattr(ex, m.gate_up_bias) if m.gate_up_bias else None,
                 getattr(ex, m.down_bias) if m.down_bias else None)
 
+    def expert_params(self, layer: nn.Module) -> int:
+        """Parameters one expert of a MoE layer owns: its slices of the fused tensors and their biases, and its
+        router row (and router bias entry)."""
+        router = self.router(layer)
+        tensors = [*self.expert_tensors(layer), *self.expert_biases(layer), router.weight, getattr(router, "bias", None)]
+        return sum(t.numel() for t in tensors if isinstance(t, torch.Tensor)) // self.num_experts(layer)
+
     def top_k(self, layer: nn.Module) -> int:
         return int(self.router(layer).top_k)
 

@@ -21,9 +21,12 @@
    dense model's residual stream (`correct`: each corrects what the cuts below it changed); each corrected
    model is one more candidate, and the best of all is kept.
 
-On a Mixture-of-Experts model a block of experts is one unit, kept or removed whole (`budget`, `editable`;
-experts are not units of the budget), the families that give every MLP one width are skipped (`families`,
-recorded in the plan's `skipped_families`), and the correction refits attention output projections only.
+On a Mixture-of-Experts model a block of experts is one unit of the allocation, kept or removed whole
+(`budget`, `editable`), the families that give every MLP one width are skipped (`families`, recorded in the
+plan's `skipped_families`), and the correction refits no block of experts. With a `params`
+budget, expert drop is tried too (`experts`: the lowest-scoring experts of every MoE layer, one count for all,
+by router statistics and by REAP; one more forward pass over the fit part), scored with the experts
+physically removed; those candidates are not corrected (the correction's edits are of the full-size model).
 
 Every pass goes through the one layer runner, so the search runs on a model in memory or layer-streamed
 alike (`stats` for the backward sweep; candidate edits through `LayerSource.write` / `revert`).
@@ -50,12 +53,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.adapters import ModelAdapter
+from prunekit.adapters.moe import MoEAdapter
 from prunekit.compress.allocate import uniform_mlp
 from prunekit.compress.budget import Budget, dense_total, removal_target, sublayer_costs
 from prunekit.compress.candidate import CORRECTED, Candidate, Tried, plan_for
 from prunekit.compress.correct import INPUT_RIDGE, Correction, Edits, correct_model
 from prunekit.compress.curves import Curve, unit_columns
 from prunekit.compress.editable import EditableModel
+from prunekit.compress.experts import expert_drop_candidates, removed_params
 from prunekit.compress.families import MEASURED_TAG, applicable, better_order, order_tag, orders, rounds_family
 from prunekit.compress.llm_drop import llm_drop_candidates
 from prunekit.compress.measure import Probe, probe_counts, probe_part, rescaled
@@ -67,6 +72,8 @@ from prunekit.engine.sources import LayerSource, as_source
 from prunekit.engine.sums import OneProcess, Sums
 from prunekit.io.outputs import scratch_dir
 from prunekit.losses import KL_TOPK, split_check
+from prunekit.moe.stats import collect_expert_stats
+from prunekit.moe.surgery import experts_removed
 from prunekit.plans import PruningPlan
 from prunekit.surgery import apply_plan
 from prunekit.surgery.structure import count_parameters
@@ -87,7 +94,7 @@ DEFAULT_SAMPLES = 64
 DEFAULT_PROBE_SAMPLES = 0
 # Passes over the fit part: the statistics (a forward, a re-run and a backward), LLM-Drop's cosine scores (one
 # forward), an error correction (the dense model once and the pruned one three times).
-STATS_PASSES, LLM_DROP_PASSES, CORRECTION_PASSES = 4, 1, 4
+STATS_PASSES, LLM_DROP_PASSES, CORRECTION_PASSES, EXPERT_PASSES = 4, 1, 4, 1
 
 
 @dataclass
@@ -232,6 +239,7 @@ class _Search:
         dense_stats = self.collect("compress statistics", "dense")
         by_order = self.one_shot(dense_stats)
         self.llm_drop(dense_stats, by_order["norm"])
+        self.expert_drop()
         order = better_order(self.tried.values())
         if self.opts.probe_samples > 0:
             self.measured(dense_stats, by_order[order], order)
@@ -269,6 +277,26 @@ class _Search:
         for name, drops in llm_drop_candidates(self.src, self.fit, self.costs, self.need, self.opts.budget.key,
                                                self.opts.batch_size, self.states()).items():
             self.try_cut(stats, curves, drops, False, name)
+
+    def expert_drop(self) -> None:
+        """Expert drop's candidates (`compress.experts`), each scored with its experts physically removed, then
+        put back; on a MoE model in memory with a `params` budget (else the plan says why not)."""
+        ad = self.src.adapter
+        if not isinstance(ad, MoEAdapter) or not ad.moe_layers():
+            return
+        why = ("expert drop removes no KV cache" if self.opts.budget.key != "params" else
+               "expert drop is scored on the model in memory" if self.src.resumable else None)
+        if why is not None:
+            self.skipped["expert drop"] = why
+            return
+        self.fit_passes += EXPERT_PASSES
+        stats = collect_expert_stats(self.src, self.my_fit, adapter=ad, batch_size=self.opts.batch_size,
+                                     sums=self.sums, progress=False)
+        for name, kept in expert_drop_candidates(ad, stats, self.need).items():
+            with experts_removed(ad, kept):
+                loss, kl = self.scorer.score()
+            gone = removed_params(ad, kept)
+            self.tried.add(Candidate(name, {}, gone, 0, loss, gone >= self.need, kl, experts=kept), dict)
 
     def measured(self, stats: CompressStats, curves: dict[Sublayer, Curve], order_by: str) -> None:
         """The `measured` families once more, allocated on the dense model's `curves` (units in `order_by`)
@@ -321,7 +349,7 @@ class _Search:
         stream (`compress.correct`), a candidate of its own: the correction can change their order, so the best
         uncorrected candidate is not always the best corrected one (docs/decisions.md). Returns the
         best of them all, written when it is a corrected one (else the model is dense again)."""
-        ranked = self.tried.ranked()[:CORRECTED]
+        ranked = [c for c in self.tried.ranked() if not c.experts][:CORRECTED]
         # The best last: its correction, the likeliest winner, is the one left written.
         results = [(base, *self._correct(base)) for base in reversed(ranked)][::-1]
         base, fixed, record = min(results, key=lambda r: min(r[0].value, r[1].value))
@@ -329,6 +357,11 @@ class _Search:
         self.correction = {**record, "applied": applied,
                            "tried": [{"candidate": b.name, "check_value_uncorrected": b.value,
                                       "check_value": c.value} for b, c, _ in results]}
+        rival = next((c for c in self.tried.ranked() if c.experts), None)  # expert drop's best, not corrected
+        if rival is not None and rival.value < min(base.value, fixed.value):
+            self.correction["applied"] = False
+            self.m.reset()
+            return rival
         if not applied:
             self.m.reset()
             return base
@@ -369,7 +402,7 @@ class _Search:
         for s, w in best.weights.items():
             m.write(s, w, removed=not best.kept.get(s))
         m.source.commit()
-        drops, widths = plan_for(m.adapter, best.kept)
+        drops, widths = plan_for(m.adapter, best.kept, best.experts)
         plan = PruningPlan(dropped=drops, widths=widths, method="compress")
         plan.options = {"budget": self.opts.budget.describe(), "rounds": self.opts.rounds,
                         "multiple_of": self.opts.multiple_of, "chosen": best.name, "removal_target": self.need}
