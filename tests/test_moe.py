@@ -327,7 +327,6 @@ def test_methods_without_expert_support_refuse_moe_models_in_one_line(moe_checkp
     ck, text = moe_checkpoint
     common = ["--calib", str(text), "--samples", "4", "--seq-len", "32"]
     runs = {
-        "compress": ["compress", str(ck), "--budget", "params=0.8", *common, "--out", str(tmp_path / "c")],
         "layer streaming": ["drop", str(ck), "--target", "attn", "--n", "1", "--stream", *common,
                             "--out", str(tmp_path / "s")],
         "GGUF": ["export", str(ck), "--format", "gguf", "--out", str(tmp_path / "m.gguf")],
@@ -336,7 +335,7 @@ def test_methods_without_expert_support_refuse_moe_models_in_one_line(moe_checkp
         assert main(["-q", *argv]) == 2, what
         err = capsys.readouterr().err.strip()
         assert what in err and "qwen2_moe" in err and len(err.splitlines()) == 1, err
-    assert not any((tmp_path / x).exists() for x in ("c", "s", "m.gguf"))
+    assert not any((tmp_path / x).exists() for x in ("s", "m.gguf"))
 
 
 @pytest.mark.usefixtures("isolated_cache")

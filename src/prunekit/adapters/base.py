@@ -290,6 +290,20 @@ class ModelAdapter:
         name = f"{self.spec.attn}.{self.spec.o_proj}" if part == "attn" else f"{self.spec.mlp}.{self.spec.down_proj}"
         return [(f"{name}.weight", 0), *([(f"{name}.bias", 0)] if proj.bias is not None else [])]
 
+    def has_output_projection(self, layer: nn.Module, part: str) -> bool:
+        """Whether a sub-layer's output is one projection's (`output_projection`); a block of experts' is not."""
+        return True
+
+    def narrowable(self, layer: nn.Module, part: str) -> bool:
+        """Whether a sub-layer's units (KV groups, MLP channels) can be removed one by one; where not, `compress`
+        keeps or removes it whole."""
+        return True
+
+    def mlp_output(self, out: Any) -> torch.Tensor:
+        """What an MLP module's forward adds to the residual stream, from what it returns (`out`, or its first
+        element where the block returns a tuple)."""
+        return out[0] if isinstance(out, tuple) else out
+
     def projections(self, layer: nn.Module, part: str) -> list[nn.Linear]:
         """Every projection module of a sub-layer, input ones first, fused or not (what LoRA adapts and what
         parameter and FLOP counts read)."""

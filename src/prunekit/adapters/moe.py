@@ -85,6 +85,13 @@ class MoEAdapter(ModelAdapter):
         return (getattr(ex, m.gate_up_bias) if m.gate_up_bias else None,
                 getattr(ex, m.down_bias) if m.down_bias else None)
 
+    def expert_params(self, layer: nn.Module) -> int:
+        """Parameters one expert of a MoE layer owns: its slices of the fused tensors and their biases, and its
+        router row (and router bias entry)."""
+        router = self.router(layer)
+        tensors = [*self.expert_tensors(layer), *self.expert_biases(layer), router.weight, getattr(router, "bias", None)]
+        return sum(t.numel() for t in tensors if isinstance(t, torch.Tensor)) // self.num_experts(layer)
+
     def top_k(self, layer: nn.Module) -> int:
         return int(self.router(layer).top_k)
 
@@ -158,6 +165,16 @@ class MoEAdapter(ModelAdapter):
             name = f"{s.mlp}.{m.shared_expert}.{s.down_proj}"
             out += [(f"{name}.weight", 0), *([(f"{name}.bias", 0)] if shared[2].bias is not None else [])]
         return out
+
+    def has_output_projection(self, layer: nn.Module, part: str) -> bool:
+        return not (part == "mlp" and self.is_moe(layer))
+
+    def narrowable(self, layer: nn.Module, part: str) -> bool:
+        """A MoE block is kept or removed whole (its experts and their channels are units of `drop --target
+        expert` and `width`, not of `compress`); attention where the family fixes its heads likewise."""
+        if part == "attn":
+            return self.moe.fixed_heads is None
+        return not self.is_moe(layer)
 
     def mlp_macs(self, layer: nn.Module) -> int:
         """Per token: the router, the top-k experts it runs (gate, up and down) and a shared expert with its gate."""

@@ -5,9 +5,9 @@ Where things are, from the bottom up: `budget` (budgets and unit costs), `stats`
 Fishers from one forward+backward pass), `curves` (per sub-layer error of keeping k units after a
 least-squares refit, and the refit), `allocate` (greedy spending of the budget), `families` (the registry of
 candidate families), `candidate` (a candidate's record and plan), `editable` (`EditableModel`, the model under
-search), `scorer` (the held-out check of a candidate), `memory` (what the search holds), `measure` and
-`llm_drop` (more candidates), `correct` (the error correction), `search` (the search itself), `report` (Pareto
-table and plot).
+search), `scorer` (the held-out check of a candidate), `memory` (what the search holds), `measure`,
+`llm_drop` and `experts` (more candidates; `experts`: expert drop on Mixture-of-Experts models), `correct`
+(the error correction), `search` (the search itself), `report` (Pareto table and plot).
 """
 
 from prunekit._callable import call_as

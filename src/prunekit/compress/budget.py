@@ -7,7 +7,10 @@ A budget is one `key=value` with 0 < value < 1, the fraction of the dense model'
 
 The removable units are one MLP channel (its rows of gate/up and its column of down) and one KV group (the
 KV head, its K/V rows, and the query heads that read it: their Q rows and O columns). Removing every unit of
-a sub-layer removes the sub-layer (a depth drop), whose norms then go too.
+a sub-layer removes the sub-layer (a depth drop), whose norms then go too. A sub-layer whose units cannot be
+removed one by one (`ModelAdapter.narrowable`: a block of experts, or attention where the family fixes its
+heads) is one unit: all its parameters (every expert, the router, a shared expert and its gate) and all its
+KV cache, kept or removed whole. Experts are not units of the budget.
 """
 
 from __future__ import annotations
@@ -74,20 +77,36 @@ def sublayer_costs(adapter: ModelAdapter) -> dict[tuple[int, str], SublayerCost]
     """Costs of every present sub-layer of the (full-size) model, keyed (layer, "attn" | "mlp")."""
     out: dict[tuple[int, str], SublayerCost] = {}
     for i, layer in enumerate(adapter.layers()):
-        if adapter.has_attention(layer):
-            nh, nkv = adapter.attention_shape(layer)
-            projections = _numel(list(adapter.projections(layer, "attn")))
-            norms = _numel([*adapter.qk_norms(layer)]) + _numel(
-                [getattr(layer, n) for n in adapter.spec.attn_norms])
-            out[(i, "attn")] = SublayerCost(nkv, projections // nkv, 2 * adapter.head_dim, norms)
-        if adapter.has_mlp(layer):
-            width = adapter.mlp_width(layer)
-            projections = _numel(list(adapter.projections(layer, "mlp")))
-            norms = _numel([getattr(layer, n) for n in adapter.spec.mlp_norms])
-            # A down_proj bias is not per channel; charging it evenly is close enough for the allocation, and
-            # the report counts the real model.
-            out[(i, "mlp")] = SublayerCost(width, projections // width, 0, norms)
+        for part, present in (("attn", adapter.has_attention(layer)), ("mlp", adapter.has_mlp(layer))):
+            if present:
+                narrow = adapter.narrowable(layer, part)
+                out[(i, part)] = (_unit_cost if narrow else _whole_cost)(adapter, layer, part)
     return out
+
+
+def _unit_cost(adapter: ModelAdapter, layer: nn.Module, part: str) -> SublayerCost:
+    """A sub-layer of KV groups or MLP channels; its own norms are the fixed part."""
+    if part == "attn":
+        nh, nkv = adapter.attention_shape(layer)
+        projections = _numel(list(adapter.projections(layer, "attn")))
+        norms = _numel([*adapter.qk_norms(layer)]) + _numel([getattr(layer, n) for n in adapter.spec.attn_norms])
+        return SublayerCost(nkv, projections // nkv, 2 * adapter.head_dim, norms)
+    width = adapter.mlp_width(layer)
+    projections = _numel(list(adapter.projections(layer, "mlp")))
+    norms = _numel([getattr(layer, n) for n in adapter.spec.mlp_norms])
+    # A down_proj bias is not per channel; charging it evenly is close enough for the allocation, and the report
+    # counts the real model.
+    return SublayerCost(width, projections // width, 0, norms)
+
+
+def _whole_cost(adapter: ModelAdapter, layer: nn.Module, part: str) -> SublayerCost:
+    """A sub-layer kept or removed whole: one unit holding all its parameters (the module's, whatever it holds:
+    experts, router, shared expert, attention sinks) and all its KV cache; its own norms are the fixed part."""
+    norms = _numel([getattr(layer, n) for n in (adapter.spec.attn_norms if part == "attn" else adapter.spec.mlp_norms)])
+    if part == "attn":
+        _, nkv = adapter.attention_shape(layer)
+        return SublayerCost(1, _numel([adapter.attn(layer)]), nkv * 2 * adapter.head_dim, norms)
+    return SublayerCost(1, _numel([adapter.mlp(layer)]), 0, norms)
 
 
 def dense_total(model: nn.Module, costs: dict[tuple[int, str], SublayerCost], key: str) -> int:

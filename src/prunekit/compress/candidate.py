@@ -21,7 +21,8 @@ CORRECTED = 2
 
 @dataclass
 class Candidate:
-    """One model tried: kept units per cut sub-layer (ORIGINAL unit ids) and how it scored."""
+    """One model tried: kept units per cut sub-layer (ORIGINAL unit ids) and how it scored; `experts`: kept
+    experts per MoE layer of an expert-drop candidate (`compress.experts`; such a candidate cuts nothing else)."""
 
     name: str
     kept: dict[Sublayer, list[int]]
@@ -31,6 +32,7 @@ class Candidate:
     at_budget: bool
     check_kl: float | None = None  # KL from the dense model, with criterion="kl"
     weights: dict[Sublayer, torch.Tensor] = field(default_factory=dict, repr=False)
+    experts: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def value(self) -> float:
@@ -84,10 +86,11 @@ class Tried:
         return len(ranked) < CORRECTED or value < ranked[CORRECTED - 1].value
 
 
-def plan_for(adapter: ModelAdapter, kept: dict[Sublayer, list[int]]) -> tuple[list[DropTarget], dict[int, LayerWidth]]:
-    """Drops and widths (ORIGINAL indices) of a candidate."""
+def plan_for(adapter: ModelAdapter, kept: dict[Sublayer, list[int]],
+             experts: dict[int, list[int]] | None = None) -> tuple[list[DropTarget], dict[int, LayerWidth]]:
+    """Drops and widths (ORIGINAL indices) of a candidate (`experts`: kept experts per MoE layer)."""
     drops: list[DropTarget] = []
-    widths: dict[int, LayerWidth] = {}
+    widths: dict[int, LayerWidth] = {i: LayerWidth(experts=sorted(e)) for i, e in (experts or {}).items()}
     for (i, part), units in sorted(kept.items()):
         if not units:
             drops.append(DropTarget(i, part))  # type: ignore[arg-type]

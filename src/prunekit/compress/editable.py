@@ -4,6 +4,12 @@ A candidate is tried on the full-size model: its cut units' columns of every out
 down_proj) zeroed, the kept ones refitted, which gives exactly the logits of the physically smaller model.
 Every edit goes through the layer source (`LayerSource.write`), so a resident and a streamed model are edited
 alike, and `reset` undoes what was not committed.
+
+A sub-layer that is kept or removed whole (`ModelAdapter.narrowable`) is one unit owning all its columns. A
+block of experts has no output projection: it is seen through the identity map of its output (`stats`), and
+removing it zeroes every tensor it adds to the residual stream (`ModelAdapter.residual_outputs`: each
+expert's down tensor and bias, a shared expert's down projection), so its output is exactly zero, as the
+removed block's.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from torch import nn
 
 from prunekit.compress.budget import SublayerCost, removed
 from prunekit.compress.curves import Curve, error_curve, refit, unit_columns
-from prunekit.compress.stats import CompressStats, Sublayer
+from prunekit.compress.stats import CompressStats, Sublayer, stat_shapes
 from prunekit.engine.sources import LayerSource
 
 
@@ -25,20 +31,40 @@ class EditableModel:
 
     def __init__(self, source: LayerSource, costs: dict[Sublayer, SublayerCost]):
         self.source, self.adapter, self.costs = source, source.adapter, costs
+        layers = self.adapter.layers()
+        shapes = stat_shapes(self.adapter)
+        # Sub-layers kept or removed whole: their one unit's columns (all of them).
+        self.whole: dict[Sublayer, int] = {s: shapes[s][0] for s in costs
+                                           if not self.adapter.narrowable(layers[s[0]], s[1])}
+        # Blocks without an output projection (of experts): what their removal zeroes.
+        self.blocks: dict[Sublayer, list[str]] = {
+            s: [self.adapter.layer_prefix(s[0]) + name for name, _ in self.adapter.residual_outputs(layers[s[0]], s[1])]
+            for s in costs if not self.adapter.has_output_projection(layers[s[0]], s[1])}
         names = {id(module): name for name, module in self.adapter.model.named_modules()}
-        self.names: dict[Sublayer, str] = {s: names[id(self._proj(s))] for s in costs}
+        self.names: dict[Sublayer, str] = {s: names[id(self._proj(s))] for s in costs if s not in self.blocks}
         self.alive: dict[Sublayer, list[int]] = {s: list(range(c.units)) for s, c in costs.items()}
 
     def _proj(self, s: Sublayer) -> nn.Linear:
         return self.adapter.output_projection(self.adapter.layers()[s[0]], s[1])
 
+    def refittable(self, s: Sublayer) -> bool:
+        """Whether `s` has an output projection to refit (a block of experts has none)."""
+        return s not in self.blocks
+
     def weight(self, s: Sublayer) -> torch.Tensor:
-        """The output projection's weight as it is now (edits included)."""
+        """The output projection's weight as it is now (edits included); a block's: the identity, or zero once
+        removed."""
+        if s in self.blocks:
+            d = self.whole[s]
+            eye = torch.eye(d, dtype=self.source.dtype)
+            return eye if self.alive[s] else torch.zeros_like(eye)
         return self.source.read(self.names[s] + ".weight")
 
     def cols_per_unit(self, s: Sublayer) -> int:
         """Input columns of the output projection per unit: 1 for an MLP channel, a KV group's heads for
-        attention."""
+        attention, all of them for a sub-layer kept or removed whole."""
+        if s in self.whole:
+            return self.whole[s]
         if s[1] == "mlp":
             return 1
         nh, nkv = self.adapter.attention_shape(self.adapter.layers()[s[0]])
@@ -58,8 +84,11 @@ class EditableModel:
                 continue
             st, weight = stats.layer(s), self.weight(s)
             for o in orders:
-                out[o][s] = error_curve(st, weight, alive, self.cols_per_unit(s), step if s[1] == "mlp" else 1,
-                                        order_by=o)
+                if s in self.whole:  # one unit: every order is the same
+                    out[o][s] = error_curve(st, weight, alive, self.cols_per_unit(s), 1)
+                else:
+                    out[o][s] = error_curve(st, weight, alive, self.cols_per_unit(s), step if s[1] == "mlp" else 1,
+                                            order_by=o)
         return out
 
     @torch.no_grad()
@@ -80,7 +109,12 @@ class EditableModel:
             self.alive[s] = sorted(keep)
 
     def write(self, s: Sublayer, weight: torch.Tensor, removed: bool) -> None:
-        """`weight` as sub-layer `s`'s output projection; `removed`: its bias zeroed too."""
+        """`weight` as sub-layer `s`'s output projection; `removed`: its bias zeroed too. A block without one is
+        only ever removed (everything it adds to the residual stream zeroed) or left as it is."""
+        if s in self.blocks:
+            for name in self.blocks[s] if removed else ():
+                self.source.write(name, torch.zeros_like(self.source.read(name)))
+            return
         self.source.write(self.names[s] + ".weight", weight)
         if removed and self._proj(s).bias is not None:  # a removed sub-layer adds nothing
             bias = self.names[s] + ".bias"

@@ -5,7 +5,9 @@ Every family is tried one-shot on the dense model's curves (units ranked by `ord
 refitted; ``mixed`` also without the refit, the check that refitting helps (a refit on too few tokens
 overfits). With `--probe-samples` the `measured` families are tried again on curves rescaled by measurement
 (`compress.measure`), and with `--rounds` above 1 the `in_rounds` family is reached in rounds, both in the unit
-order whose one-shot candidate of the `in_rounds` family checked better (`better_order`).
+order whose one-shot candidate of the `in_rounds` family checked better (`better_order`). The `mlp_width`
+families spend the budget on MLP channels alone; a model whose MLPs include blocks of experts (kept or removed
+whole) skips them (`applicable`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class Family:
     """One candidate family. `order`: the unit order of the one-shot curves ("norm": activation norm, "obs":
     greedy Optimal Brain Surgeon removal). `without_refit`: also tried with the cut units only zeroed.
     `measured`: tried again on measured curves. `in_rounds`: reached in rounds, the statistics re-taken on the
-    partly pruned model in between (one family at most: every round takes a set of statistics)."""
+    partly pruned model in between (one family at most: every round takes a set of statistics). `mlp_width`:
+    it gives every MLP one width, which a block of experts does not have here (`applicable`)."""
 
     name: str
     allocate: Allocation
@@ -40,6 +43,7 @@ class Family:
     without_refit: bool = False
     measured: bool = False
     in_rounds: bool = False
+    mlp_width: bool = False
 
     @property
     def one_shot_name(self) -> str:
@@ -52,10 +56,23 @@ CANDIDATE_FAMILIES: tuple[Family, ...] = (
     Family("mixed", partial(allocate, family="mixed"), order="obs"),
     Family("depth", partial(allocate, family="depth")),  # sub-layer drops only
     Family("width", partial(allocate, family="width"), measured=True),  # per-layer widths only
-    Family("uniform-width", uniform_mlp),  # TransAct's uniform MLP width
+    Family("uniform-width", uniform_mlp, mlp_width=True),  # TransAct's uniform MLP width
     # The same, with some MLPs one step wider so as not to overshoot the budget.
-    Family("near-uniform-width", near_uniform_mlp, measured=True),
+    Family("near-uniform-width", near_uniform_mlp, measured=True, mlp_width=True),
 )
+
+# Why the `mlp_width` families are skipped on a model with blocks of experts (the plan's `skipped_families`).
+WHOLE_MLP_SKIP = ("it narrows every MLP to one width, and compress keeps or removes a block of experts whole "
+                  "(experts and their channels are not units of its budget)")
+
+
+def applicable(whole_mlp: bool) -> tuple[tuple[Family, ...], dict[str, str]]:
+    """The families tried on a model, and why any is skipped (by name); `whole_mlp`: some MLP of the model is
+    kept or removed whole (a block of experts)."""
+    if not whole_mlp:
+        return CANDIDATE_FAMILIES, {}
+    skipped = {f.name: WHOLE_MLP_SKIP for f in CANDIDATE_FAMILIES if f.mlp_width}
+    return tuple(f for f in CANDIDATE_FAMILIES if not f.mlp_width), skipped
 
 
 def order_tag(order: str) -> str:

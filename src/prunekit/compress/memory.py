@@ -10,7 +10,7 @@ from torch import nn
 
 from prunekit.adapters import ModelAdapter
 from prunekit.compress.candidate import CORRECTED
-from prunekit.compress.stats import output_projections
+from prunekit.compress.stats import stat_shapes
 from prunekit.engine.memory import available_memory_bytes
 
 
@@ -30,13 +30,13 @@ def memory_estimate(adapter: ModelAdapter, samples: int, seq_len: int) -> dict[s
     out = dict.fromkeys(keys, 0)
     itemsize = adapter.dtype().itemsize
     per_layer: dict[int, int] = {}
-    for (i, _), proj in output_projections(adapter).items():
-        gram = 8 * proj.in_features ** 2
+    for (i, _), (n_in, n_out) in stat_shapes(adapter).items():
+        gram = 8 * n_in ** 2
         out["grams"] += gram
         out["largest_gram"] = max(out["largest_gram"], gram)
-        out["fishers"] += 8 * proj.out_features ** 2
-        per_layer[i] = per_layer.get(i, 0) + gram + 8 * proj.out_features ** 2
-        out["weights"] += (1 + CORRECTED) * itemsize * proj.in_features * proj.out_features
+        out["fishers"] += 8 * n_out ** 2
+        per_layer[i] = per_layer.get(i, 0) + gram + 8 * n_out ** 2
+        out["weights"] += (1 + CORRECTED) * itemsize * n_in * n_out
     out["logits"] = 3 * 4 * seq_len * adapter.lm_head().out_features
     fit_samples = samples - max(1, samples // 4)  # `split_check`
     out["states"] = fit_samples * seq_len * adapter.hidden_size * adapter.num_layers * itemsize

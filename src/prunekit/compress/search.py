@@ -21,6 +21,13 @@
    dense model's residual stream (`correct`: each corrects what the cuts below it changed); each corrected
    model is one more candidate, and the best of all is kept.
 
+On a Mixture-of-Experts model a block of experts is one unit of the allocation, kept or removed whole
+(`budget`, `editable`), the families that give every MLP one width are skipped (`families`, recorded in the
+plan's `skipped_families`), and the correction refits no block of experts. With a `params`
+budget, expert drop is tried too (`experts`: the lowest-scoring experts of every MoE layer, one count for all,
+by router statistics and by REAP; one more forward pass over the fit part), scored with the experts
+physically removed; those candidates are not corrected (the correction's edits are of the full-size model).
+
 Every pass goes through the one layer runner, so the search runs on a model in memory or layer-streamed
 alike (`stats` for the backward sweep; candidate edits through `LayerSource.write` / `revert`).
 
@@ -46,13 +53,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.adapters import ModelAdapter
+from prunekit.adapters.moe import MoEAdapter
 from prunekit.compress.allocate import uniform_mlp
 from prunekit.compress.budget import Budget, dense_total, removal_target, sublayer_costs
 from prunekit.compress.candidate import CORRECTED, Candidate, Tried, plan_for
 from prunekit.compress.correct import INPUT_RIDGE, Correction, Edits, correct_model
 from prunekit.compress.curves import Curve, unit_columns
 from prunekit.compress.editable import EditableModel
-from prunekit.compress.families import CANDIDATE_FAMILIES, MEASURED_TAG, better_order, order_tag, orders, rounds_family
+from prunekit.compress.experts import expert_drop_candidates, removed_params
+from prunekit.compress.families import MEASURED_TAG, applicable, better_order, order_tag, orders, rounds_family
 from prunekit.compress.llm_drop import llm_drop_candidates
 from prunekit.compress.measure import Probe, probe_counts, probe_part, rescaled
 from prunekit.compress.memory import gram_budget, memory_estimate
@@ -63,6 +72,8 @@ from prunekit.engine.sources import LayerSource, as_source
 from prunekit.engine.sums import OneProcess, Sums
 from prunekit.io.outputs import scratch_dir
 from prunekit.losses import KL_TOPK, split_check
+from prunekit.moe.stats import collect_expert_stats
+from prunekit.moe.surgery import experts_removed
 from prunekit.plans import PruningPlan
 from prunekit.surgery import apply_plan
 from prunekit.surgery.structure import count_parameters
@@ -83,7 +94,7 @@ DEFAULT_SAMPLES = 64
 DEFAULT_PROBE_SAMPLES = 0
 # Passes over the fit part: the statistics (a forward, a re-run and a backward), LLM-Drop's cosine scores (one
 # forward), an error correction (the dense model once and the pruned one three times).
-STATS_PASSES, LLM_DROP_PASSES, CORRECTION_PASSES = 4, 1, 4
+STATS_PASSES, LLM_DROP_PASSES, CORRECTION_PASSES, EXPERT_PASSES = 4, 1, 4, 1
 
 
 @dataclass
@@ -175,6 +186,8 @@ class _Search:
         self.totals = {"params": count_parameters(src.adapter.model),
                        "kv": dense_total(src.adapter.model, self.costs, "kv")}
         self.m = EditableModel(src, self.costs)
+        self.whole_mlp = any(part == "mlp" for _, part in self.m.whole)
+        self.families, self.skipped = applicable(self.whole_mlp)
         self.tried = Tried()
         self.correction: dict[str, Any] | None = None
         self.fit_passes = 0  # passes over the fit part, counted as they are run
@@ -212,9 +225,11 @@ class _Search:
         return stats
 
     def score(self, name: str, at_budget: bool) -> Candidate:
-        """The model as edited now, scored on the check part and remembered as a candidate."""
+        """The model as edited now, scored on the check part and remembered as a candidate; at the budget only
+        where it removes enough (a family may fall short: `width` where the MLPs are blocks of experts)."""
         m = self.m
         loss, kl = self.scorer.score()
+        at_budget = at_budget and m.spent(self.opts.budget.key) >= self.need
         c = Candidate(name, m.kept(), m.spent("params"), m.spent("kv"), loss, at_budget, kl)
         self.tried.add(c, m.snapshot)
         return c
@@ -224,6 +239,7 @@ class _Search:
         dense_stats = self.collect("compress statistics", "dense")
         by_order = self.one_shot(dense_stats)
         self.llm_drop(dense_stats, by_order["norm"])
+        self.expert_drop()
         order = better_order(self.tried.values())
         if self.opts.probe_samples > 0:
             self.measured(dense_stats, by_order[order], order)
@@ -238,7 +254,7 @@ class _Search:
         """Every family's one-shot allocation, each cut, scored and undone; returns the dense model's curves in
         every unit order ("norm": what LLM-Drop's candidates are zeroed along; the later steps' first curves)."""
         by_order = self.m.curves_by_order(stats, self.opts.multiple_of, orders())
-        for family in tqdm(CANDIDATE_FAMILIES, desc="compress candidates", disable=not self.opts.progress, leave=False):
+        for family in tqdm(self.families, desc="compress candidates", disable=not self.opts.progress, leave=False):
             curves = by_order[family.order]
             chosen = family.allocate(curves, self.costs, self.need, self.opts.budget.key)
             if not chosen:
@@ -262,11 +278,31 @@ class _Search:
                                                self.opts.batch_size, self.states()).items():
             self.try_cut(stats, curves, drops, False, name)
 
+    def expert_drop(self) -> None:
+        """Expert drop's candidates (`compress.experts`), each scored with its experts physically removed, then
+        put back; on a MoE model in memory with a `params` budget (else the plan says why not)."""
+        ad = self.src.adapter
+        if not isinstance(ad, MoEAdapter) or not ad.moe_layers():
+            return
+        why = ("expert drop removes no KV cache" if self.opts.budget.key != "params" else
+               "expert drop is scored on the model in memory" if self.src.resumable else None)
+        if why is not None:
+            self.skipped["expert drop"] = why
+            return
+        self.fit_passes += EXPERT_PASSES
+        stats = collect_expert_stats(self.src, self.my_fit, adapter=ad, batch_size=self.opts.batch_size,
+                                     sums=self.sums, progress=False)
+        for name, kept in expert_drop_candidates(ad, stats, self.need).items():
+            with experts_removed(ad, kept):
+                loss, kl = self.scorer.score()
+            gone = removed_params(ad, kept)
+            self.tried.add(Candidate(name, {}, gone, 0, loss, gone >= self.need, kl, experts=kept), dict)
+
     def measured(self, stats: CompressStats, curves: dict[Sublayer, Curve], order_by: str) -> None:
         """The `measured` families once more, allocated on the dense model's `curves` (units in `order_by`)
         rescaled by what cutting each sub-layer alone measurably costs (`compress.measure`)."""
         m, costs, need, key, started = self.m, self.costs, self.need, self.opts.budget.key, time.monotonic()
-        counts = probe_counts(curves, uniform_mlp(curves, costs, need, key))
+        counts = probe_counts(curves, {} if self.whole_mlp else uniform_mlp(curves, costs, need, key))
         whole = probe_part(self.fit, self.opts.probe_samples)
         probe = Probe(self.src, self.sums.shard(whole), self.opts.batch_size, self.opts.criterion == "kl",
                       self.sums.total, self.states())
@@ -278,7 +314,7 @@ class _Search:
             m.reset()
         del probe  # its remembered layer inputs
         scaled = rescaled(curves, found)
-        for family in CANDIDATE_FAMILIES:
+        for family in self.families:
             chosen = family.allocate(scaled, costs, need, key) if family.measured else None
             if chosen:
                 self.try_cut(stats, scaled, chosen, True, family.name + order_tag(order_by) + MEASURED_TAG)
@@ -313,7 +349,7 @@ class _Search:
         stream (`compress.correct`), a candidate of its own: the correction can change their order, so the best
         uncorrected candidate is not always the best corrected one (docs/decisions.md). Returns the
         best of them all, written when it is a corrected one (else the model is dense again)."""
-        ranked = self.tried.ranked()[:CORRECTED]
+        ranked = [c for c in self.tried.ranked() if not c.experts][:CORRECTED]
         # The best last: its correction, the likeliest winner, is the one left written.
         results = [(base, *self._correct(base)) for base in reversed(ranked)][::-1]
         base, fixed, record = min(results, key=lambda r: min(r[0].value, r[1].value))
@@ -321,6 +357,11 @@ class _Search:
         self.correction = {**record, "applied": applied,
                            "tried": [{"candidate": b.name, "check_value_uncorrected": b.value,
                                       "check_value": c.value} for b, c, _ in results]}
+        rival = next((c for c in self.tried.ranked() if c.experts), None)  # expert drop's best, not corrected
+        if rival is not None and rival.value < min(base.value, fixed.value):
+            self.correction["applied"] = False
+            self.m.reset()
+            return rival
         if not applied:
             self.m.reset()
             return base
@@ -347,7 +388,7 @@ class _Search:
         m.reset()
         self.fit_passes += CORRECTION_PASSES
         m.alive = {s: list(base.kept.get(s, range(c.units))) for s, c in self.costs.items()}
-        columns = {s: unit_columns(a, m.cols_per_unit(s)) for s, a in m.alive.items() if a}
+        columns = {s: unit_columns(a, m.cols_per_unit(s)) for s, a in m.alive.items() if a and m.refittable(s)}
         edits = Edits(columns, base.weights, m.weight, m.write, m.adapter.output_projection, m.adapter.output_norm)
         return correct_model(self.src, self.my_fit, edits, input_ridge=self.opts.input_ridge,
                              batch_size=self.opts.batch_size, total=self.sums.total, work_dirs=self.states,
@@ -361,10 +402,12 @@ class _Search:
         for s, w in best.weights.items():
             m.write(s, w, removed=not best.kept.get(s))
         m.source.commit()
-        drops, widths = plan_for(m.adapter, best.kept)
+        drops, widths = plan_for(m.adapter, best.kept, best.experts)
         plan = PruningPlan(dropped=drops, widths=widths, method="compress")
         plan.options = {"budget": self.opts.budget.describe(), "rounds": self.opts.rounds,
                         "multiple_of": self.opts.multiple_of, "chosen": best.name, "removal_target": self.need}
+        if self.skipped:
+            plan.options["skipped_families"] = dict(self.skipped)
         plan.history = self.tried.rows(self.totals)
         plan.calibration = self.calib.describe()
         plan.model = {"source": self.opts.source, "num_hidden_layers": m.adapter.num_layers}

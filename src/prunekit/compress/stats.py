@@ -13,6 +13,10 @@ with the norm's rms held fixed (`postnorm`): the true gradient there is orthogon
 output (the norm undoes a change of size), the same linearisation as the error correction's. Without it the
 estimate would price a change of the output's size that the norm removes.
 
+A sub-layer without an output projection (a block of experts, `ModelAdapter.has_output_projection`) is seen
+through the identity map of its output: x_t is then the block's output itself, G its [d, d] Gram, and the
+only cut `compress` makes there is the whole block's removal, priced tr(F G) (`curves`).
+
 Under the Kronecker (K-FAC) approximation E[(g'Rx)^2] ~ tr(F R G R') / T, the loss increase of replacing the
 projection's weight W by W + R is about tr(F R G R') / (2T): one number per candidate that compares sub-layers
 of different depths and kinds on the same scale, which cosine similarities and activation norms cannot.
@@ -118,6 +122,22 @@ def _outer(rows: torch.Tensor) -> torch.Tensor:
     return (rows.T @ rows).to(torch.float64)
 
 
+def stat_shapes(adapter: ModelAdapter) -> dict[Sublayer, tuple[int, int]]:
+    """(Gram width, Fisher width) of every present sub-layer: its output projection's input and output widths,
+    or the hidden size twice where its statistics are taken at its output (a block of experts)."""
+    out: dict[Sublayer, tuple[int, int]] = {}
+    for i, layer in enumerate(adapter.layers()):
+        for part, present in (("attn", adapter.has_attention(layer)), ("mlp", adapter.has_mlp(layer))):
+            if not present:
+                continue
+            if adapter.has_output_projection(layer, part):
+                proj = adapter.output_projection(layer, part)
+                out[(i, part)] = (proj.in_features, proj.out_features)
+            else:
+                out[(i, part)] = (adapter.hidden_size, adapter.hidden_size)
+    return out
+
+
 def output_projections(adapter: ModelAdapter) -> dict[Sublayer, nn.Linear]:
     """The output projection (o_proj / down_proj) of every present sub-layer, in sorted key order."""
     out: dict[Sublayer, nn.Linear] = {}
@@ -148,8 +168,11 @@ class _StatsObserver(Observer):
         for part, present in (("attn", self.adapter.has_attention(layer)), ("mlp", self.adapter.has_mlp(layer))):
             if not present:
                 continue
-            proj = self.adapter.output_projection(layer, part)
             key = (i, part)
+            if not self.adapter.has_output_projection(layer, part):
+                self._block(key, self.adapter.mlp(layer))
+                continue
+            proj = self.adapter.output_projection(layer, part)
             # Summed where the layer runs, and moved to the CPU once per layer (`end_layer`), not per batch.
             dev = proj.weight.device
             self.stats.layers[key] = SublayerStats(
@@ -161,6 +184,22 @@ class _StatsObserver(Observer):
             if norm is not None:
                 self.handles.append(norm.register_forward_hook(self._norm_hook(st, norm, proj.out_features)))
             self.keys.append(key)
+
+    def _block(self, key: Sublayer, block: nn.Module) -> None:
+        """Statistics taken at a block's output (no output projection, no output norm in these families): its
+        output's Gram and the Fisher there."""
+        d, dev = self.adapter.hidden_size, next(block.parameters()).device
+        st = SublayerStats(torch.zeros(d, d, dtype=torch.float64, device=dev),
+                           torch.zeros(d, d, dtype=torch.float64, device=dev))
+        self.stats.layers[key] = st
+        at_output = self._hook(st, fisher=True)
+
+        def forward(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            y = self.adapter.mlp_output(out)
+            at_output(module, (y,), y)
+
+        self.handles.append(block.register_forward_hook(forward))
+        self.keys.append(key)
 
     def begin_batch(self, i: int, b: int, mask: torch.Tensor | None) -> None:
         self.mask = mask
@@ -220,7 +259,7 @@ def _same(values: torch.Tensor) -> torch.Tensor:
 
 def grams_bytes(adapter: ModelAdapter) -> int:
     """Bytes of every present sub-layer's float64 input Gram together."""
-    return sum(8 * p.in_features ** 2 for p in output_projections(adapter).values())
+    return sum(8 * n_in ** 2 for n_in, _ in stat_shapes(adapter).values())
 
 
 def collect_stats(model: nn.Module | LayerSource, calib: CalibrationData, *, adapter: ModelAdapter | None = None,

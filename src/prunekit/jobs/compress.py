@@ -33,7 +33,6 @@ from prunekit.jobs.cache import PassCache, ScoreCache
 from prunekit.jobs.common import Job, cache_key, distributed, load_job
 from prunekit.jobs.dist import DistEnv, resolve_device
 from prunekit.jobs.repair import repair_job
-from prunekit.moe.support import refuse_moe
 from prunekit.plans import PruningPlan
 from prunekit.repair import REPAIRS, check_repairable
 from prunekit.save import save
@@ -111,7 +110,6 @@ def compress_job(model: str, out: str | Path, *, budget: str, rounds: int = 2, m
         raise PlanError(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
     path = resolve_model_path(model)
     skeleton = get_adapter(build_skeleton(path, dtype))  # shapes only: the checks before any work
-    refuse_moe(skeleton.model.config.model_type, "compress")
     if repair == "linear":
         check_repairable(skeleton)
     streamed = compress_memory(path, dtype, resolve_device(device, DistEnv.from_env()), samples, seq_len, stream,

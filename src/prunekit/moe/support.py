@@ -9,8 +9,6 @@ from prunekit.adapters import ADAPTERS
 from prunekit.errors import UnsupportedArchitectureError
 
 WHY_NOT: dict[str, str] = {
-    "compress": "its budget search weighs dense MLP channels and KV groups, not experts; use drop --target "
-                "expert and width --mlp-keep",
     "layer streaming": "transformers saves MoE checkpoints with one tensor per expert, which the streamed "
                        "reader does not fuse into the model's expert tensors; load it in memory",
 }

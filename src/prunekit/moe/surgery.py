@@ -9,6 +9,8 @@ the softmax's denominator loses that expert's share, exactly zero only for an ex
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -107,22 +109,76 @@ def _set_ints(modules: list[nn.Module], names: tuple[str, ...], value: int) -> N
                 setattr(m, name, value)
 
 
+def _expert_rows(adapter: MoEAdapter, layer: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, parameter name) of every tensor indexed by expert along its first axis: the fused expert tensors,
+    their biases, the router's weight and bias."""
+    experts, router, m = adapter.experts(layer), adapter.router(layer), adapter.moe
+    out = [(experts, name) for name in (m.gate_up, m.down, m.gate_up_bias, m.down_bias) if name]
+    return out + [(router, name) for name in ("weight", "bias") if isinstance(getattr(router, name, None), torch.Tensor)]
+
+
 def keep_experts(adapter: MoEAdapter, layer: nn.Module, kept: list[int]) -> None:
     """Keep experts `kept` (current indices): their fused slices, router rows (and bias); top-k capped."""
     experts, router = adapter.experts(layer), adapter.router(layer)
     idx = torch.tensor(kept, device=router.weight.device)
-    m = adapter.moe
-    for name in (m.gate_up, m.down, m.gate_up_bias, m.down_bias):
-        if name:
-            t = getattr(experts, name)
-            _replace(experts, name, t.detach().index_select(0, idx.to(t.device)))
-    for name in ("weight", "bias"):
-        if isinstance(getattr(router, name, None), torch.Tensor):
-            _replace(router, name, getattr(router, name).detach().index_select(0, idx))
+    for mod, name in _expert_rows(adapter, layer):
+        t = getattr(mod, name)
+        _replace(mod, name, t.detach().index_select(0, idx.to(t.device)))
     modules = [adapter.mlp(layer), router, experts]
     top_k = min(adapter.top_k(layer), len(kept))
     _set_ints(modules, _COUNT_ATTRS, len(kept))
     _set_ints(modules, _TOP_K_ATTRS, top_k)
+
+
+@dataclass
+class _Removed:
+    """What `experts_removed` took out of one layer: the removed experts' slices, and the integers it changed."""
+
+    kept: list[int]
+    gone: list[int]
+    rows: dict[tuple[nn.Module, str], torch.Tensor]
+    ints: dict[tuple[nn.Module, str], int]
+
+
+@contextmanager
+def experts_removed(adapter: MoEAdapter, kept: dict[int, list[int]]) -> Iterator[None]:
+    """The model with only experts `kept[i]` of each MoE layer i, physically (`keep_experts`: routing over fewer
+    experts is not the same as silencing some), then exactly as it was: only the removed experts' slices are
+    held meanwhile, and put back in their places."""
+    taken: list[_Removed] = []
+    try:
+        for i, keep in sorted(kept.items()):
+            taken.append(_take_out(adapter, adapter.layers()[i], keep))
+        yield
+    finally:
+        for removed in taken:
+            _put_back(removed)
+
+
+@torch.no_grad()
+def _take_out(adapter: MoEAdapter, layer: nn.Module, kept: list[int]) -> _Removed:
+    gone = [e for e in range(adapter.num_experts(layer)) if e not in set(kept)]
+    rows = {}
+    for mod, name in _expert_rows(adapter, layer):
+        t = getattr(mod, name).detach()
+        rows[(mod, name)] = t.index_select(0, torch.tensor(gone, device=t.device))
+    modules = (adapter.mlp(layer), adapter.router(layer), adapter.experts(layer))
+    ints = {(mod, name): getattr(mod, name) for mod in modules for name in (*_COUNT_ATTRS, *_TOP_K_ATTRS)
+            if isinstance(getattr(mod, name, None), int)}
+    keep_experts(adapter, layer, kept)
+    return _Removed(kept, gone, rows, ints)
+
+
+@torch.no_grad()
+def _put_back(r: _Removed) -> None:
+    for (mod, name), removed in r.rows.items():
+        now = getattr(mod, name).detach()
+        full = now.new_empty((len(r.kept) + len(r.gone), *now.shape[1:]))
+        full[torch.tensor(r.kept, device=full.device)] = now
+        full[torch.tensor(r.gone, device=full.device)] = removed
+        _replace(mod, name, full)
+    for (mod, name), value in r.ints.items():
+        setattr(mod, name, value)
 
 
 def narrow_experts(adapter: MoEAdapter, layer: nn.Module, channels: list[list[int]]) -> None:
