@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from prunekit.adapters import ModelAdapter, get_adapter
+from prunekit.adapters.units import Cut, apply_cut
 from prunekit.engine.sources import LayerCall, capture_calls
 from prunekit.errors import CheckpointError
 from prunekit.io.checkpoint import build_skeleton, parse_dtype, resolve_model_path
 from prunekit.io.files import CheckpointFiles
+from prunekit.io.stored import StoredLayout
 from prunekit.plans import LayerWidth
 from prunekit.surgery.widths import width_slices
 
@@ -52,6 +54,8 @@ class StreamedLayers:
         self.files = CheckpointFiles(local)
         self.model = build_skeleton(local, self.dtype)
         self.adapter: ModelAdapter = get_adapter(self.model)
+        # The family's checkpoint conversions: renamed tensors, and fused ones stored in pieces (MoE experts).
+        self.layout = StoredLayout(self.model, self.files.names())
         # Checkpoint keys follow module names; a tied embedding may be stored under either of its names.
         tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
         self._aliases: dict[str, str] = {}
@@ -73,34 +77,45 @@ class StreamedLayers:
 
     # --- materialisation ---------------------------------------------------------------------------------
     def source_name(self, name: str) -> str:
-        """The checkpoint tensor that holds the module tensor `name` (itself, or its tied twin)."""
-        if name in self.files:
-            return name
-        alias = self._aliases.get(name)
-        if alias is not None and alias in self.files:
-            return alias
+        """The checkpoint tensor that holds the module tensor `name`: itself, the name the family's conversion
+        mapping renames it from, or its tied twin. (A tensor built from several stored ones has none.)"""
+        for candidate in (name, self._aliases.get(name)):
+            if candidate is None:
+                continue
+            if candidate in self.files:
+                return candidate
+            if candidate in self.layout.renamed:
+                return self.layout.renamed[candidate]
         raise CheckpointError(f"{self.path} has no tensor {name!r}")
 
-    def materialise(self, module: nn.Module, prefix: str,
-                    slices: dict[str, tuple[int, torch.Tensor]] | None = None) -> None:
+    def load(self, wanted: Mapping[str, Cut | None]) -> dict[str, torch.Tensor]:
+        """Module tensors by name, each cut by its cut (None: whole), in the stored dtypes, on the device. A
+        tensor the checkpoint stores in pieces (an MoE layer's experts) is built from the kept pieces only."""
+        plain = {n: self.source_name(n) for n in wanted if n not in self.layout.fused}
+        loaded = self.files.load(set(plain.values()), self.device)
+        out = {n: apply_cut(loaded[stored], wanted[n]) for n, stored in plain.items()}
+        for n in wanted:
+            if n in self.layout.fused:
+                out[n] = self.layout.read_fused(n, lambda names: self.files.load(names, self.device), wanted[n],
+                                                self.model.config)
+        return out
+
+    def materialise(self, module: nn.Module, prefix: str, slices: Mapping[str, Cut] | None = None) -> None:
         """Give `module` (whose tensor names start with `prefix`) its weights from the files, in the dtypes the
         skeleton chose, then compute non-persistent buffers (rotary frequencies, embedding scales) the way
         transformers does when it loads a checkpoint (`_init_weights`).
 
-        `slices`: {tensor name relative to `module`: (dim, kept indices)} cut from the stored tensors first,
-        for a module the skeleton has narrowed."""
+        `slices`: {tensor name relative to `module`: cut} taken from the stored tensors, for a module the
+        skeleton has narrowed."""
         wanted = module.state_dict(keep_vars=True)
-        edited = {k for k in wanted if prefix + k in self.overrides}
-        sources = {k: self.source_name(prefix + k) for k in wanted if k not in edited}
-        loaded = self.files.load(set(sources.values()), self.device)
+        cuts = dict(slices or {})
+        loaded = self.load({prefix + k: cuts.get(k) for k in wanted if prefix + k not in self.overrides})
         sd: dict[str, torch.Tensor] = {}
         for k, meta in wanted.items():
-            t = self.overrides[prefix + k].to(self.device) if k in edited else loaded[sources[k]]
-            if slices and k in slices:
-                dim, idx = slices[k]
-                t = t.index_select(dim, idx.to(t.device))
+            edited = self.overrides.get(prefix + k)
+            t = apply_cut(edited.to(self.device), cuts.get(k)) if edited is not None else loaded[prefix + k]
             if tuple(t.shape) != tuple(meta.shape):
-                raise CheckpointError(f"{self.path}: tensor {sources[k]} has shape {tuple(t.shape)}, the config "
+                raise CheckpointError(f"{self.path}: tensor {prefix + k} has shape {tuple(t.shape)}, the config "
                                       f"expects {tuple(meta.shape)}")
             sd[k] = t.to(dtype=meta.dtype) if t.is_floating_point() and meta.is_floating_point() else t
         module.load_state_dict(sd, strict=True, assign=True)
@@ -160,8 +175,7 @@ class StreamedLayers:
     def read(self, name: str) -> torch.Tensor:
         if name in self.overrides:
             return self.overrides[name]
-        stored = self.source_name(name)
-        t = self.files.load([stored], self.device)[stored]
+        t = self.load({name: None})[name]
         return t.to(self.model.get_parameter(name).dtype) if t.is_floating_point() else t
 
     def write(self, name: str, value: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from prunekit.adapters import ModelAdapter
 from prunekit.adapters.moe import MoEAdapter
+from prunekit.adapters.units import Cut, ExpertCut
 from prunekit.errors import PlanError
 from prunekit.plans import LayerWidth, check_kept
 
@@ -170,3 +171,57 @@ def apply_moe_width(adapter: MoEAdapter, layer: nn.Module, w: MoEWidth) -> None:
         keep_experts(adapter, layer, w.experts)
     if w.shared is not None:
         narrow_shared(adapter, layer, w.shared)
+
+
+def expert_slices(adapter: MoEAdapter, layer: nn.Module, w: LayerWidth, width: int) -> dict[str, Cut]:
+    """What `apply_moe_width` cuts from the ORIGINAL MoE layer for the plan's `w` (original indices), as cuts of
+    its tensors by name relative to the layer; `width`: the original expert width (gate_up's up rows start
+    there). The streamed reader reads a narrowed MoE layer with these; the indices are those of
+    `narrow_experts`, `keep_experts` and `narrow_shared`, and the tests hold the two paths equal."""
+    names = {id(m): n for n, m in layer.named_modules()}
+    m = adapter.moe
+    experts = None if w.experts is None else tuple(sorted(w.experts))
+    out: dict[str, Cut] = {}
+    if experts is not None:
+        router = names[id(adapter.router(layer))]
+        for name in ("weight", "bias"):
+            if isinstance(getattr(adapter.router(layer), name, None), torch.Tensor):
+                out[f"{router}.{name}"] = (0, torch.tensor(experts))
+    channels: torch.Tensor | dict[int, torch.Tensor] | None = None
+    if w.expert_channels is not None:
+        channels = {e: torch.tensor(sorted(c)) for e, c in enumerate(w.expert_channels)}
+    elif w.channels is not None:
+        channels = torch.tensor(sorted(w.channels))
+    if experts is not None or channels is not None:
+        ex = names[id(adapter.experts(layer))]
+        for tensor, (dim, rows) in _expert_rows(m.layout, channels, width).items():
+            name = getattr(m, tensor)
+            if name:
+                out[f"{ex}.{name}"] = ExpertCut(experts, dim, rows)
+    shared = adapter.shared_projections(layer)
+    if w.shared_channels is not None and shared is not None:
+        idx = torch.tensor(sorted(w.shared_channels))
+        for lin, dim in zip(shared, (0, 0, 1)):
+            out[f"{names[id(lin)]}.weight"] = (dim, idx)
+            if dim == 0 and getattr(lin, "bias", None) is not None:
+                out[f"{names[id(lin)]}.bias"] = (0, idx)
+    return out
+
+
+_Rows = torch.Tensor | dict[int, torch.Tensor] | None
+
+
+def _expert_rows(layout: str, channels: _Rows, width: int) -> dict[str, tuple[int, _Rows]]:
+    """{MoESpec field of an expert tensor: (dim of one expert's slice, its kept entries)} for kept channels
+    `channels` (one index for all experts, or one per expert; None: all), in the family's layout."""
+    def each(f):  # type: ignore[no-untyped-def]
+        if channels is None:
+            return None
+        return {e: f(c) for e, c in channels.items()} if isinstance(channels, dict) else f(channels)
+
+    if layout == "interleaved":  # gate_up [E, H, 2I] (gate 2c, up 2c + 1), its bias [E, 2I], down [E, I, H]
+        pairs = each(lambda c: torch.stack([2 * c, 2 * c + 1], dim=-1).reshape(-1))
+        return {"gate_up": (1, pairs), "gate_up_bias": (0, pairs), "down": (0, each(lambda c: c)),
+                "down_bias": (0, None)}
+    # gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I]
+    return {"gate_up": (0, each(lambda c: torch.cat([c, c + width]))), "down": (1, each(lambda c: c))}
