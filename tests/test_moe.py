@@ -330,15 +330,13 @@ def test_methods_without_expert_support_refuse_moe_models_in_one_line(moe_checkp
         "compress": ["compress", str(ck), "--budget", "params=0.8", *common, "--out", str(tmp_path / "c")],
         "linear repair": ["drop", str(ck), "--target", "attn", "--n", "1", "--repair", "linear", *common,
                           "--out", str(tmp_path / "r")],
-        "layer streaming": ["drop", str(ck), "--target", "attn", "--n", "1", "--stream", *common,
-                            "--out", str(tmp_path / "s")],
         "GGUF": ["export", str(ck), "--format", "gguf", "--out", str(tmp_path / "m.gguf")],
     }
     for what, argv in runs.items():
         assert main(["-q", *argv]) == 2, what
         err = capsys.readouterr().err.strip()
         assert what in err and "qwen2_moe" in err and len(err.splitlines()) == 1, err
-    assert not any((tmp_path / x).exists() for x in ("c", "r", "s", "m.gguf"))
+    assert not any((tmp_path / x).exists() for x in ("c", "r", "m.gguf"))
 
 
 @pytest.mark.usefixtures("isolated_cache")

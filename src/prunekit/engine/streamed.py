@@ -67,6 +67,7 @@ class StreamedLayers:
             raise CheckpointError(
                 f"{local}: no tensors named {first_layer}*; layer streaming needs checkpoint tensor names that "
                 "follow the model's module names (re-save it with this transformers version)")
+        self._check_stored()
         self._aux_ready = False
         self.widths: dict[int, LayerWidth] = {}
         # The stored tensors' unit counts, by layer module (a fused tensor's slices start at original offsets).
@@ -74,6 +75,21 @@ class StreamedLayers:
         # Edited tensors (state-dict name -> value at the checkpoint's full shape), read instead of the files.
         self.overrides: dict[str, torch.Tensor] = {}
         self._committed: dict[str, torch.Tensor] = {}
+
+    def _check_stored(self) -> None:
+        """Every parameter of the model has its stored tensor(s), checked before any long work."""
+        missing = self.layout.short(self.model)
+        for name, _ in self.model.named_parameters(remove_duplicate=False):
+            if name not in self.layout.fused:
+                try:
+                    self.source_name(name)
+                except CheckpointError:
+                    missing.append(name)
+        if missing:
+            raise CheckpointError(
+                f"{self.path}: no stored tensor for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+                "layer streaming reads unquantized checkpoints in the layout transformers' conversion mapping for "
+                f"{self.model.config.model_type} describes (re-save it with save_pretrained)")
 
     # --- materialisation ---------------------------------------------------------------------------------
     def source_name(self, name: str) -> str:

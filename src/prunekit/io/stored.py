@@ -80,6 +80,19 @@ class StoredLayout:
             fused = self.fused.setdefault(target, _Fused(by_pattern[pattern]))
             fused.sources.setdefault(pattern, []).append(name)
 
+    def short(self, model: nn.Module) -> list[str]:
+        """Fused tensors of `model` that their stored pieces cannot fill: an expert list of another length than
+        the tensor's expert count (a missing shard or expert)."""
+        wanted = model.state_dict()
+        out = []
+        for name, fused in self.fused.items():
+            ops = fused.converter.operations
+            if ops and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0:
+                counts = {len(names) for names in fused.sources.values()}
+                if counts != {wanted[name].shape[0]} or len(fused.sources) != len(fused.converter.source_patterns):
+                    out.append(f"{name} (stored for {min(counts)} of {wanted[name].shape[0]} experts)")
+        return out
+
     def read_fused(self, name: str, load: Load, cut: Cut | None = None, config: Any = None) -> torch.Tensor:
         """Module tensor `name` (a key of `fused`), cut by `cut`, built by the family's own converter."""
         fused = self.fused[name]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from prunekit.adapters import ADAPTERS
 from prunekit.errors import UnsupportedArchitectureError
 
@@ -12,8 +9,6 @@ WHY_NOT: dict[str, str] = {
     "compress": "its budget search weighs dense MLP channels and KV groups, not experts; use drop --target "
                 "expert and width --mlp-keep",
     "linear repair": "it folds a map into the MLP's output projection, and an MoE block has one per expert",
-    "layer streaming": "transformers saves MoE checkpoints with one tensor per expert, which the streamed "
-                       "reader does not fuse into the model's expert tensors; load it in memory",
 }
 
 
@@ -29,12 +24,3 @@ def refuse_moe(model_type: str | None, what: str) -> None:
     if family is not None:
         raise UnsupportedArchitectureError(f"{what} does not support Mixture-of-Experts models ({family}) yet: "
                                            f"{WHY_NOT[what]}")
-
-
-def checkpoint_model_type(folder: str | Path) -> str | None:
-    """config.json's model_type in a checkpoint folder (None where it cannot be read)."""
-    try:
-        cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return cfg.get("model_type") if isinstance(cfg, dict) else None
