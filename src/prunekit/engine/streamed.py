@@ -7,9 +7,13 @@ layer's weights plus the calibration hidden states (which can spill to disk), wh
 The same layer modules are called with the same weights, inputs and keyword arguments as a resident model,
 so on the same device the hidden states, and hence every statistic, equal the in-memory ones.
 
-Width pruning narrows the meta skeleton with the ordinary surgery (shapes only); `set_widths` records the
-kept original indices, and every later read cuts each layer from the files already to them
-(`surgery.widths.width_slices`).
+Width pruning and expert surgery narrow the meta skeleton with the ordinary surgery (shapes only);
+`set_widths` records the kept original indices, and every later read cuts each layer from the files already
+to them (`surgery.widths.width_slices`).
+
+A tensor the checkpoint stores under another name or in pieces (a Mixture-of-Experts layer's fused experts,
+saved one tensor per expert) is found by the family's own conversion mapping (`io.stored.StoredLayout`); a
+cut fused tensor is built from the kept experts' stored tensors only, each cut to its kept channels.
 
 Plans and drops work on the skeleton unchanged (drops replace modules; weights are only read when a layer is
 materialised, and only the tensors the current modules have are read). `prunekit.save` writes the pruned
