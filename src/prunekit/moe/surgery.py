@@ -16,7 +16,7 @@ from torch import nn
 
 from prunekit.adapters import ModelAdapter
 from prunekit.adapters.moe import MoEAdapter
-from prunekit.adapters.units import Cut, ExpertCut
+from prunekit.adapters.units import Cut, ExpertCut, apply_cut
 from prunekit.errors import PlanError
 from prunekit.plans import LayerWidth, check_kept
 
@@ -108,76 +108,36 @@ def _set_ints(modules: list[nn.Module], names: tuple[str, ...], value: int) -> N
                 setattr(m, name, value)
 
 
-def keep_experts(adapter: MoEAdapter, layer: nn.Module, kept: list[int]) -> None:
-    """Keep experts `kept` (current indices): their fused slices, router rows (and bias); top-k capped."""
-    experts, router = adapter.experts(layer), adapter.router(layer)
-    idx = torch.tensor(kept, device=router.weight.device)
-    m = adapter.moe
-    for name in (m.gate_up, m.down, m.gate_up_bias, m.down_bias):
-        if name:
-            t = getattr(experts, name)
-            _replace(experts, name, t.detach().index_select(0, idx.to(t.device)))
-    for name in ("weight", "bias"):
-        if isinstance(getattr(router, name, None), torch.Tensor):
-            _replace(router, name, getattr(router, name).detach().index_select(0, idx))
-    modules = [adapter.mlp(layer), router, experts]
-    top_k = min(adapter.top_k(layer), len(kept))
-    _set_ints(modules, _COUNT_ATTRS, len(kept))
-    _set_ints(modules, _TOP_K_ATTRS, top_k)
-
-
-def narrow_experts(adapter: MoEAdapter, layer: nn.Module, channels: list[list[int]]) -> None:
-    """Keep intermediate channels `channels[e]` of each expert e (one count for all): its gate and up slices of
-    gate_up (and their biases) and its slice of down, in the family's layout."""
-    experts, m = adapter.experts(layer), adapter.moe
-    gate_up, down = adapter.expert_tensors(layer)
-    gate_up_bias, _ = adapter.expert_biases(layer)
-    width = adapter.expert_width(layer)
-    idx = torch.tensor(channels, device=gate_up.device)  # [E, k]
-    if m.layout == "interleaved":  # gate_up [E, H, 2I] (gate 2c, up 2c + 1), down [E, I, H]
-        pairs = torch.stack([2 * idx, 2 * idx + 1], dim=-1).reshape(idx.shape[0], -1)  # [E, 2k]
-        _replace(experts, m.gate_up, gate_up.detach().gather(2, pairs[:, None, :].expand(-1, gate_up.shape[1], -1)))
-        if gate_up_bias is not None:
-            _replace(experts, m.gate_up_bias, gate_up_bias.detach().gather(1, pairs.to(gate_up_bias.device)))
-        rows = idx.to(down.device)[:, :, None].expand(-1, -1, down.shape[-1])
-        _replace(experts, m.down, down.detach().gather(1, rows))
-    else:  # gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I]
-        rows = torch.cat([idx, idx + width], dim=1)[:, :, None].expand(-1, -1, gate_up.shape[-1])
-        _replace(experts, m.gate_up, gate_up.detach().gather(1, rows))
-        cols = idx.to(down.device)[:, None, :].expand(-1, down.shape[1], -1)
-        _replace(experts, m.down, down.detach().gather(2, cols))
-    _set_ints([experts], _WIDTH_ATTRS, len(channels[0]))
-
-
-def narrow_shared(adapter: MoEAdapter, layer: nn.Module, channels: list[int]) -> None:
-    """Keep channels `channels` of the shared expert: rows of its gate and up, columns of its down."""
-    projections = adapter.shared_projections(layer)
-    assert projections is not None
-    gate, up, down = projections
-    idx = torch.tensor(channels, device=up.weight.device)
-    for lin in (gate, up):
-        _replace(lin, "weight", lin.weight.detach().index_select(0, idx))
-        lin.out_features = len(channels)
-    _replace(down, "weight", down.weight.detach().index_select(1, idx))
-    down.in_features = len(channels)
-    _set_ints([adapter.shared_expert(layer)], ("intermediate_size",), len(channels))
-
-
 @torch.no_grad()
 def apply_moe_width(adapter: MoEAdapter, layer: nn.Module, w: MoEWidth) -> None:
-    if w.channels is not None:  # first: its lists follow the layer's experts before any are removed
-        narrow_experts(adapter, layer, w.channels)
+    """Cut the layer's fused expert tensors, router rows and shared expert as `expert_slices` says (the cuts the
+    streamed reader takes from the files too), then update the counts its modules cache: top-k capped at the
+    experts left."""
+    kept = LayerWidth(experts=w.experts, expert_channels=w.channels, shared_channels=w.shared)
+    modules = dict(layer.named_modules())
+    for name, cut in expert_slices(adapter, layer, kept, adapter.expert_width(layer)).items():
+        path, _, attr = name.rpartition(".")
+        _replace(modules[path], attr, apply_cut(getattr(modules[path], attr).detach(), cut))
+    if w.channels is not None:
+        _set_ints([adapter.experts(layer)], _WIDTH_ATTRS, len(w.channels[0]))
     if w.experts is not None:
-        keep_experts(adapter, layer, w.experts)
-    if w.shared is not None:
-        narrow_shared(adapter, layer, w.shared)
+        cached = [adapter.mlp(layer), adapter.router(layer), adapter.experts(layer)]
+        top_k = min(adapter.top_k(layer), len(w.experts))
+        _set_ints(cached, _COUNT_ATTRS, len(w.experts))
+        _set_ints(cached, _TOP_K_ATTRS, top_k)
+    shared = adapter.shared_projections(layer)
+    if w.shared is not None and shared is not None:
+        gate, up, down = shared
+        gate.out_features = up.out_features = down.in_features = len(w.shared)
+        _set_ints([adapter.shared_expert(layer)], ("intermediate_size",), len(w.shared))
 
 
 def expert_slices(adapter: MoEAdapter, layer: nn.Module, w: LayerWidth, width: int) -> dict[str, Cut]:
-    """What `apply_moe_width` cuts from the ORIGINAL MoE layer for the plan's `w` (original indices), as cuts of
-    its tensors by name relative to the layer; `width`: the original expert width (gate_up's up rows start
-    there). The streamed reader reads a narrowed MoE layer with these; the indices are those of
-    `narrow_experts`, `keep_experts` and `narrow_shared`, and the tests hold the two paths equal."""
+    """What keeping `w`'s experts and channels cuts from a MoE layer's tensors, by name relative to the layer:
+    router rows, an `ExpertCut` of each fused expert tensor, shared-expert rows and columns. `w` indexes the
+    stored tensors and `width` is their expert width (gate_up's up rows start there): the layer's own for
+    `apply_moe_width` in memory, the original checkpoint's for the streamed reader, which reads a narrowed
+    layer from the files with these. The layer's modules give only the names."""
     names = {id(m): n for n, m in layer.named_modules()}
     m = adapter.moe
     experts = None if w.experts is None else tuple(sorted(w.experts))
