@@ -177,6 +177,11 @@ def test_streamed_save_equals_in_memory_and_reloads(moe_checkpoints, family, pla
     assert ("auto_map" in cfg) == (plan_name == "mixed")  # uniform plans give a stock config
     reloaded = AutoModelForCausalLM.from_pretrained(got, trust_remote_code=plan_name == "mixed")
     assert torch.equal(logits(reloaded), logits(model))
+    # The pruned checkpoint streams again, per-layer expert counts and all (prunekit's own model class).
+    again = StreamedLayers(got)
+    for i, layer in enumerate(get_adapter(model).layers()):
+        want, streamed = layer.state_dict(), again.materialise_layer(i).state_dict()
+        assert sorted(want) == sorted(streamed) and all(torch.equal(want[k], streamed[k]) for k in want)
 
 
 # --- the commands ---------------------------------------------------------------------------------------------------
@@ -198,6 +203,11 @@ def test_streamed_commands_write_the_in_memory_checkpoints(moe_checkpoints, tiny
     src = moe_checkpoints[family]
     _, text = tiny_checkpoint
     common = ["--calib", str(text), "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+    scores = {}
+    for mode in ("--no-stream", "--stream"):
+        scores[mode] = tmp_path / f"scores{mode}.json"
+        assert main(["-q", "score", str(src), *common, mode, "--no-cache", "--json", str(scores[mode])]) == 0
+    assert json.loads(scores["--stream"].read_text()) == json.loads(scores["--no-stream"].read_text())
     for name, argv in COMMANDS.items():
         mem, got = tmp_path / f"{name}-mem", tmp_path / f"{name}-str"
         assert main(["-q", argv[0], str(src), *argv[1:], *common, "--no-stream", "--out", str(mem)]) == 0
