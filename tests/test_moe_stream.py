@@ -122,6 +122,27 @@ def test_a_streamed_layer_equals_the_loaded_one_and_a_narrowed_one_reads_only_ke
                        else {"0", "3"})
 
 
+def test_a_fused_tensor_read_in_pieces_equals_the_whole_one_cut(moe_checkpoints):
+    """Cuts the reader pushes onto the stored experts, and cuts it cannot (rows not block by block, experts
+    keeping different counts of gate and up rows), which it reads whole and then cuts: the same values."""
+    from prunekit.adapters.units import ExpertCut, apply_cut
+
+    sm = StreamedLayers(moe_checkpoints["qwen3_moe"])
+    load = lambda names: sm.files.load(names, sm.device)  # noqa: E731
+    gate_up, down = "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"
+    whole = {n: sm.layout.read_fused(n, load) for n in (gate_up, down)}
+    t = torch.tensor
+    cuts = {
+        gate_up: [ExpertCut((1, 2), 0, t([5, 3, 130, 128])), ExpertCut(None, 0, t([129, 0])),
+                  ExpertCut((0, 3), 0, {0: t([0, 1, 128, 129]), 3: t([2, 3, 4, 200])}), (0, t([3])),
+                  (1, t([255, 0])), (2, t([63, 1]))],
+        down: [ExpertCut((0, 3), 1, {0: t([7, 1]), 3: t([127, 0])}), (2, t([4, 5, 6])), (1, t([0]))],
+    }
+    for name, each in cuts.items():
+        for cut in each:
+            assert torch.equal(sm.layout.read_fused(name, load, cut), apply_cut(whole[name], cut)), (name, cut)
+
+
 def test_a_checkpoint_without_a_tensor_the_model_needs_is_refused_up_front(moe_checkpoints, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -6,8 +6,9 @@ tensor by tensor from the source files: the plan is applied to a fresh meta skel
 `surgery.apply_plan` (so the config and the tensor names are exactly the in-memory result's), and the values
 of each kept layer come from materialising that one source layer and running the same surgery on it. Names
 and values are converted as `save_pretrained` converts them (`io.stored.saved_tensors`: a fused MoE expert
-tensor becomes one tensor per expert). Each tensor goes straight into its shard (`io.files.SafetensorsWriter`: the header first, from the skeleton's
-names, dtypes and shapes), so memory holds one layer, never a whole shard. The result equals, tensor for
+tensor becomes one tensor per expert). Each tensor goes straight into its shard (`io.files.SafetensorsWriter`:
+the header first, from the skeleton's names, dtypes and shapes), so memory holds one layer, never a whole
+shard. The result equals, tensor for
 tensor and in config.json, `load_model` + `apply_plan` + `save_checkpoint` (tests).
 
 Both write to a temporary directory beside `out` and rename it into place when complete.

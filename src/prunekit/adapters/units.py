@@ -83,7 +83,7 @@ class ExpertCut:
     """What a plan keeps of a fused expert tensor `t` [E, ...]: the experts `experts` (ascending; None: all), and
     of each kept expert e's slice `t[e]` the entries `rows` along the slice's dimension `dim` (one index for
     every expert, or a dict from an expert's index in `t` to its own; None: all entries). Each expert may keep
-    its own entries, so this is not one `index_select`; width surgery gathers the same values, and the
+    its own entries, so this is not one `index_select`. Expert surgery cuts the fused tensor with it; the
     streamed reader cuts each expert's stored tensor before the experts are stacked."""
 
     experts: tuple[int, ...] | None = None

@@ -9,6 +9,7 @@ the softmax's denominator loses that expert's share, exactly zero only for an ex
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -174,7 +175,7 @@ _Rows = torch.Tensor | dict[int, torch.Tensor] | None
 def _expert_rows(layout: str, channels: _Rows, width: int) -> dict[str, tuple[int, _Rows]]:
     """{MoESpec field of an expert tensor: (dim of one expert's slice, its kept entries)} for kept channels
     `channels` (one index for all experts, or one per expert; None: all), in the family's layout."""
-    def each(f):  # type: ignore[no-untyped-def]
+    def each(f: Callable[[torch.Tensor], torch.Tensor]) -> _Rows:
         if channels is None:
             return None
         return {e: f(c) for e, c in channels.items()} if isinstance(channels, dict) else f(channels)
