@@ -154,6 +154,15 @@ def test_a_checkpoint_without_a_tensor_the_model_needs_is_refused_up_front(moe_c
     (tmp_path / "bad" / "config.json").write_text((src / "config.json").read_text())
     with pytest.raises(CheckpointError, match=r"layers\.2\.mlp\.experts\.gate_up_proj \(stored for 3 of 4 experts"):
         StreamedLayers(tmp_path / "bad")
+    # gpt-oss's hub files hold the experts quantized (MXFP4 `*_blocks` and `*_scales`), not the tensors themselves.
+    src = moe_checkpoints["gpt_oss"]
+    tensors = {n.replace("_proj", "_proj_blocks") if n.endswith(("gate_up_proj", "down_proj")) else n: t
+               for n, t in load_file(str(src / "model.safetensors")).items()}
+    (tmp_path / "mxfp4").mkdir()
+    save_file(tensors, str(tmp_path / "mxfp4" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "mxfp4" / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="experts.gate_up_proj.*reads unquantized checkpoints"):
+        StreamedLayers(tmp_path / "mxfp4")
 
 
 # --- scores and statistics ------------------------------------------------------------------------------------------
