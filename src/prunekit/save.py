@@ -4,9 +4,11 @@ A model in memory (or its `ResidentLayers`) is saved with `save_pretrained` (`io
 A layer-streamed model (`StreamedLayers`) never holds its weights, so its pruned checkpoint is written
 tensor by tensor from the source files: the plan is applied to a fresh meta skeleton with the ordinary
 `surgery.apply_plan` (so the config and the tensor names are exactly the in-memory result's), and the values
-of each kept layer come from materialising that one source layer and running the same surgery on it. Each
-tensor goes straight into its shard (`io.files.SafetensorsWriter`: the header first, from the skeleton's
-names, dtypes and shapes), so memory holds one layer, never a whole shard. The result equals, tensor for
+of each kept layer come from materialising that one source layer and running the same surgery on it. Names
+and values are converted as `save_pretrained` converts them (`io.stored.saved_tensors`: a fused MoE expert
+tensor becomes one tensor per expert). Each tensor goes straight into its shard (`io.files.SafetensorsWriter`:
+the header first, from the skeleton's names, dtypes and shapes), so memory holds one layer, never a whole
+shard. The result equals, tensor for
 tensor and in config.json, `load_model` + `apply_plan` + `save_checkpoint` (tests).
 
 Both write to a temporary directory beside `out` and rename it into place when complete.
@@ -34,6 +36,7 @@ from prunekit.io import config_edit
 from prunekit.io.checkpoint import load_tokenizer, resolve_model_path, save_checkpoint, write_companions
 from prunekit.io.files import INDEX_FILE, CheckpointFiles, SafetensorsWriter
 from prunekit.io.outputs import Target, atomic_dir, input_paths, prepare_output
+from prunekit.io.stored import saved_tensors
 from prunekit.plans import PruningPlan
 from prunekit.surgery import apply_plan, apply_widths, mark_drops
 
@@ -83,13 +86,15 @@ def _layer_of(name: str, layers_prefix: str) -> tuple[int, str] | None:
 
 
 class _LayerValues:
-    """The tensors of each kept layer of the pruned model, produced one layer at a time: the source layer is
-    materialised, cut by the plan's widths and drops with the ordinary surgery, and released."""
+    """The saved tensors of each kept layer of the pruned model, produced one layer at a time: the source layer
+    is materialised, cut by the plan's widths and drops with the ordinary surgery, released, and its tensors
+    converted to the names `save_pretrained` writes (`io.stored.saved_tensors`)."""
 
-    def __init__(self, source: StreamedLayers, plan: PruningPlan, keep: list[int]):
+    def __init__(self, source: StreamedLayers, plan: PruningPlan, keep: list[int], pruned: nn.Module):
         self.source = source
         self.plan = plan
         self.keep = keep
+        self.pruned = pruned
         self.drops: dict[int, list[Any]] = defaultdict(list)
         for d in plan.dropped:
             self.drops[d.layer].append(d)
@@ -106,7 +111,8 @@ class _LayerValues:
             if i in self.plan.widths:
                 apply_widths(ad, {i: self.plan.widths[i]})
             mark_drops(ad, self.drops.get(i, []))
-            tensors = {k: v.detach() for k, v in layer.state_dict().items()}
+            prefix = ad.layer_prefix(new_idx)
+            tensors = saved_tensors(self.pruned, {prefix + k: v.detach() for k, v in layer.state_dict().items()})
         finally:
             self.source.release(layer)
         self.current = (new_idx, tensors)
@@ -134,28 +140,31 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path | T
     keep = [original[id(layer)] for layer in ad.layers()]
     values_source = StreamedLayers(src_dir, dtype=dtype)
     values_source.overrides = dict(overrides or {})
-    values = _LayerValues(values_source, plan, keep)
-    names = _saved_names(pruned.model)
-    meta_sd = pruned.model.state_dict()
-    shards = _plan_shards([(n, meta_sd[n].numel() * meta_sd[n].element_size()) for n in names], max_shard_bytes)
-    layers_prefix = ad.spec.layers + "."
+    values = _LayerValues(values_source, plan, keep, pruned.model)
+    saved, origin = _saved_specs(pruned.model, ad.spec.layers + ".")
+    shards = _plan_shards([(n, saved[n].numel() * saved[n].element_size()) for n in saved], max_shard_bytes)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(src_dir)
+    meta_sd = pruned.model.state_dict()
+    other: tuple[str, dict[str, torch.Tensor]] | None = None  # the last tensor outside the layers, as saved
 
-    def other_tensor(n: str) -> torch.Tensor:
-        name = pruned.source_name(n)
-        t = pruned.files.load([name], torch.device("cpu"))[name]
-        meta = meta_sd[n]
-        return t.to(meta.dtype) if t.is_floating_point() and meta.is_floating_point() else t
+    def other_tensor(n: str, module_name: str) -> torch.Tensor:
+        nonlocal other
+        if other is None or other[0] != module_name:
+            t = pruned.load({module_name: None})[module_name]
+            meta = meta_sd[module_name]
+            t = t.to(meta.dtype) if t.is_floating_point() and meta.is_floating_point() else t
+            other = (module_name, saved_tensors(pruned.model, {module_name: t}))
+        return other[1][n]
 
     with atomic_dir(out) as tmp:
         weight_map: dict[str, str] = {}
         for s, shard in enumerate(tqdm(shards, desc="writing shards", disable=not progress, leave=False)):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-            specs = [(n, meta_sd[n].dtype, tuple(meta_sd[n].shape)) for n in shard.names]
+            specs = [(n, saved[n].dtype, tuple(saved[n].shape)) for n in shard.names]
             with SafetensorsWriter(tmp / fname, specs, metadata={"format": "pt"}) as writer:
                 for n in shard.names:
-                    where = _layer_of(n, layers_prefix)
-                    t = values.get(where[0])[where[1]] if where is not None else other_tensor(n)
+                    where = origin[n]
+                    t = values.get(where)[n] if isinstance(where, int) else other_tensor(n, where)
                     writer.write(n, t)  # checks name, dtype and shape against the pruned skeleton
                     weight_map[n] = fname
         if len(shards) > 1:
@@ -168,20 +177,30 @@ def save_pruned_streamed(src: str | Path, plan: PruningPlan, out: str | Path | T
     return Path(out)
 
 
-def _saved_names(model: nn.Module) -> list[str]:
-    """The tensor names `save_pretrained` writes: the state dict without tied duplicates. Weight-name
-    conversions (which some architectures apply on save) are not supported by the streamed writer."""
+def _saved_specs(model: nn.Module, layers_prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, int | str]]:
+    """(the tensors `save_pretrained` writes for `model`, as meta tensors in the order they are written; where
+    each comes from: a layer index, or the module tensor's name outside the layers). The state dict less tied
+    duplicates, each layer's tensors converted together (a fused MoE tensor becomes one tensor per expert)."""
     sd = model.state_dict()
     kept = remove_tied_weights_from_state_dict(dict(sd), model)
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # older transformers: no conversions
-        return [n for n in sd if n in kept]
-    reverted = revert_weight_conversion(model, dict(kept))
-    if set(reverted) != set(kept):
-        raise CheckpointError(f"{type(model).__name__} renames weights when saving; streamed saving does not "
-                              "support it (save in memory instead)")
-    return [n for n in sd if n in kept]
+    groups: list[tuple[int | str, dict[str, torch.Tensor]]] = []
+    for n in sd:
+        if n not in kept:
+            continue
+        where = _layer_of(n, layers_prefix)
+        key: int | str = where[0] if where is not None else n
+        if groups and groups[-1][0] == key:
+            groups[-1][1][n] = sd[n]
+        else:
+            groups.append((key, {n: sd[n]}))
+    saved: dict[str, torch.Tensor] = {}
+    origin: dict[str, int | str] = {}
+    for key, tensors in groups:
+        for name, meta in saved_tensors(model, tensors).items():
+            if name in saved:
+                raise CheckpointError(f"internal error: two tensors of {type(model).__name__} are saved as {name}")
+            saved[name], origin[name] = meta, key
+    return saved, origin
 
 
 def _save_configs(model: nn.Module, directory: Path) -> config_edit.RemoteClasses | None:

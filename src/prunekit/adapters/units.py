@@ -76,3 +76,44 @@ def kept_indices(blocks: Sequence[tuple[UnitBlock, Sequence[int]]]) -> dict[tupl
             pos = block.end
         out[slot] = (torch.cat([block.indices(keep) for block, keep in entries]), pos)
     return out
+
+
+@dataclass(frozen=True)
+class ExpertCut:
+    """What a plan keeps of a fused expert tensor `t` [E, ...]: the experts `experts` (ascending; None: all), and
+    of each kept expert e's slice `t[e]` the entries `rows` along the slice's dimension `dim` (one index for
+    every expert, or a dict from an expert's index in `t` to its own; None: all entries). Each expert may keep
+    its own entries, so this is not one `index_select`. Expert surgery cuts the fused tensor with it; the
+    streamed reader cuts each expert's stored tensor before the experts are stacked."""
+
+    experts: tuple[int, ...] | None = None
+    dim: int = 0
+    rows: torch.Tensor | dict[int, torch.Tensor] | None = None
+
+    def kept(self, count: int) -> list[int]:
+        """The kept experts of a tensor holding `count` experts."""
+        return list(range(count)) if self.experts is None else list(self.experts)
+
+    def rows_of(self, e: int) -> torch.Tensor | None:
+        return self.rows[e] if isinstance(self.rows, dict) else self.rows
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` cut to the kept experts and, within each, to its kept entries (a new tensor)."""
+        parts = []
+        for e in self.kept(t.shape[0]):
+            rows = self.rows_of(e)
+            parts.append(t[e] if rows is None else t[e].index_select(self.dim, rows.to(t.device)))
+        return torch.stack(parts)
+
+
+# What to keep of one stored tensor: (dim, kept indices) along one dimension, or an expert tensor's cut.
+Cut = tuple[int, torch.Tensor] | ExpertCut
+
+
+def apply_cut(t: torch.Tensor, cut: Cut | None) -> torch.Tensor:
+    """`t` cut by `cut` (itself when None)."""
+    if cut is None:
+        return t
+    if isinstance(cut, ExpertCut):
+        return cut.apply(t)
+    return t.index_select(cut[0], cut[1].to(t.device))

@@ -3,13 +3,20 @@
 ones, that meet the budget. One count for every layer, so the result has a stock config; these candidates
 remove experts only (no other cut). Removing an expert renormalises the routing over the experts left, which
 zeroing the expert cannot reproduce, so the search scores each with its experts physically removed and put
-back after (`moe.surgery.experts_removed`)."""
+back after (`moe.surgery.experts_removed`); a layer-streamed model reads its layers cut to the kept experts
+meanwhile (`removed`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prunekit.adapters.moe import MoEAdapter
+from prunekit.engine.sources import LayerSource
 from prunekit.moe.choose import EXPERT_SCORES, choose_expert_drops
 from prunekit.moe.stats import ExpertStats
+from prunekit.moe.surgery import experts_removed
+from prunekit.plans import LayerWidth
 
 NAME = "experts ({score})"  # candidate names, by expert score
 
@@ -35,3 +42,16 @@ def expert_drop_candidates(adapter: MoEAdapter, stats: ExpertStats, need: int) -
         plan = choose_expert_drops(adapter, stats, n, score)
         out[NAME.format(score=score)] = {i: list(w.experts or []) for i, w in sorted(plan.widths.items())}
     return out
+
+
+@contextmanager
+def removed(source: LayerSource, kept: dict[int, list[int]]) -> Iterator[None]:
+    """`source`'s model with only experts `kept[i]` of each MoE layer i, then as it was: its modules cut (and put
+    back) by `experts_removed`, and its layers read cut the same way meanwhile, which a layer-streamed source
+    needs (its modules hold shapes only). For the search's source, which no width cut has narrowed yet."""
+    with experts_removed(source.adapter, kept):  # type: ignore[arg-type]
+        source.set_widths({i: LayerWidth(experts=sorted(k)) for i, k in kept.items()})
+        try:
+            yield
+        finally:
+            source.set_widths({})

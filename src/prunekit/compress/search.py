@@ -60,7 +60,7 @@ from prunekit.compress.candidate import CORRECTED, Candidate, Tried, plan_for
 from prunekit.compress.correct import INPUT_RIDGE, Correction, Edits, correct_model
 from prunekit.compress.curves import Curve, unit_columns
 from prunekit.compress.editable import EditableModel
-from prunekit.compress.experts import expert_drop_candidates, removed_params
+from prunekit.compress.experts import expert_drop_candidates, removed, removed_params
 from prunekit.compress.families import MEASURED_TAG, applicable, better_order, order_tag, orders, rounds_family
 from prunekit.compress.llm_drop import llm_drop_candidates
 from prunekit.compress.measure import Probe, probe_counts, probe_part, rescaled
@@ -73,7 +73,6 @@ from prunekit.engine.sums import OneProcess, Sums
 from prunekit.io.outputs import scratch_dir
 from prunekit.losses import KL_TOPK, split_check
 from prunekit.moe.stats import collect_expert_stats
-from prunekit.moe.surgery import experts_removed
 from prunekit.plans import PruningPlan
 from prunekit.surgery import apply_plan
 from prunekit.surgery.structure import count_parameters
@@ -280,20 +279,18 @@ class _Search:
 
     def expert_drop(self) -> None:
         """Expert drop's candidates (`compress.experts`), each scored with its experts physically removed, then
-        put back; on a MoE model in memory with a `params` budget (else the plan says why not)."""
+        put back; on a MoE model with a `params` budget (else the plan says why not)."""
         ad = self.src.adapter
         if not isinstance(ad, MoEAdapter) or not ad.moe_layers():
             return
-        why = ("expert drop removes no KV cache" if self.opts.budget.key != "params" else
-               "expert drop is scored on the model in memory" if self.src.resumable else None)
-        if why is not None:
-            self.skipped["expert drop"] = why
+        if self.opts.budget.key != "params":
+            self.skipped["expert drop"] = "expert drop removes no KV cache"
             return
         self.fit_passes += EXPERT_PASSES
         stats = collect_expert_stats(self.src, self.my_fit, adapter=ad, batch_size=self.opts.batch_size,
                                      sums=self.sums, progress=False)
         for name, kept in expert_drop_candidates(ad, stats, self.need).items():
-            with experts_removed(ad, kept):
+            with removed(self.src, kept):
                 loss, kl = self.scorer.score()
             gone = removed_params(ad, kept)
             self.tried.add(Candidate(name, {}, gone, 0, loss, gone >= self.need, kl, experts=kept), dict)

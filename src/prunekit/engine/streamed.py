@@ -7,9 +7,13 @@ layer's weights plus the calibration hidden states (which can spill to disk), wh
 The same layer modules are called with the same weights, inputs and keyword arguments as a resident model,
 so on the same device the hidden states, and hence every statistic, equal the in-memory ones.
 
-Width pruning narrows the meta skeleton with the ordinary surgery (shapes only); `set_widths` records the
-kept original indices, and every later read cuts each layer from the files already to them
-(`surgery.widths.width_slices`).
+Width pruning and expert surgery narrow the meta skeleton with the ordinary surgery (shapes only);
+`set_widths` records the kept original indices, and every later read cuts each layer from the files already
+to them (`surgery.widths.width_slices`).
+
+A tensor the checkpoint stores under another name or in pieces (a Mixture-of-Experts layer's fused experts,
+saved one tensor per expert) is found by the family's own conversion mapping (`io.stored.StoredLayout`); a
+cut fused tensor is built from the kept experts' stored tensors only, each cut to its kept channels.
 
 Plans and drops work on the skeleton unchanged (drops replace modules; weights are only read when a layer is
 materialised, and only the tensors the current modules have are read). `prunekit.save` writes the pruned
@@ -26,10 +30,12 @@ import torch
 from torch import nn
 
 from prunekit.adapters import ModelAdapter, get_adapter
+from prunekit.adapters.units import Cut, apply_cut
 from prunekit.engine.sources import LayerCall, capture_calls
 from prunekit.errors import CheckpointError
 from prunekit.io.checkpoint import build_skeleton, parse_dtype, resolve_model_path
 from prunekit.io.files import CheckpointFiles
+from prunekit.io.stored import StoredLayout
 from prunekit.plans import LayerWidth
 from prunekit.surgery.widths import width_slices
 
@@ -52,6 +58,8 @@ class StreamedLayers:
         self.files = CheckpointFiles(local)
         self.model = build_skeleton(local, self.dtype)
         self.adapter: ModelAdapter = get_adapter(self.model)
+        # The family's checkpoint conversions: renamed tensors, and fused ones stored in pieces (MoE experts).
+        self.layout = StoredLayout(self.model, self.files.names())
         # Checkpoint keys follow module names; a tied embedding may be stored under either of its names.
         tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
         self._aliases: dict[str, str] = {}
@@ -59,12 +67,11 @@ class StreamedLayers:
             self._aliases[target] = source
             self._aliases[source] = target
         first_layer = self.adapter.layer_prefix(0)
-        missing = [first_layer + n for n in self.adapter.layers()[0].state_dict()
-                   if first_layer + n not in self.files] if self.adapter.num_layers else []
-        if missing:
+        if self.adapter.num_layers and not any(n.startswith(first_layer) for n in self.files.names()):
             raise CheckpointError(
-                f"{local}: no tensor {missing[0]}; layer streaming needs checkpoint tensor names that follow the "
-                "model's module names (re-save it with this transformers version)")
+                f"{local}: no tensors named {first_layer}*; layer streaming needs checkpoint tensor names that "
+                "follow the model's module names (re-save it with this transformers version)")
+        self._check_stored()
         self._aux_ready = False
         self.widths: dict[int, LayerWidth] = {}
         # The stored tensors' unit counts, by layer module (a fused tensor's slices start at original offsets).
@@ -73,36 +80,62 @@ class StreamedLayers:
         self.overrides: dict[str, torch.Tensor] = {}
         self._committed: dict[str, torch.Tensor] = {}
 
+    def _check_stored(self) -> None:
+        """Every parameter of the model has its stored tensor(s), checked before any long work."""
+        missing = self.layout.short(self.model)
+        for name, _ in self.model.named_parameters(remove_duplicate=False):
+            if name not in self.layout.fused:
+                try:
+                    self.source_name(name)
+                except CheckpointError:
+                    missing.append(name)
+        if missing:
+            raise CheckpointError(
+                f"{self.path}: no stored tensor for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+                "layer streaming reads unquantized checkpoints in the layout transformers' conversion mapping for "
+                f"{self.model.config.model_type} describes (re-save it with save_pretrained)")
+
     # --- materialisation ---------------------------------------------------------------------------------
     def source_name(self, name: str) -> str:
-        """The checkpoint tensor that holds the module tensor `name` (itself, or its tied twin)."""
-        if name in self.files:
-            return name
-        alias = self._aliases.get(name)
-        if alias is not None and alias in self.files:
-            return alias
+        """The checkpoint tensor that holds the module tensor `name`: itself, the name the family's conversion
+        mapping renames it from, or its tied twin. (A tensor built from several stored ones has none.)"""
+        for candidate in (name, self._aliases.get(name)):
+            if candidate is None:
+                continue
+            if candidate in self.files:
+                return candidate
+            if candidate in self.layout.renamed:
+                return self.layout.renamed[candidate]
         raise CheckpointError(f"{self.path} has no tensor {name!r}")
 
-    def materialise(self, module: nn.Module, prefix: str,
-                    slices: dict[str, tuple[int, torch.Tensor]] | None = None) -> None:
+    def load(self, wanted: Mapping[str, Cut | None]) -> dict[str, torch.Tensor]:
+        """Module tensors by name, each cut by its cut (None: whole), in the stored dtypes, on the device. A
+        tensor the checkpoint stores in pieces (an MoE layer's experts) is built from the kept pieces only."""
+        plain = {n: self.source_name(n) for n in wanted if n not in self.layout.fused}
+        loaded = self.files.load(set(plain.values()), self.device)
+        out = {n: apply_cut(loaded[stored], wanted[n]) for n, stored in plain.items()}
+        for n in wanted:
+            if n in self.layout.fused:
+                out[n] = self.layout.read_fused(n, lambda names: self.files.load(names, self.device), wanted[n],
+                                                self.model.config)
+        return out
+
+    def materialise(self, module: nn.Module, prefix: str, slices: Mapping[str, Cut] | None = None) -> None:
         """Give `module` (whose tensor names start with `prefix`) its weights from the files, in the dtypes the
         skeleton chose, then compute non-persistent buffers (rotary frequencies, embedding scales) the way
         transformers does when it loads a checkpoint (`_init_weights`).
 
-        `slices`: {tensor name relative to `module`: (dim, kept indices)} cut from the stored tensors first,
-        for a module the skeleton has narrowed."""
+        `slices`: {tensor name relative to `module`: cut} taken from the stored tensors, for a module the
+        skeleton has narrowed."""
         wanted = module.state_dict(keep_vars=True)
-        edited = {k for k in wanted if prefix + k in self.overrides}
-        sources = {k: self.source_name(prefix + k) for k in wanted if k not in edited}
-        loaded = self.files.load(set(sources.values()), self.device)
+        cuts = dict(slices or {})
+        loaded = self.load({prefix + k: cuts.get(k) for k in wanted if prefix + k not in self.overrides})
         sd: dict[str, torch.Tensor] = {}
         for k, meta in wanted.items():
-            t = self.overrides[prefix + k].to(self.device) if k in edited else loaded[sources[k]]
-            if slices and k in slices:
-                dim, idx = slices[k]
-                t = t.index_select(dim, idx.to(t.device))
+            edited = self.overrides.get(prefix + k)
+            t = apply_cut(edited.to(self.device), cuts.get(k)) if edited is not None else loaded[prefix + k]
             if tuple(t.shape) != tuple(meta.shape):
-                raise CheckpointError(f"{self.path}: tensor {sources[k]} has shape {tuple(t.shape)}, the config "
+                raise CheckpointError(f"{self.path}: tensor {prefix + k} has shape {tuple(t.shape)}, the config "
                                       f"expects {tuple(meta.shape)}")
             sd[k] = t.to(dtype=meta.dtype) if t.is_floating_point() and meta.is_floating_point() else t
         module.load_state_dict(sd, strict=True, assign=True)
@@ -162,8 +195,7 @@ class StreamedLayers:
     def read(self, name: str) -> torch.Tensor:
         if name in self.overrides:
             return self.overrides[name]
-        stored = self.source_name(name)
-        t = self.files.load([stored], self.device)[stored]
+        t = self.load({name: None})[name]
         return t.to(self.model.get_parameter(name).dtype) if t.is_floating_point() else t
 
     def write(self, name: str, value: torch.Tensor) -> None:

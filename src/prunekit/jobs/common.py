@@ -40,7 +40,6 @@ from prunekit.jobs.dist import (
     resolve_device,
     shard_calibration,
 )
-from prunekit.moe.support import checkpoint_model_type, refuse_moe
 from prunekit.width.importance import SCORERS
 from prunekit.width.stats import ActivationCollector
 
@@ -92,7 +91,6 @@ def load_job(model: str, *, calib: str | Path, samples: int, seq_len: int, batch
     if streamed:
         if local is None:
             raise CheckpointError(f"--stream needs a local checkpoint directory; {model!r} is not one")
-        refuse_moe(checkpoint_model_type(local), "layer streaming")
         source, tok = StreamedLayers(local, dtype=dtype, device=device), load_tokenizer(local, model)
     else:
         net, tok = load_model(path, dtype=dtype, device=device)

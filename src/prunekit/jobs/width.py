@@ -33,7 +33,7 @@ def width_job(model: str, out: str | Path, *, mlp_keep: float | int | None = Non
         job = load_job(model, calib=calib, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                        env=env, device=dev, stream=stream)
         if is_moe_model(job.source.adapter):
-            check_slim_options(heads_keep=heads_keep, mode=mode, scorer=scorer, streamed=job.streamed)
+            check_slim_options(heads_keep=heads_keep, mode=mode, scorer=scorer)
             plan = slim_experts(job.source, job.source.adapter, job.shard, mlp_keep=mlp_keep,  # type: ignore[arg-type]
                                 shots=shots, multiple_of=multiple_of, batch_size=batch_size, sums=job.sums,
                                 progress=progress and env.is_main)

@@ -11,7 +11,7 @@ from torch import nn
 
 from prunekit.adapters.moe import MoEAdapter
 from prunekit.data import CalibrationData
-from prunekit.engine.sources import LayerSource
+from prunekit.engine.sources import LayerSource, as_source
 from prunekit.engine.sums import Sums
 from prunekit.errors import PlanError
 from prunekit.moe.choose import check_moe, choose_expert_widths
@@ -24,10 +24,8 @@ from prunekit.width.targets import geometric_schedule, resolve_keep, round_half_
 Counts = dict[int, tuple[int, int | None]]
 
 
-def check_slim_options(*, heads_keep: object, mode: str, scorer: str, streamed: bool = False) -> None:
+def check_slim_options(*, heads_keep: object, mode: str, scorer: str) -> None:
     """What expert slimming does not do (yet), refused before any work."""
-    if streamed:
-        raise PlanError("expert slimming runs on a model in memory; pass --no-stream (or free memory)")
     if heads_keep is not None:
         raise PlanError("on a Mixture-of-Experts model, width narrows the experts only (--mlp-keep); "
                         "--heads-keep is not supported there yet")
@@ -63,6 +61,7 @@ def slim_experts(model: nn.Module | LayerSource, adapter: MoEAdapter, calib: Cal
     """Narrow every MoE layer's experts in place (shots: a geometric schedule to the target) and return the plan
     in ORIGINAL indices."""
     ad = check_moe(adapter, "expert slimming")
+    source = as_source(model, ad)
     layers = ad.layers()
     final = slim_targets(ad, mlp_keep, multiple_of)
     start = {i: (ad.expert_width(layers[i]), _shared_width(ad, i)) for i in final}
@@ -74,7 +73,7 @@ def slim_experts(model: nn.Module | LayerSource, adapter: MoEAdapter, calib: Cal
     before = count_parameters(ad.model)
     history: list[dict[str, object]] = []
     for shot in range(shots):
-        stats = collect_expert_stats(model, calib, adapter=ad, batch_size=batch_size, sums=sums, progress=progress)
+        stats = collect_expert_stats(source, calib, adapter=ad, batch_size=batch_size, sums=sums, progress=progress)
         counts = {i: (e[shot], None if s is None else s[shot]) for i, (e, s) in schedule.items()}
         widths = choose_expert_widths(stats, counts)
         apply_widths(ad, widths)
@@ -82,6 +81,8 @@ def slim_experts(model: nn.Module | LayerSource, adapter: MoEAdapter, calib: Cal
             kept, shared = origin[i]
             origin[i] = ([[row[c] for c in now] for row, now in zip(kept, w.expert_channels or [])],
                          None if shared is None else [shared[c] for c in w.shared_channels or range(len(shared))])
+        # A streamed source reads every later pass's layers already cut to these (original) channels.
+        source.set_widths({i: LayerWidth(expert_channels=e, shared_channels=s) for i, (e, s) in origin.items()})
         history.append({"shot": shot + 1, "parameters": count_parameters(ad.model),
                         "widths": {str(i): ad.layer_widths(layers[i]) for i in range(len(layers))}})
     refresh_config(ad)

@@ -9,7 +9,7 @@ the softmax's denominator loses that expert's share, exactly zero only for an ex
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from prunekit.adapters import ModelAdapter
 from prunekit.adapters.moe import MoEAdapter
+from prunekit.adapters.units import Cut, ExpertCut, apply_cut
 from prunekit.errors import PlanError
 from prunekit.plans import LayerWidth, check_kept
 
@@ -109,25 +110,12 @@ def _set_ints(modules: list[nn.Module], names: tuple[str, ...], value: int) -> N
                 setattr(m, name, value)
 
 
-def _expert_rows(adapter: MoEAdapter, layer: nn.Module) -> list[tuple[nn.Module, str]]:
+def _by_expert(adapter: MoEAdapter, layer: nn.Module) -> list[tuple[nn.Module, str]]:
     """(module, parameter name) of every tensor indexed by expert along its first axis: the fused expert tensors,
     their biases, the router's weight and bias."""
     experts, router, m = adapter.experts(layer), adapter.router(layer), adapter.moe
     out = [(experts, name) for name in (m.gate_up, m.down, m.gate_up_bias, m.down_bias) if name]
     return out + [(router, name) for name in ("weight", "bias") if isinstance(getattr(router, name, None), torch.Tensor)]
-
-
-def keep_experts(adapter: MoEAdapter, layer: nn.Module, kept: list[int]) -> None:
-    """Keep experts `kept` (current indices): their fused slices, router rows (and bias); top-k capped."""
-    experts, router = adapter.experts(layer), adapter.router(layer)
-    idx = torch.tensor(kept, device=router.weight.device)
-    for mod, name in _expert_rows(adapter, layer):
-        t = getattr(mod, name)
-        _replace(mod, name, t.detach().index_select(0, idx.to(t.device)))
-    modules = [adapter.mlp(layer), router, experts]
-    top_k = min(adapter.top_k(layer), len(kept))
-    _set_ints(modules, _COUNT_ATTRS, len(kept))
-    _set_ints(modules, _TOP_K_ATTRS, top_k)
 
 
 @dataclass
@@ -142,9 +130,9 @@ class _Removed:
 
 @contextmanager
 def experts_removed(adapter: MoEAdapter, kept: dict[int, list[int]]) -> Iterator[None]:
-    """The model with only experts `kept[i]` of each MoE layer i, physically (`keep_experts`: routing over fewer
-    experts is not the same as silencing some), then exactly as it was: only the removed experts' slices are
-    held meanwhile, and put back in their places."""
+    """The model with only experts `kept[i]` of each MoE layer i, physically (`apply_moe_width`: routing over
+    fewer experts is not the same as silencing some), then exactly as it was: only the removed experts' slices
+    are held meanwhile, and put back in their places."""
     taken: list[_Removed] = []
     try:
         for i, keep in sorted(kept.items()):
@@ -159,14 +147,14 @@ def experts_removed(adapter: MoEAdapter, kept: dict[int, list[int]]) -> Iterator
 def _take_out(adapter: MoEAdapter, layer: nn.Module, kept: list[int]) -> _Removed:
     gone = [e for e in range(adapter.num_experts(layer)) if e not in set(kept)]
     rows = {}
-    for mod, name in _expert_rows(adapter, layer):
+    for mod, name in _by_expert(adapter, layer):
         t = getattr(mod, name).detach()
         rows[(mod, name)] = t.index_select(0, torch.tensor(gone, device=t.device))
     modules = (adapter.mlp(layer), adapter.router(layer), adapter.experts(layer))
     ints = {(mod, name): getattr(mod, name) for mod in modules for name in (*_COUNT_ATTRS, *_TOP_K_ATTRS)
             if isinstance(getattr(mod, name, None), int)}
-    keep_experts(adapter, layer, kept)
-    return _Removed(kept, gone, rows, ints)
+    apply_moe_width(adapter, layer, MoEWidth(experts=sorted(kept)))
+    return _Removed(sorted(kept), gone, rows, ints)
 
 
 @torch.no_grad()
@@ -181,48 +169,80 @@ def _put_back(r: _Removed) -> None:
         setattr(mod, name, value)
 
 
-def narrow_experts(adapter: MoEAdapter, layer: nn.Module, channels: list[list[int]]) -> None:
-    """Keep intermediate channels `channels[e]` of each expert e (one count for all): its gate and up slices of
-    gate_up (and their biases) and its slice of down, in the family's layout."""
-    experts, m = adapter.experts(layer), adapter.moe
-    gate_up, down = adapter.expert_tensors(layer)
-    gate_up_bias, _ = adapter.expert_biases(layer)
-    width = adapter.expert_width(layer)
-    idx = torch.tensor(channels, device=gate_up.device)  # [E, k]
-    if m.layout == "interleaved":  # gate_up [E, H, 2I] (gate 2c, up 2c + 1), down [E, I, H]
-        pairs = torch.stack([2 * idx, 2 * idx + 1], dim=-1).reshape(idx.shape[0], -1)  # [E, 2k]
-        _replace(experts, m.gate_up, gate_up.detach().gather(2, pairs[:, None, :].expand(-1, gate_up.shape[1], -1)))
-        if gate_up_bias is not None:
-            _replace(experts, m.gate_up_bias, gate_up_bias.detach().gather(1, pairs.to(gate_up_bias.device)))
-        rows = idx.to(down.device)[:, :, None].expand(-1, -1, down.shape[-1])
-        _replace(experts, m.down, down.detach().gather(1, rows))
-    else:  # gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I]
-        rows = torch.cat([idx, idx + width], dim=1)[:, :, None].expand(-1, -1, gate_up.shape[-1])
-        _replace(experts, m.gate_up, gate_up.detach().gather(1, rows))
-        cols = idx.to(down.device)[:, None, :].expand(-1, down.shape[1], -1)
-        _replace(experts, m.down, down.detach().gather(2, cols))
-    _set_ints([experts], _WIDTH_ATTRS, len(channels[0]))
-
-
-def narrow_shared(adapter: MoEAdapter, layer: nn.Module, channels: list[int]) -> None:
-    """Keep channels `channels` of the shared expert: rows of its gate and up, columns of its down."""
-    projections = adapter.shared_projections(layer)
-    assert projections is not None
-    gate, up, down = projections
-    idx = torch.tensor(channels, device=up.weight.device)
-    for lin in (gate, up):
-        _replace(lin, "weight", lin.weight.detach().index_select(0, idx))
-        lin.out_features = len(channels)
-    _replace(down, "weight", down.weight.detach().index_select(1, idx))
-    down.in_features = len(channels)
-    _set_ints([adapter.shared_expert(layer)], ("intermediate_size",), len(channels))
-
-
 @torch.no_grad()
 def apply_moe_width(adapter: MoEAdapter, layer: nn.Module, w: MoEWidth) -> None:
-    if w.channels is not None:  # first: its lists follow the layer's experts before any are removed
-        narrow_experts(adapter, layer, w.channels)
+    """Cut the layer's fused expert tensors, router rows and shared expert as `expert_slices` says (the cuts the
+    streamed reader takes from the files too), then update the counts its modules cache: top-k capped at the
+    experts left."""
+    kept = LayerWidth(experts=w.experts, expert_channels=w.channels, shared_channels=w.shared)
+    modules = dict(layer.named_modules())
+    for name, cut in expert_slices(adapter, layer, kept, adapter.expert_width(layer)).items():
+        path, _, attr = name.rpartition(".")
+        _replace(modules[path], attr, apply_cut(getattr(modules[path], attr).detach(), cut))
+    if w.channels is not None:
+        _set_ints([adapter.experts(layer)], _WIDTH_ATTRS, len(w.channels[0]))
     if w.experts is not None:
-        keep_experts(adapter, layer, w.experts)
-    if w.shared is not None:
-        narrow_shared(adapter, layer, w.shared)
+        cached = [adapter.mlp(layer), adapter.router(layer), adapter.experts(layer)]
+        top_k = min(adapter.top_k(layer), len(w.experts))
+        _set_ints(cached, _COUNT_ATTRS, len(w.experts))
+        _set_ints(cached, _TOP_K_ATTRS, top_k)
+    shared = adapter.shared_projections(layer)
+    if w.shared is not None and shared is not None:
+        gate, up, down = shared
+        gate.out_features = up.out_features = down.in_features = len(w.shared)
+        _set_ints([adapter.shared_expert(layer)], ("intermediate_size",), len(w.shared))
+
+
+def expert_slices(adapter: MoEAdapter, layer: nn.Module, w: LayerWidth, width: int) -> dict[str, Cut]:
+    """What keeping `w`'s experts and channels cuts from a MoE layer's tensors, by name relative to the layer:
+    router rows, an `ExpertCut` of each fused expert tensor, shared-expert rows and columns. `w` indexes the
+    stored tensors and `width` is their expert width (gate_up's up rows start there): the layer's own for
+    `apply_moe_width` in memory, the original checkpoint's for the streamed reader, which reads a narrowed
+    layer from the files with these. The layer's modules give only the names."""
+    names = {id(m): n for n, m in layer.named_modules()}
+    m = adapter.moe
+    experts = None if w.experts is None else tuple(sorted(w.experts))
+    out: dict[str, Cut] = {}
+    if experts is not None:
+        router = names[id(adapter.router(layer))]
+        for name in ("weight", "bias"):
+            if isinstance(getattr(adapter.router(layer), name, None), torch.Tensor):
+                out[f"{router}.{name}"] = (0, torch.tensor(experts))
+    channels: torch.Tensor | dict[int, torch.Tensor] | None = None
+    if w.expert_channels is not None:
+        channels = {e: torch.tensor(sorted(c)) for e, c in enumerate(w.expert_channels)}
+    elif w.channels is not None:
+        channels = torch.tensor(sorted(w.channels))
+    if experts is not None or channels is not None:
+        ex = names[id(adapter.experts(layer))]
+        for tensor, (dim, rows) in _expert_rows(m.layout, channels, width).items():
+            name = getattr(m, tensor)
+            if name:
+                out[f"{ex}.{name}"] = ExpertCut(experts, dim, rows)
+    shared = adapter.shared_projections(layer)
+    if w.shared_channels is not None and shared is not None:
+        idx = torch.tensor(sorted(w.shared_channels))
+        for lin, dim in zip(shared, (0, 0, 1)):
+            out[f"{names[id(lin)]}.weight"] = (dim, idx)
+            if dim == 0 and getattr(lin, "bias", None) is not None:
+                out[f"{names[id(lin)]}.bias"] = (0, idx)
+    return out
+
+
+_Rows = torch.Tensor | dict[int, torch.Tensor] | None
+
+
+def _expert_rows(layout: str, channels: _Rows, width: int) -> dict[str, tuple[int, _Rows]]:
+    """{MoESpec field of an expert tensor: (dim of one expert's slice, its kept entries)} for kept channels
+    `channels` (one index for all experts, or one per expert; None: all), in the family's layout."""
+    def each(f: Callable[[torch.Tensor], torch.Tensor]) -> _Rows:
+        if channels is None:
+            return None
+        return {e: f(c) for e, c in channels.items()} if isinstance(channels, dict) else f(channels)
+
+    if layout == "interleaved":  # gate_up [E, H, 2I] (gate 2c, up 2c + 1), its bias [E, 2I], down [E, I, H]
+        pairs = each(lambda c: torch.stack([2 * c, 2 * c + 1], dim=-1).reshape(-1))
+        return {"gate_up": (1, pairs), "gate_up_bias": (0, pairs), "down": (0, each(lambda c: c)),
+                "down_bias": (0, None)}
+    # gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I]
+    return {"gate_up": (0, each(lambda c: torch.cat([c, c + width]))), "down": (1, each(lambda c: c))}

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from prunekit.adapters import ModelAdapter
-from prunekit.adapters.units import Widths, kept_indices
+from prunekit.adapters.units import Cut, Widths, kept_indices
 from prunekit.errors import PlanError
-from prunekit.moe.surgery import MoEWidth, apply_moe_width, is_moe_layer, resolve_moe_width
+from prunekit.moe.surgery import MoEWidth, apply_moe_width, expert_slices, is_moe_layer, resolve_moe_width
 from prunekit.plans import LayerWidth, check_kept
 
 # Head-count attributes some attention implementations cache on the module (HF Llama-style modules only
@@ -191,18 +191,23 @@ def apply_widths(adapter: ModelAdapter, widths: Mapping[int, LayerWidth]) -> Non
 
 
 def width_slices(adapter: ModelAdapter, layer: nn.Module, w: LayerWidth,
-                 original: Widths | None = None) -> dict[str, tuple[int, torch.Tensor]]:
-    """What `apply_widths(adapter, {i: w})` would cut from an ORIGINAL (un-narrowed) layer, as tensor slices:
-    {tensor name relative to the layer: (dim, kept indices)}. `original`: the original layer's unit counts
-    (default: `layer`'s own, right when it is not narrowed yet); a layer already narrowed to `w` needs them
-    where a fused tensor holds several kinds (their offsets are original counts).
+                 original: Widths | None = None) -> dict[str, Cut]:
+    """What `apply_widths(adapter, {i: w})` would cut from an ORIGINAL (un-narrowed) layer, as tensor cuts:
+    {tensor name relative to the layer: (dim, kept indices), or an `ExpertCut` for a fused expert tensor}.
+    `original`: the original layer's unit counts (default: `layer`'s own, right when it is not narrowed yet);
+    a layer already narrowed to `w` needs them where a fused tensor holds several kinds (their offsets are
+    original counts).
 
     Layer streaming reads a narrowed layer straight from the original checkpoint files with these, instead
     of materialising the full layer and narrowing it."""
     widths = original or adapter.unit_widths(layer)
     modules = dict(layer.named_modules())
-    out: dict[str, tuple[int, torch.Tensor]] = {}
-    for part, keep in (("attn", {"heads": w.heads, "kv_heads": w.kv_heads}), ("mlp", {"channels": w.channels})):
+    out: dict[str, Cut] = {}
+    moe = is_moe_layer(adapter, layer)
+    if moe:  # an expert's channels are a unit of the experts' fused tensors, not of three projections
+        out.update(expert_slices(adapter, layer, w, widths.channels))  # type: ignore[arg-type]
+    for part, keep in (("attn", {"heads": w.heads, "kv_heads": w.kv_heads}),
+                       ("mlp", {"channels": None if moe else w.channels})):
         if all(v is None for v in keep.values()):
             continue
         keep = {k: None if v is None else sorted(v) for k, v in keep.items()}
