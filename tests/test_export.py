@@ -98,10 +98,14 @@ def tiny_gemma_source(plan: PruningPlan | None = None, seed: int = 0, family: st
 
 
 def tiny_source(family: str = "llama", plan: PruningPlan | None = None, seed: int = 0) -> ExportSource:
+    return source_of(tiny_config(family), plan, seed)
+
+
+def source_of(cfg, plan: PruningPlan | None = None, seed: int = 0) -> ExportSource:
+    """A model of `cfg` with the BPE tokenizer's vocabulary and perturbed weights, `plan` applied."""
     from transformers import AutoModelForCausalLM
 
     tok = bpe_tokenizer()
-    cfg = tiny_config(family)
     cfg.vocab_size = len(tok)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()

@@ -11,36 +11,18 @@ import numpy as np
 import pytest
 import torch
 from conftest import SAMPLE_TEXT, tiny_config
-from test_export import PLANS, _assert_top_logprobs_match, _read, _tensor, bpe_tokenizer, needs_xllamacpp
+from test_export import PLANS, _assert_top_logprobs_match, _read, _tensor, needs_xllamacpp, source_of
 
-from prunekit.adapters import get_adapter
 from prunekit.export import ExportError, export_source
-from prunekit.export.common import ExportSource, layer_shapes
+from prunekit.export.common import ExportSource
 from prunekit.export.gguf import permute_qk
 from prunekit.plans import DropTarget, LayerWidth, PruningPlan
-from prunekit.surgery import apply_plan
 
 # Phi-3 as Phi-4-mini is built: half of each head rotated, longrope factors. Run with a context (256) within
 # the original one, so Hugging Face and llama.cpp both use the short factors; the attention factor (from the
 # 1024 / 256 ratio) is not 1, so a missing one shows.
 LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
             "short_factor": [1.0, 1.3, 2.0, 3.5], "long_factor": [1.5, 4.0, 9.0, 20.0]}
-
-
-def _source(cfg, plan: PruningPlan | None) -> ExportSource:
-    from transformers import AutoModelForCausalLM
-
-    tok = bpe_tokenizer()
-    cfg.vocab_size = len(tok)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # perturb constant inits (norms) so comparisons cannot pass by accident
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    adapter = get_adapter(model)
-    if plan is not None:
-        apply_plan(adapter, plan)
-    return ExportSource(model, tok, adapter, layer_shapes(adapter))
 
 
 def phi3_source(plan: PruningPlan | None = None, *, longrope: bool = False) -> ExportSource:
@@ -52,7 +34,7 @@ def phi3_source(plan: PruningPlan | None = None, *, longrope: bool = False) -> E
         cfg = Phi3Config(**{**cfg.to_dict(), "max_position_embeddings": 1024, "original_max_position_embeddings": 256,
                             "rope_parameters": dict(LONGROPE)})
     cfg.sliding_window = 64
-    return _source(cfg, plan)
+    return source_of(cfg, plan)
 
 
 def smollm3_source(plan: PruningPlan | None = None) -> ExportSource:
@@ -61,7 +43,7 @@ def smollm3_source(plan: PruningPlan | None = None) -> ExportSource:
     cfg.num_hidden_layers = 5
     cfg.no_rope_layers = [1, 1, 1, 0, 1]
     cfg.layer_types = ["full_attention"] * 5
-    return _source(cfg, plan)
+    return source_of(cfg, plan)
 
 
 CHANNELS = PruningPlan(widths={i: LayerWidth(channels=list(range(0, 128, 2))) for i in range(4)})

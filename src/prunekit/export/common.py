@@ -87,3 +87,12 @@ def load_source(src: str | Path) -> ExportSource:
 
 def to_numpy(t: torch.Tensor, dtype: Any) -> Any:
     return t.detach().to(torch.float32).cpu().numpy().astype(dtype, copy=False)
+
+
+def refuse_heterogeneous(src: ExportSource, name: str, arch: str, deci_lacks: str) -> None:
+    """One clear error for a result with per-layer shapes (or removed sub-layers) of a family whose llama.cpp
+    graph takes one shape for all layers, saying what the per-layer `deci` graph lacks for it."""
+    if src.heterogeneous:
+        raise ExportError(f"a heterogeneous {name} result cannot be written as GGUF: llama.cpp's {arch} graph takes "
+                          f"one head count and MLP width for all layers, and its per-layer `deci` graph {deci_lacks}; "
+                          "export a uniform result or use the Hugging Face checkpoint")

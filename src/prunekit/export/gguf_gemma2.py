@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunekit.export.common import ExportError, ExportSource
+from prunekit.export.common import ExportError, ExportSource, refuse_heterogeneous
 from prunekit.export.gguf_gemma import FULL, SLIDING, gemma_problems, swa_period
 
 __all__ = ["gemma2_arch", "write_gemma2_keys"]
@@ -28,10 +28,8 @@ _SOFTCAPS = ("attn_logit_softcapping", "final_logit_softcapping")
 
 def gemma2_arch(src: ExportSource) -> str:
     """"gemma2", or one clear error for what llama.cpp's gemma2 graph would compute differently."""
-    if src.heterogeneous:
-        raise ExportError("a heterogeneous Gemma 2 result cannot be written as GGUF: llama.cpp's gemma2 graph takes "
-                          "one head count and MLP width for all layers, and its per-layer `deci` graph has no "
-                          "pre/post norms or soft-capping; export a uniform result or use the Hugging Face checkpoint")
+    refuse_heterogeneous(src, "Gemma 2", "gemma2",
+                         "has no pre/post norms or soft-capping")
     _check(src)
     return "gemma2"
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunekit.export.common import ExportError, ExportSource
+from prunekit.export.common import ExportError, ExportSource, refuse_heterogeneous
 from prunekit.export.gguf_gemma import SLIDING, gemma_problems, swa_period
 
 __all__ = ["gemma3_arch", "swa_period", "write_gemma3_keys"]
@@ -34,11 +34,8 @@ def _sliding_rope(cfg: Any) -> float:
 
 def gemma3_arch(src: ExportSource) -> str:
     """`gemma3`, or one clear error for what llama.cpp's gemma3 graph would compute differently."""
-    if src.heterogeneous:
-        raise ExportError(
-            "a heterogeneous Gemma 3 result cannot be written as GGUF: llama.cpp's per-layer `deci` graph has "
-            "no place for Gemma's extra pre/post norms, q/k norms, embedding scale or sliding-window layers; "
-            "export the uniform model or use the Hugging Face checkpoint")
+    refuse_heterogeneous(src, "Gemma 3", "gemma3",
+                         "has no place for Gemma's extra pre/post norms, q/k norms, embedding scale or sliding-window layers")
     cfg = src.config
     problems = [f"{key}={getattr(cfg, key)} (the graph has no soft-capping)"
                 for key in ("final_logit_softcapping", "attn_logit_softcapping") if getattr(cfg, key, None) is not None]

@@ -22,17 +22,15 @@ from __future__ import annotations
 import gguf
 import torch
 
-from prunekit.export.common import ExportError, ExportSource
+from prunekit.export.common import ExportError, ExportSource, refuse_heterogeneous
 
 __all__ = ["olmo2_arch", "olmo2_tensors"]
 
 
 def olmo2_arch(src: ExportSource) -> str:
     """"olmo2", or one clear error for what llama.cpp's olmo2 graph would compute differently."""
-    if src.heterogeneous:
-        raise ExportError("a heterogeneous OLMo 2 result cannot be written as GGUF: llama.cpp's olmo2 graph takes "
-                          "one head count and MLP width for all layers, and its per-layer `deci` graph has no "
-                          "post-norms or q/k norms; export a uniform result or use the Hugging Face checkpoint")
+    refuse_heterogeneous(src, "OLMo 2", "olmo2",
+                         "has no post-norms or q/k norms")
     _check(src)
     return "olmo2"
 

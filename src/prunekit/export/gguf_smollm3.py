@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunekit.export.common import ExportError, ExportSource
+from prunekit.export.common import ExportError, ExportSource, refuse_heterogeneous
 
 __all__ = ["LLAMACPP_NO_ROPE_STEP", "smollm3_arch", "llamacpp_rope_layers"]
 
@@ -35,9 +35,8 @@ def _rope_kind(cfg: Any) -> str:
 
 def smollm3_arch(src: ExportSource) -> str:
     """`smollm3`, or one clear error for what llama.cpp's smollm3 graph would compute differently."""
-    if src.heterogeneous:
-        raise ExportError("a heterogeneous smollm3 result cannot be written as GGUF: llama.cpp's per-layer `deci` "
-                          "graph ropes every layer, where SmolLM3 leaves some without; export a uniform result")
+    refuse_heterogeneous(src, "smollm3", "smollm3",
+                         "ropes every layer, where SmolLM3 leaves some without")
     cfg = src.config
     have = [int(x) for x in cfg.no_rope_layers]
     want = llamacpp_rope_layers(len(have))
