@@ -384,6 +384,14 @@ def _hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[torch.
     return ids[len(prompt):], logps
 
 
+def past_window_prompt(src) -> list[int]:
+    """48 tokens of the sample text: past the tiny models' sliding windows (8), so windows, their layers and
+    per-layer rope all count."""
+    prompt = src.tokenizer(SAMPLE_TEXT)["input_ids"][:48]
+    assert len(prompt) == 48
+    return prompt
+
+
 def _assert_top_logprobs_match(src, gguf, prompt, tol, name):
     """llama.cpp's greedy tokens equal transformers', and its top-5 log-probs are within `tol` at each step."""
     from prunekit.export.engines import xserver
@@ -412,8 +420,7 @@ def test_llamacpp_gemma3_logprobs_match_transformers_tiny(tmp_path, name):
     """48 prompt tokens: past the sliding window (8), so window, per-layer-type rope bases and pattern all count."""
     src = tiny_gemma_source(GEMMA_PLANS[name])
     out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f32", progress=False)
-    prompt = src.tokenizer(SAMPLE_TEXT)["input_ids"][:48]
-    assert len(prompt) == 48
+    prompt = past_window_prompt(src)
     # 3e-3, not 2e-3: ggml's GELU reads a float16 table.
     _assert_top_logprobs_match(src, out, prompt, 3e-3, name)
 

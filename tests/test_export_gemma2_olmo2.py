@@ -16,6 +16,7 @@ from test_export import (
     _tensor,
     bpe_tokenizer,
     needs_xllamacpp,
+    past_window_prompt,
     tiny_gemma_source,
     tiny_source,
 )
@@ -109,8 +110,7 @@ def test_llamacpp_gemma2_logprobs_match_transformers_tiny(tmp_path, name):
     """48 prompt tokens: past the sliding window (8), so the window and the pattern count."""
     src = gemma2_source(GEMMA_PLANS[name])
     out = export_source(src, tmp_path / "g.gguf", format="gguf", quant="f32", progress=False)
-    prompt = src.tokenizer(SAMPLE_TEXT)["input_ids"][:48]
-    assert len(prompt) == 48
+    prompt = past_window_prompt(src)
     _assert_top_logprobs_match(src, out, prompt, 2e-3, name)
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXT
-from test_export import _assert_top_logprobs_match, _read, _tensor, needs_xllamacpp
+from test_export import _assert_top_logprobs_match, _read, _tensor, needs_xllamacpp, past_window_prompt
 from test_moe_export import PLANS, moe_source
 
 from prunekit.errors import ExportError
@@ -127,8 +126,7 @@ def test_llamacpp_gpt_oss_logprobs_match_transformers_tiny(tmp_path, name):
     """48 prompt tokens: past the sliding window (8), so the window, its layers and the sinks all count."""
     src = moe_source("gpt_oss", rope_parameters=YARN) if name == "yarn" else moe_source("gpt_oss", GPT_OSS_PLANS[name])
     out = _export(src, tmp_path / "g.gguf")
-    prompt = src.tokenizer(SAMPLE_TEXT)["input_ids"][:48]
-    assert len(prompt) == 48
+    prompt = past_window_prompt(src)
     _assert_top_logprobs_match(src, out, prompt, 2e-3, name)
 
 
@@ -141,5 +139,5 @@ def test_llamacpp_runs_untruncated_yarn_as_transformers_with_the_range_rounded(t
     for (name, a), b in zip(src.model.state_dict().items(), rounded.model.state_dict().values()):
         assert torch.equal(a, b), name
     out = _export(src, tmp_path / "g.gguf")
-    prompt = src.tokenizer(SAMPLE_TEXT)["input_ids"][:48]
+    prompt = past_window_prompt(src)
     _assert_top_logprobs_match(rounded, out, prompt, 2e-3, "truncate: false")

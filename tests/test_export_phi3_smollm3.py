@@ -10,8 +10,16 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, tiny_config
-from test_export import PLANS, _assert_top_logprobs_match, _read, _tensor, needs_xllamacpp, source_of
+from conftest import tiny_config
+from test_export import (
+    PLANS,
+    _assert_top_logprobs_match,
+    _read,
+    _tensor,
+    needs_xllamacpp,
+    past_window_prompt,
+    source_of,
+)
 
 from prunekit.export import ExportError, export_source
 from prunekit.export.common import ExportSource
@@ -166,9 +174,7 @@ def test_gguf_phi3_and_smollm3_refuse_what_the_graph_cannot_compute(tmp_path, ma
 # --- llama.cpp against transformers -----------------------------------------------------------------------------
 
 def _prompt(src) -> list[int]:
-    prompt = src.tokenizer(SAMPLE_TEXT)["input_ids"][:48]
-    assert len(prompt) == 48
-    return prompt
+    return past_window_prompt(src)
 
 
 @needs_xllamacpp
