@@ -96,3 +96,11 @@ def refuse_heterogeneous(src: ExportSource, name: str, arch: str, deci_lacks: st
         raise ExportError(f"a heterogeneous {name} result cannot be written as GGUF: llama.cpp's {arch} graph takes "
                           f"one head count and MLP width for all layers, and its per-layer `deci` graph {deci_lacks}; "
                           "export a uniform result or use the Hugging Face checkpoint")
+
+
+def has_biases(src: ExportSource, parts: tuple[str, ...] = ("attn", "mlp")) -> bool:
+    """Whether any projection of the present sub-layers of kinds `parts` has a bias (fused ones included)."""
+    a = src.adapter
+    present = [(layer, part) for layer in a.layers() for part in parts
+               if (a.has_attention(layer) if part == "attn" else a.has_mlp(layer))]
+    return any(lin.bias is not None for layer, part in present for lin in a.projections(layer, part))

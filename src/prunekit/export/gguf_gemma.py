@@ -20,7 +20,7 @@ import math
 import gguf
 import torch
 
-from prunekit.export.common import ExportError, ExportSource
+from prunekit.export.common import ExportError, ExportSource, has_biases
 
 __all__ = ["FULL", "SLIDING", "gemma_problems", "gemma_tensors", "swa_period"]
 
@@ -60,8 +60,7 @@ def gemma_problems(src: ExportSource, big_n_layer: int, arch: str) -> list[str]:
         problems.append("no sliding window (the graph without one is the embedding variant)")
     else:
         swa_period(list(cfg.layer_types), arch)  # its own error: the usual reason is a dropped block
-    q, k, v, o = src.adapter.attn_projections(src.adapter.layers()[0])
-    if any(lin.bias is not None for lin in (q, k, v, o)):
+    if has_biases(src, ("attn",)):
         problems.append("attention biases (the graph has none)")
     want = float(getattr(cfg, "query_pre_attn_scalar", src.head_dim)) ** -0.5
     got = _llamacpp_attention_scale(src, big_n_layer)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import gguf
 import torch
 
-from prunekit.export.common import ExportError, ExportSource, refuse_heterogeneous
+from prunekit.export.common import ExportError, ExportSource, has_biases, refuse_heterogeneous
 
 __all__ = ["olmo2_arch", "olmo2_tensors"]
 
@@ -44,8 +44,7 @@ def _check(src: ExportSource) -> None:
                         f"the hidden size, {hidden}: narrow channels or drop blocks, not heads)")
     if getattr(cfg, "clip_qkv", None) is not None:
         problems.append(f"clip_qkv={cfg.clip_qkv} (the graph does not clip q/k/v)")
-    q, k, v, o = src.adapter.attn_projections(src.adapter.layers()[0])
-    if any(lin.bias is not None for lin in (q, k, v, o)):
+    if has_biases(src, ("attn",)):
         problems.append("attention biases (the graph has none)")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         problems.append(f"activation {cfg.hidden_act!r} (the graph uses SiLU)")

@@ -33,7 +33,7 @@ from typing import Any
 import gguf
 import torch
 
-from prunekit.export.common import ExportError, ExportSource
+from prunekit.export.common import ExportError, ExportSource, has_biases
 
 __all__ = ["phi3_arch", "phi3_tensors", "write_phi3_keys"]
 
@@ -46,13 +46,6 @@ def _rope_params(cfg: Any) -> dict[str, Any]:
 
 def _rope_dims(src: ExportSource) -> int:
     return int(src.head_dim * float(_rope_params(src.config).get("partial_rotary_factor", 1.0)))
-
-
-def _has_bias(src: ExportSource) -> bool:
-    a = src.adapter
-    parts = [(layer, part) for layer in a.layers() for part in ("attn", "mlp")
-             if (a.has_attention(layer) if part == "attn" else a.has_mlp(layer))]
-    return any(lin.bias is not None for layer, part in parts for lin in a.projections(layer, part))
 
 
 def phi3_arch(src: ExportSource) -> str:
@@ -87,7 +80,7 @@ def _llama_rope(src: ExportSource) -> bool:
 def _common_problems(src: ExportSource) -> list[str]:
     act = getattr(src.config, "hidden_act", None)
     problems = [] if act == "silu" else [f"activation {act!r} (the graphs use SiLU)"]
-    if _has_bias(src):
+    if has_biases(src):
         problems.append("projection biases (the graphs have none)")
     return problems
 

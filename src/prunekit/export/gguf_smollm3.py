@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunekit.export.common import ExportError, ExportSource, refuse_heterogeneous
+from prunekit.export.common import ExportError, ExportSource, has_biases, refuse_heterogeneous
 
 __all__ = ["LLAMACPP_NO_ROPE_STEP", "smollm3_arch", "llamacpp_rope_layers"]
 
@@ -53,8 +53,7 @@ def smollm3_arch(src: ExportSource) -> str:
         problems.append("llama3 rope scaling (the graph applies no per-frequency rope factors)")
     if getattr(cfg, "hidden_act", None) != "silu":
         problems.append(f"activation {cfg.hidden_act!r} (the graph uses SiLU)")
-    a = src.adapter
-    if any(lin.bias is not None for layer in a.layers() for part in ("attn", "mlp") for lin in a.projections(layer, part)):
+    if has_biases(src):
         problems.append("projection biases (not written)")
     if problems:
         raise ExportError("this smollm3 model cannot be written for llama.cpp's smollm3 graph: " + "; ".join(problems))
